@@ -1,0 +1,662 @@
+//! Configuration: the TOML file's raw shape, its validation, and the typed
+//! [`Config`] the rest of the daemon reads.
+//!
+//! Two stages: serde reads the file into `Raw*` structs that reject unknown
+//! keys and keep source spans; [`Config::from_toml`] turns those into typed
+//! values. Every error names the file, line, column and key involved.
+//! Defaults live in this module only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default TCP listener when the file names none.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
+/// Placeholder replaced by the child's port in `cmd` argv entries.
+pub const PORT_PLACEHOLDER: &str = "{port}";
+
+/// An error in a config file, positioned where possible.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Unpositioned { path: PathBuf, message: String },
+}
+
+/// Where the daemon accepts connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// Parses `host:port`, `[v6]:port` or `unix:/absolute/path`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = Path::new(path);
+            if !path.is_absolute() {
+                return Err(format!(
+                    "unix socket path {:?} must be absolute",
+                    path.display().to_string()
+                ));
+            }
+            return Ok(ListenAddr::Unix(path.to_path_buf()));
+        }
+        text.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("{text:?} is not a listen address (expected host:port, [v6]:port or unix:/path)")
+        })
+    }
+}
+
+/// HTTP front-end limits.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: u64,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+}
+
+/// Scheduler and supervisor limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Models resident (starting, ready or stopping) at once.
+    pub max_loaded: usize,
+    /// Default idle unload time; `None` = never.
+    pub idle_ttl: Option<Duration>,
+    /// Spawn to `/health` 200 deadline.
+    pub start_timeout: Duration,
+    /// SIGTERM to SIGKILL grace for a child's process group.
+    pub stop_grace: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Period of health pings to ready children; `None` = off.
+    pub health_interval: Option<Duration>,
+}
+
+/// One configured model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    /// argv with [`PORT_PLACEHOLDER`] where the port goes.
+    pub argv: Vec<String>,
+    /// The GGUF file, for models given by `model` (checked by `--strict`).
+    pub model_path: Option<PathBuf>,
+    pub aliases: Vec<String>,
+    /// Idle unload time; `None` = never.
+    pub ttl: Option<Duration>,
+    pub group: Option<String>,
+    /// Readiness and liveness path on the child.
+    pub health: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl ModelConfig {
+    /// The child's argv with the port filled in.
+    pub fn command(&self, port: u16) -> Vec<String> {
+        let port = port.to_string();
+        self.argv
+            .iter()
+            .map(|arg| arg.replace(PORT_PLACEHOLDER, &port))
+            .collect()
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub listen: Vec<ListenAddr>,
+    /// Permission bits of unix listener sockets.
+    pub socket_mode: u32,
+    pub llama_server: PathBuf,
+    pub state_dir: PathBuf,
+    pub http: HttpConfig,
+    pub scheduler: SchedulerConfig,
+    /// Sorted by name.
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Vec<Spanned<String>>>,
+    llama_server: Option<String>,
+    state_dir: Option<String>,
+    socket_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    scheduler: RawScheduler,
+    #[serde(default)]
+    models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_body_bytes: Option<Spanned<u64>>,
+    header_read_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    max_loaded: Option<Spanned<i64>>,
+    idle_ttl: Option<Spanned<String>>,
+    start_timeout: Option<Spanned<String>>,
+    stop_grace: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    model: Option<String>,
+    cmd: Option<Vec<String>>,
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    aliases: Vec<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    group: Option<String>,
+    health: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// Positions byte offsets in the source as 1-based line and column.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error_at(&self, offset: usize, message: impl Into<String>) -> ConfigError {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(before.chars().count(), |nl| {
+            before[nl + 1..].chars().count()
+        }) + 1;
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn error<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error_at(spanned.span().start, message)
+    }
+
+    fn duration(&self, key: &str, value: &Spanned<String>) -> Result<Duration, ConfigError> {
+        parse_duration(value.get_ref()).map_err(|e| self.error(value, format!("{key}: {e}")))
+    }
+
+    /// A duration where "0" means "never".
+    fn optional_duration(
+        &self,
+        key: &str,
+        value: &Spanned<String>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let d = self.duration(key, value)?;
+        Ok((!d.is_zero()).then_some(d))
+    }
+}
+
+/// Parses a humantime duration such as `10m`, `1h 30s` or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration like \"30s\" or \"10m\" ({e})"))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Validates config text; `path` is only used in messages.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let src = Source { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => src.error_at(span.start, e.message().trim_end().to_string()),
+            None => ConfigError::Unpositioned {
+                path: path.to_path_buf(),
+                message: e.message().trim_end().to_string(),
+            },
+        })?;
+
+        let listen = match &raw.listen {
+            None => vec![ListenAddr::Tcp(DEFAULT_LISTEN.parse().map_err(|_| {
+                ConfigError::Unpositioned {
+                    path: path.to_path_buf(),
+                    message: "default listen address is invalid".into(),
+                }
+            })?)],
+            Some(list) => {
+                let mut out = Vec::with_capacity(list.len());
+                for item in list {
+                    let addr = ListenAddr::parse(item.get_ref())
+                        .map_err(|e| src.error(item, format!("listen: {e}")))?;
+                    if out.contains(&addr) {
+                        return Err(src.error(item, format!("listen: {addr} is listed twice")));
+                    }
+                    out.push(addr);
+                }
+                out
+            }
+        };
+
+        let socket_mode = match &raw.socket_mode {
+            None => 0o660,
+            Some(mode) => u32::from_str_radix(mode.get_ref().trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    src.error(
+                        mode,
+                        format!(
+                            "socket_mode: {:?} is not an octal mode like \"0660\"",
+                            mode.get_ref()
+                        ),
+                    )
+                })?,
+        };
+
+        let http = HttpConfig {
+            max_body_bytes: match &raw.http.max_body_bytes {
+                None => 32 * 1024 * 1024,
+                Some(v) if *v.get_ref() == 0 => {
+                    return Err(src.error(v, "http.max_body_bytes: must be greater than 0"))
+                }
+                Some(v) => *v.get_ref(),
+            },
+            header_read_timeout: match &raw.http.header_read_timeout {
+                None => Duration::from_secs(30),
+                Some(v) => nonzero(&src, "http.header_read_timeout", v)?,
+            },
+        };
+
+        let s = &raw.scheduler;
+        let scheduler = SchedulerConfig {
+            max_loaded: match &s.max_loaded {
+                None => 1,
+                Some(v) => usize::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| src.error(v, "scheduler.max_loaded: must be 1 or more"))?,
+            },
+            idle_ttl: match &s.idle_ttl {
+                None => Some(Duration::from_secs(600)),
+                Some(v) => src.optional_duration("scheduler.idle_ttl", v)?,
+            },
+            start_timeout: match &s.start_timeout {
+                None => Duration::from_secs(300),
+                Some(v) => nonzero(&src, "scheduler.start_timeout", v)?,
+            },
+            stop_grace: match &s.stop_grace {
+                None => Duration::from_secs(10),
+                Some(v) => src.duration("scheduler.stop_grace", v)?,
+            },
+            shutdown_timeout: match &s.shutdown_timeout {
+                None => Duration::from_secs(30),
+                Some(v) => src.duration("scheduler.shutdown_timeout", v)?,
+            },
+            health_interval: match &s.health_interval {
+                None => Some(Duration::from_secs(10)),
+                Some(v) => src.optional_duration("scheduler.health_interval", v)?,
+            },
+        };
+
+        let llama_server = PathBuf::from(raw.llama_server.as_deref().unwrap_or("llama-server"));
+        let mut models = Vec::with_capacity(raw.models.len());
+        // name or alias -> the model that owns it, for duplicate detection.
+        let mut names: HashMap<String, String> = HashMap::new();
+        for (name, model) in &raw.models {
+            let config = validate_model(&src, name, model, &llama_server, &scheduler)?;
+            if let Some(owner) = names.insert(name.get_ref().clone(), name.get_ref().clone()) {
+                return Err(src.error(
+                    name,
+                    format!("models.{}: name already used by {owner}", name.get_ref()),
+                ));
+            }
+            for alias in &model.get_ref().aliases {
+                if let Some(owner) = names.insert(alias.get_ref().clone(), name.get_ref().clone()) {
+                    return Err(src.error(
+                        alias,
+                        format!(
+                            "models.{}.aliases: {:?} is already a name or alias of models.{owner}",
+                            name.get_ref(),
+                            alias.get_ref()
+                        ),
+                    ));
+                }
+            }
+            models.push(config);
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            listen,
+            socket_mode,
+            llama_server,
+            state_dir: PathBuf::from(raw.state_dir.as_deref().unwrap_or("/var/lib/claracore")),
+            http,
+            scheduler,
+            models,
+        })
+    }
+
+    /// Resolves a model name or alias.
+    pub fn model(&self, name_or_alias: &str) -> Option<&ModelConfig> {
+        self.models
+            .iter()
+            .find(|m| m.name == name_or_alias || m.aliases.iter().any(|a| a == name_or_alias))
+    }
+
+    /// Checks what only the running system can tell: model files exist.
+    /// Used by `check-config --strict`.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for model in &self.models {
+            if let Some(path) = &model.model_path {
+                if !path.is_file() {
+                    return Err(ConfigError::Unpositioned {
+                        path: self.source.clone(),
+                        message: format!(
+                            "models.{}.model: {} does not exist or is not a file",
+                            model.name,
+                            path.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {
+    let d = src.duration(key, v)?;
+    if d.is_zero() {
+        return Err(src.error(v, format!("{key}: must be greater than 0")));
+    }
+    Ok(d)
+}
+
+fn validate_model(
+    src: &Source<'_>,
+    name: &Spanned<String>,
+    model: &Spanned<RawModel>,
+    llama_server: &Path,
+    scheduler: &SchedulerConfig,
+) -> Result<ModelConfig, ConfigError> {
+    let key = format!("models.{}", name.get_ref());
+    let raw = model.get_ref();
+    let valid_name = !name.get_ref().is_empty()
+        && name
+            .get_ref()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if !valid_name {
+        return Err(src.error(
+            name,
+            format!("{key}: model names may contain only letters, digits, '-', '_', '.' and ':'"),
+        ));
+    }
+    let (argv, model_path) = match (&raw.model, &raw.cmd) {
+        (Some(_), Some(_)) => {
+            return Err(src.error(
+                name,
+                format!("{key}: give either `model` or `cmd`, not both"),
+            ))
+        }
+        (None, None) => {
+            return Err(src.error(
+                name,
+                format!("{key}: needs `model` (a GGUF path) or `cmd` (a full argv)"),
+            ))
+        }
+        (Some(path), None) => {
+            if path.is_empty() {
+                return Err(src.error(name, format!("{key}.model: must not be empty")));
+            }
+            let mut argv = vec![
+                llama_server.display().to_string(),
+                "-m".into(),
+                path.clone(),
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                PORT_PLACEHOLDER.into(),
+            ];
+            argv.extend(raw.args.iter().flatten().cloned());
+            (argv, Some(PathBuf::from(path)))
+        }
+        (None, Some(cmd)) => {
+            if raw.args.is_some() {
+                return Err(src.error(
+                    name,
+                    format!("{key}: `args` goes with `model`; put arguments in `cmd`"),
+                ));
+            }
+            if cmd.is_empty() || cmd[0].is_empty() {
+                return Err(src.error(name, format!("{key}.cmd: must name a program")));
+            }
+            if !cmd.iter().any(|a| a.contains(PORT_PLACEHOLDER)) {
+                return Err(src.error(
+                    name,
+                    format!("{key}.cmd: must contain {PORT_PLACEHOLDER} so the child listens where claracore expects"),
+                ));
+            }
+            (cmd.clone(), None)
+        }
+    };
+    let ttl = match &raw.ttl {
+        None => scheduler.idle_ttl,
+        Some(v) => src.optional_duration(&format!("{key}.ttl"), v)?,
+    };
+    let health = match &raw.health {
+        None => "/health".to_string(),
+        Some(h) if h.get_ref().starts_with('/') => h.get_ref().clone(),
+        Some(h) => {
+            return Err(src.error(h, format!("{key}.health: must be a path starting with '/'")))
+        }
+    };
+    for alias in &raw.aliases {
+        if alias.get_ref().is_empty() {
+            return Err(src.error(alias, format!("{key}.aliases: an alias must not be empty")));
+        }
+    }
+    Ok(ModelConfig {
+        name: name.get_ref().clone(),
+        argv,
+        model_path,
+        aliases: raw.aliases.iter().map(|a| a.get_ref().clone()).collect(),
+        ttl,
+        group: raw.group.clone(),
+        health,
+        env: raw
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("test.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn issue_example_shape_parses() {
+        let cfg = parse(
+            r#"
+listen = ["127.0.0.1:5800", "unix:/run/claracore/claracore.sock"]
+llama_server = "llama-server"
+state_dir = "/var/lib/claracore"
+
+[scheduler]
+max_loaded = 1
+idle_ttl = "10m"
+start_timeout = "5m"
+stop_grace = "10s"
+shutdown_timeout = "30s"
+
+[models.tiny]
+model = "/models/tiny.gguf"
+args = ["-c", "512"]
+aliases = ["tiny-chat"]
+ttl = "5m"
+group = "small"
+
+[models.custom]
+cmd = ["/opt/bin/server", "--port", "{port}"]
+health = "/health"
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.len(), 2);
+        assert_eq!(
+            cfg.listen[1],
+            ListenAddr::Unix("/run/claracore/claracore.sock".into())
+        );
+        let tiny = cfg.model("tiny-chat").unwrap();
+        assert_eq!(tiny.name, "tiny");
+        assert_eq!(tiny.ttl, Some(Duration::from_secs(300)));
+        assert_eq!(
+            tiny.command(4242),
+            [
+                "llama-server",
+                "-m",
+                "/models/tiny.gguf",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "4242",
+                "-c",
+                "512"
+            ]
+        );
+        let custom = cfg.model("custom").unwrap();
+        assert_eq!(custom.command(7), ["/opt/bin/server", "--port", "7"]);
+        assert_eq!(
+            custom.ttl,
+            Some(Duration::from_secs(600)),
+            "inherits idle_ttl"
+        );
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let cfg = parse("").unwrap();
+        assert_eq!(
+            cfg.listen,
+            [ListenAddr::Tcp("127.0.0.1:5800".parse().unwrap())]
+        );
+        assert_eq!(cfg.socket_mode, 0o660);
+        assert_eq!(cfg.scheduler.max_loaded, 1);
+        assert_eq!(cfg.http.max_body_bytes, 32 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let e = err("listen = []\n\n[scheduler]\nmax_loadd = 2\n");
+        assert!(e.starts_with("test.toml:4:1: "), "{e}");
+        assert!(e.contains("max_loadd"), "{e}");
+    }
+
+    #[test]
+    fn model_with_both_or_neither_is_rejected() {
+        let e = err("[models.a]\nmodel = \"/m.gguf\"\ncmd = [\"x\", \"{port}\"]\n");
+        assert!(e.contains("models.a: give either `model` or `cmd`"), "{e}");
+        assert!(e.starts_with("test.toml:1:"), "{e}");
+        let e = err("[models.b]\nttl = \"1m\"\n");
+        assert!(e.contains("models.b: needs `model`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_alias_is_rejected_with_its_position() {
+        let e = err(
+            "[models.a]\nmodel = \"/a\"\n[models.b]\nmodel = \"/b\"\naliases = [\"x\", \"a\"]\n",
+        );
+        assert!(e.starts_with("test.toml:5:17: "), "{e}");
+        assert!(e.contains("already a name or alias of models.a"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_positioned() {
+        let e = err("listen = [\"127.0.0.1:5800\", \"localhost\"]\n");
+        assert!(e.starts_with("test.toml:1:29: listen: "), "{e}");
+        let e = err("listen = [\"unix:relative.sock\"]\n");
+        assert!(e.contains("must be absolute"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_limits_are_positioned() {
+        let e = err("[scheduler]\nidle_ttl = \"ten minutes\"\n");
+        assert!(e.starts_with("test.toml:2:12: scheduler.idle_ttl: "), "{e}");
+        let e = err("[scheduler]\nmax_loaded = 0\n");
+        assert!(e.contains("scheduler.max_loaded: must be 1 or more"), "{e}");
+        let e = err("socket_mode = \"0999\"\n");
+        assert!(e.contains("socket_mode"), "{e}");
+    }
+
+    #[test]
+    fn ttl_zero_means_never() {
+        let cfg = parse("[scheduler]\nidle_ttl = \"0\"\n[models.a]\nmodel = \"/a\"\n").unwrap();
+        assert_eq!(cfg.models[0].ttl, None);
+    }
+
+    #[test]
+    fn cmd_must_carry_the_port_placeholder() {
+        let e = err("[models.a]\ncmd = [\"/bin/server\", \"--port\", \"8080\"]\n");
+        assert!(e.contains("{port}"), "{e}");
+    }
+}

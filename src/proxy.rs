@@ -1,0 +1,195 @@
+//! Streaming pass-through to a model's child.
+//!
+//! The upstream response body is handed to the client frame by frame as the
+//! child produces it: nothing is buffered beyond one frame. The body holds
+//! the request's [`Lease`], so the child is not stopped (TTL, eviction) until
+//! the client has the last byte or has gone away. A client that disconnects
+//! drops the body, which drops the upstream connection, which makes
+//! llama-server cancel the generation.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::scheduler::Lease;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type used for requests and responses in both directions.
+pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type UpstreamClient = Client<HttpConnector, BoxBody>;
+
+/// An HTTP/1 client with a connection pool to children.
+pub fn client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(connector)
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+/// `Transfer-Encoding` is left to hyper, which re-frames the body itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Why forwarding failed before a response head arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("model process did not answer: {0}")]
+pub struct ForwardError(#[source] hyper_util::client::legacy::Error);
+
+/// Sends `req` (with its path and query) to the leased child and returns the
+/// child's response with a streaming body that keeps the lease.
+pub async fn forward(
+    client: &UpstreamClient,
+    lease: Lease,
+    path_and_query: &str,
+    mut req: Request<BoxBody>,
+) -> Result<Response<BoxBody>, ForwardError> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(lease.addr.to_string())
+        .path_and_query(path_and_query)
+        .build();
+    if let Ok(uri) = uri {
+        *req.uri_mut() = uri;
+    }
+    strip_hop_by_hop(req.headers_mut());
+    if let Ok(host) = HeaderValue::from_str(&lease.addr.to_string()) {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    let resp = client.request(req).await.map_err(ForwardError)?;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let is_sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = LeasedBody {
+        inner: body,
+        lease: Some(lease),
+        is_sse,
+        failed: false,
+    };
+    Ok(Response::from_parts(parts, UnsyncBoxBody::new(body)))
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream body, plus the lease that keeps its child alive. When the
+    /// child dies mid-stream, an SSE client gets an error event before the
+    /// response is aborted, so it can tell a failure from a finished answer.
+    struct LeasedBody {
+        #[pin]
+        inner: hyper::body::Incoming,
+        lease: Option<Lease>,
+        is_sse: bool,
+        failed: bool,
+    }
+}
+
+const SSE_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the model process failed while streaming the response\",\"type\":\"upstream_error\",\"code\":502}}\n\n";
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.failed {
+            return Poll::Ready(Some(Err("upstream failed mid-response".into())));
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(None) => {
+                // Released as soon as the last byte is out, not when hyper
+                // gets round to dropping the body.
+                this.lease.take();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let model = this
+                    .lease
+                    .as_ref()
+                    .map(|l| l.model().to_string())
+                    .unwrap_or_default();
+                tracing::warn!(model = %model, error = %e, "upstream body failed mid-response");
+                this.lease.take();
+                if *this.is_sse {
+                    *this.failed = true;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_ERROR_EVENT)))))
+                } else {
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            }
+            other => other.map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.failed && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+}

@@ -1,0 +1,827 @@
+//! Which model runs, when: the single owner of every model's state.
+//!
+//! The scheduler is an actor. One task owns all [`Slot`]s and changes them
+//! only in reaction to a message: a request acquiring or releasing a model,
+//! a child's [`ChildEvent`], an admin stop, a TTL timer, or shutdown.
+//! Nothing else holds a lock on model state, so "a request arrives while the
+//! TTL stop is being decided" cannot race: whichever message comes first
+//! wins, and a request for a model that is stopping waits for a fresh start.
+//!
+//! Per model (`Phase`), with the messages that move it:
+//!
+//! | phase    | acquire                 | leaves on                                      |
+//! |----------|-------------------------|------------------------------------------------|
+//! | Stopped  | wait; → Pending         |                                                |
+//! | Pending  | wait                    | capacity free → Starting (see [`plan`])        |
+//! | Starting | wait                    | Ready → Ready (waiters served); StartFailed → Failed |
+//! | Ready    | served at once          | evicted → Draining; TTL → Stopping; crash → Failed |
+//! | Draining | wait (for the restart)  | last lease released → Stopping                 |
+//! | Stopping | wait (for the restart)  | Exited → Pending if anyone waits, else Stopped |
+//! | Failed   | 503 during backoff, else as Stopped |                                    |
+//!
+//! Exactly one child is started per Pending → Starting transition, so any
+//! number of concurrent requests for a stopped model share one start.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, ModelConfig, SchedulerConfig};
+use crate::supervisor::{self, ChildEvent, ChildHandle, ChildSpec, ExitReason};
+
+/// A model that ran at least this long before crashing starts its backoff
+/// over.
+const STABLE_UPTIME: Duration = Duration::from_secs(60);
+/// Upper bound of the restart backoff after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a request could not get a model.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AcquireError {
+    #[error("model {model} failed to start: {reason}")]
+    StartFailed { model: String, reason: String },
+    #[error("model {model} is failing ({reason}); retrying after {}s", retry_after.as_secs().max(1))]
+    BackingOff {
+        model: String,
+        reason: String,
+        retry_after: Duration,
+    },
+    #[error("model {model} stopped ({reason}) before it could serve the request")]
+    Stopped { model: String, reason: String },
+    #[error("claracore is shutting down")]
+    ShuttingDown,
+    #[error("unknown model {0}")]
+    Unknown(String),
+}
+
+/// Permission to send requests to a ready child. While any lease on a child
+/// is alive, the child is not stopped (except by a crash or shutdown).
+#[derive(Debug)]
+pub struct Lease {
+    pub addr: SocketAddr,
+    model: Arc<str>,
+    instance: u64,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Lease {
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Release {
+            model: self.model.clone(),
+            instance: self.instance,
+        });
+    }
+}
+
+/// One model's state as `ps` and `/health` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub port: Option<u16>,
+    pub inflight: usize,
+    pub waiting: usize,
+    pub uptime_s: Option<f64>,
+    pub idle_s: Option<f64>,
+    pub starts: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Acquire {
+        model: String,
+        reply: oneshot::Sender<Result<Lease, AcquireError>>,
+    },
+    Release {
+        model: Arc<str>,
+        instance: u64,
+    },
+    Stop {
+        model: String,
+        reply: oneshot::Sender<Option<bool>>,
+    },
+    Status {
+        reply: oneshot::Sender<Vec<ModelStatus>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The requesting side of the scheduler; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Scheduler {
+    /// Starts the actor for a config's models.
+    pub fn start(config: &Config) -> Scheduler {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let actor = Actor {
+            limits: config.scheduler.clone(),
+            slots: config
+                .models
+                .iter()
+                .map(|m| (Arc::<str>::from(m.name.as_str()), Slot::new(m.clone())))
+                .collect(),
+            next_instance: 1,
+            events_tx,
+            self_tx: tx.clone(),
+            shutdown: None,
+        };
+        tokio::spawn(actor.run(rx, events_rx));
+        Scheduler { tx }
+    }
+
+    /// Waits until `model` (a canonical name) is ready and leases it.
+    pub async fn acquire(&self, model: &str) -> Result<Lease, AcquireError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Acquire {
+                model: model.to_string(),
+                reply,
+            })
+            .map_err(|_| AcquireError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(AcquireError::ShuttingDown))
+    }
+
+    /// Stops a model (after draining). `None`: no such model;
+    /// `Some(false)`: it was not running.
+    pub async fn stop(&self, model: &str) -> Option<bool> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Stop {
+                model: model.to_string(),
+                reply,
+            })
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
+    pub async fn status(&self) -> Vec<ModelStatus> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Status { reply }).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Fails waiting requests, stops every child, and returns once all
+    /// have exited.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown { reply }).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Stopped,
+    Pending,
+    Starting,
+    Ready,
+    Draining,
+    Stopping,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Stopped => "stopped",
+            Phase::Pending | Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Draining | Phase::Stopping => "stopping",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// Occupies a place under `max_loaded`.
+    fn is_loaded(self) -> bool {
+        matches!(
+            self,
+            Phase::Starting | Phase::Ready | Phase::Draining | Phase::Stopping
+        )
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Lease, AcquireError>>;
+
+struct Slot {
+    config: ModelConfig,
+    phase: Phase,
+    waiters: Vec<Waiter>,
+    /// When it became Pending: starts are granted oldest first.
+    pending_since: Instant,
+    inflight: usize,
+    last_used: Instant,
+    child: Option<ChildHandle>,
+    /// Identity of the current child; events and leases of older ones are
+    /// ignored.
+    instance: u64,
+    addr: Option<SocketAddr>,
+    pid: Option<u32>,
+    ready_since: Option<Instant>,
+    /// Consecutive failed starts or crashes.
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    starts: u64,
+}
+
+impl Slot {
+    fn new(config: ModelConfig) -> Slot {
+        let now = Instant::now();
+        Slot {
+            config,
+            phase: Phase::Stopped,
+            waiters: Vec::new(),
+            pending_since: now,
+            inflight: 0,
+            last_used: now,
+            child: None,
+            instance: 0,
+            addr: None,
+            pid: None,
+            ready_since: None,
+            failures: 0,
+            retry_at: None,
+            last_error: None,
+            starts: 0,
+        }
+    }
+
+    fn fail_waiters(&mut self, err: &AcquireError) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err(err.clone()));
+        }
+    }
+
+    fn begin_stop(&mut self, why: &str) {
+        tracing::info!(model = %self.config.name, reason = why, "stopping model");
+        self.phase = Phase::Stopping;
+        if let Some(child) = &mut self.child {
+            child.stop();
+        }
+    }
+
+    fn status(&self, now: Instant) -> ModelStatus {
+        let running = matches!(self.phase, Phase::Ready | Phase::Draining);
+        ModelStatus {
+            name: self.config.name.clone(),
+            aliases: self.config.aliases.clone(),
+            state: self.phase.name(),
+            pid: self.pid.filter(|_| self.phase.is_loaded()),
+            port: self.addr.filter(|_| running).map(|a| a.port()),
+            inflight: self.inflight,
+            waiting: self.waiters.len(),
+            uptime_s: self
+                .ready_since
+                .filter(|_| running)
+                .map(|t| now.duration_since(t).as_secs_f64()),
+            idle_s: (running && self.inflight == 0)
+                .then(|| now.duration_since(self.last_used).as_secs_f64()),
+            starts: self.starts,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// Backoff before the next start after `failures` consecutive failures: the
+/// first retry is immediate, then 1 s, 2 s, 4 s … up to [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    match failures {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(5)).min(MAX_BACKOFF),
+    }
+}
+
+/// A loaded model as the eviction planner sees it.
+#[derive(Debug, Clone)]
+pub struct Resident<'a> {
+    pub name: &'a str,
+    pub group: Option<&'a str>,
+    /// Ready and accepting requests (only these can be chosen to go).
+    pub ready: bool,
+    /// Already draining or stopping.
+    pub leaving: bool,
+    pub busy: bool,
+    pub last_used: Instant,
+}
+
+/// What a pending model needs before it can start.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan<'a> {
+    Start,
+    /// Drain and stop these first, then ask again.
+    Evict(Vec<&'a str>),
+    /// Nothing can be evicted yet (models still starting or leaving).
+    Wait,
+}
+
+/// Decides whether a model of `group` can start beside `loaded`, or which
+/// residents must go first: every ready model of the same group, and then
+/// as many least recently used ready models as `max_loaded` requires, idle
+/// ones before busy ones.
+pub fn plan<'a>(group: Option<&str>, loaded: &[Resident<'a>], max_loaded: usize) -> Plan<'a> {
+    let same_group = |r: &Resident<'_>| group.is_some() && r.group == group;
+    if loaded.len() < max_loaded && !loaded.iter().any(same_group) {
+        return Plan::Start;
+    }
+    let mut evict: Vec<&Resident<'a>> = loaded
+        .iter()
+        .filter(|r| same_group(r) && r.ready && !r.leaving)
+        .collect();
+    let staying = loaded
+        .iter()
+        .filter(|r| !r.leaving && !same_group(r))
+        .count();
+    let excess = (staying + 1).saturating_sub(max_loaded);
+    let mut candidates: Vec<&Resident<'a>> = loaded
+        .iter()
+        .filter(|r| r.ready && !r.leaving && !same_group(r))
+        .collect();
+    candidates.sort_by_key(|r| (r.busy, r.last_used));
+    evict.extend(candidates.into_iter().take(excess));
+    if evict.is_empty() {
+        Plan::Wait
+    } else {
+        Plan::Evict(evict.into_iter().map(|r| r.name).collect())
+    }
+}
+
+struct Actor {
+    limits: SchedulerConfig,
+    slots: HashMap<Arc<str>, Slot>,
+    next_instance: u64,
+    events_tx: mpsc::UnboundedSender<ChildEvent>,
+    self_tx: mpsc::UnboundedSender<Msg>,
+    /// Set once shutdown began: who to tell when the last child is gone.
+    shutdown: Option<Vec<oneshot::Sender<()>>>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut events: mpsc::UnboundedReceiver<ChildEvent>,
+    ) {
+        loop {
+            let ttl_deadline = self.next_ttl_deadline();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    // Every Scheduler handle is gone: nothing can ask again.
+                    None => {
+                        self.begin_shutdown();
+                    }
+                },
+                Some(event) = events.recv() => self.on_child_event(event),
+                _ = sleep_until_opt(ttl_deadline) => self.expire_idle(),
+            }
+            if self.shutdown.is_some() && self.slots.values().all(|s| s.child.is_none()) {
+                for reply in self.shutdown.take().into_iter().flatten() {
+                    let _ = reply.send(());
+                }
+                // Late requests still get an answer, not a hang.
+                self.shutdown = Some(Vec::new());
+                if rx.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Acquire { model, reply } => self.acquire(&model, reply),
+            Msg::Release { model, instance } => self.release(&model, instance),
+            Msg::Stop { model, reply } => {
+                let _ = reply.send(self.stop(&model));
+            }
+            Msg::Status { reply } => {
+                let now = Instant::now();
+                let mut list: Vec<ModelStatus> =
+                    self.slots.values().map(|s| s.status(now)).collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(list);
+            }
+            Msg::Shutdown { reply } => {
+                self.begin_shutdown();
+                if let Some(waiting) = &mut self.shutdown {
+                    waiting.push(reply);
+                }
+            }
+        }
+    }
+
+    fn lease(&mut self, name: &Arc<str>) -> Option<Lease> {
+        let slot = self.slots.get_mut(name)?;
+        slot.inflight += 1;
+        slot.last_used = Instant::now();
+        Some(Lease {
+            addr: slot.addr?,
+            model: name.clone(),
+            instance: slot.instance,
+            tx: self.self_tx.clone(),
+        })
+    }
+
+    fn acquire(&mut self, model: &str, reply: Waiter) {
+        if self.shutdown.is_some() {
+            let _ = reply.send(Err(AcquireError::ShuttingDown));
+            return;
+        }
+        let Some(name) = self.slots.get_key_value(model).map(|(n, _)| n.clone()) else {
+            let _ = reply.send(Err(AcquireError::Unknown(model.to_string())));
+            return;
+        };
+        let Some(slot) = self.slots.get_mut(&name) else {
+            return;
+        };
+        match slot.phase {
+            Phase::Ready => {
+                if let Some(lease) = self.lease(&name) {
+                    if let Err(Ok(lease)) = reply.send(Ok(lease)) {
+                        drop(lease); // the requester left; Release follows
+                    }
+                }
+            }
+            Phase::Pending | Phase::Starting | Phase::Draining | Phase::Stopping => {
+                slot.waiters.push(reply);
+            }
+            Phase::Failed if slot.retry_at.is_some_and(|t| t > Instant::now()) => {
+                let retry_after = slot.retry_at.map_or(Duration::ZERO, |t| {
+                    t.saturating_duration_since(Instant::now())
+                });
+                let _ = reply.send(Err(AcquireError::BackingOff {
+                    model: name.to_string(),
+                    reason: slot.last_error.clone().unwrap_or_default(),
+                    retry_after,
+                }));
+            }
+            Phase::Stopped | Phase::Failed => {
+                slot.waiters.push(reply);
+                slot.phase = Phase::Pending;
+                slot.pending_since = Instant::now();
+                self.reconcile();
+            }
+        }
+    }
+
+    fn release(&mut self, model: &str, instance: u64) {
+        let Some(slot) = self.slots.get_mut(model) else {
+            return;
+        };
+        if slot.instance != instance {
+            return; // a lease on a child that is already gone
+        }
+        slot.inflight = slot.inflight.saturating_sub(1);
+        slot.last_used = Instant::now();
+        if slot.phase == Phase::Draining && slot.inflight == 0 {
+            slot.begin_stop("drained for another model");
+        }
+    }
+
+    fn stop(&mut self, model: &str) -> Option<bool> {
+        let slot = self.slots.get_mut(model)?;
+        Some(match slot.phase {
+            Phase::Ready if slot.inflight > 0 => {
+                tracing::info!(
+                    model,
+                    inflight = slot.inflight,
+                    "draining model before stop"
+                );
+                slot.phase = Phase::Draining;
+                true
+            }
+            Phase::Ready | Phase::Starting => {
+                slot.begin_stop("requested by admin");
+                true
+            }
+            Phase::Pending => {
+                slot.phase = Phase::Stopped;
+                slot.fail_waiters(&AcquireError::Stopped {
+                    model: model.to_string(),
+                    reason: "stopped by admin".into(),
+                });
+                false
+            }
+            Phase::Draining | Phase::Stopping => true,
+            Phase::Stopped | Phase::Failed => false,
+        })
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        self.shutdown = Some(Vec::new());
+        for slot in self.slots.values_mut() {
+            slot.fail_waiters(&AcquireError::ShuttingDown);
+            match slot.phase {
+                Phase::Starting | Phase::Ready | Phase::Draining => slot.begin_stop("shutdown"),
+                Phase::Pending => slot.phase = Phase::Stopped,
+                _ => {}
+            }
+        }
+    }
+
+    fn on_child_event(&mut self, event: ChildEvent) {
+        match event {
+            ChildEvent::Ready {
+                model,
+                instance,
+                addr,
+                pid,
+                load_time,
+            } => {
+                let Some(slot) = self.slots.get_mut(&model) else {
+                    return;
+                };
+                if slot.instance != instance || slot.phase != Phase::Starting {
+                    return; // a stop was requested meanwhile; Exited follows
+                }
+                tracing::info!(model = %model, load_ms = load_time.as_millis() as u64,
+                    waiting = slot.waiters.len(), "model ready");
+                slot.phase = Phase::Ready;
+                slot.addr = Some(addr);
+                slot.pid = Some(pid);
+                slot.ready_since = Some(Instant::now());
+                slot.last_error = None;
+                let waiters: Vec<Waiter> = slot.waiters.drain(..).collect();
+                for w in waiters {
+                    if let Some(lease) = self.lease(&model) {
+                        let _ = w.send(Ok(lease));
+                    }
+                }
+            }
+            ChildEvent::StartFailed {
+                model,
+                instance,
+                reason,
+            } => {
+                let Some(slot) = self.slots.get_mut(&model) else {
+                    return;
+                };
+                if slot.instance != instance {
+                    return;
+                }
+                slot.child = None;
+                slot.pid = None;
+                slot.failures += 1;
+                slot.last_error = Some(reason.clone());
+                slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+                slot.phase = Phase::Failed;
+                slot.fail_waiters(&AcquireError::StartFailed {
+                    model: model.to_string(),
+                    reason,
+                });
+            }
+            ChildEvent::Exited {
+                model,
+                instance,
+                reason,
+            } => {
+                let Some(slot) = self.slots.get_mut(&model) else {
+                    return;
+                };
+                if slot.instance != instance {
+                    return;
+                }
+                slot.child = None;
+                slot.inflight = 0;
+                slot.addr = None;
+                let ran = slot.ready_since.map(|t| t.elapsed());
+                match reason {
+                    ExitReason::Stopped => {
+                        if ran.is_some() {
+                            slot.failures = 0;
+                        }
+                        slot.phase = if slot.waiters.is_empty() {
+                            Phase::Stopped
+                        } else {
+                            slot.pending_since = Instant::now();
+                            Phase::Pending
+                        };
+                    }
+                    ExitReason::Crashed(why) | ExitReason::Unhealthy(why) => {
+                        if ran.is_some_and(|r| r >= STABLE_UPTIME) {
+                            slot.failures = 0;
+                        }
+                        slot.failures += 1;
+                        slot.retry_at = Some(Instant::now() + backoff(slot.failures));
+                        slot.last_error = Some(why.clone());
+                        slot.phase = Phase::Failed;
+                        if !slot.waiters.is_empty() {
+                            if backoff(slot.failures).is_zero() {
+                                slot.phase = Phase::Pending;
+                                slot.pending_since = Instant::now();
+                            } else {
+                                slot.fail_waiters(&AcquireError::Stopped {
+                                    model: model.to_string(),
+                                    reason: why,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if self.shutdown.is_none() {
+            self.reconcile();
+        }
+    }
+
+    /// Starts pending models where capacity allows, evicting as needed.
+    fn reconcile(&mut self) {
+        let mut pending: Vec<(Instant, Arc<str>)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Pending)
+            .map(|(n, s)| (s.pending_since, n.clone()))
+            .collect();
+        pending.sort();
+        for (_, name) in pending {
+            let group = self.slots.get(&name).and_then(|s| s.config.group.clone());
+            let decision = {
+                let loaded: Vec<Resident<'_>> = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| s.phase.is_loaded())
+                    .map(|(n, s)| Resident {
+                        name: n,
+                        group: s.config.group.as_deref(),
+                        ready: s.phase == Phase::Ready,
+                        leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
+                        busy: s.inflight > 0,
+                        last_used: s.last_used,
+                    })
+                    .collect();
+                match plan(group.as_deref(), &loaded, self.limits.max_loaded) {
+                    Plan::Start => None,
+                    Plan::Wait => Some(Vec::new()),
+                    Plan::Evict(names) => Some(names.into_iter().map(Arc::<str>::from).collect()),
+                }
+            };
+            match decision {
+                None => self.start_child(&name),
+                Some(victims) => {
+                    for victim in victims {
+                        if let Some(v) = self.slots.get_mut(&victim) {
+                            tracing::info!(model = %victim, for_model = %name, inflight = v.inflight,
+                                "evicting model to make room");
+                            if v.inflight == 0 {
+                                v.begin_stop("evicted");
+                            } else {
+                                v.phase = Phase::Draining;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_child(&mut self, name: &Arc<str>) {
+        let instance = self.next_instance;
+        self.next_instance += 1;
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        let spec = ChildSpec {
+            model: name.clone(),
+            instance,
+            argv: slot.config.argv.clone(),
+            env: slot.config.env.clone(),
+            health_path: slot.config.health.clone(),
+            start_timeout: self.limits.start_timeout,
+            stop_grace: self.limits.stop_grace,
+            health_interval: self.limits.health_interval,
+        };
+        slot.phase = Phase::Starting;
+        slot.instance = instance;
+        slot.inflight = 0;
+        slot.ready_since = None;
+        slot.starts += 1;
+        slot.child = Some(supervisor::spawn(spec, self.events_tx.clone()));
+    }
+
+    fn next_ttl_deadline(&self) -> Option<tokio::time::Instant> {
+        self.slots
+            .values()
+            .filter(|s| s.phase == Phase::Ready && s.inflight == 0)
+            .filter_map(|s| s.config.ttl.map(|ttl| s.last_used + ttl))
+            .min()
+            .map(tokio::time::Instant::from_std)
+    }
+
+    fn expire_idle(&mut self) {
+        let now = Instant::now();
+        for slot in self.slots.values_mut() {
+            let expired = slot.phase == Phase::Ready
+                && slot.inflight == 0
+                && slot
+                    .config
+                    .ttl
+                    .is_some_and(|ttl| slot.last_used + ttl <= now);
+            if expired {
+                slot.begin_stop("idle ttl");
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r<'a>(name: &'a str, group: Option<&'a str>, busy: bool, age_s: u64) -> Resident<'a> {
+        Resident {
+            name,
+            group,
+            ready: true,
+            leaving: false,
+            busy,
+            last_used: Instant::now() - Duration::from_secs(age_s),
+        }
+    }
+
+    #[test]
+    fn starts_when_there_is_room() {
+        assert_eq!(plan(None, &[], 1), Plan::Start);
+        assert_eq!(plan(None, &[r("a", None, false, 1)], 2), Plan::Start);
+    }
+
+    #[test]
+    fn evicts_least_recently_used_idle_first() {
+        let loaded = [
+            r("old-busy", None, true, 100),
+            r("new-idle", None, false, 1),
+            r("old-idle", None, false, 50),
+        ];
+        assert_eq!(plan(None, &loaded, 3), Plan::Evict(vec!["old-idle"]));
+        assert_eq!(
+            plan(None, &loaded, 2),
+            Plan::Evict(vec!["old-idle", "new-idle"])
+        );
+        // Only busy ones left: the least recently used is drained.
+        assert_eq!(plan(None, &loaded[..1], 1), Plan::Evict(vec!["old-busy"]));
+    }
+
+    #[test]
+    fn same_group_is_exclusive_regardless_of_max_loaded() {
+        let loaded = [r("a", Some("g"), false, 1), r("b", None, false, 100)];
+        assert_eq!(plan(Some("g"), &loaded, 10), Plan::Evict(vec!["a"]));
+        assert_eq!(plan(Some("other"), &loaded, 10), Plan::Start);
+    }
+
+    #[test]
+    fn waits_while_residents_are_starting_or_leaving() {
+        let mut starting = r("s", None, false, 1);
+        starting.ready = false;
+        assert_eq!(plan(None, &[starting.clone()], 1), Plan::Wait);
+        let mut leaving = r("l", None, false, 1);
+        leaving.leaving = true;
+        assert_eq!(
+            plan(None, &[leaving], 1),
+            Plan::Wait,
+            "no second eviction while one is under way"
+        );
+        let mut g = starting;
+        g.group = Some("g");
+        assert_eq!(plan(Some("g"), &[g], 5), Plan::Wait);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded() {
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(2));
+        assert_eq!(backoff(50), MAX_BACKOFF);
+    }
+}

