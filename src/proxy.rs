@@ -100,7 +100,7 @@ pub async fn forward(
         inner: body,
         lease: Some(lease),
         is_sse,
-        failed: false,
+        failure: Failure::None,
     };
     Ok(Response::from_parts(parts, UnsyncBoxBody::new(body)))
 }
@@ -114,8 +114,18 @@ pin_project_lite::pin_project! {
         inner: hyper::body::Incoming,
         lease: Option<Lease>,
         is_sse: bool,
-        failed: bool,
+        failure: Failure,
     }
+}
+
+/// How far the mid-stream failure path has got.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    None,
+    /// The SSE error event went out; yield once so hyper flushes it.
+    EventSent,
+    /// Flushed; now abort the response.
+    Abort,
 }
 
 const SSE_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the model process failed while streaming the response\",\"type\":\"upstream_error\",\"code\":502}}\n\n";
@@ -129,8 +139,17 @@ impl Body for LeasedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        if *this.failed {
-            return Poll::Ready(Some(Err("upstream failed mid-response".into())));
+        match *this.failure {
+            Failure::None => {}
+            Failure::EventSent => {
+                // hyper writes out what it has buffered when the body is
+                // not ready; without this the event would be discarded
+                // with the aborted connection.
+                *this.failure = Failure::Abort;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Failure::Abort => return Poll::Ready(Some(Err("upstream failed mid-response".into()))),
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(None) => {
@@ -148,7 +167,7 @@ impl Body for LeasedBody {
                 tracing::warn!(model = %model, error = %e, "upstream body failed mid-response");
                 this.lease.take();
                 if *this.is_sse {
-                    *this.failed = true;
+                    *this.failure = Failure::EventSent;
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_ERROR_EVENT)))))
                 } else {
                     Poll::Ready(Some(Err(Box::new(e))))
@@ -159,7 +178,7 @@ impl Body for LeasedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        !self.failed && self.inner.is_end_stream()
+        self.failure == Failure::None && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

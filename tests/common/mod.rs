@@ -1,0 +1,372 @@
+//! Test support: run the real `claracore` binary on a generated config, talk
+//! HTTP to it, and inspect its child processes through /proc.
+//!
+//! The real llama-server and the tiny model come from
+//! `tests/tools/setup-test-deps.sh` through `CLARACORE_TEST_*` variables;
+//! `tests/run.sh` sets them. Tests that need them fail (never skip) when
+//! they are missing.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_claracore");
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with tests/run.sh, or first `eval \"$(tests/tools/setup-test-deps.sh)\"`")
+    })
+}
+
+pub fn llama_server() -> String {
+    required_env("CLARACORE_TEST_LLAMA_SERVER")
+}
+
+pub fn tiny_model() -> String {
+    required_env("CLARACORE_TEST_MODEL")
+}
+
+/// A python3 with nothing special: the fake upstream needs only the stdlib.
+pub fn python() -> String {
+    std::env::var("CLARACORE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+pub fn fake_upstream() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tools/fake_upstream.py")
+        .display()
+        .to_string()
+}
+
+/// A `[models.NAME]` table for the real llama-server and the tiny model.
+pub fn tiny_model_table(name: &str, extra: &str) -> String {
+    format!(
+        "[models.{name}]\nmodel = \"{}\"\nargs = [\"-c\", \"512\", \"-t\", \"1\"]\n{extra}\n",
+        tiny_model()
+    )
+}
+
+/// A `[models.NAME]` table for the fake upstream with extra flags.
+pub fn fake_model_table(name: &str, flags: &[&str], extra: &str) -> String {
+    let mut argv = vec![python(), fake_upstream(), "--port".into(), "{port}".into()];
+    argv.extend(flags.iter().map(|f| f.to_string()));
+    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    format!("[models.{name}]\ncmd = [{}]\n{extra}\n", argv.join(", "))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running daemon, killed (SIGKILL) on drop if still alive.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `claracore serve` with `body` appended to a config that
+    /// listens on a free port, and waits until `/live` answers.
+    pub fn start(body: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "listen = [\"{addr}\", \"unix:{}/claracore.sock\"]\nllama_server = \"{}\"\nstate_dir = \"{}\"\n{body}",
+            dir.path().display(),
+            std::env::var("CLARACORE_TEST_LLAMA_SERVER").unwrap_or_else(|_| "llama-server".into()),
+            dir.path().join("state").display(),
+        );
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("daemon.log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("CLARACORE_LOG", "info,claracore=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            addr,
+            dir,
+            log,
+        };
+        d.wait_live();
+        d
+    }
+
+    fn wait_live(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("daemon exited at start with {status}:\n{}", self.log_text());
+            }
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("daemon did not listen within 10s:\n{}", self.log_text());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("claracore.sock")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits for the daemon to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "daemon did not exit within {within:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        request(&self.addr, Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        request(&self.addr, Method::POST, path, Some(body.to_string())).await
+    }
+
+    /// The state of one model as `/api/ps` reports it.
+    pub async fn model(&self, name: &str) -> Value {
+        let (_, ps) = self.get("/api/ps").await;
+        ps["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("model {name} not in {ps}"))
+    }
+
+    /// Polls `/api/ps` until `name` is in `state`.
+    pub async fn wait_state(&self, name: &str, state: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.model(name).await;
+            if m["state"] == state {
+                return m;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "model {name} not {state} within {within:?}: {m}\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs a client subcommand of the binary against this daemon.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .args(args)
+            .env("CLARACORE_HOST", format!("http://{}", self.addr))
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; the body parsed as JSON
+/// (or a JSON string of the raw text if it is not JSON).
+pub async fn request(
+    addr: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> (StatusCode, Value) {
+    let resp = send(addr, method, path, body).await;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+pub async fn send(
+    addr: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
+/// Frames of a streamed response with the time each arrived.
+pub struct Streamed {
+    pub status: StatusCode,
+    pub frames: Vec<(Duration, Bytes)>,
+    /// The body ended with a transport error (not a clean end).
+    pub error: Option<String>,
+    pub total: Duration,
+}
+
+impl Streamed {
+    pub fn text(&self) -> String {
+        self.frames
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    /// The `data:` payloads of the SSE events, in order.
+    pub fn events(&self) -> Vec<String> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+}
+
+/// Sends a request and records every body frame as it arrives.
+pub async fn stream(addr: &str, path: &str, body: &Value) -> Streamed {
+    let start = Instant::now();
+    let resp = send(addr, Method::POST, path, Some(body.to_string())).await;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut frames = Vec::new();
+    let mut error = None;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    frames.push((start.elapsed(), data));
+                }
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    Streamed {
+        status,
+        frames,
+        error,
+        total: start.elapsed(),
+    }
+}
+
+pub fn chat(model: &str, max_tokens: u32, stream: bool) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "ignore_eos": true,
+    })
+}
+
+/// Live (non-zombie) processes whose parent is `ppid`.
+pub fn children_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((state, parent)) = stat(pid) {
+            if parent == ppid && state != 'Z' {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// (state, ppid) from /proc/PID/stat.
+fn stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 2..];
+    let mut fields = after.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    matches!(stat(pid), Some((state, _)) if state != 'Z')
+}
+
+/// Waits until none of `pids` is alive.
+pub fn wait_gone(pids: &[u32], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if pids.iter().all(|p| !alive(*p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
