@@ -442,20 +442,16 @@ fn die_with_parent(cmd: &mut Command) {
 /// Copies a child's output into tracing line by line.
 async fn copy_lines(stream: impl AsyncRead + Unpin, model: Arc<str>, pid: u32, tail: Option<Tail>) {
     let mut lines = BufReader::new(stream).lines();
-    loop {
-        match lines.next_line().await {
-            Ok(Some(line)) => {
-                let line = line.trim_end().to_string();
-                if line.is_empty() {
-                    continue;
-                }
-                tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}");
-                if let Some(tail) = &tail {
-                    tail.push(line);
-                }
-            }
-            // Non-UTF-8 output ends line mode but must not block the child.
-            Ok(None) | Err(_) => break,
+    // Non-UTF-8 output ends line mode; the pipe then closes and the child
+    // gets EPIPE rather than blocking.
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}");
+        if let Some(tail) = &tail {
+            tail.push(line.to_string());
         }
     }
 }

@@ -5,7 +5,7 @@
 //! `tests/tools/setup-test-deps.sh` through `CLARACORE_TEST_*` variables;
 //! `tests/run.sh` sets them. Tests that need them fail (never skip) when
 //! they are missing.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
