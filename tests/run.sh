@@ -12,4 +12,4 @@ echo "tiny model:   $CLARACORE_TEST_MODEL" >&2
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked
+cargo test --locked --all-targets
