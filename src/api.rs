@@ -39,7 +39,9 @@ const MODEL_ROUTES: [&str; 4] = [
 
 /// What the handlers share.
 pub struct AppState {
-    pub config: Arc<Config>,
+    /// Swapped whole on reload; readers clone the Arc and never hold the
+    /// lock across an await.
+    pub config: std::sync::RwLock<Arc<Config>>,
     pub scheduler: Scheduler,
     pub client: UpstreamClient,
     pub started: Instant,
@@ -112,6 +114,22 @@ impl ApiError {
     }
 }
 
+impl AppState {
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set_config(&self, config: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut c) => *c = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+}
+
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<BoxBody> {
     let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
@@ -172,14 +190,14 @@ async fn route(
     }
 }
 
-fn resolve<'a>(state: &'a AppState, requested: &str) -> Result<&'a str, ApiError> {
-    state
-        .config
+fn resolve(state: &AppState, requested: &str) -> Result<String, ApiError> {
+    let config = state.config();
+    config
         .model(requested)
-        .map(|m| m.name.as_str())
+        .map(|m| m.name.clone())
         .ok_or_else(|| ApiError::UnknownModel {
             requested: requested.to_string(),
-            available: state.config.models.iter().map(|m| m.name.clone()).collect(),
+            available: config.models.iter().map(|m| m.name.clone()).collect(),
         })
 }
 
@@ -189,7 +207,7 @@ async fn read_body(
     body: Incoming,
     declared: Option<u64>,
 ) -> Result<Bytes, ApiError> {
-    let limit = state.config.http.max_body_bytes;
+    let limit = state.config().http.max_body_bytes;
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -240,7 +258,7 @@ async fn model_request(
     let model = resolve(state, &requested)?;
     let lease = state
         .scheduler
-        .acquire(model)
+        .acquire(&model)
         .await
         .map_err(ApiError::Unavailable)?;
     let path_and_query = parts.uri.path_and_query().map_or_else(
@@ -251,7 +269,7 @@ async fn model_request(
     proxy::forward(&state.client, lease, &path_and_query, req)
         .await
         .map_err(|e| {
-            tracing::warn!(model, error = %e, "forwarding failed");
+            tracing::warn!(model = %model, error = %e, "forwarding failed");
             ApiError::Upstream
         })
 }
@@ -263,13 +281,13 @@ async fn passthrough(
 ) -> Result<Response<BoxBody>, ApiError> {
     let rest = &req.uri().path()["/upstream/".len()..];
     let (requested, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let model = resolve(state, requested)?.to_string();
+    let model = resolve(state, requested)?;
     let mut path_and_query = format!("/{tail}");
     if let Some(q) = req.uri().query() {
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
-    let limit = state.config.http.max_body_bytes;
+    let limit = state.config().http.max_body_bytes;
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -350,7 +368,7 @@ async fn ps(state: &AppState) -> Response<BoxBody> {
 
 async fn stop_model(state: &AppState, requested: &str) -> Result<Response<BoxBody>, ApiError> {
     let model = resolve(state, requested)?;
-    let was_running = state.scheduler.stop(model).await.unwrap_or(false);
+    let was_running = state.scheduler.stop(&model).await.unwrap_or(false);
     Ok(json_response(
         StatusCode::OK,
         &json!({"model": model, "stopping": was_running}),

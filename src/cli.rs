@@ -10,6 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::logging::LogTarget;
+
 /// Where `serve` looks when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/claracore/config.toml";
 /// Where client commands connect when neither `--host` nor
@@ -20,7 +22,8 @@ pub const USAGE: &str = "\
 usage: claracore <command> [options]
 
 daemon:
-  serve [--config FILE]            run the daemon (default config /etc/claracore/config.toml)
+  serve [--config FILE] [--log-target auto|journald|stderr]
+                                   run the daemon (default config /etc/claracore/config.toml)
   check-config [--strict] FILE     validate a config file; --strict also checks model files exist
   version                          print the version
 
@@ -33,13 +36,26 @@ client (talks to a running daemon; --host URL or CLARACORE_HOST,
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Serve { config: PathBuf },
-    CheckConfig { file: PathBuf, strict: bool },
+    Serve {
+        config: PathBuf,
+        log_target: LogTarget,
+    },
+    CheckConfig {
+        file: PathBuf,
+        strict: bool,
+    },
     Version,
     Help,
-    Ps { host: Host },
-    List { host: Host },
-    Stop { host: Host, model: String },
+    Ps {
+        host: Host,
+    },
+    List {
+        host: Host,
+    },
+    Stop {
+        host: Host,
+        model: String,
+    },
 }
 
 /// A daemon address for client commands.
@@ -73,6 +89,7 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
     let mut rest: Vec<&str> = Vec::new();
     let mut config = None;
     let mut host = None;
+    let mut log_target = None;
     let mut strict = false;
     let mut it = args.iter().map(String::as_str);
     let Some(command) = it.next() else {
@@ -82,6 +99,7 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
         match arg {
             "--config" | "-c" => config = Some(it.next().ok_or("--config needs a file")?),
             "--host" => host = Some(it.next().ok_or("--host needs a URL")?),
+            "--log-target" => log_target = Some(it.next().ok_or("--log-target needs a value")?),
             "--strict" => strict = true,
             "-h" | "--help" => return Ok(Command::Help),
             flag if flag.starts_with("--") => {
@@ -89,6 +107,7 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
                     match name {
                         "--config" => config = Some(value),
                         "--host" => host = Some(value),
+                        "--log-target" => log_target = Some(value),
                         _ => return Err(format!("unknown option {name}")),
                     }
                 } else {
@@ -111,6 +130,7 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
             no_extra(0)?;
             Command::Serve {
                 config: PathBuf::from(config.unwrap_or(DEFAULT_CONFIG)),
+                log_target: log_target.map_or(Ok(LogTarget::Auto), LogTarget::parse)?,
             }
         }
         "check-config" => {
@@ -329,15 +349,18 @@ mod tests {
         assert_eq!(
             parse(&args("serve"), None).unwrap(),
             Command::Serve {
-                config: DEFAULT_CONFIG.into()
+                config: DEFAULT_CONFIG.into(),
+                log_target: LogTarget::Auto,
             }
         );
         assert_eq!(
-            parse(&args("serve --config /x.toml"), None).unwrap(),
+            parse(&args("serve --config /x.toml --log-target journald"), None).unwrap(),
             Command::Serve {
-                config: "/x.toml".into()
+                config: "/x.toml".into(),
+                log_target: LogTarget::Journald,
             }
         );
+        assert!(parse(&args("serve --log-target syslog"), None).is_err());
         assert_eq!(
             parse(&args("check-config --strict a.toml"), None).unwrap(),
             Command::CheckConfig {

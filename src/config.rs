@@ -74,6 +74,15 @@ impl ListenAddr {
     }
 }
 
+/// How log lines are written when not under journald.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON lines otherwise.
+    Auto,
+    Human,
+    Json,
+}
+
 /// HTTP front-end limits.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
@@ -118,6 +127,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Whether a running child of `self` must restart to match `other`
+    /// (aliases, TTL and group apply without a restart).
+    pub fn launch_differs(&self, other: &ModelConfig) -> bool {
+        self.argv != other.argv || self.env != other.env || self.health != other.health
+    }
+
     /// The child's argv with the port filled in.
     pub fn command(&self, port: u16) -> Vec<String> {
         let port = port.to_string();
@@ -138,6 +153,10 @@ pub struct Config {
     pub socket_mode: u32,
     pub llama_server: PathBuf,
     pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// A tracing filter such as `info` or `info,claracore::child=warn`;
+    /// `CLARACORE_LOG` overrides it.
+    pub log_level: String,
     pub http: HttpConfig,
     pub scheduler: SchedulerConfig,
     /// Sorted by name.
@@ -151,6 +170,8 @@ struct RawConfig {
     llama_server: Option<String>,
     state_dir: Option<String>,
     socket_mode: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
@@ -300,6 +321,30 @@ impl Config {
                 })?,
         };
 
+        let log_format = match raw.log_format.as_ref().map(|f| (f, f.get_ref().as_str())) {
+            None | Some((_, "auto")) => LogFormat::Auto,
+            Some((_, "human")) => LogFormat::Human,
+            Some((_, "json")) => LogFormat::Json,
+            Some((f, other)) => {
+                return Err(src.error(
+                    f,
+                    format!("log_format: {other:?} is not one of \"auto\", \"human\", \"json\""),
+                ))
+            }
+        };
+        let log_level = match &raw.log_level {
+            None => "info".to_string(),
+            Some(l) => {
+                tracing_subscriber::EnvFilter::try_new(l.get_ref()).map_err(|e| {
+                    src.error(
+                        l,
+                        format!("log_level: {:?} is not a log filter ({e})", l.get_ref()),
+                    )
+                })?;
+                l.get_ref().clone()
+            }
+        };
+
         let http = HttpConfig {
             max_body_bytes: match &raw.http.max_body_bytes {
                 None => 32 * 1024 * 1024,
@@ -378,10 +423,17 @@ impl Config {
             socket_mode,
             llama_server,
             state_dir: PathBuf::from(raw.state_dir.as_deref().unwrap_or("/var/lib/claracore")),
+            log_format,
+            log_level,
             http,
             scheduler,
             models,
         })
+    }
+
+    /// Listener settings that only a restart can change, for reload.
+    pub fn listeners_differ(&self, other: &Config) -> bool {
+        self.listen != other.listen || self.socket_mode != other.socket_mode
     }
 
     /// Resolves a model name or alias.
@@ -646,6 +698,8 @@ health = "/health"
         assert!(e.contains("scheduler.max_loaded: must be 1 or more"), "{e}");
         let e = err("socket_mode = \"0999\"\n");
         assert!(e.contains("socket_mode"), "{e}");
+        let e = err("log_format = \"xml\"\n");
+        assert!(e.starts_with("test.toml:1:14: log_format"), "{e}");
     }
 
     #[test]

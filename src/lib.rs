@@ -11,6 +11,9 @@
 //! - [`scheduler`]: the actor that owns every model's state (start, swap,
 //!   evict, TTL, backoff).
 //! - [`supervisor`]: one child process's lifecycle.
+//! - [`systemd`]: sd_notify, watchdog interval, journald detection,
+//!   privilege drop.
+//! - [`logging`]: journald, human or JSON log output.
 //! - [`cli`]: argument parsing and the client commands.
 //!
 //! The binary (`main.rs`) only parses arguments, reads the environment,
@@ -20,10 +23,12 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod listen;
+pub mod logging;
 pub mod proxy;
 pub mod scheduler;
 pub mod server;
 pub mod supervisor;
+pub mod systemd;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG); systemd units
 /// list it in `RestartPreventExitStatus=` so a typo does not restart-loop.

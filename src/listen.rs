@@ -1,5 +1,10 @@
-//! Listening sockets: binding TCP and unix addresses, and accepting from
-//! either behind one type.
+//! Listening sockets: binding TCP and unix addresses or taking the ones
+//! systemd passed (socket activation), and accepting from either behind one
+//! type.
+//!
+//! Binding happens before the async runtime exists ([`Bound`], std types),
+//! so privileges can be dropped while the process still has one thread;
+//! [`Bound::into_listener`] hands the socket to tokio inside the runtime.
 //!
 //! A unix socket path that holds a stale socket is replaced; any other kind
 //! of file there is an error, never deleted. Socket permissions are set
@@ -11,6 +16,10 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// The name systemd gives sockets without `FileDescriptorName=`, treated as
+/// HTTP listeners.
+const UNNAMED_FD: &str = "unknown";
 
 use crate::config::ListenAddr;
 
@@ -26,15 +35,141 @@ pub enum ListenError {
         what: &'static str,
         source: io::Error,
     },
+    #[error("socket activation: fd #{index} (name {name:?}) is not a TCP or unix stream listening socket")]
+    Activation { index: usize, name: String },
+    #[error("socket activation: LISTEN_FDNAMES has {names} names for {fds} sockets")]
+    FdNames { names: usize, fds: usize },
+}
+
+/// A socket bound (or inherited) but not yet registered with tokio.
+#[derive(Debug)]
+pub struct Bound {
+    socket: BoundSocket,
+    /// `FileDescriptorName=` of an activated socket; "config" for ours.
+    pub name: String,
+}
+
+#[derive(Debug)]
+enum BoundSocket {
+    Tcp(std::net::TcpListener),
+    /// `owned_path`: a socket file we created and remove at exit; None for
+    /// inherited ones, whose file belongs to the socket unit.
+    Unix {
+        listener: std::os::unix::net::UnixListener,
+        owned_path: Option<PathBuf>,
+    },
+}
+
+impl Bound {
+    /// Binds one configured address.
+    pub fn bind(addr: &ListenAddr, socket_mode: u32) -> Result<Bound, ListenError> {
+        let socket = match addr {
+            ListenAddr::Tcp(sock) => std::net::TcpListener::bind(sock)
+                .map(BoundSocket::Tcp)
+                .map_err(|source| ListenError::Bind {
+                    addr: sock.to_string(),
+                    source,
+                })?,
+            ListenAddr::Unix(path) => bind_unix(path, socket_mode)?,
+        };
+        Ok(Bound {
+            socket,
+            name: "config".into(),
+        })
+    }
+
+    /// Takes the sockets systemd passed. `fds` comes from the environment
+    /// (read by `main` before any thread exists); `names` is
+    /// `LISTEN_FDNAMES`. Empty when the process was not socket-activated.
+    pub fn from_activation(
+        fds: &mut listenfd::ListenFd,
+        names: Option<&str>,
+    ) -> Result<Vec<Bound>, ListenError> {
+        let count = fds.len();
+        let names: Vec<String> = match names {
+            Some(n) => n.split(':').map(str::to_string).collect(),
+            None => vec![UNNAMED_FD.to_string(); count],
+        };
+        if names.len() != count {
+            return Err(ListenError::FdNames {
+                names: names.len(),
+                fds: count,
+            });
+        }
+        let mut out = Vec::with_capacity(count);
+        for (index, name) in names.into_iter().enumerate() {
+            let bad = || ListenError::Activation {
+                index,
+                name: name.clone(),
+            };
+            // The fd stays in place when it is not of the asked type.
+            let socket = match fds.take_tcp_listener(index) {
+                Ok(Some(l)) => BoundSocket::Tcp(l),
+                _ => match fds.take_unix_listener(index) {
+                    Ok(Some(listener)) => BoundSocket::Unix {
+                        listener,
+                        owned_path: None,
+                    },
+                    _ => return Err(bad()),
+                },
+            };
+            let name = if name == UNNAMED_FD {
+                "http".to_string()
+            } else {
+                name
+            };
+            out.push(Bound { socket, name });
+        }
+        Ok(out)
+    }
+
+    /// The address as an operator would write it.
+    pub fn describe(&self) -> String {
+        match &self.socket {
+            BoundSocket::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
+            BoundSocket::Unix { listener, .. } => listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
+        }
+    }
+
+    /// Registers the socket with tokio; call inside the runtime.
+    pub fn into_listener(self) -> io::Result<Listener> {
+        let name = self.name;
+        let describe = |l: &Listener| l.describe();
+        let listener = match self.socket {
+            BoundSocket::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            BoundSocket::Unix {
+                listener,
+                owned_path,
+            } => {
+                listener.set_nonblocking(true)?;
+                Listener::Unix {
+                    listener: UnixListener::from_std(listener)?,
+                    owned_path,
+                }
+            }
+        };
+        tracing::debug!(listen = %describe(&listener), name, "listener registered");
+        Ok(listener)
+    }
 }
 
 /// A bound listener of either kind.
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
+    /// `owned_path`: see [`Bound`]; removed on drop when set.
     Unix {
         listener: UnixListener,
-        path: PathBuf,
+        owned_path: Option<PathBuf>,
     },
 }
 
@@ -45,22 +180,6 @@ pub enum Conn {
 }
 
 impl Listener {
-    /// Binds one configured address.
-    pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> Result<Listener, ListenError> {
-        match addr {
-            ListenAddr::Tcp(sock) => {
-                TcpListener::bind(sock)
-                    .await
-                    .map(Listener::Tcp)
-                    .map_err(|source| ListenError::Bind {
-                        addr: sock.to_string(),
-                        source,
-                    })
-            }
-            ListenAddr::Unix(path) => bind_unix(path, socket_mode),
-        }
-    }
-
     /// The address as an operator would write it (with the real port for
     /// `:0` binds).
     pub fn describe(&self) -> String {
@@ -68,7 +187,11 @@ impl Listener {
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp:?".to_string(), |a| a.to_string()),
-            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+            Listener::Unix { listener, .. } => listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".into()),
         }
     }
 
@@ -95,15 +218,19 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix { path, .. } = self {
-            // Only our own socket is removed; a failure leaves a stale socket
-            // that the next bind replaces.
+        if let Listener::Unix {
+            owned_path: Some(path),
+            ..
+        } = self
+        {
+            // Only a socket we created is removed; a failure leaves a stale
+            // socket that the next bind replaces.
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-fn bind_unix(path: &Path, mode: u32) -> Result<Listener, ListenError> {
+fn bind_unix(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
     let unix_err = |what, source| ListenError::Unix {
         path: path.to_path_buf(),
         what,
@@ -131,15 +258,16 @@ fn bind_unix(path: &Path, mode: u32) -> Result<Listener, ListenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| unix_err("creating its directory", e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| ListenError::Bind {
-        addr: format!("unix:{}", path.display()),
-        source,
-    })?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|source| ListenError::Bind {
+            addr: format!("unix:{}", path.display()),
+            source,
+        })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| unix_err("setting its mode", e))?;
-    Ok(Listener::Unix {
+    Ok(BoundSocket::Unix {
         listener,
-        path: path.to_path_buf(),
+        owned_path: Some(path.to_path_buf()),
     })
 }
 
@@ -156,16 +284,15 @@ mod tests {
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
 
-        let l = Listener::bind(&ListenAddr::Unix(path.clone()), 0o660)
-            .await
+        let l = Bound::bind(&ListenAddr::Unix(path.clone()), 0o660)
+            .unwrap()
+            .into_listener()
             .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
 
         // While it lives, a second bind must refuse rather than steal.
-        let e = Listener::bind(&ListenAddr::Unix(path.clone()), 0o660)
-            .await
-            .unwrap_err();
+        let e = Bound::bind(&ListenAddr::Unix(path.clone()), 0o660).unwrap_err();
         assert!(
             e.to_string().contains("another process is listening"),
             "{e}"
@@ -174,14 +301,12 @@ mod tests {
         assert!(!path.exists(), "socket removed on drop");
     }
 
-    #[tokio::test]
-    async fn regular_file_in_the_way_is_an_error_and_kept() {
+    #[test]
+    fn regular_file_in_the_way_is_an_error_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.sock");
         std::fs::write(&path, "data").unwrap();
-        let e = Listener::bind(&ListenAddr::Unix(path.clone()), 0o660)
-            .await
-            .unwrap_err();
+        let e = Bound::bind(&ListenAddr::Unix(path.clone()), 0o660).unwrap_err();
         assert!(matches!(e, ListenError::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
     }

@@ -5,8 +5,11 @@ use std::process::ExitCode;
 
 use claracore::cli::{self, Command, Host};
 use claracore::config::Config;
-use claracore::listen::Listener;
-use claracore::{server, EXIT_CONFIG};
+use claracore::listen::{Bound, ListenError};
+use claracore::logging::{self, LogTarget};
+use claracore::server::{self, Control, Systemd};
+use claracore::systemd::{self, Notifier};
+use claracore::EXIT_CONFIG;
 use hyper::Method;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -30,7 +33,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { file, strict } => check_config(&file, strict),
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, log_target } => serve(&config, log_target),
         Command::Ps { host } => client(&host, Method::GET, "/api/ps", cli::format_ps),
         Command::List { host } => client(&host, Method::GET, "/v1/models", cli::format_list),
         Command::Stop { host, model } => client(
@@ -105,16 +108,33 @@ fn client(
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CLARACORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// What `serve` reads from its environment, read once, before any thread
+/// exists.
+struct ServeEnv {
+    notify_socket: Option<std::ffi::OsString>,
+    watchdog_usec: Option<String>,
+    watchdog_pid: Option<String>,
+    journal_stream: Option<String>,
+    log_filter: Option<String>,
+    fd_names: Option<String>,
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+impl ServeEnv {
+    fn read() -> ServeEnv {
+        let var = |name| std::env::var(name).ok();
+        ServeEnv {
+            notify_socket: std::env::var_os("NOTIFY_SOCKET"),
+            watchdog_usec: var("WATCHDOG_USEC"),
+            watchdog_pid: var("WATCHDOG_PID"),
+            journal_stream: var("JOURNAL_STREAM"),
+            log_filter: var("CLARACORE_LOG"),
+            fd_names: var("LISTEN_FDNAMES"),
+        }
+    }
+}
+
+fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
+    let env = ServeEnv::read();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -122,7 +142,44 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging();
+    let filter = env
+        .log_filter
+        .clone()
+        .unwrap_or_else(|| config.log_level.clone());
+    let note = logging::init(
+        log_target,
+        config.log_format,
+        &filter,
+        systemd::stderr_is_journal(env.journal_stream.as_deref()),
+    );
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    let notifier = Notifier::new(env.notify_socket.as_deref());
+
+    // Single-threaded until the runtime is built: listenfd unsets LISTEN_*
+    // and capabilities are per thread, so both happen here.
+    let mut fds = listenfd::ListenFd::from_env();
+    let listeners = match bind(&config, &mut fds, env.fd_names.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            notifier.status(&format!("failed to start: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match systemd::drop_privileges() {
+        Ok(d) if d.capabilities.is_empty() => {
+            tracing::debug!("no capabilities held; no_new_privs set")
+        }
+        Ok(d) => tracing::info!(dropped = ?d.capabilities,
+            "dropped all capabilities (bounding and ambient sets too); no_new_privs set"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot drop privileges");
+            return ExitCode::FAILURE;
+        }
+    }
+
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -130,32 +187,35 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let watchdog = systemd::watchdog_interval(
+        env.watchdog_usec.as_deref(),
+        env.watchdog_pid.as_deref(),
+        std::process::id(),
+    );
     rt.block_on(async {
-        let mut listeners = Vec::with_capacity(config.listen.len());
-        for addr in &config.listen {
-            match Listener::bind(addr, config.socket_mode).await {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        let (mut term, mut int) = match (
+        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let signals = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
+            signal(SignalKind::hangup()),
+        );
+        let (mut term, mut int, mut hup) = match signals {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
             _ => {
                 tracing::error!("cannot install signal handlers");
                 return ExitCode::FAILURE;
             }
         };
-        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+            let name = loop {
+                tokio::select! {
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
+                    _ = hup.recv() => { let _ = control_tx.send(Control::Reload); }
+                }
+            };
             tracing::info!(signal = name, "shutting down; a second signal forces exit");
-            let _ = first_tx.send(());
+            let _ = control_tx.send(Control::Shutdown);
             let code = tokio::select! { _ = term.recv() => 143, _ = int.recv() => 130 };
             tracing::warn!(code, "second signal: exiting now");
             // Children die with us through PR_SET_PDEATHSIG.
@@ -163,11 +223,34 @@ fn serve(path: &std::path::Path) -> ExitCode {
         });
         tracing::info!(config = %path.display(), models = config.models.len(),
             version = env!("CARGO_PKG_VERSION"), "claracore starting");
-        server::serve(config, listeners, async {
-            let _ = first_rx.await;
-        })
-        .await;
+        let systemd = Systemd {
+            notifier,
+            watchdog,
+            config_path: path.to_path_buf(),
+        };
+        server::serve(config, listeners, control_rx, systemd).await;
         tracing::info!("claracore stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Sockets from systemd when socket-activated (they replace `listen`),
+/// else the config's addresses.
+fn bind(
+    config: &Config,
+    fds: &mut listenfd::ListenFd,
+    names: Option<&str>,
+) -> Result<Vec<Bound>, ListenError> {
+    let activated = Bound::from_activation(fds, names)?;
+    if !activated.is_empty() {
+        for b in &activated {
+            tracing::info!(listen = %b.describe(), fd_name = %b.name, "socket-activated listener");
+        }
+        return Ok(activated);
+    }
+    config
+        .listen
+        .iter()
+        .map(|addr| Bound::bind(addr, config.socket_mode))
+        .collect()
 }

@@ -119,6 +119,11 @@ enum Msg {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    Reconfigure {
+        limits: SchedulerConfig,
+        models: Vec<ModelConfig>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The requesting side of the scheduler; cheap to clone.
@@ -179,6 +184,20 @@ impl Scheduler {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// Applies a reloaded config: new models become available, removed ones
+    /// are drained and stopped, changed ones restart once idle.
+    pub async fn reconfigure(&self, config: &Config) {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::Reconfigure {
+            limits: config.scheduler.clone(),
+            models: config.models.clone(),
+            reply,
+        };
+        if self.tx.send(msg).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Fails waiting requests, stops every child, and returns once all
@@ -244,6 +263,8 @@ struct Slot {
     retry_at: Option<Instant>,
     last_error: Option<String>,
     starts: u64,
+    /// Removed from the config: goes away once its child has stopped.
+    removed: bool,
 }
 
 impl Slot {
@@ -265,6 +286,7 @@ impl Slot {
             retry_at: None,
             last_error: None,
             starts: 0,
+            removed: false,
         }
     }
 
@@ -423,6 +445,14 @@ impl Actor {
                 list.sort_by(|a, b| a.name.cmp(&b.name));
                 let _ = reply.send(list);
             }
+            Msg::Reconfigure {
+                limits,
+                models,
+                reply,
+            } => {
+                self.reconfigure(limits, models);
+                let _ = reply.send(());
+            }
             Msg::Shutdown { reply } => {
                 self.begin_shutdown();
                 if let Some(waiting) = &mut self.shutdown {
@@ -529,6 +559,50 @@ impl Actor {
         })
     }
 
+    fn reconfigure(&mut self, limits: SchedulerConfig, models: Vec<ModelConfig>) {
+        self.limits = limits;
+        let mut keep = std::collections::HashSet::new();
+        for config in models {
+            let name: Arc<str> = Arc::from(config.name.as_str());
+            keep.insert(name.clone());
+            match self.slots.get_mut(&name) {
+                None => {
+                    tracing::info!(model = %name, "model added by reload");
+                    self.slots.insert(name, Slot::new(config));
+                }
+                Some(slot) => {
+                    let restart = slot.config.launch_differs(&config) && slot.child.is_some();
+                    slot.config = config;
+                    slot.removed = false;
+                    if restart {
+                        tracing::info!(model = %name, "model changed by reload; restarting it once idle");
+                        retire(slot, "config changed");
+                    }
+                }
+            }
+        }
+        let removed: Vec<Arc<str>> = self
+            .slots
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            let Some(slot) = self.slots.get_mut(&name) else {
+                continue;
+            };
+            tracing::info!(model = %name, "model removed by reload");
+            slot.removed = true;
+            slot.fail_waiters(&AcquireError::Unknown(name.to_string()));
+            if slot.child.is_some() {
+                retire(slot, "removed from config");
+            } else {
+                self.slots.remove(&name);
+            }
+        }
+        self.reconcile();
+    }
+
     fn begin_shutdown(&mut self) {
         if self.shutdown.is_some() {
             return;
@@ -594,6 +668,9 @@ impl Actor {
                     model: model.to_string(),
                     reason,
                 });
+                if slot.removed {
+                    self.slots.remove(&model);
+                }
             }
             ChildEvent::Exited {
                 model,
@@ -609,6 +686,13 @@ impl Actor {
                 slot.child = None;
                 slot.inflight = 0;
                 slot.addr = None;
+                if slot.removed {
+                    self.slots.remove(&model);
+                    if self.shutdown.is_none() {
+                        self.reconcile();
+                    }
+                    return;
+                }
                 let ran = slot.ready_since.map(|t| t.elapsed());
                 match reason {
                     ExitReason::Stopped => {
@@ -746,6 +830,16 @@ impl Actor {
                 slot.begin_stop("idle ttl");
             }
         }
+    }
+}
+
+/// Stops a model's child now if idle, else after its last request; new
+/// requests wait for the restart.
+fn retire(slot: &mut Slot, why: &str) {
+    match slot.phase {
+        Phase::Ready if slot.inflight > 0 => slot.phase = Phase::Draining,
+        Phase::Ready | Phase::Starting => slot.begin_stop(why),
+        _ => {}
     }
 }
 

@@ -1,15 +1,17 @@
-//! The daemon's run loop: accept on every listener, serve HTTP/1.1, and shut
-//! down in order.
+//! The daemon's run loop: accept on every listener, serve HTTP/1.1, talk to
+//! systemd, reload on request, and shut down in order.
 //!
-//! [`serve`] takes its listeners and a shutdown future as arguments, so tests
-//! and the binary drive it the same way. Shutdown order: stop accepting
-//! (unix socket files are removed), let in-flight requests finish up to
-//! `shutdown_timeout`, stop every child, return.
+//! [`serve`] takes its listeners, its config and a channel of [`Control`]
+//! messages (the binary feeds signals into it; tests can feed it directly).
+//! Shutdown order: STOPPING=1, stop accepting (unix socket files we created
+//! are removed), let in-flight requests finish up to `shutdown_timeout`
+//! (extending systemd's stop timeout while that runs), stop every child,
+//! return.
 
-use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -19,9 +21,27 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, AppState};
 use crate::config::{Config, HttpConfig};
-use crate::listen::{Conn, Listener};
+use crate::listen::{Bound, Conn, Listener};
 use crate::proxy;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{ModelStatus, Scheduler};
+use crate::systemd::{Notifier, NotifyState};
+
+/// Requests from outside the server, typically signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the config file (SIGHUP, `systemctl reload`).
+    Reload,
+    /// Drain and stop (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+/// The service manager's side: where to notify, how often to ping the
+/// watchdog, and which file to re-read on reload.
+pub struct Systemd {
+    pub notifier: Notifier,
+    pub watchdog: Option<Duration>,
+    pub config_path: PathBuf,
+}
 
 /// How the drain ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,11 +52,18 @@ pub enum Drained {
     TimedOut { open: usize },
 }
 
-/// Serves until `shutdown` resolves, then drains and stops children.
+/// How often STATUS= is refreshed when something changed.
+const STATUS_PERIOD: Duration = Duration::from_secs(1);
+/// How often the stop timeout is extended while draining.
+const EXTEND_PERIOD: Duration = Duration::from_secs(5);
+
+/// Serves until a [`Control::Shutdown`] arrives (or the channel closes),
+/// then drains and stops children.
 pub async fn serve(
     config: Config,
-    listeners: Vec<Listener>,
-    shutdown: impl Future<Output = ()>,
+    listeners: Vec<Bound>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    systemd: Systemd,
 ) -> Drained {
     let config = Arc::new(config);
     let state = Arc::new(AppState {
@@ -44,24 +71,50 @@ pub async fn serve(
         client: proxy::client(),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
-        config: config.clone(),
+        config: std::sync::RwLock::new(config.clone()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; `recv` returns None once all
     // are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut accept_tasks = Vec::with_capacity(listeners.len());
-    for listener in listeners {
-        tracing::info!(listen = %listener.describe(), "listening");
-        accept_tasks.push(tokio::spawn(accept_loop(
-            listener,
-            state.clone(),
-            done_tx.clone(),
-            stop_rx.clone(),
-        )));
+    for bound in listeners {
+        let (name, describe) = (bound.name.clone(), bound.describe());
+        match bound.into_listener() {
+            Ok(listener) => {
+                tracing::info!(listen = %describe, fd_name = %name, "listening");
+                accept_tasks.push(tokio::spawn(accept_loop(
+                    listener,
+                    state.clone(),
+                    done_tx.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+            Err(e) => tracing::error!(listen = %describe, error = %e, "cannot use listener"),
+        }
     }
 
-    shutdown.await;
+    let notifier = Arc::new(systemd.notifier);
+    let reload_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    notifier.notify(&[NotifyState::Ready]);
+    let status_task = tokio::spawn(report_status(
+        state.clone(),
+        notifier.clone(),
+        reload_error.clone(),
+    ));
+    let watchdog_task = systemd.watchdog.map(|interval| {
+        tokio::spawn(watchdog(
+            state.scheduler.clone(),
+            notifier.clone(),
+            interval,
+        ))
+    });
+
+    while let Some(Control::Reload) = control.recv().await {
+        reload(&state, &notifier, &systemd.config_path, &reload_error).await;
+    }
+
+    status_task.abort();
     state.accepting.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for task in accept_tasks {
@@ -69,25 +122,146 @@ pub async fn serve(
     }
     let open = done_tx.strong_count() - 1;
     drop(done_tx);
+    let shutdown_timeout = state.config().scheduler.shutdown_timeout;
+    let stop_grace = state.config().scheduler.stop_grace;
+    notifier.notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&format!("stopping: draining {open} connections")),
+    ]);
     tracing::info!(
         open_connections = open,
-        timeout_s = config.scheduler.shutdown_timeout.as_secs_f64(),
+        timeout_s = shutdown_timeout.as_secs_f64(),
         "draining in-flight requests"
     );
-    let drained =
-        match tokio::time::timeout(config.scheduler.shutdown_timeout, done_rx.recv()).await {
-            Ok(_) => Drained::Clean,
-            Err(_) => Drained::TimedOut { open },
-        };
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    let drained = loop {
+        // Keep systemd's stop timeout ahead of our own drain deadline plus
+        // the children's stop grace, so it never kills a drain that is
+        // within its configured bounds.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let extend = remaining + stop_grace + EXTEND_PERIOD * 2;
+        notifier.notify(&[NotifyState::ExtendTimeoutUsec(
+            u32::try_from(extend.as_micros()).unwrap_or(u32::MAX),
+        )]);
+        match tokio::time::timeout(remaining.min(EXTEND_PERIOD), done_rx.recv()).await {
+            Ok(_) => break Drained::Clean,
+            Err(_) if remaining <= EXTEND_PERIOD => break Drained::TimedOut { open },
+            Err(_) => {}
+        }
+    };
     if let Drained::TimedOut { open } = drained {
         tracing::warn!(
             open_connections = open,
             "shutdown timeout reached; cutting open requests"
         );
     }
+    notifier.status("stopping: stopping model processes");
     state.scheduler.shutdown().await;
+    if let Some(task) = watchdog_task {
+        task.abort();
+    }
     tracing::info!("all model processes stopped");
     drained
+}
+
+/// Re-reads the config and applies it; a bad file leaves the old config in
+/// force and says why in the log and in STATUS=.
+async fn reload(
+    state: &AppState,
+    notifier: &Notifier,
+    path: &std::path::Path,
+    reload_error: &std::sync::Mutex<Option<String>>,
+) {
+    let monotonic = NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0));
+    notifier.notify(&[NotifyState::Reloading, monotonic]);
+    tracing::info!(config = %path.display(), "reloading configuration");
+    let outcome = match Config::load(path) {
+        Ok(new) => {
+            let old = state.config();
+            if old.listeners_differ(&new) {
+                tracing::warn!(
+                    old = ?old.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    new = ?new.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "listener changes take effect only after a restart"
+                );
+            }
+            let new = Arc::new(new);
+            state.scheduler.reconfigure(&new).await;
+            let models = new.models.len();
+            state.set_config(new);
+            tracing::info!(models, "configuration reloaded");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; still running on the previous configuration");
+            Some(e.to_string())
+        }
+    };
+    if let Ok(mut slot) = reload_error.lock() {
+        *slot = outcome;
+    }
+    let text = status_text(&state.scheduler.status().await, reload_error);
+    notifier.notify(&[NotifyState::Ready, NotifyState::Status(&text)]);
+}
+
+/// "2/5 models loaded (tiny, coder); 3 requests in flight", plus the last
+/// reload error while it stands.
+fn status_text(models: &[ModelStatus], reload_error: &std::sync::Mutex<Option<String>>) -> String {
+    let loaded: Vec<&str> = models
+        .iter()
+        .filter(|m| m.pid.is_some())
+        .map(|m| m.name.as_str())
+        .collect();
+    let inflight: usize = models.iter().map(|m| m.inflight).sum();
+    let mut text = format!(
+        "{}/{} models loaded{}; {} request{} in flight",
+        loaded.len(),
+        models.len(),
+        if loaded.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", loaded.join(", "))
+        },
+        inflight,
+        if inflight == 1 { "" } else { "s" },
+    );
+    if let Some(err) = reload_error.lock().ok().and_then(|e| e.clone()) {
+        text.push_str("; reload failed, running on the previous config: ");
+        text.push_str(&err);
+    }
+    text
+}
+
+async fn report_status(
+    state: Arc<AppState>,
+    notifier: Arc<Notifier>,
+    reload_error: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    if !notifier.enabled() {
+        return;
+    }
+    let mut last = String::new();
+    loop {
+        let text = status_text(&state.scheduler.status().await, &reload_error);
+        if text != last {
+            notifier.status(&text);
+            last = text;
+        }
+        tokio::time::sleep(STATUS_PERIOD).await;
+    }
+}
+
+/// Pings the watchdog only while the runtime runs tasks and the scheduler
+/// actor answers: a wedged daemon stops pinging and systemd restarts it.
+async fn watchdog(scheduler: Scheduler, notifier: Arc<Notifier>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        match tokio::time::timeout(interval, scheduler.status()).await {
+            Ok(_) => notifier.notify(&[NotifyState::Watchdog]),
+            Err(_) => tracing::error!("scheduler did not answer within the watchdog interval"),
+        }
+    }
 }
 
 async fn accept_loop(
@@ -96,7 +270,6 @@ async fn accept_loop(
     done: mpsc::Sender<()>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let http = &state.config.http;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -107,18 +280,26 @@ async fn accept_loop(
             Err(e) => {
                 // Out of fds or similar: back off briefly instead of spinning.
                 tracing::warn!(listen = %listener.describe(), error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let peer: Arc<str> = peer.into();
-        let (builder, done, stop, state) =
-            (builder(http), done.clone(), stop.clone(), state.clone());
+        let builder = builder(&state.config().http);
+        let (done, stop, state) = (done.clone(), stop.clone(), state.clone());
         match conn {
             Conn::Tcp(s) => tokio::spawn(serve_conn(builder, s, state, peer, done, stop)),
             Conn::Unix(s) => tokio::spawn(serve_conn(builder, s, state, peer, done, stop)),
         };
     }
+}
+
+fn builder(http: &HttpConfig) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(http.header_read_timeout)
+        .keep_alive(true);
+    b
 }
 
 /// Serves one connection; on shutdown, finishes the request in flight and
@@ -148,15 +329,49 @@ async fn serve_conn<S>(
     }
 }
 
-fn builder(http: &HttpConfig) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(http.header_read_timeout)
-        .keep_alive(true);
-    b
-}
-
 /// Resolves once shutdown has been signalled (or the sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, pid: Option<u32>, inflight: usize) -> ModelStatus {
+        ModelStatus {
+            name: name.into(),
+            aliases: vec![],
+            state: if pid.is_some() { "ready" } else { "stopped" },
+            pid,
+            port: None,
+            inflight,
+            waiting: 0,
+            uptime_s: None,
+            idle_s: None,
+            starts: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn status_text_says_what_runs_in_plain_words() {
+        let err = std::sync::Mutex::new(None);
+        let models = [
+            model("tiny", Some(1), 2),
+            model("coder", Some(2), 1),
+            model("big", None, 0),
+        ];
+        assert_eq!(
+            status_text(&models, &err),
+            "2/3 models loaded (tiny, coder); 3 requests in flight"
+        );
+        assert_eq!(
+            status_text(&models[2..], &err),
+            "0/1 models loaded; 0 requests in flight"
+        );
+        *err.lock().unwrap() = Some("c.toml:3:1: unknown field".into());
+        assert!(status_text(&models[2..], &err)
+            .ends_with("reload failed, running on the previous config: c.toml:3:1: unknown field"));
+    }
 }

@@ -449,10 +449,41 @@ async fn copy_lines(stream: impl AsyncRead + Unpin, model: Arc<str>, pid: u32, t
         if line.is_empty() {
             continue;
         }
-        tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}");
+        match child_level(line) {
+            tracing::Level::ERROR => {
+                tracing::error!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
+            }
+            tracing::Level::WARN => {
+                tracing::warn!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
+            }
+            tracing::Level::DEBUG => {
+                tracing::debug!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
+            }
+            _ => {
+                tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
+            }
+        }
         if let Some(tail) = &tail {
             tail.push(line.to_string());
         }
+    }
+}
+
+/// The level of a child's output line: llama.cpp writes `<time> <L> text`
+/// with L one of D, I, W, E; anything else is info.
+fn child_level(line: &str) -> tracing::Level {
+    let mut words = line.split_whitespace();
+    let first = words.next().unwrap_or("");
+    let marker = if first.len() == 1 {
+        Some(first)
+    } else {
+        words.next()
+    };
+    match marker {
+        Some("E") => tracing::Level::ERROR,
+        Some("W") => tracing::Level::WARN,
+        Some("D") => tracing::Level::DEBUG,
+        _ => tracing::Level::INFO,
     }
 }
 
@@ -495,5 +526,35 @@ fn io_kind(e: &std::io::Error) -> &'static str {
         std::io::ErrorKind::NotFound => "program not found",
         std::io::ErrorKind::PermissionDenied => "permission denied",
         _ => "spawn failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_cpp_level_markers_map_to_levels() {
+        assert_eq!(
+            child_level("0.00.151.863 I slot print_timing: id 3"),
+            tracing::Level::INFO
+        );
+        assert_eq!(
+            child_level("0.00.167.645 W slot operator(): need to evaluate"),
+            tracing::Level::WARN
+        );
+        assert_eq!(
+            child_level("0.01.000.000 E main: failed to load model"),
+            tracing::Level::ERROR
+        );
+        assert_eq!(
+            child_level("0.01.000.000 D debug line"),
+            tracing::Level::DEBUG
+        );
+        assert_eq!(child_level("main: plain line"), tracing::Level::INFO);
+        assert_eq!(
+            child_level("fake-upstream: listening"),
+            tracing::Level::INFO
+        );
     }
 }
