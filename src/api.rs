@@ -311,19 +311,25 @@ async fn list_models(state: &AppState) -> Response<BoxBody> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs();
+    // The config says what is offered; a model removed by a reload may
+    // still be stopping, but it is no longer offered.
+    let status = state.scheduler.status().await;
     let data: Vec<serde_json::Value> = state
-        .scheduler
-        .status()
-        .await
-        .into_iter()
+        .config()
+        .models
+        .iter()
         .map(|m| {
+            let st = status
+                .iter()
+                .find(|s| s.name == m.name)
+                .map_or("stopped", |s| s.state);
             json!({
                 "id": m.name,
                 "object": "model",
                 "created": created,
                 "owned_by": "claracore",
                 "aliases": m.aliases,
-                "state": m.state,
+                "state": st,
             })
         })
         .collect();
