@@ -1,5 +1,6 @@
 //! The binary's command line: config validation, exit codes, client
 //! commands.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
@@ -9,7 +10,6 @@ use std::time::Duration;
 use common::*;
 use hyper::StatusCode;
 
-#[allow(clippy::unwrap_used)]
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }

@@ -1,5 +1,6 @@
 //! Fault injection and protocol edges, with the fake upstream where a real
 //! llama-server cannot misbehave on demand.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Behaviour against a real llama-server serving the generated tiny model.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 

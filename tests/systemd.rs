@@ -2,6 +2,7 @@
 //! NOTIFY_SOCKET listener, real signals, `systemd-socket-activate` for
 //! inherited sockets, /proc for capabilities. The same behaviours run under
 //! a real PID-1 systemd in tests/systemd/run-nspawn.sh.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
