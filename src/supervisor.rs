@@ -153,6 +153,9 @@ struct Running {
     addr: SocketAddr,
     tail: Tail,
     readers: Vec<JoinHandle<()>>,
+    /// The cgroup's OOM kill count when the child started, to tell an OOM
+    /// kill from another SIGKILL.
+    oom_kills_at_start: Option<u64>,
 }
 
 impl Running {
@@ -161,6 +164,16 @@ impl Running {
         for reader in self.readers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
         }
+    }
+
+    /// How the child ended, naming the OOM killer when the cgroup's OOM
+    /// count rose since the child started.
+    fn exit_text(&self, status: ExitStatus) -> String {
+        let mut text = describe(status);
+        if oom_killed(self.oom_kills_at_start, oom_kill_count()) {
+            text.push_str(", by the OOM killer: the service's memory limit was reached");
+        }
+        text
     }
 
     /// SIGTERM to the group, SIGKILL after `grace`, then reap.
@@ -236,9 +249,10 @@ async fn run(
                     continue;
                 }
                 let tail = running.tail.text();
-                tracing::error!(model = %model, status = %describe(status), stderr_tail = %tail,
+                let status = running.exit_text(status);
+                tracing::error!(model = %model, status = %status, stderr_tail = %tail,
                     "child exited while starting");
-                let reason = format!("model process exited while starting ({})", describe(status));
+                let reason = format!("model process exited while starting ({status})");
                 let _ = events.send(ChildEvent::StartFailed {
                     model,
                     instance,
@@ -335,7 +349,7 @@ async fn supervise_ready(
             status = running.child.wait() => {
                 running.drain_output().await;
                 let _ = killpg(Pid::from_raw(running.pid as i32), Signal::SIGKILL);
-                let status = status.map(describe).unwrap_or_else(|e| e.to_string());
+                let status = status.map(|s| running.exit_text(s)).unwrap_or_else(|e| e.to_string());
                 tracing::error!(model = %spec.model, pid = running.pid, status = %status,
                     stderr_tail = %running.tail.text(), "child exited unexpectedly");
                 return ExitReason::Crashed(format!("model process exited unexpectedly ({status})"));
@@ -413,7 +427,29 @@ fn start_child(spec: &ChildSpec) -> Result<Running, String> {
         addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
         tail,
         readers,
+        oom_kills_at_start: oom_kill_count(),
     })
+}
+
+/// `oom_kill` from the memory.events of the cgroup this process runs in
+/// (cgroup v2), e.g. /sys/fs/cgroup/system.slice/claracore.service.
+fn oom_kill_count() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let events =
+        std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", path.trim())).ok()?;
+    parse_oom_kills(&events)
+}
+
+fn parse_oom_kills(memory_events: &str) -> Option<u64> {
+    memory_events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+fn oom_killed(before: Option<u64>, after: Option<u64>) -> bool {
+    matches!((before, after), (Some(b), Some(a)) if a > b)
 }
 
 /// Makes the kernel SIGKILL the child when the thread that spawned it dies.
@@ -532,6 +568,16 @@ fn io_kind(e: &std::io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kills_are_read_from_memory_events() {
+        let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(events), Some(2));
+        assert_eq!(parse_oom_kills("low 0\n"), None);
+        assert!(oom_killed(Some(2), Some(3)));
+        assert!(!oom_killed(Some(2), Some(2)));
+        assert!(!oom_killed(None, Some(3)));
+    }
 
     #[test]
     fn llama_cpp_level_markers_map_to_levels() {
