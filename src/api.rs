@@ -9,6 +9,12 @@
 //! | GET  /api/ps                        | loaded models (pid, port, idle…)     |
 //! | POST /api/models/{name}/stop        | drain and stop a model               |
 //! | ANY  /upstream/{model}/{path…}      | raw pass-through to a model's child  |
+//! | GET  /metrics                       | Prometheus text format               |
+//! | GET  /api/history[/{id}], /api/stats | request history and per-model stats |
+//! | POST /api/backup                    | a consistent copy of the history DB  |
+//!
+//! Every request on an inference route gets an `x-request-id` and a history
+//! row, whether it was answered, refused or cut short.
 //!
 //! Every error body has OpenAI's `{"error":{"message","type","code"}}`
 //! shape and never carries a path or an OS error string.
@@ -26,6 +32,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::history::tap::{Pending, Tap};
+use crate::history::{self, store, Outcome, Recorder};
+use crate::metrics::Metrics;
 use crate::proxy::{self, BoxBody, UpstreamClient};
 use crate::scheduler::{AcquireError, Scheduler};
 
@@ -47,6 +56,8 @@ pub struct AppState {
     pub started: Instant,
     /// False once shutdown began: `/ready` turns 503.
     pub accepting: AtomicBool,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Everything a request can fail with. Adding a variant forces a decision
@@ -68,6 +79,10 @@ pub enum ApiError {
     Unavailable(AcquireError),
     #[error("the model process did not answer the request")]
     Upstream,
+    #[error("history is not recorded on this server")]
+    HistoryDisabled,
+    #[error("the history database could not be read")]
+    History,
 }
 
 impl ApiError {
@@ -79,6 +94,30 @@ impl ApiError {
             ApiError::Unavailable(AcquireError::Unknown(_)) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream => StatusCode::BAD_GATEWAY,
+            ApiError::HistoryDisabled => StatusCode::NOT_FOUND,
+            ApiError::History => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// How a request refused with this error is recorded.
+    fn outcome(&self) -> Outcome {
+        match self {
+            ApiError::BadRequest(_)
+            | ApiError::UnknownModel { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::NotFound { .. }
+            | ApiError::HistoryDisabled
+            | ApiError::Unavailable(AcquireError::ShuttingDown | AcquireError::Unknown(_)) => {
+                Outcome::Rejected
+            }
+            ApiError::Unavailable(AcquireError::StartFailed { reason, .. })
+                if reason.contains("did not become healthy") =>
+            {
+                Outcome::Timeout
+            }
+            ApiError::Unavailable(_) | ApiError::Upstream | ApiError::History => {
+                Outcome::UpstreamError
+            }
         }
     }
 
@@ -93,6 +132,8 @@ impl ApiError {
             ApiError::Unavailable(AcquireError::ShuttingDown) => ("server_error", "shutting_down"),
             ApiError::Unavailable(_) => ("server_error", "model_unavailable"),
             ApiError::Upstream => ("server_error", "upstream_error"),
+            ApiError::HistoryDisabled => ("invalid_request_error", "history_disabled"),
+            ApiError::History => ("server_error", "history_error"),
         }
     }
 
@@ -155,7 +196,7 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let result = route(&state, req).await;
+    let result = route(&state, &peer, req).await;
     let resp = result.unwrap_or_else(|e| {
         tracing::info!(peer = %peer, method = %method, path = %path, error = %e, "request failed");
         e.into_response()
@@ -167,6 +208,7 @@ pub async fn handle(
 
 async fn route(
     state: &Arc<AppState>,
+    peer: &str,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ApiError> {
     let path = req.uri().path().to_string();
@@ -175,7 +217,16 @@ async fn route(
         path: path.clone(),
     };
     match (req.method(), path.as_str()) {
-        (&Method::POST, p) if MODEL_ROUTES.contains(&p) => model_request(state, req).await,
+        (&Method::POST, p) if MODEL_ROUTES.contains(&p) => {
+            Ok(model_request(state, peer, req).await)
+        }
+        (&Method::GET, "/metrics") => Ok(metrics(state).await),
+        (&Method::GET, "/api/history") => history_list(state, req.uri().query()).await,
+        (&Method::GET, p) if p.starts_with("/api/history/") => {
+            history_get(state, &p["/api/history/".len()..]).await
+        }
+        (&Method::GET, "/api/stats") => stats(state, req.uri().query()).await,
+        (&Method::POST, "/api/backup") => backup(state).await,
         (&Method::GET, "/v1/models") => Ok(list_models(state).await),
         (&Method::GET, "/health") => Ok(health(state).await),
         (&Method::GET, "/live") => Ok(json_response(StatusCode::OK, &json!({"status": "live"}))),
@@ -235,15 +286,74 @@ struct ModelField {
     model: Option<serde_json::Value>,
 }
 
+/// A request id: the client's `x-request-id` when it is short and plain,
+/// else a new one.
+fn request_id(req: &Request<Incoming>) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if let Some(id) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if !id.is_empty()
+            && id.len() <= 128
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return id.to_string();
+        }
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}-{n:x}", history::now_ms())
+}
+
 /// The `/v1/*` inference routes: read the body to learn the model, then
-/// forward it unchanged.
+/// forward it unchanged. Every outcome becomes a history row.
 async fn model_request(
     state: &Arc<AppState>,
+    peer: &str,
     req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let id = request_id(&req);
+    let mut pending = Some(Pending::new(
+        id.clone(),
+        peer,
+        req.uri().path(),
+        Instant::now(),
+    ));
+    let mut resp = match forward_model_request(state, req, &mut pending).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if let Some(p) = pending.take() {
+                let record = p.finish(
+                    &state.recorder,
+                    e.status().as_u16(),
+                    e.outcome(),
+                    Some(e.to_string()),
+                );
+                state.metrics.observe_request(&record);
+            }
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn forward_model_request(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    pending: &mut Option<Pending>,
 ) -> Result<Response<BoxBody>, ApiError> {
     let declared = content_length(&req);
     let (parts, body) = req.into_parts();
     let bytes = read_body(state, body, declared).await?;
+    if let Some(p) = pending.as_mut() {
+        p.set_request_content(state.recorder.content, &bytes);
+    }
     let field: ModelField = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
     let requested = match field.model {
@@ -256,6 +366,9 @@ async fn model_request(
         }
     };
     let model = resolve(state, &requested)?;
+    if let Some(p) = pending.as_mut() {
+        p.record.model = Some(model.clone());
+    }
     let lease = state
         .scheduler
         .acquire(&model)
@@ -266,7 +379,21 @@ async fn model_request(
         |pq| pq.as_str().to_string(),
     );
     let req = Request::from_parts(parts, full(bytes));
-    proxy::forward(&state.client, lease, &path_and_query, req)
+    let recorder = state.recorder.clone();
+    let metrics = state.metrics.clone();
+    let taken = pending.take();
+    let tap = move |status: u16, sse: bool| {
+        taken.map(|p| {
+            Tap::new(
+                p,
+                recorder,
+                status,
+                sse,
+                Box::new(move |r: &history::RequestRecord| metrics.observe_request(r)),
+            )
+        })
+    };
+    proxy::forward(&state.client, lease, &path_and_query, req, tap)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "forwarding failed");
@@ -298,7 +425,7 @@ async fn passthrough(
         .map_err(ApiError::Unavailable)?;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|b| Limited::new(b, limit_usize).boxed_unsync());
-    proxy::forward(&state.client, lease, &path_and_query, req)
+    proxy::forward(&state.client, lease, &path_and_query, req, |_, _| None)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "pass-through failed");
@@ -379,4 +506,249 @@ async fn stop_model(state: &AppState, requested: &str) -> Result<Response<BoxBod
         StatusCode::OK,
         &json!({"model": model, "stopping": was_running}),
     ))
+}
+
+async fn metrics(state: &AppState) -> Response<BoxBody> {
+    let text = state
+        .metrics
+        .render(&state.scheduler.status().await, &state.recorder);
+    let mut resp = Response::new(full(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// Query-string pairs, percent-decoding what the CLI and curl send.
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A point in time given as unix milliseconds or as a duration ago ("1h").
+fn time_param(key: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    crate::config::parse_duration(v)
+        .map(|d| history::now_ms() - d.as_millis() as i64)
+        .map_err(|e| {
+            ApiError::BadRequest(format!(
+                "{key}: {e}; give unix milliseconds or a duration ago like 1h"
+            ))
+        })
+}
+
+/// Runs a read on the history file off the async threads.
+async fn read_history<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let path = state
+        .recorder
+        .path()
+        .ok_or(ApiError::HistoryDisabled)?
+        .to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
+        f(&conn).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| ApiError::History)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "history read failed");
+        ApiError::History
+    })
+}
+
+async fn history_list(
+    state: &AppState,
+    query: Option<&str>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let mut q = store::RequestQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "model" => q.model = Some(v),
+            "outcome" => {
+                Outcome::parse(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!("outcome: {v:?} is not one of ok, cancelled, upstream_error, timeout, rejected"))
+                })?;
+                q.outcome = Some(v);
+            }
+            "since" => q.since_ms = Some(time_param("since", &v)?),
+            "until" => q.until_ms = Some(time_param("until", &v)?),
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
+            }
+            "cursor" => {
+                q.cursor = Some(v.parse().map_err(|_| {
+                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
+                })?)
+            }
+            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let limit = q.limit;
+    let rows = read_history(state, move |c| store::list_requests(c, &q)).await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"requests": rows, "next_cursor": next}),
+    ))
+}
+
+async fn history_get(state: &AppState, id: &str) -> Result<Response<BoxBody>, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a history id")))?;
+    match read_history(state, move |c| store::get_request(c, id)).await? {
+        Some(row) => Ok(json_response(StatusCode::OK, &json!(row))),
+        None => Err(ApiError::NotFound {
+            method: Method::GET,
+            path: format!("/api/history/{id}"),
+        }),
+    }
+}
+
+async fn stats(state: &AppState, query: Option<&str>) -> Result<Response<BoxBody>, ApiError> {
+    let mut window = Duration::from_secs(3600);
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "window" => {
+                window = crate::config::parse_duration(&v)
+                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?
+            }
+            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let since = history::now_ms() - window.as_millis() as i64;
+    let models = read_history(state, move |c| store::stats(c, since)).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"window_s": window.as_secs(), "models": models, "history_rows_dropped": state.recorder.dropped()}),
+    ))
+}
+
+/// A consistent copy of the live history database, streamed back.
+async fn backup(state: &AppState) -> Result<Response<BoxBody>, ApiError> {
+    let path = state
+        .recorder
+        .path()
+        .ok_or(ApiError::HistoryDisabled)?
+        .to_path_buf();
+    let recorder = state.recorder.clone();
+    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, String> {
+        // Rows already accepted belong in the copy.
+        recorder.flush_blocking(Duration::from_secs(10));
+        let dest = path.with_file_name(format!(
+            ".backup-{}-{}.db",
+            std::process::id(),
+            history::now_ms()
+        ));
+        let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
+        store::backup(&conn, &dest).map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(&dest).map_err(|e| e.to_string())?;
+        // Unlinked now, readable until closed: nothing is left behind.
+        let _ = std::fs::remove_file(&dest);
+        Ok(file)
+    })
+    .await
+    .map_err(|_| ApiError::History)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "history backup failed");
+        ApiError::History
+    })?;
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, proxy::BoxError>::new(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .send_data(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tx.abort(e.into());
+                    break;
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(body.boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.sqlite3"),
+    );
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            query_pairs(Some("model=tiny%2Dchat&since=1h&x")),
+            [
+                ("model".to_string(), "tiny-chat".to_string()),
+                ("since".into(), "1h".into()),
+                ("x".into(), "".into())
+            ]
+        );
+        assert_eq!(decode("a+b%20c%zz%4"), "a b c%zz%4");
+    }
 }

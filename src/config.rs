@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::history::{ContentPolicy, HistoryConfig};
+
 /// Default TCP listener when the file names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
 /// Placeholder replaced by the child's port in `cmd` argv entries.
@@ -159,6 +161,7 @@ pub struct Config {
     pub log_level: String,
     pub http: HttpConfig,
     pub scheduler: SchedulerConfig,
+    pub history: HistoryConfig,
     /// Sorted by name.
     pub models: Vec<ModelConfig>,
 }
@@ -177,7 +180,22 @@ struct RawConfig {
     #[serde(default)]
     scheduler: RawScheduler,
     #[serde(default)]
+    history: RawHistory,
+    #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    enabled: Option<bool>,
+    path: Option<String>,
+    content: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    events_retention: Option<Spanned<String>>,
+    samples_retention: Option<Spanned<String>>,
+    queue: Option<Spanned<i64>>,
+    batch_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,6 +408,45 @@ impl Config {
             },
         };
 
+        let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or("/var/lib/claracore"));
+        let h = &raw.history;
+        let retention = match &h.retention {
+            None => Duration::from_secs(30 * 86400),
+            Some(v) => nonzero(&src, "history.retention", v)?,
+        };
+        let history = HistoryConfig {
+            enabled: h.enabled.unwrap_or(true),
+            path: h.path.as_ref().map_or_else(|| state_dir.join("history.db"), PathBuf::from),
+            content: match h.content.as_ref().map(|c| (c, c.get_ref().as_str())) {
+                None | Some((_, "truncated")) => ContentPolicy::Truncated,
+                Some((_, "none")) => ContentPolicy::None,
+                Some((_, "full")) => ContentPolicy::Full,
+                Some((c, other)) => {
+                    return Err(src.error(c, format!("history.content: {other:?} is not one of \"none\", \"truncated\", \"full\"")))
+                }
+            },
+            retention,
+            events_retention: match &h.events_retention {
+                None => retention,
+                Some(v) => nonzero(&src, "history.events_retention", v)?,
+            },
+            samples_retention: match &h.samples_retention {
+                None => Duration::from_secs(7 * 86400),
+                Some(v) => nonzero(&src, "history.samples_retention", v)?,
+            },
+            queue: match &h.queue {
+                None => 65536,
+                Some(v) => usize::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| src.error(v, "history.queue: must be 1 or more"))?,
+            },
+            batch_window: match &h.batch_window {
+                None => Duration::from_millis(50),
+                Some(v) => src.duration("history.batch_window", v)?,
+            },
+        };
+
         let llama_server = PathBuf::from(raw.llama_server.as_deref().unwrap_or("llama-server"));
         let mut models = Vec::with_capacity(raw.models.len());
         // name or alias -> the model that owns it, for duplicate detection.
@@ -422,11 +479,12 @@ impl Config {
             listen,
             socket_mode,
             llama_server,
-            state_dir: PathBuf::from(raw.state_dir.as_deref().unwrap_or("/var/lib/claracore")),
+            state_dir,
             log_format,
             log_level,
             http,
             scheduler,
+            history,
             models,
         })
     }
@@ -700,6 +758,21 @@ health = "/health"
         assert!(e.contains("socket_mode"), "{e}");
         let e = err("log_format = \"xml\"\n");
         assert!(e.starts_with("test.toml:1:14: log_format"), "{e}");
+    }
+
+    #[test]
+    fn history_defaults_and_errors() {
+        let cfg = parse("state_dir = \"/srv/cc\"\n").unwrap();
+        assert_eq!(cfg.history.path, PathBuf::from("/srv/cc/history.db"));
+        assert_eq!(cfg.history.content, ContentPolicy::Truncated);
+        assert_eq!(cfg.history.retention, Duration::from_secs(30 * 86400));
+        let e = err("[history]\ncontent = \"some\"\n");
+        assert!(e.starts_with("test.toml:2:11: history.content"), "{e}");
+        let e = err("[history]\nretention = \"0\"\n");
+        assert!(
+            e.contains("history.retention: must be greater than 0"),
+            "{e}"
+        );
     }
 
     #[test]

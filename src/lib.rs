@@ -11,6 +11,9 @@
 //! - [`scheduler`]: the actor that owns every model's state (start, swap,
 //!   evict, TTL, backoff).
 //! - [`supervisor`]: one child process's lifecycle.
+//! - [`history`]: request rows and model events in SQLite, written off the
+//!   request path by one thread.
+//! - [`metrics`]: Prometheus figures.
 //! - [`systemd`]: sd_notify, watchdog interval, journald detection,
 //!   privilege drop.
 //! - [`logging`]: journald, human or JSON log output.
@@ -22,8 +25,10 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod history;
 pub mod listen;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod scheduler;
 pub mod server;

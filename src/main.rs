@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use claracore::cli::{self, Command, Host};
 use claracore::config::Config;
+use claracore::history::Recorder;
 use claracore::listen::{Bound, ListenError};
 use claracore::logging::{self, LogTarget};
 use claracore::server::{self, Control, Systemd};
@@ -180,6 +181,26 @@ fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
         }
     }
 
+    // After the drop, so the writer thread holds no capabilities either.
+    let (recorder, writer) = if config.history.enabled {
+        match Recorder::start(&config.history) {
+            Ok((recorder, writer, note)) => {
+                if let Some(note) = note {
+                    tracing::error!("{note}");
+                }
+                tracing::info!(path = %config.history.path.display(), "history database open");
+                (recorder, Some(writer))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the history database");
+                notifier.status(&format!("failed to start: {e}"));
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        (Recorder::disabled(), None)
+    };
+
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -192,7 +213,7 @@ fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
         env.watchdog_pid.as_deref(),
         std::process::id(),
     );
-    rt.block_on(async {
+    let code = rt.block_on(async {
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let signals = (
             signal(SignalKind::terminate()),
@@ -228,10 +249,15 @@ fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
             watchdog,
             config_path: path.to_path_buf(),
         };
-        server::serve(config, listeners, control_rx, systemd).await;
-        tracing::info!("claracore stopped");
+        server::serve(config, listeners, control_rx, systemd, recorder).await;
         ExitCode::SUCCESS
-    })
+    });
+    if let Some(writer) = writer {
+        writer.close();
+        tracing::info!("history flushed");
+    }
+    tracing::info!("claracore stopped");
+    code
 }
 
 /// Sockets from systemd when socket-activated (they replace `listen`),

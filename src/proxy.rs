@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::history::tap::Tap;
 use crate::scheduler::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,12 +70,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct ForwardError(#[source] hyper_util::client::legacy::Error);
 
 /// Sends `req` (with its path and query) to the leased child and returns the
-/// child's response with a streaming body that keeps the lease.
+/// child's response with a streaming body that keeps the lease. `tap` is
+/// asked, with the response status and whether it is a stream, for an
+/// observer of the body (history).
 pub async fn forward(
     client: &UpstreamClient,
     lease: Lease,
     path_and_query: &str,
     mut req: Request<BoxBody>,
+    tap: impl FnOnce(u16, bool) -> Option<Tap>,
 ) -> Result<Response<BoxBody>, ForwardError> {
     let uri = Uri::builder()
         .scheme("http")
@@ -99,6 +103,7 @@ pub async fn forward(
     let body = LeasedBody {
         inner: body,
         lease: Some(lease),
+        tap: tap(parts.status.as_u16(), is_sse),
         is_sse,
         failure: Failure::None,
     };
@@ -113,6 +118,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: hyper::body::Incoming,
         lease: Option<Lease>,
+        tap: Option<Tap>,
         is_sse: bool,
         failure: Failure,
     }

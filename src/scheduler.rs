@@ -31,7 +31,55 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ModelConfig, SchedulerConfig};
+use crate::history::{now_ms, ModelEvent, Recorder};
+use crate::metrics::Metrics;
 use crate::supervisor::{self, ChildEvent, ChildHandle, ChildSpec, ExitReason};
+
+/// Where the scheduler reports model lifecycle: history rows and metrics.
+#[derive(Clone)]
+pub struct Observer {
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Observer {
+    fn event(&self, model: &str, event: &'static str, f: impl FnOnce(&mut ModelEvent)) {
+        let mut e = ModelEvent {
+            at_ms: now_ms(),
+            model: model.to_string(),
+            event,
+            reason: None,
+            load_ms: None,
+            exit_status: None,
+            pid: None,
+            rss_bytes: None,
+        };
+        f(&mut e);
+        self.recorder.event(e);
+    }
+}
+
+/// Why the scheduler stopped a model; stored with its `stopped` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Ttl,
+    Evicted,
+    Admin,
+    Shutdown,
+    Reload,
+}
+
+impl StopReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Ttl => "ttl",
+            StopReason::Evicted => "evicted",
+            StopReason::Admin => "admin",
+            StopReason::Shutdown => "shutdown",
+            StopReason::Reload => "reload",
+        }
+    }
+}
 
 /// A model that ran at least this long before crashing starts its backoff
 /// over.
@@ -134,7 +182,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the actor for a config's models.
-    pub fn start(config: &Config) -> Scheduler {
+    pub fn start(config: &Config, observer: Observer) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let actor = Actor {
@@ -148,6 +196,7 @@ impl Scheduler {
             events_tx,
             self_tx: tx.clone(),
             shutdown: None,
+            observer,
         };
         tokio::spawn(actor.run(rx, events_rx));
         Scheduler { tx }
@@ -265,6 +314,8 @@ struct Slot {
     starts: u64,
     /// Removed from the config: goes away once its child has stopped.
     removed: bool,
+    /// Why the current stop was asked for.
+    stop_reason: Option<StopReason>,
 }
 
 impl Slot {
@@ -287,6 +338,7 @@ impl Slot {
             last_error: None,
             starts: 0,
             removed: false,
+            stop_reason: None,
         }
     }
 
@@ -296,9 +348,10 @@ impl Slot {
         }
     }
 
-    fn begin_stop(&mut self, why: &str) {
-        tracing::info!(model = %self.config.name, reason = why, "stopping model");
+    fn begin_stop(&mut self, why: StopReason) {
+        tracing::info!(model = %self.config.name, reason = why.as_str(), "stopping model");
         self.phase = Phase::Stopping;
+        self.stop_reason = Some(why);
         if let Some(child) = &mut self.child {
             child.stop();
         }
@@ -397,6 +450,7 @@ struct Actor {
     self_tx: mpsc::UnboundedSender<Msg>,
     /// Set once shutdown began: who to tell when the last child is gone.
     shutdown: Option<Vec<oneshot::Sender<()>>>,
+    observer: Observer,
 }
 
 impl Actor {
@@ -526,24 +580,15 @@ impl Actor {
         slot.inflight = slot.inflight.saturating_sub(1);
         slot.last_used = Instant::now();
         if slot.phase == Phase::Draining && slot.inflight == 0 {
-            slot.begin_stop("drained for another model");
+            slot.begin_stop(slot.stop_reason.unwrap_or(StopReason::Evicted));
         }
     }
 
     fn stop(&mut self, model: &str) -> Option<bool> {
         let slot = self.slots.get_mut(model)?;
         Some(match slot.phase {
-            Phase::Ready if slot.inflight > 0 => {
-                tracing::info!(
-                    model,
-                    inflight = slot.inflight,
-                    "draining model before stop"
-                );
-                slot.phase = Phase::Draining;
-                true
-            }
             Phase::Ready | Phase::Starting => {
-                slot.begin_stop("requested by admin");
+                retire(slot, StopReason::Admin);
                 true
             }
             Phase::Pending => {
@@ -576,7 +621,7 @@ impl Actor {
                     slot.removed = false;
                     if restart {
                         tracing::info!(model = %name, "model changed by reload; restarting it once idle");
-                        retire(slot, "config changed");
+                        retire(slot, StopReason::Reload);
                     }
                 }
             }
@@ -595,7 +640,7 @@ impl Actor {
             slot.removed = true;
             slot.fail_waiters(&AcquireError::Unknown(name.to_string()));
             if slot.child.is_some() {
-                retire(slot, "removed from config");
+                retire(slot, StopReason::Reload);
             } else {
                 self.slots.remove(&name);
             }
@@ -611,7 +656,9 @@ impl Actor {
         for slot in self.slots.values_mut() {
             slot.fail_waiters(&AcquireError::ShuttingDown);
             match slot.phase {
-                Phase::Starting | Phase::Ready | Phase::Draining => slot.begin_stop("shutdown"),
+                Phase::Starting | Phase::Ready | Phase::Draining => {
+                    slot.begin_stop(StopReason::Shutdown)
+                }
                 Phase::Pending => slot.phase = Phase::Stopped,
                 _ => {}
             }
@@ -638,6 +685,15 @@ impl Actor {
                 slot.phase = Phase::Ready;
                 slot.addr = Some(addr);
                 slot.pid = Some(pid);
+                let load_ms = load_time.as_secs_f64() * 1000.0;
+                self.observer
+                    .metrics
+                    .observe_start(&model, true, Some(load_time.as_secs_f64()));
+                self.observer.event(&model, "ready", |e| {
+                    e.load_ms = Some(load_ms);
+                    e.pid = Some(pid);
+                    e.rss_bytes = crate::metrics::pid_figures(pid).map(|(rss, _)| rss);
+                });
                 slot.ready_since = Some(Instant::now());
                 slot.last_error = None;
                 let waiters: Vec<Waiter> = slot.waiters.drain(..).collect();
@@ -662,6 +718,9 @@ impl Actor {
                 slot.pid = None;
                 slot.failures += 1;
                 slot.last_error = Some(reason.clone());
+                self.observer.metrics.observe_start(&model, false, None);
+                self.observer
+                    .event(&model, "start_failed", |e| e.reason = Some(reason.clone()));
                 slot.retry_at = Some(Instant::now() + backoff(slot.failures));
                 slot.phase = Phase::Failed;
                 slot.fail_waiters(&AcquireError::StartFailed {
@@ -686,6 +745,28 @@ impl Actor {
                 slot.child = None;
                 slot.inflight = 0;
                 slot.addr = None;
+                let pid = slot.pid;
+                let stop_reason = slot.stop_reason.take();
+                self.observer.event(
+                    &model,
+                    if reason == ExitReason::Stopped {
+                        "stopped"
+                    } else {
+                        "crashed"
+                    },
+                    |e| {
+                        e.pid = pid;
+                        (e.reason, e.exit_status) = match &reason {
+                            ExitReason::Stopped => {
+                                (stop_reason.map(|r| r.as_str().to_string()), None)
+                            }
+                            ExitReason::Crashed(why) => (Some("crash".into()), Some(why.clone())),
+                            ExitReason::Unhealthy(why) => {
+                                (Some("health".into()), Some(why.clone()))
+                            }
+                        };
+                    },
+                );
                 if slot.removed {
                     self.slots.remove(&model);
                     if self.shutdown.is_none() {
@@ -772,11 +853,7 @@ impl Actor {
                         if let Some(v) = self.slots.get_mut(&victim) {
                             tracing::info!(model = %victim, for_model = %name, inflight = v.inflight,
                                 "evicting model to make room");
-                            if v.inflight == 0 {
-                                v.begin_stop("evicted");
-                            } else {
-                                v.phase = Phase::Draining;
-                            }
+                            retire(v, StopReason::Evicted);
                         }
                     }
                 }
@@ -800,6 +877,7 @@ impl Actor {
             stop_grace: self.limits.stop_grace,
             health_interval: self.limits.health_interval,
         };
+        self.observer.event(name, "start_requested", |_| {});
         slot.phase = Phase::Starting;
         slot.instance = instance;
         slot.inflight = 0;
@@ -827,7 +905,7 @@ impl Actor {
                     .ttl
                     .is_some_and(|ttl| slot.last_used + ttl <= now);
             if expired {
-                slot.begin_stop("idle ttl");
+                slot.begin_stop(StopReason::Ttl);
             }
         }
     }
@@ -835,9 +913,14 @@ impl Actor {
 
 /// Stops a model's child now if idle, else after its last request; new
 /// requests wait for the restart.
-fn retire(slot: &mut Slot, why: &str) {
+fn retire(slot: &mut Slot, why: StopReason) {
     match slot.phase {
-        Phase::Ready if slot.inflight > 0 => slot.phase = Phase::Draining,
+        Phase::Ready if slot.inflight > 0 => {
+            tracing::info!(model = %slot.config.name, inflight = slot.inflight, reason = why.as_str(),
+                "draining model before stopping it");
+            slot.phase = Phase::Draining;
+            slot.stop_reason = Some(why);
+        }
         Phase::Ready | Phase::Starting => slot.begin_stop(why),
         _ => {}
     }

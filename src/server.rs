@@ -21,9 +21,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, AppState};
 use crate::config::{Config, HttpConfig};
+use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener};
+use crate::metrics::{self, Metrics};
 use crate::proxy;
-use crate::scheduler::{ModelStatus, Scheduler};
+use crate::scheduler::{ModelStatus, Observer, Scheduler};
 use crate::systemd::{Notifier, NotifyState};
 
 /// Requests from outside the server, typically signals.
@@ -56,22 +58,33 @@ pub enum Drained {
 const STATUS_PERIOD: Duration = Duration::from_secs(1);
 /// How often the stop timeout is extended while draining.
 const EXTEND_PERIOD: Duration = Duration::from_secs(5);
+/// How often resource samples go into history.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(30);
 
 /// Serves until a [`Control::Shutdown`] arrives (or the channel closes),
-/// then drains and stops children.
+/// then drains and stops children. `recorder` writes history (the caller
+/// opened the database and closes its writer after this returns).
 pub async fn serve(
     config: Config,
     listeners: Vec<Bound>,
     mut control: mpsc::UnboundedReceiver<Control>,
     systemd: Systemd,
+    recorder: Recorder,
 ) -> Drained {
     let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let observer = Observer {
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
+    };
     let state = Arc::new(AppState {
-        scheduler: Scheduler::start(&config),
+        scheduler: Scheduler::start(&config, observer),
         client: proxy::client(),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
         config: std::sync::RwLock::new(config.clone()),
+        recorder,
+        metrics,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; `recv` returns None once all
@@ -102,19 +115,17 @@ pub async fn serve(
         notifier.clone(),
         reload_error.clone(),
     ));
-    let watchdog_task = systemd.watchdog.map(|interval| {
-        tokio::spawn(watchdog(
-            state.scheduler.clone(),
-            notifier.clone(),
-            interval,
-        ))
-    });
+    let watchdog_task = systemd
+        .watchdog
+        .map(|interval| tokio::spawn(watchdog(state.clone(), notifier.clone(), interval)));
+    let sample_task = tokio::spawn(sample(state.clone()));
 
     while let Some(Control::Reload) = control.recv().await {
         reload(&state, &notifier, &systemd.config_path, &reload_error).await;
     }
 
     status_task.abort();
+    sample_task.abort();
     state.accepting.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for task in accept_tasks {
@@ -200,13 +211,21 @@ async fn reload(
     if let Ok(mut slot) = reload_error.lock() {
         *slot = outcome;
     }
-    let text = status_text(&state.scheduler.status().await, reload_error);
+    let text = status_text(
+        &state.scheduler.status().await,
+        &state.recorder,
+        reload_error,
+    );
     notifier.notify(&[NotifyState::Ready, NotifyState::Status(&text)]);
 }
 
-/// "2/5 models loaded (tiny, coder); 3 requests in flight", plus the last
-/// reload error while it stands.
-fn status_text(models: &[ModelStatus], reload_error: &std::sync::Mutex<Option<String>>) -> String {
+/// "2/5 models loaded (tiny, coder); 3 requests in flight", plus dropped
+/// history rows and the last reload error while they matter.
+fn status_text(
+    models: &[ModelStatus],
+    recorder: &Recorder,
+    reload_error: &std::sync::Mutex<Option<String>>,
+) -> String {
     let loaded: Vec<&str> = models
         .iter()
         .filter(|m| m.pid.is_some())
@@ -225,6 +244,17 @@ fn status_text(models: &[ModelStatus], reload_error: &std::sync::Mutex<Option<St
         inflight,
         if inflight == 1 { "" } else { "s" },
     );
+    let dropped = recorder.dropped();
+    if dropped > 0 {
+        text.push_str(&format!(
+            "; {dropped} history rows dropped{}",
+            if recorder.disk_failing() {
+                " (database not writable)"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(err) = reload_error.lock().ok().and_then(|e| e.clone()) {
         text.push_str("; reload failed, running on the previous config: ");
         text.push_str(&err);
@@ -242,7 +272,11 @@ async fn report_status(
     }
     let mut last = String::new();
     loop {
-        let text = status_text(&state.scheduler.status().await, &reload_error);
+        let text = status_text(
+            &state.scheduler.status().await,
+            &state.recorder,
+            &reload_error,
+        );
         if text != last {
             notifier.status(&text);
             last = text;
@@ -251,15 +285,54 @@ async fn report_status(
     }
 }
 
-/// Pings the watchdog only while the runtime runs tasks and the scheduler
-/// actor answers: a wedged daemon stops pinging and systemd restarts it.
-async fn watchdog(scheduler: Scheduler, notifier: Arc<Notifier>, interval: Duration) {
+/// Pings the watchdog only while the runtime runs tasks, the scheduler
+/// actor answers and the history writer goes round its loop: a wedged
+/// daemon stops pinging and systemd restarts it.
+async fn watchdog(state: Arc<AppState>, notifier: Arc<Notifier>, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        match tokio::time::timeout(interval, scheduler.status()).await {
-            Ok(_) => notifier.notify(&[NotifyState::Watchdog]),
-            Err(_) => tracing::error!("scheduler did not answer within the watchdog interval"),
+        if tokio::time::timeout(interval, state.scheduler.status())
+            .await
+            .is_err()
+        {
+            tracing::error!("scheduler did not answer within the watchdog interval");
+            continue;
+        }
+        if !state.recorder.alive(interval * 2) {
+            tracing::error!("history writer is stuck");
+            continue;
+        }
+        notifier.notify(&[NotifyState::Watchdog]);
+    }
+}
+
+/// Low-rate resource figures for dashboards: the daemon's and each loaded
+/// model's memory and CPU time.
+async fn sample(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(SAMPLE_PERIOD);
+    loop {
+        ticker.tick().await;
+        let at_ms = now_ms();
+        let models = state.scheduler.status().await;
+        let daemon = metrics::process_figures();
+        state.recorder.sample(Sample {
+            at_ms,
+            model: String::new(),
+            rss_bytes: daemon.map(|d| d.0),
+            cpu_seconds: daemon.map(|d| d.1),
+            inflight: Some(models.iter().map(|m| m.inflight as i64).sum()),
+        });
+        for m in models {
+            let Some(pid) = m.pid else { continue };
+            let figures = metrics::pid_figures(pid);
+            state.recorder.sample(Sample {
+                at_ms,
+                model: m.name,
+                rss_bytes: figures.map(|f| f.0),
+                cpu_seconds: figures.map(|f| f.1),
+                inflight: Some(m.inflight as i64),
+            });
         }
     }
 }
@@ -357,21 +430,22 @@ mod tests {
     #[test]
     fn status_text_says_what_runs_in_plain_words() {
         let err = std::sync::Mutex::new(None);
+        let rec = Recorder::disabled();
         let models = [
             model("tiny", Some(1), 2),
             model("coder", Some(2), 1),
             model("big", None, 0),
         ];
         assert_eq!(
-            status_text(&models, &err),
+            status_text(&models, &rec, &err),
             "2/3 models loaded (tiny, coder); 3 requests in flight"
         );
         assert_eq!(
-            status_text(&models[2..], &err),
+            status_text(&models[2..], &rec, &err),
             "0/1 models loaded; 0 requests in flight"
         );
         *err.lock().unwrap() = Some("c.toml:3:1: unknown field".into());
-        assert!(status_text(&models[2..], &err)
+        assert!(status_text(&models[2..], &rec, &err)
             .ends_with("reload failed, running on the previous config: c.toml:3:1: unknown field"));
     }
 }

@@ -518,9 +518,14 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
-    let d = Daemon::start(&format!("[http]\nheader_read_timeout = \"300ms\"\n{}", fake_model_table("f", &[], "")));
+    let d = Daemon::start(&format!(
+        "[http]\nheader_read_timeout = \"300ms\"\n{}",
+        fake_model_table("f", &[], "")
+    ));
     let mut s = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
-    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
     let t = Instant::now();
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
@@ -529,7 +534,11 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
         .unwrap_or(0);
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(t.elapsed() >= Duration::from_millis(250), "closed too early: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
     // The daemon is unaffected.
     assert_eq!(d.get("/live").await.0, StatusCode::OK);
 }

@@ -192,7 +192,10 @@ async fn idle_ttl_unloads_and_the_next_request_restarts() {
         .await;
     assert!(stopped_at.elapsed() >= Duration::from_millis(900));
     assert!(wait_gone(&[pid], Duration::from_secs(2)));
-    assert!(d.log_text().contains("idle ttl"));
+    assert!(
+        d.log_text().contains("\"reason\":\"ttl\""),
+        "the stop is logged with its reason"
+    );
 
     let (status, body) = d
         .post("/v1/chat/completions", &chat("tiny", 2, false))

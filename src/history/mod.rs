@@ -1,0 +1,459 @@
+//! Request history and model lifecycle events in SQLite.
+//!
+//! Requests never wait on SQLite: [`Recorder`] puts rows on a bounded queue
+//! (`try_send`), and one writer thread owns the only write connection and
+//! commits in batches (up to `MAX_BATCH` rows, or what arrived within the
+//! batch window after the first). A full queue or a failing disk drops rows
+//! — counted (`dropped`), warned about at most every 10 s, shown in STATUS
+//! and `/metrics` — and the proxy keeps serving; writing resumes by itself
+//! when the disk recovers. On shutdown everything queued is committed
+//! before the thread exits.
+//!
+//! - [`store`]: the file, migrations, queries, retention, backup.
+//! - [`tap`]: watches a proxied response to fill in a request's row.
+
+pub mod store;
+pub mod tap;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+pub use store::StoreError;
+
+/// Rows written in one transaction at most.
+const MAX_BATCH: usize = 4096;
+/// How often retention and `PRAGMA optimize` run.
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
+/// At most one dropped-rows warning per this period.
+const WARN_PERIOD: Duration = Duration::from_secs(10);
+
+/// What request and response text is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ContentPolicy {
+    None,
+    /// The first [`tap::TRUNCATE_CHARS`] characters of each, marked as
+    /// truncated when cut.
+    Truncated,
+    Full,
+}
+
+/// `[history]` in the config.
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub content: ContentPolicy,
+    pub retention: Duration,
+    pub events_retention: Duration,
+    pub samples_retention: Duration,
+    /// Rows that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+    pub batch_window: Duration,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// The client went away before the response was complete.
+    Cancelled,
+    UpstreamError,
+    Timeout,
+    /// Refused before reaching a model (bad request, unknown model, too
+    /// large, shutting down).
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Cancelled => "cancelled",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        [
+            Outcome::Ok,
+            Outcome::Cancelled,
+            Outcome::UpstreamError,
+            Outcome::Timeout,
+            Outcome::Rejected,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+    }
+}
+
+/// Token counts and llama.cpp timings of one response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub prompt_ms: Option<f64>,
+    pub predicted_ms: Option<f64>,
+    pub prompt_per_second: Option<f64>,
+    pub predicted_per_second: Option<f64>,
+}
+
+/// One `requests` row.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub client: String,
+    pub key_name: Option<String>,
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub usage: Usage,
+    pub streamed: bool,
+    pub request_content: Option<String>,
+    pub response_content: Option<String>,
+    pub content_truncated: bool,
+}
+
+/// One `model_events` row.
+#[derive(Debug, Clone)]
+pub struct ModelEvent {
+    pub at_ms: i64,
+    pub model: String,
+    /// start_requested | ready | start_failed | stopped | crashed
+    pub event: &'static str,
+    pub reason: Option<String>,
+    pub load_ms: Option<f64>,
+    pub exit_status: Option<String>,
+    pub pid: Option<u32>,
+    pub rss_bytes: Option<i64>,
+}
+
+/// One `samples` row.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at_ms: i64,
+    pub model: String,
+    pub rss_bytes: Option<i64>,
+    pub cpu_seconds: Option<f64>,
+    pub inflight: Option<i64>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+enum Item {
+    Request(Box<RequestRecord>),
+    Event(ModelEvent),
+    Sample(Sample),
+    /// Commit everything before this, then answer; with `true`, then stop.
+    Flush(mpsc::Sender<()>, bool),
+}
+
+/// Counters shared by the recorders and the writer.
+#[derive(Default)]
+struct Shared {
+    dropped: AtomicU64,
+    written: AtomicU64,
+    depth: AtomicI64,
+    /// Milliseconds since `born` when the writer last went round its loop.
+    heartbeat_ms: AtomicU64,
+    disk_failing: AtomicBool,
+    /// Set by [`Writer::close`]: the writer leaves once idle.
+    closing: AtomicBool,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn drop_rows(&self, n: u64, why: &str) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        let Ok(mut last) = self.last_warning.lock() else {
+            return;
+        };
+        if last.is_none_or(|t| t.elapsed() >= WARN_PERIOD) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                dropped_total = self.dropped.load(Ordering::Relaxed),
+                reason = why,
+                "history rows dropped; requests are still being served"
+            );
+        }
+    }
+}
+
+/// The requesting side of the history writer; cheap to clone. A disabled
+/// recorder accepts and discards everything.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: Option<SyncSender<Item>>,
+    shared: Arc<Shared>,
+    born: Instant,
+    pub content: ContentPolicy,
+    path: Option<PathBuf>,
+}
+
+/// The writer thread; [`Writer::close`] commits what is queued and joins.
+pub struct Writer {
+    thread: Option<JoinHandle<()>>,
+    tx: Option<SyncSender<Item>>,
+    shared: Arc<Shared>,
+}
+
+impl Recorder {
+    /// A recorder that records nothing (`[history] enabled = false`).
+    pub fn disabled() -> Recorder {
+        Recorder {
+            tx: None,
+            shared: Arc::default(),
+            born: Instant::now(),
+            content: ContentPolicy::None,
+            path: None,
+        }
+    }
+
+    /// Opens and migrates the database, then starts the writer thread.
+    /// Returns a note to log when a corrupt file was moved aside.
+    pub fn start(config: &HistoryConfig) -> Result<(Recorder, Writer, Option<String>), StoreError> {
+        let (mut conn, note) = store::open_for_writing(&config.path)?;
+        let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
+        let shared = Arc::new(Shared::default());
+        let born = Instant::now();
+        let recorder = Recorder {
+            tx: Some(tx.clone()),
+            shared: shared.clone(),
+            born,
+            content: config.content,
+            path: Some(config.path.clone()),
+        };
+        let config = config.clone();
+        let writer_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("history-writer".into())
+            .spawn(move || writer_loop(&mut conn, &rx, &writer_shared, born, &config))
+            .map_err(|source| StoreError::Io {
+                path: recorder.path.clone().unwrap_or_default(),
+                source,
+            })?;
+        Ok((
+            recorder,
+            Writer {
+                thread: Some(thread),
+                tx: Some(tx),
+                shared,
+            },
+            note,
+        ))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// The database file, when recording.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn send(&self, item: Item) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(item) {
+            Ok(()) => {
+                self.shared.depth.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) => self.shared.drop_rows(1, "queue full"),
+            Err(TrySendError::Disconnected(_)) => self.shared.drop_rows(1, "writer stopped"),
+        }
+    }
+
+    pub fn request(&self, record: RequestRecord) {
+        self.send(Item::Request(Box::new(record)));
+    }
+
+    pub fn event(&self, event: ModelEvent) {
+        self.send(Item::Event(event));
+    }
+
+    pub fn sample(&self, sample: Sample) {
+        self.send(Item::Sample(sample));
+    }
+
+    /// Rows dropped since start.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Rows committed since start.
+    pub fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+
+    /// Rows waiting for the writer.
+    pub fn depth(&self) -> u64 {
+        self.shared.depth.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    pub fn disk_failing(&self) -> bool {
+        self.shared.disk_failing.load(Ordering::Relaxed)
+    }
+
+    /// True when the writer went round its loop within `within` (it wakes
+    /// at least once a second), or when history is off.
+    pub fn alive(&self, within: Duration) -> bool {
+        if self.tx.is_none() {
+            return true;
+        }
+        let beat = Duration::from_millis(self.shared.heartbeat_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(beat) <= within.max(Duration::from_secs(2))
+    }
+
+    /// Waits (blocking) until everything queued so far is committed or
+    /// dropped. For the backup endpoint and tests.
+    pub fn flush_blocking(&self, timeout: Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let (ack, done) = mpsc::channel();
+        if tx.send(Item::Flush(ack, false)).is_err() {
+            return false;
+        }
+        done.recv_timeout(timeout).is_ok()
+    }
+}
+
+impl Writer {
+    /// Commits what is queued and stops the thread. Every [`Recorder`]
+    /// clone may still exist: the writer stops on the Flush this sends,
+    /// not on the channel closing.
+    pub fn close(mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.shared.closing.store(true, Ordering::Relaxed);
+            let (ack, done) = mpsc::channel();
+            if tx.send(Item::Flush(ack, true)).is_ok() {
+                let _ = done.recv_timeout(Duration::from_secs(30));
+            }
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn writer_loop(
+    conn: &mut rusqlite::Connection,
+    rx: &mpsc::Receiver<Item>,
+    shared: &Shared,
+    born: Instant,
+    config: &HistoryConfig,
+) {
+    let mut last_maintenance: Option<Instant> = None;
+    loop {
+        shared
+            .heartbeat_ms
+            .store(born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if last_maintenance.is_none_or(|t| t.elapsed() >= MAINTENANCE_PERIOD) {
+            maintenance(conn, config);
+            last_maintenance = Some(Instant::now());
+        }
+        let first = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(item) => item,
+            Err(RecvTimeoutError::Timeout) => {
+                if shared.closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch = vec![first];
+        let deadline = Instant::now() + config.batch_window;
+        let mut disconnected = false;
+        while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Item::Flush(..))) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(item) => batch.push(item),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
+            }
+        }
+        shared.depth.fetch_sub(
+            batch
+                .iter()
+                .filter(|i| !matches!(i, Item::Flush(..)))
+                .count() as i64,
+            Ordering::Relaxed,
+        );
+        let stop = matches!(batch.last(), Some(Item::Flush(_, true)));
+        commit(conn, batch, shared);
+        if disconnected || stop {
+            return;
+        }
+    }
+}
+
+fn commit(conn: &mut rusqlite::Connection, batch: Vec<Item>, shared: &Shared) {
+    let (mut requests, mut events, mut samples, mut acks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for item in batch {
+        match item {
+            Item::Request(r) => requests.push(*r),
+            Item::Event(e) => events.push(e),
+            Item::Sample(s) => samples.push(s),
+            Item::Flush(ack, _) => acks.push(ack),
+        }
+    }
+    let rows = (requests.len() + events.len() + samples.len()) as u64;
+    if rows > 0 {
+        match store::write_batch(conn, &requests, &events, &samples) {
+            Ok(()) => {
+                shared.written.fetch_add(rows, Ordering::Relaxed);
+                if shared.disk_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("history database is writable again");
+                }
+            }
+            Err(e) => {
+                shared.disk_failing.store(true, Ordering::Relaxed);
+                shared.drop_rows(rows, &format!("write failed: {e}"));
+            }
+        }
+    }
+    for ack in acks {
+        let _ = ack.send(());
+    }
+}
+
+fn maintenance(conn: &rusqlite::Connection, config: &HistoryConfig) {
+    let now = now_ms();
+    let cut = |d: Duration| now - d.as_millis() as i64;
+    match store::apply_retention(
+        conn,
+        cut(config.retention),
+        cut(config.events_retention),
+        cut(config.samples_retention),
+    ) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rows = n, "history retention deleted old rows"),
+        Err(e) => tracing::warn!(error = %e, "history retention failed"),
+    }
+    if let Err(e) = store::maintain(conn) {
+        tracing::debug!(error = %e, "history maintenance failed");
+    }
+}

@@ -1,0 +1,563 @@
+//! The SQLite file: opening (with corrupt-file recovery), migrations,
+//! writes, retention, reads and backups. Only the writer thread writes;
+//! readers open their own connections (WAL lets them run beside it).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+use super::{ModelEvent, RequestRecord, Sample};
+
+/// Migrations, embedded in the binary and applied in order; the database's
+/// `user_version` is the number of the last one applied.
+const MIGRATIONS: &[(&str, &str)] =
+    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("history database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("history database {path} has schema version {found}, newer than this claracore's {supported}; refusing to touch it (upgrade claracore or restore an older backup)")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("history database {path}: migration {name} failed, database left unchanged: {source}")]
+    Migration {
+        path: PathBuf,
+        name: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("history database {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("history database {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens (creating if needed) and migrates the database for writing. A
+/// file that is not a database or fails `quick_check` is moved aside as
+/// `<name>.corrupt-<unix time>` and a fresh one is created; the returned
+/// string says so.
+pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), StoreError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut note = None;
+    let conn = match open_checked(path) {
+        Ok(conn) => conn,
+        Err(why) => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs();
+            let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+            std::fs::rename(path, &aside).map_err(|source| StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            for suffix in ["-wal", "-shm"] {
+                let side = PathBuf::from(format!("{}{suffix}", path.display()));
+                let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+            }
+            note = Some(format!(
+                "history database was unreadable ({why}); moved it to {} and started a fresh one",
+                aside.display()
+            ));
+            open_checked(path).map_err(|message| StoreError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?
+        }
+    };
+    migrate(&conn, path)?;
+    Ok((conn, note))
+}
+
+/// Opens with the daemon's settings and checks the file is a sound
+/// database; the error text says what is wrong.
+fn open_checked(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if check != "ok" {
+        return Err(format!("quick_check: {check}"));
+    }
+    // auto_vacuum can only be chosen while the file is empty.
+    let fresh: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if fresh == 0 {
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(|e| e.to_string())?;
+    }
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Applies the migrations the file lacks, each in its own transaction.
+pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sqlite(path))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let fail = |source| StoreError::Migration {
+            path: path.to_path_buf(),
+            name,
+            source,
+        };
+        let tx = conn.unchecked_transaction().map_err(fail)?;
+        tx.execute_batch(sql).map_err(fail)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
+            .map_err(fail)?;
+        tx.commit().map_err(fail)?;
+        tracing::info!(migration = name, path = %path.display(), "history migration applied");
+    }
+    Ok(())
+}
+
+/// Opens for reading only; the daemon's writer keeps the file migrated.
+pub fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite(path))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(sqlite(path))?;
+    Ok(conn)
+}
+
+/// Writes one batch in one transaction.
+pub fn write_batch(
+    conn: &mut Connection,
+    requests: &[RequestRecord],
+    events: &[ModelEvent],
+    samples: &[Sample],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO requests (request_id, started_at_ms, finished_at_ms, client, key_name, endpoint, model,
+                status, outcome, error, latency_ms, ttfb_ms, ttft_ms, prompt_tokens, completion_tokens,
+                cached_tokens, prompt_ms, predicted_ms, prompt_per_second, predicted_per_second, streamed,
+                request_content, response_content, content_truncated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
+                ?21, ?22, ?23, ?24)",
+        )?;
+        for r in requests {
+            stmt.execute(params![
+                r.request_id,
+                r.started_at_ms,
+                r.finished_at_ms,
+                r.client,
+                r.key_name,
+                r.endpoint,
+                r.model,
+                r.status,
+                r.outcome.as_str(),
+                r.error,
+                r.latency_ms,
+                r.ttfb_ms,
+                r.ttft_ms,
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                r.usage.cached_tokens,
+                r.usage.prompt_ms,
+                r.usage.predicted_ms,
+                r.usage.prompt_per_second,
+                r.usage.predicted_per_second,
+                r.streamed,
+                r.request_content,
+                r.response_content,
+                r.content_truncated,
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO model_events (at_ms, model, event, reason, load_ms, exit_status, pid, rss_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for e in events {
+            stmt.execute(params![
+                e.at_ms,
+                e.model,
+                e.event,
+                e.reason,
+                e.load_ms,
+                e.exit_status,
+                e.pid,
+                e.rss_bytes
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR REPLACE INTO samples (at_ms, model, rss_bytes, cpu_seconds, inflight) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for s in samples {
+            stmt.execute(params![
+                s.at_ms,
+                s.model,
+                s.rss_bytes,
+                s.cpu_seconds,
+                s.inflight
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Deletes rows older than the cut-offs in small batches, so the writer
+/// never holds the database for long. Returns the rows deleted.
+pub fn apply_retention(
+    conn: &Connection,
+    requests_before: i64,
+    events_before: i64,
+    samples_before: i64,
+) -> rusqlite::Result<usize> {
+    const BATCH: usize = 2000;
+    let mut total = 0;
+    for (sql, before) in [
+        ("DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE started_at_ms < ?1 LIMIT ?2)", requests_before),
+        ("DELETE FROM model_events WHERE id IN (SELECT id FROM model_events WHERE at_ms < ?1 LIMIT ?2)", events_before),
+        ("DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at_ms < ?1 LIMIT ?2)", samples_before),
+    ] {
+        loop {
+            let n = conn.execute(sql, params![before, BATCH])?;
+            total += n;
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// `PRAGMA optimize` plus reclaiming free pages a little at a time.
+pub fn maintain(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("PRAGMA optimize; PRAGMA incremental_vacuum(2000);")
+}
+
+/// A consistent copy of the live database at `dest` (which must not
+/// exist), taken with `VACUUM INTO` while writers continue.
+pub fn backup(conn: &Connection, dest: &Path) -> rusqlite::Result<()> {
+    conn.execute("VACUUM INTO ?1", params![dest.display().to_string()])?;
+    Ok(())
+}
+
+/// Checks a file is an intact history database this binary can use.
+pub fn verify(path: &Path) -> Result<i64, StoreError> {
+    let conn = open_for_reading(path)?;
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(sqlite(path))?;
+    if check != "ok" {
+        return Err(StoreError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("integrity_check: {check}"),
+        });
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sqlite(path))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let has_requests: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'requests'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sqlite(path))?;
+    if has_requests.is_none() {
+        return Err(StoreError::Invalid {
+            path: path.to_path_buf(),
+            message: "not a claracore history database (no requests table)".into(),
+        });
+    }
+    Ok(version)
+}
+
+/// A `requests` row as the API returns it.
+#[derive(Debug, Serialize)]
+pub struct RequestRow {
+    pub id: i64,
+    pub request_id: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub client: String,
+    pub key_name: Option<String>,
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub status: i64,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub prompt_ms: Option<f64>,
+    pub predicted_ms: Option<f64>,
+    pub prompt_per_second: Option<f64>,
+    pub predicted_per_second: Option<f64>,
+    pub streamed: bool,
+    pub request_content: Option<String>,
+    pub response_content: Option<String>,
+    pub content_truncated: bool,
+}
+
+const ROW_COLUMNS: &str = "id, request_id, started_at_ms, finished_at_ms, client, key_name, endpoint, model, status,
+    outcome, error, latency_ms, ttfb_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, prompt_ms,
+    predicted_ms, prompt_per_second, predicted_per_second, streamed, request_content, response_content,
+    content_truncated";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
+    Ok(RequestRow {
+        id: r.get(0)?,
+        request_id: r.get(1)?,
+        started_at_ms: r.get(2)?,
+        finished_at_ms: r.get(3)?,
+        client: r.get(4)?,
+        key_name: r.get(5)?,
+        endpoint: r.get(6)?,
+        model: r.get(7)?,
+        status: r.get(8)?,
+        outcome: r.get(9)?,
+        error: r.get(10)?,
+        latency_ms: r.get(11)?,
+        ttfb_ms: r.get(12)?,
+        ttft_ms: r.get(13)?,
+        prompt_tokens: r.get(14)?,
+        completion_tokens: r.get(15)?,
+        cached_tokens: r.get(16)?,
+        prompt_ms: r.get(17)?,
+        predicted_ms: r.get(18)?,
+        prompt_per_second: r.get(19)?,
+        predicted_per_second: r.get(20)?,
+        streamed: r.get(21)?,
+        request_content: r.get(22)?,
+        response_content: r.get(23)?,
+        content_truncated: r.get(24)?,
+    })
+}
+
+/// Filters for [`list_requests`]; `cursor` is the last id of the previous
+/// page (keyset pagination, newest first).
+#[derive(Debug, Default)]
+pub struct RequestQuery {
+    pub model: Option<String>,
+    pub outcome: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: usize,
+    pub cursor: Option<i64>,
+}
+
+pub fn list_requests(conn: &Connection, q: &RequestQuery) -> rusqlite::Result<Vec<RequestRow>> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM requests
+         WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR outcome = ?2)
+           AND (?3 IS NULL OR started_at_ms >= ?3) AND (?4 IS NULL OR started_at_ms < ?4)
+           AND (?5 IS NULL OR id < ?5)
+         ORDER BY id DESC LIMIT ?6"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(
+        params![
+            q.model,
+            q.outcome,
+            q.since_ms,
+            q.until_ms,
+            q.cursor,
+            q.limit as i64
+        ],
+        row,
+    )?;
+    rows.collect()
+}
+
+pub fn get_request(conn: &Connection, id: i64) -> rusqlite::Result<Option<RequestRow>> {
+    conn.query_row(
+        &format!("SELECT {ROW_COLUMNS} FROM requests WHERE id = ?1"),
+        [id],
+        row,
+    )
+    .optional()
+}
+
+/// Per-model figures over a window, for `/api/stats`.
+#[derive(Debug, Serialize)]
+pub struct ModelStats {
+    pub model: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p95_ms: Option<f64>,
+    pub ttft_p50_ms: Option<f64>,
+    pub ttft_p95_ms: Option<f64>,
+    pub prompt_tokens_per_second: Option<f64>,
+    pub generation_tokens_per_second: Option<f64>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub loads: i64,
+    pub load_p50_ms: Option<f64>,
+}
+
+pub fn stats(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<ModelStats>> {
+    let mut out = Vec::new();
+    let mut models = conn.prepare(
+        "SELECT model FROM requests WHERE started_at_ms >= ?1 AND model IS NOT NULL
+         UNION SELECT model FROM model_events WHERE at_ms >= ?1 ORDER BY 1",
+    )?;
+    let names: Vec<String> = models
+        .query_map([since_ms], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for model in names {
+        let (requests, errors, prompt_tokens, completion_tokens, prompt_ms, predicted_ms): (i64, i64, i64, i64, f64, f64) =
+            conn.query_row(
+                "SELECT count(*), coalesce(sum(outcome != 'ok'), 0), coalesce(sum(prompt_tokens), 0),
+                        coalesce(sum(completion_tokens), 0), coalesce(sum(prompt_ms), 0), coalesce(sum(predicted_ms), 0)
+                 FROM requests WHERE model = ?1 AND started_at_ms >= ?2",
+                params![model, since_ms],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )?;
+        let latencies = column(conn, "SELECT latency_ms FROM requests WHERE model = ?1 AND started_at_ms >= ?2 AND outcome = 'ok' ORDER BY 1", &model, since_ms)?;
+        let ttfts = column(conn, "SELECT ttft_ms FROM requests WHERE model = ?1 AND started_at_ms >= ?2 AND ttft_ms IS NOT NULL ORDER BY 1", &model, since_ms)?;
+        let loads = column(conn, "SELECT load_ms FROM model_events WHERE model = ?1 AND at_ms >= ?2 AND event = 'ready' ORDER BY 1", &model, since_ms)?;
+        let rate = |tokens: i64, ms: f64| (ms > 0.0).then(|| tokens as f64 / (ms / 1000.0));
+        // Timings-based rates use the tokens llama.cpp processed (prompt
+        // minus cache), as llama.cpp itself reports them.
+        let (processed_prompt, _): (i64, i64) = conn.query_row(
+            "SELECT coalesce(sum(prompt_tokens - coalesce(cached_tokens, 0)), 0), 0 FROM requests
+             WHERE model = ?1 AND started_at_ms >= ?2 AND prompt_ms IS NOT NULL",
+            params![model, since_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        out.push(ModelStats {
+            model,
+            requests,
+            errors,
+            latency_p50_ms: percentile(&latencies, 0.50),
+            latency_p95_ms: percentile(&latencies, 0.95),
+            ttft_p50_ms: percentile(&ttfts, 0.50),
+            ttft_p95_ms: percentile(&ttfts, 0.95),
+            prompt_tokens_per_second: rate(processed_prompt, prompt_ms),
+            generation_tokens_per_second: rate(completion_tokens, predicted_ms),
+            prompt_tokens,
+            completion_tokens,
+            loads: loads.len() as i64,
+            load_p50_ms: percentile(&loads, 0.50),
+        });
+    }
+    Ok(out)
+}
+
+fn column(conn: &Connection, sql: &str, model: &str, since_ms: i64) -> rusqlite::Result<Vec<f64>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let values = stmt.query_map(params![model, since_ms], |r| r.get::<_, f64>(0))?;
+    values.collect()
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50.0));
+        assert_eq!(percentile(&v, 0.95), Some(95.0));
+        assert_eq!(percentile(&[7.0], 0.95), Some(7.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn migrates_an_empty_file_and_refuses_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let (conn, note) = open_for_writing(&path).unwrap();
+        assert!(note.is_none());
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(conn);
+        let e = open_for_writing(&path).unwrap_err();
+        assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
+        assert!(e.to_string().contains("newer than this claracore"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let (_conn, note) = open_for_writing(&path).unwrap();
+        let note = note.unwrap();
+        assert!(note.contains("moved it to"), "{note}");
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("h.db.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), vec![0x42u8; 8192]);
+    }
+}

@@ -1,0 +1,375 @@
+//! Prometheus metrics, rendered in the text exposition format at
+//! `/metrics`.
+//!
+//! Request and lifecycle figures are updated where they happen (the same
+//! places that write history rows, so the two agree); model state,
+//! in-flight requests, history queue figures and process figures are read
+//! when scraped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::history::{Recorder, RequestRecord};
+use crate::scheduler::ModelStatus;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    endpoint: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    model: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    model: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartLabels {
+    model: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+const STATES: [&str; 5] = ["stopped", "starting", "ready", "stopping", "failed"];
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn load_histogram() -> Histogram {
+    // 10 ms .. ~5 min
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    ttft: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    model_state: Family<StateLabels, Gauge>,
+    load_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    starts: Family<StartLabels, Counter>,
+    inflight: Gauge,
+    dropped: Counter,
+    dropped_seen: AtomicU64,
+    queue_depth: Gauge,
+    rss: Gauge,
+    cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
+    fds: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "claracore_requests",
+            "Requests on inference routes, by how they ended",
+            requests.clone(),
+        );
+        let duration = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "claracore_request_duration_seconds",
+            "Request received to last byte sent",
+            duration.clone(),
+        );
+        let ttft = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "claracore_time_to_first_token_seconds",
+            "Request received to first generated token (streams)",
+            ttft.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "claracore_tokens",
+            "Tokens processed, by kind (prompt, completion)",
+            tokens.clone(),
+        );
+        let model_state = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "claracore_model_state",
+            "1 for the state each model is in",
+            model_state.clone(),
+        );
+        let load_duration =
+            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                load_histogram,
+            );
+        registry.register(
+            "claracore_model_load_duration_seconds",
+            "Model process spawn to healthy",
+            load_duration.clone(),
+        );
+        let starts = Family::<StartLabels, Counter>::default();
+        registry.register(
+            "claracore_model_starts",
+            "Model process starts, by result (ok, failed)",
+            starts.clone(),
+        );
+        let inflight = Gauge::default();
+        registry.register(
+            "claracore_inflight_requests",
+            "Requests holding a model right now",
+            inflight.clone(),
+        );
+        let dropped = Counter::default();
+        registry.register(
+            "claracore_history_rows_dropped",
+            "History rows not written (queue full or disk failing)",
+            dropped.clone(),
+        );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "claracore_history_queue_depth",
+            "History rows waiting for the writer",
+            queue_depth.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register("claracore_build_info", "Build information", build);
+        let rss = Gauge::default();
+        registry.register(
+            "claracore_process_resident_memory_bytes",
+            "Daemon resident memory",
+            rss.clone(),
+        );
+        let cpu = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "claracore_process_cpu_seconds",
+            "Daemon CPU time (user + system)",
+            cpu.clone(),
+        );
+        let fds = Gauge::default();
+        registry.register(
+            "claracore_process_open_fds",
+            "Daemon open file descriptors",
+            fds.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            ttft,
+            tokens,
+            model_state,
+            load_duration,
+            starts,
+            inflight,
+            dropped,
+            dropped_seen: AtomicU64::new(0),
+            queue_depth,
+            rss,
+            cpu,
+            fds,
+        }
+    }
+
+    /// A finished request, from the same record history stores.
+    pub fn observe_request(&self, r: &RequestRecord) {
+        let model = r.model.clone().unwrap_or_default();
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                endpoint: r.endpoint.clone(),
+                outcome: r.outcome.as_str().into(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&EndpointLabels {
+                model: model.clone(),
+                endpoint: r.endpoint.clone(),
+            })
+            .observe(r.latency_ms / 1000.0);
+        if let Some(ttft) = r.ttft_ms {
+            self.ttft
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
+                .observe(ttft / 1000.0);
+        }
+        for (kind, n) in [
+            ("prompt", r.usage.prompt_tokens),
+            ("completion", r.usage.completion_tokens),
+        ] {
+            if let Some(n) = n.filter(|n| *n > 0) {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        model: model.clone(),
+                        kind: kind.into(),
+                    })
+                    .inc_by(n as u64);
+            }
+        }
+    }
+
+    pub fn observe_start(&self, model: &str, ok: bool, load_seconds: Option<f64>) {
+        self.starts
+            .get_or_create(&StartLabels {
+                model: model.into(),
+                result: if ok { "ok" } else { "failed" }.into(),
+            })
+            .inc();
+        if let Some(s) = load_seconds {
+            self.load_duration
+                .get_or_create(&ModelLabels {
+                    model: model.into(),
+                })
+                .observe(s);
+        }
+    }
+
+    /// Renders the exposition text, refreshing the figures read at scrape.
+    pub fn render(&self, models: &[ModelStatus], recorder: &Recorder) -> String {
+        for m in models {
+            for state in STATES {
+                self.model_state
+                    .get_or_create(&StateLabels {
+                        model: m.name.clone(),
+                        state: state.into(),
+                    })
+                    .set(i64::from(m.state == state));
+            }
+        }
+        self.inflight
+            .set(models.iter().map(|m| m.inflight as i64).sum());
+        let dropped = recorder.dropped();
+        let seen = self.dropped_seen.swap(dropped, Ordering::Relaxed);
+        self.dropped.inc_by(dropped.saturating_sub(seen));
+        self.queue_depth.set(recorder.depth() as i64);
+        if let Some((rss, cpu)) = process_figures() {
+            self.rss.set(rss);
+            self.cpu.set(cpu);
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.fds.set(dir.count() as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// (resident bytes, CPU seconds) of this process from /proc.
+pub fn process_figures() -> Option<(i64, f64)> {
+    pid_figures(std::process::id())
+}
+
+/// (resident bytes, CPU seconds) of a process from /proc.
+pub fn pid_figures(pid: u32) -> Option<(i64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    // After the command: state is field 3; utime 14, stime 15, rss 24
+    // (1-based in proc(5)), i.e. indexes 11, 12 and 21 here.
+    let ticks = 100.0; // USER_HZ is 100 on every Linux architecture claracore targets.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: i64 = fields.get(21)?.parse().ok()?;
+    Some((rss_pages * 4096, (utime + stime) / ticks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Outcome, Usage};
+
+    #[test]
+    fn renders_request_counters_and_histograms() {
+        let m = Metrics::new();
+        let r = RequestRecord {
+            request_id: "x".into(),
+            started_at_ms: 0,
+            finished_at_ms: 1,
+            client: "c".into(),
+            key_name: None,
+            endpoint: "/v1/chat/completions".into(),
+            model: Some("tiny".into()),
+            status: 200,
+            outcome: Outcome::Ok,
+            error: None,
+            latency_ms: 12.0,
+            ttfb_ms: Some(3.0),
+            ttft_ms: Some(4.0),
+            usage: Usage {
+                prompt_tokens: Some(29),
+                completion_tokens: Some(8),
+                ..Usage::default()
+            },
+            streamed: true,
+            request_content: None,
+            response_content: None,
+            content_truncated: false,
+        };
+        m.observe_request(&r);
+        m.observe_start("tiny", true, Some(0.15));
+        let text = m.render(&[], &Recorder::disabled());
+        assert!(text.contains("claracore_requests_total{model=\"tiny\",endpoint=\"/v1/chat/completions\",outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains("claracore_tokens_total{model=\"tiny\",kind=\"completion\"} 8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("claracore_model_starts_total{model=\"tiny\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("claracore_time_to_first_token_seconds_count{model=\"tiny\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("claracore_build_info{version="), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn own_process_figures_are_readable() {
+        let (rss, cpu) = process_figures().unwrap();
+        assert!(rss > 0 && cpu >= 0.0);
+    }
+}

@@ -1,0 +1,712 @@
+#!/usr/bin/env bash
+# claracore's systemd integration, proven under a real PID-1 systemd.
+#
+# Boots a Debian trixie rootfs (systemd 257: Type=notify-reload needs >= 253,
+# which the bookworm host's 252 lacks) with
+#
+#   systemd-nspawn -b --private-network --volatile=overlay --register=no --keep-unit
+#
+# bind-mounts the freshly built claracore binary, the repo's units from
+# systemd/, the real llama-server and the tiny test model into it read-only,
+# installs the units unchanged (drop-ins only where a scenario needs one) and
+# drives the container's systemd with `nsenter -t <its PID 1> -a systemctl ...`.
+# All HTTP traffic stays on the container's own loopback (private network).
+#
+# Usage: tests/systemd/run-nspawn.sh [SCENARIO...]   (default: all of them)
+#        scenarios: unit-files socket-activation ready-and-status reload
+#                   watchdog journal-fields stop-with-stream bad-config-at-start
+# Ends with the line "N passed, M failed"; exits non-zero if any failed.
+#
+# Needs root and Linux. Installs systemd-container and debootstrap with apt if
+# they are missing. The debootstrapped rootfs (~40 s, ~300 MB) is cached in
+# ${CLARACORE_CACHE:-~/.cache/claracore}/nspawn-rootfs-<suite>-<hash>, keyed by
+# the suite, the package list and ROOTFS_LAYOUT; every container runs on a
+# tmpfs overlay (--volatile=overlay), so the cached tree is never written.
+#
+# Env: CLARACORE_CACHE, CLARACORE_BIN (use this binary instead of building),
+#      CLARACORE_DEBIAN_MIRROR (default http://deb.debian.org/debian),
+#      CLARACORE_NSPAWN_KEEP_GOING=0 to stop at the first failed scenario.
+#
+# Design: every scenario gets a freshly booted container (~1 s each). That
+# makes them independent for free: their own journal, NRestarts counters,
+# config, drop-ins and failed states, with no reset logic that could itself
+# hide state leaking from one scenario into the next.
+set -uo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+CACHE="${CLARACORE_CACHE:-$HOME/.cache/claracore}"
+SUITE=trixie
+MIRROR="${CLARACORE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# libgomp1/libstdc++6: llama-server's shared libraries. python3: the fake
+# upstream (http.server is not in python3-minimal). man-db: lets
+# `systemd-analyze verify` check the units' Documentation=man: pages.
+PACKAGES="systemd,systemd-sysv,dbus,curl,jq,procps,python3,libgomp1,libstdc++6,man-db"
+# Bump when the steps that make the cached rootfs change.
+ROOTFS_LAYOUT=1
+SECURITY_MAX=2.5
+
+ALL_SCENARIOS=(unit-files socket-activation ready-and-status reload watchdog
+    journal-fields stop-with-stream bad-config-at-start)
+
+say() { printf '%s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+die() {
+    say "run-nspawn: $*" >&2
+    cleanup_all
+    say "0 passed, 1 failed"
+    exit 2
+}
+elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- state of the running container (one at a time) -------------------------
+RUN_ID="$$"
+TMP=""
+N_CONTAINERS=0
+MACHINE=""
+NSPAWN_PID=""
+CPID=""          # host PID of the container's systemd (its PID 1)
+CGROUP_NAME=""
+CG_ROOTS=()
+NSPAWN_RUN_EXISTED=0
+[ -d /run/systemd/nspawn ] && NSPAWN_RUN_EXISTED=1
+
+# --- host prerequisites --------------------------------------------------------
+ensure_host_tools() {
+    [ "$(id -u)" = 0 ] || die "must run as root (systemd-nspawn)"
+    local need=()
+    command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+    command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v nsenter >/dev/null || need+=(util-linux)
+    command -v flock >/dev/null || need+=(util-linux)
+    if [ ${#need[@]} -gt 0 ]; then
+        say "installing ${need[*]}"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2 \
+            || die "apt-get install ${need[*]} failed"
+    fi
+}
+
+build_claracore() {
+    if [ -n "${CLARACORE_BIN:-}" ]; then
+        BIN="$CLARACORE_BIN"
+    else
+        local locked=()
+        [ -n "${CI:-}" ] && locked=(--locked)
+        say "building claracore (cargo build --release)"
+        (cd "$REPO" && cargo build --release --bin claracore "${locked[@]}") >&2 \
+            || die "cargo build --release failed"
+        BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/claracore"
+    fi
+    [ -x "$BIN" ] || die "no claracore binary at $BIN"
+    BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+}
+
+test_deps() {
+    local exports
+    exports="$("$REPO/tests/tools/setup-test-deps.sh")" || die "tests/tools/setup-test-deps.sh failed"
+    eval "$exports"
+    LLAMA_SERVER="$CLARACORE_TEST_LLAMA_SERVER"
+    MODEL="$CLARACORE_TEST_MODEL"
+    [ -x "$LLAMA_SERVER" ] || die "no llama-server at $LLAMA_SERVER"
+    [ -f "$MODEL" ] || die "no model at $MODEL"
+}
+
+# The cached trixie tree: debootstrap once per key, under a lock.
+ensure_rootfs() {
+    mkdir -p "$CACHE" || die "cannot create $CACHE"
+    local key
+    key="$(printf '%s\n' "$ROOTFS_LAYOUT" "$SUITE" minbase "$PACKAGES" | sha256sum | cut -c1-12)"
+    ROOTFS="$CACHE/nspawn-rootfs-$SUITE-$key"
+    exec 8>"$CACHE/.nspawn-rootfs.lock"
+    flock 8
+    if [ ! -x "$ROOTFS/usr/lib/systemd/systemd" ]; then
+        local tmp="$ROOTFS.tmp.$$" t0=$EPOCHREALTIME
+        rm -rf "$tmp"
+        say "debootstrap $SUITE into $ROOTFS (first run only, ~1 min)"
+        if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp" "$MIRROR" \
+            >"$CACHE/nspawn-rootfs-$SUITE-$key.log" 2>&1; then
+            tail -20 "$CACHE/nspawn-rootfs-$SUITE-$key.log" >&2
+            rm -rf "$tmp"
+            flock -u 8
+            die "debootstrap failed (log: $CACHE/nspawn-rootfs-$SUITE-$key.log)"
+        fi
+        rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
+        mv "$tmp" "$ROOTFS"
+        say "debootstrap took $(elapsed "$t0") s"
+    fi
+    flock -u 8
+    exec 8>&-
+}
+
+# --- cgroups ---------------------------------------------------------------------
+# With --keep-unit --register=no nspawn makes its payload/ and supervisor/
+# cgroups below the cgroup it was started in. Each container is started in a
+# cgroup of its own, so those land there (not in /) and cleanup is one rmdir
+# of that subtree.
+detect_cgroups() {
+    CG_ROOTS=()
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        CG_ROOTS=(/sys/fs/cgroup)
+    else
+        [ -f /sys/fs/cgroup/systemd/cgroup.procs ] && CG_ROOTS+=(/sys/fs/cgroup/systemd)
+        [ -f /sys/fs/cgroup/unified/cgroup.procs ] && CG_ROOTS+=(/sys/fs/cgroup/unified)
+    fi
+    [ ${#CG_ROOTS[@]} -gt 0 ] || die "no usable cgroup hierarchy under /sys/fs/cgroup"
+}
+
+remove_cgroup() {
+    [ -n "$CGROUP_NAME" ] || return 0
+    local root
+    for root in "${CG_ROOTS[@]}"; do
+        [ -d "$root/$CGROUP_NAME" ] || continue
+        find "$root/$CGROUP_NAME" -depth -type d -exec rmdir {} + 2>/dev/null \
+            || say "warning: could not remove cgroup $root/$CGROUP_NAME" >&2
+    done
+    CGROUP_NAME=""
+}
+
+# --- the container ------------------------------------------------------------------
+# Runs a command inside the container: all its namespaces, a clean env.
+cx() {
+    nsenter -t "$CPID" -a env -i \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        LANG=C.UTF-8 SYSTEMD_COLORS=0 SYSTEMD_PAGER= SYSTEMD_LESS= "$@"
+}
+
+boot_container() {
+    N_CONTAINERS=$((N_CONTAINERS + 1))
+    MACHINE="cc-$RUN_ID-$N_CONTAINERS"
+    CGROUP_NAME="claracore-nspawn-$RUN_ID-$N_CONTAINERS"
+    local root
+    for root in "${CG_ROOTS[@]}"; do
+        mkdir "$root/$CGROUP_NAME" || { say "cannot create cgroup $root/$CGROUP_NAME"; return 1; }
+    done
+    local console="$TMP/$MACHINE.console" t0=$EPOCHREALTIME
+    (
+        for root in "${CG_ROOTS[@]}"; do echo "$BASHPID" >"$root/$CGROUP_NAME/cgroup.procs"; done
+        export SYSTEMD_NSPAWN_LOCK=0 # several containers of one tree may run at once
+        exec systemd-nspawn -q -b -D "$ROOTFS" --machine="$MACHINE" \
+            --register=no --keep-unit --console=pipe --private-network --volatile=overlay \
+            --bind-ro="$BIN:/usr/bin/claracore" \
+            --bind-ro="$REPO/systemd:/opt/claracore/units" \
+            --bind-ro="$LLAMA_SERVER:/opt/claracore/llama-server" \
+            --bind-ro="$MODEL:/opt/claracore/tiny.gguf" \
+            --bind-ro="$REPO/tests/tools/fake_upstream.py:/opt/claracore/fake_upstream.py"
+    ) </dev/null >"$console" 2>&1 &
+    NSPAWN_PID=$!
+    CPID=""
+    local i c
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$NSPAWN_PID" 2>/dev/null || break
+        for c in $(cat /proc/"$NSPAWN_PID"/task/*/children 2>/dev/null); do
+            [ "$(cat /proc/"$c"/comm 2>/dev/null)" = systemd ] && CPID="$c"
+        done
+        [ -n "$CPID" ] && break
+        sleep 0.1
+    done
+    if [ -z "$CPID" ]; then
+        say "  nspawn did not start the container's systemd; console:"
+        tail -20 "$console" | sed 's/^/    /'
+        return 1
+    fi
+    # Retry until its bus answers and boot is over.
+    local state=""
+    for ((i = 0; i < 300; i++)); do
+        state="$(cx systemctl is-system-running --wait 2>/dev/null)"
+        case "$state" in running | degraded) break ;; esac
+        kill -0 "$NSPAWN_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    case "$state" in
+    running) ;;
+    degraded)
+        info "container is degraded; failed units:"
+        cx systemctl --failed --no-legend | sed 's/^/      /'
+        ;;
+    *)
+        say "  container did not finish booting (state '$state'); console:"
+        tail -20 "$console" | sed 's/^/    /'
+        return 1
+        ;;
+    esac
+    BOOT_TIME="$(elapsed "$t0")"
+    info "booted $MACHINE in ${BOOT_TIME} s (systemd $(cx systemctl --version | awk 'NR==1 {print $2}'))"
+}
+
+stop_container() {
+    if [ -n "$NSPAWN_PID" ]; then
+        # SIGRTMIN+4 asks systemd for a poweroff; nspawn exits when PID 1 does.
+        [ -n "$CPID" ] && kill -s RTMIN+4 "$CPID" 2>/dev/null
+        local i
+        for ((i = 0; i < 150; i++)); do
+            kill -0 "$NSPAWN_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$NSPAWN_PID" 2>/dev/null; then
+            say "  container did not power off in 15 s; killing it" >&2
+            # Killing PID 1 of the container kills its whole PID namespace.
+            [ -n "$CPID" ] && kill -KILL "$CPID" 2>/dev/null
+            sleep 0.5
+            kill -KILL "$NSPAWN_PID" 2>/dev/null
+        fi
+        wait "$NSPAWN_PID" 2>/dev/null
+    fi
+    NSPAWN_PID=""
+    CPID=""
+    # nspawn leaves its propagation dir behind when /run is not a tmpfs.
+    if [ -n "$MACHINE" ]; then
+        rmdir "/run/systemd/nspawn/propagate/$MACHINE" 2>/dev/null
+        MACHINE=""
+    fi
+    remove_cgroup
+}
+
+cleanup_all() {
+    stop_container
+    if [ "$NSPAWN_RUN_EXISTED" = 0 ]; then
+        rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn/locks /run/systemd/nspawn 2>/dev/null
+    fi
+    [ -n "$TMP" ] && rm -rf "$TMP"
+    TMP=""
+}
+
+# --- claracore inside the container -------------------------------------------------
+install_claracore() {
+    cx sh -ec '
+        u=/opt/claracore/units
+        install -m 0644 $u/claracore.service $u/claracore.socket $u/claracore-local.socket /etc/systemd/system/
+        install -D -m 0644 $u/claracore.sysusers /etc/sysusers.d/claracore.conf
+        install -D -m 0644 $u/claracore.tmpfiles /etc/tmpfiles.d/claracore.conf
+        systemd-sysusers /etc/sysusers.d/claracore.conf
+        systemd-tmpfiles --create /etc/tmpfiles.d/claracore.conf
+        systemctl daemon-reload
+    ' || return 1
+    write_config "$(base_config)"
+}
+
+base_config() {
+    cat <<'EOF'
+listen = ["127.0.0.1:5800", "unix:/run/claracore/claracore.sock"]
+llama_server = "/opt/claracore/llama-server"
+state_dir = "/var/lib/claracore"
+[scheduler]
+idle_ttl = "10m"
+[models.tiny]
+model = "/opt/claracore/tiny.gguf"
+args = ["-c", "512", "-t", "1"]
+EOF
+}
+
+# An unknown top-level key: the config loader denies unknown fields.
+broken_config() {
+    printf 'no_such_key = true\n'
+    base_config
+}
+
+write_config() { printf '%s\n' "$1" | cx sh -c 'mkdir -p /etc/claracore && cat >/etc/claracore/config.toml'; }
+
+add_dropin() { # NAME CONTENT
+    printf '%s\n' "$2" | cx sh -c "mkdir -p /etc/systemd/system/claracore.service.d &&
+        cat >/etc/systemd/system/claracore.service.d/$1.conf && systemctl daemon-reload"
+}
+
+prop() { cx systemctl show -p "$2" --value "$1"; }
+# "P=V P=V ..." of claracore.service, in the order given.
+props() {
+    local p out=""
+    for p in "$@"; do out+="$p=$(prop claracore.service "$p") "; done
+    printf '%s' "${out% }"
+}
+
+# HTTP inside the container. Sets HTTP_CODE and HTTP_BODY.
+http() { # curl args...
+    local out
+    out="$(cx curl -sS --max-time 120 -w '\n%{http_code}' "$@" 2>&1)"
+    HTTP_CODE="${out##*$'\n'}"
+    HTTP_BODY="${out%$'\n'*}"
+}
+get_models() { http http://127.0.0.1:5800/v1/models; }
+chat() { # MODEL [extra json]
+    http -H 'content-type: application/json' \
+        -d "{\"model\":\"$1\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":8${2:-}}" \
+        http://127.0.0.1:5800/v1/chat/completions
+}
+# The model ids in a /v1/models body, space-separated and sorted.
+model_ids() { printf '%s' "$1" | cx jq -r '[.data[].id] | sort | join(" ")' 2>/dev/null; }
+
+# Journal entries of the service as a JSON array (extra journalctl args).
+journal_json() { cx sh -c 'journalctl -u claracore.service -o json --no-pager "$@" | jq -s .' sh "$@"; }
+jq_in() { cx jq -r "$@"; }
+
+wait_for() { # SECONDS COMMAND... : retry every 0.2 s until it succeeds
+    local deadline
+    deadline="$(awk -v n="$EPOCHREALTIME" -v s="$1" 'BEGIN { printf "%.3f", n + s }')"
+    shift
+    while ! "$@"; do
+        awk -v n="$EPOCHREALTIME" -v d="$deadline" 'BEGIN { exit !(n > d) }' && return 1
+        sleep 0.2
+    done
+}
+
+# --- assertions -------------------------------------------------------------------------
+SCEN_FAILS=0
+ok() { info "ok   $*"; }
+bad() {
+    info "FAIL $*"
+    SCEN_FAILS=$((SCEN_FAILS + 1))
+}
+check() { # DESCRIPTION COMMAND...
+    local d="$1"
+    shift
+    if "$@"; then ok "$d"; else bad "$d"; fi
+}
+is_eq() { [ "$1" = "$2" ]; }
+contains() { [[ "$1" == *"$2"* ]]; }
+
+diagnostics() {
+    info "--- diagnostics"
+    cx systemctl status --no-pager -l -n 0 claracore.service claracore.socket claracore-local.socket 2>&1 | sed 's/^/      /'
+    info "--- journalctl -u claracore -n 50"
+    cx journalctl -u claracore.service -u claracore.socket -u claracore-local.socket -n 50 --no-pager 2>&1 | sed 's/^/      /'
+}
+
+# --- scenarios ---------------------------------------------------------------------------
+
+scenario_unit_files() {
+    local u=/etc/systemd/system out err rc
+    # verify: needs the ExecStart binary (bound at /usr/bin/claracore).
+    out="$(cx sh -c "systemd-analyze verify $u/claracore.service $u/claracore.socket $u/claracore-local.socket 2>/tmp/verify.err"; echo "rc=$?")"
+    err="$(cx cat /tmp/verify.err)"
+    rc="${out##*rc=}"
+    out="${out%rc=*}"
+    info "systemd-analyze verify: exit $rc; stdout: ${out:-(empty)}; stderr: ${err:-(empty)}"
+    check "systemd-analyze verify exits 0" is_eq "$rc" 0
+    check "systemd-analyze verify prints nothing on stderr" is_eq "$err" ""
+
+    local sec score
+    sec="$(cx systemd-analyze security --offline=yes --no-pager $u/claracore.service 2>&1)"
+    score="$(printf '%s\n' "$sec" | sed -n 's/.*Overall exposure level for claracore.service: \([0-9.]*\).*/\1/p')"
+    info "security exposure: ${score:-?} ($(printf '%s\n' "$sec" | grep 'Overall exposure' | sed 's/.*: //'))"
+    info "top contributors (exposure, setting, description):"
+    cx systemd-analyze security --offline=yes --json=short --no-pager $u/claracore.service 2>/dev/null |
+        jq_in '[.[] | select(.set == false and .exposure != null)] | sort_by(-(.exposure | tonumber))
+               | .[:10][] | "\(.exposure)  \(.name)  \(.description)"' | sed 's/^/      /'
+    if [ -z "$score" ]; then
+        bad "systemd-analyze security printed no overall exposure:"
+        printf '%s\n' "$sec" | tail -5 | sed 's/^/      /'
+    else
+        check "security exposure $score <= $SECURITY_MAX" awk -v s="$score" -v m="$SECURITY_MAX" 'BEGIN { exit !(s <= m) }'
+    fi
+}
+
+socket_activated_with() { # NAME: a socket-activated entry carries NAME in a field
+    journal_json | jq_in --arg n "$1" -e '[.[] | select((.MESSAGE // "" | tostring) | test("socket-activated"))
+        | [to_entries[] | select(.key | startswith("_") | not) | .value | tostring]
+        | any(test("(^|[^a-z])" + $n + "([^a-z]|$)"))] | any' >/dev/null
+}
+
+scenario_socket_activation() {
+    local rc=0
+    cx systemctl start claracore.socket claracore-local.socket || rc=$?
+    check "systemctl start claracore.socket claracore-local.socket" is_eq "$rc" 0
+    check "sockets listening (claracore.socket: $(prop claracore.socket ActiveState), claracore-local.socket: $(prop claracore-local.socket ActiveState))" \
+        is_eq "$(prop claracore.socket ActiveState)$(prop claracore-local.socket ActiveState)" activeactive
+    local st
+    st="$(prop claracore.service ActiveState)"
+    check "service not started by the sockets alone (ActiveState=$st)" is_eq "$st" inactive
+
+    local t0=$EPOCHREALTIME
+    get_models
+    info "first request over TCP: HTTP $HTTP_CODE in $(elapsed "$t0") s: ${HTTP_BODY:0:200}"
+    check "first TCP request answered 200" is_eq "$HTTP_CODE" 200
+    check "/v1/models lists tiny" contains "$(model_ids "$HTTP_BODY")" tiny
+    st="$(prop claracore.service ActiveState)"
+    check "the request started the service (ActiveState=$st)" is_eq "$st" active
+
+    http --unix-socket /run/claracore/claracore.sock http://x/v1/models
+    info "unix socket: HTTP $HTTP_CODE: ${HTTP_BODY:0:200}"
+    check "unix socket answered 200" is_eq "$HTTP_CODE" 200
+    check "unix socket /v1/models lists tiny" contains "$(model_ids "$HTTP_BODY")" tiny
+
+    check "journal: socket-activated listener named http" wait_for 5 socket_activated_with http
+    check "journal: socket-activated listener named local" wait_for 5 socket_activated_with local
+    info "journal lines about listeners:"
+    cx journalctl -u claracore.service --no-pager -o cat | grep -iE 'socket-activated|listen' | head -5 | sed 's/^/      /'
+}
+
+status_has_tiny() { contains "$(prop claracore.service StatusText)" tiny; }
+
+scenario_ready_and_status() {
+    local rc=0 t0=$EPOCHREALTIME
+    cx systemctl start claracore || rc=$?
+    info "systemctl start claracore: exit $rc after $(elapsed "$t0") s"
+    check "systemctl start claracore succeeds" is_eq "$rc" 0
+    local active sub status
+    active="$(prop claracore.service ActiveState)"
+    sub="$(prop claracore.service SubState)"
+    status="$(prop claracore.service StatusText)"
+    info "right after start: Type=$(prop claracore.service Type) ActiveState=$active SubState=$sub StatusText=$status"
+    check "ActiveState=active right after start returned" is_eq "$active" active
+    check "SubState=running right after start returned" is_eq "$sub" running
+    check "StatusText non-empty right after start returned" test -n "$status"
+
+    chat tiny
+    info "chat: HTTP $HTTP_CODE: ${HTTP_BODY:0:200}"
+    check "chat completion answered 200" is_eq "$HTTP_CODE" 200
+    check "chat completion has choices" contains "$HTTP_BODY" '"choices"'
+    check "StatusText mentions tiny after the request (within 5 s)" wait_for 5 status_has_tiny
+    info "StatusText: $(prop claracore.service StatusText)"
+}
+
+status_has_reload_failed() { contains "$(prop claracore.service StatusText)" "reload failed"; }
+
+scenario_reload() {
+    local rc=0
+    cx systemctl start claracore || rc=$?
+    check "systemctl start claracore" is_eq "$rc" 0
+    local pid0
+    pid0="$(prop claracore.service MainPID)"
+    info "MainPID $pid0"
+
+    write_config "$(base_config)
+[models.tiny2]
+model = \"/opt/claracore/tiny.gguf\"
+args = [\"-c\", \"512\", \"-t\", \"1\"]"
+    local t0=$EPOCHREALTIME
+    rc=0
+    cx timeout 60 systemctl reload claracore || rc=$?
+    info "systemctl reload: exit $rc after $(elapsed "$t0") s"
+    check "systemctl reload claracore succeeds" is_eq "$rc" 0
+    get_models
+    local ids
+    ids="$(model_ids "$HTTP_BODY")"
+    info "/v1/models after reload: HTTP $HTTP_CODE, models: $ids"
+    check "/v1/models lists tiny2 after reload" contains " $ids " " tiny2 "
+    check "still active after reload" is_eq "$(prop claracore.service ActiveState)" active
+    check "MainPID unchanged by reload" is_eq "$(prop claracore.service MainPID)" "$pid0"
+
+    write_config "$(broken_config)"
+    t0=$EPOCHREALTIME
+    rc=0
+    cx timeout 60 systemctl reload claracore || rc=$?
+    info "systemctl reload with a broken config: exit $rc after $(elapsed "$t0") s (not asserted)"
+    check "StatusText says reload failed (within 5 s)" wait_for 5 status_has_reload_failed
+    info "StatusText: $(prop claracore.service StatusText)"
+    check "still active after the failed reload" is_eq "$(prop claracore.service ActiveState)" active
+    check "MainPID unchanged by the failed reload" is_eq "$(prop claracore.service MainPID)" "$pid0"
+    get_models
+    ids="$(model_ids "$HTTP_BODY")"
+    info "/v1/models after the failed reload: HTTP $HTTP_CODE, models: $ids"
+    check "/v1/models still answers with the previous models (tiny tiny2)" is_eq "$HTTP_CODE $ids" "200 tiny tiny2"
+}
+
+restarted_from() { # OLD_PID
+    local pid st
+    pid="$(prop claracore.service MainPID)"
+    st="$(prop claracore.service ActiveState)"
+    [ "$pid" != 0 ] && [ "$pid" != "$1" ] && [ "$st" = active ]
+}
+journal_has() { cx journalctl -u claracore.service --no-pager -o cat | grep -q -- "$1"; }
+
+scenario_watchdog() {
+    add_dropin watchdog '[Service]
+WatchdogSec=2s'
+    local rc=0
+    cx systemctl start claracore || rc=$?
+    check "systemctl start claracore (WatchdogSec=2s drop-in)" is_eq "$rc" 0
+    check "WatchdogUSec=2s" is_eq "$(prop claracore.service WatchdogUSec)" 2s
+    local pid0
+    pid0="$(prop claracore.service MainPID)"
+    # Three watchdog periods without a restart: the daemon pings.
+    sleep 6
+    check "alive 6 s later with WatchdogSec=2s: same MainPID, NRestarts=0 (pings arrive)" \
+        is_eq "$(prop claracore.service MainPID) $(prop claracore.service NRestarts)" "$pid0 0"
+    local t0=$EPOCHREALTIME
+    cx kill -STOP "$pid0"
+    info "SIGSTOP to MainPID $pid0"
+    if wait_for 15 restarted_from "$pid0"; then
+        ok "restarted with a new MainPID $(prop claracore.service MainPID) $(elapsed "$t0") s after SIGSTOP"
+    else
+        bad "no restart within 15 s of SIGSTOP (MainPID $(prop claracore.service MainPID), $(prop claracore.service ActiveState))"
+    fi
+    check "systemd logged a watchdog timeout" journal_has "Watchdog timeout"
+    local n
+    n="$(prop claracore.service NRestarts)"
+    check "NRestarts=$n >= 1" test "${n:-0}" -ge 1
+    cx journalctl -u claracore.service --no-pager -o cat | grep -iE 'watchdog|Scheduled restart|signal' | head -5 | sed 's/^/      /'
+}
+
+model_tiny_entries() { [ "$(journal_json MODEL=tiny | jq_in 'length')" -gt 0 ] 2>/dev/null; }
+
+scenario_journal_fields() {
+    local rc=0
+    cx systemctl start claracore || rc=$?
+    check "systemctl start claracore" is_eq "$rc" 0
+    chat tiny
+    check "chat completion answered 200" is_eq "$HTTP_CODE" 200
+    local mainpid child
+    mainpid="$(prop claracore.service MainPID)"
+    http http://127.0.0.1:5800/api/ps
+    child="$(printf '%s' "$HTTP_BODY" | jq_in '.models[] | select(.name == "tiny") | .pid // empty' 2>/dev/null)"
+    info "MainPID $mainpid; /api/ps llama-server pid for tiny: ${child:-none}"
+
+    check "journalctl -u claracore MODEL=tiny has entries (within 5 s)" wait_for 5 model_tiny_entries
+    local j
+    j="$(journal_json MODEL=tiny)"
+    info "MODEL=tiny: $(printf '%s' "$j" | jq_in '"\(length) entries, \([.[] | select(.PRIORITY)] | length) with PRIORITY, \([.[] | select(.CHILD_PID)] | length) with CHILD_PID"')"
+    printf '%s' "$j" | jq_in '.[:3][] | "PRIORITY=\(.PRIORITY) CHILD_PID=\(.CHILD_PID) MESSAGE=\(.MESSAGE | tostring | .[:100])"' | sed 's/^/      /'
+    check "every MODEL=tiny entry has PRIORITY" jq_in -e 'length > 0 and all(.PRIORITY != null)' <<<"$j"
+    check "some MODEL=tiny entry has a numeric CHILD_PID" jq_in -e 'any((.CHILD_PID // "") | test("^[0-9]+$"))' <<<"$j"
+    if [ -n "$child" ]; then
+        check "CHILD_PID=$child (the llama-server of /api/ps) appears" jq_in --arg p "$child" -e 'any(.CHILD_PID == $p)' <<<"$j"
+    else
+        bad "/api/ps shows no pid for tiny: ${HTTP_BODY:0:200}"
+    fi
+    local d
+    d="$(journal_json _PID="$mainpid" PRIORITY=6 _TRANSPORT=journal)"
+    info "daemon (PID $mainpid) entries at PRIORITY=6 via the native journal protocol: $(jq_in length <<<"$d")"
+    jq_in '.[:2][] | "PRIORITY=\(.PRIORITY) MESSAGE=\(.MESSAGE | tostring | .[:100])"' <<<"$d" | sed 's/^/      /'
+    check "the daemon logs info events as PRIORITY=6 journal entries" jq_in -e 'length > 0' <<<"$d"
+}
+
+stream_started() { cx grep -q '^data: {' /run/cc-stream.out 2>/dev/null; }
+stream_client_done() { case "$(prop cc-stream-client.service SubState)" in exited | failed | dead) return 0 ;; esac; return 1; }
+
+scenario_stop_with_stream() {
+    write_config "$(base_config | sed 's/^idle_ttl = .*/&\nmax_loaded = 2/')
+[models.slow]
+cmd = [\"python3\", \"/opt/claracore/fake_upstream.py\", \"--port\", \"{port}\", \"--chunk-delay-ms\", \"100\"]"
+    local rc=0
+    cx systemctl start claracore || rc=$?
+    check "systemctl start claracore" is_eq "$rc" 0
+    chat tiny
+    check "tiny answered 200 (a llama-server child is running)" is_eq "$HTTP_CODE" 200
+    # The streaming client runs as a transient unit of the container's systemd
+    # (60 chunks, 100 ms apart: ~6 s).
+    cx systemd-run --quiet --unit=cc-stream-client -p RemainAfterExit=yes \
+        -p StandardOutput=file:/run/cc-stream.out -p StandardError=file:/run/cc-stream.err \
+        curl -sS -N --max-time 120 -H 'content-type: application/json' \
+        -d '{"model":"slow","messages":[{"role":"user","content":"hi"}],"max_tokens":60,"stream":true}' \
+        http://127.0.0.1:5800/v1/chat/completions
+    check "the stream began (within 30 s)" wait_for 30 stream_started
+    local procs
+    procs="$(cx pgrep -a 'llama-server|python3' | sed 's/^/        /')"
+    info "children before stop:"
+    printf '%s\n' "$procs"
+    check "llama-server and the fake upstream both run before stop" \
+        eval '[[ "$procs" == *llama-server* && "$procs" == *fake_upstream* ]]'
+    local before
+    before="$(cx grep -c '^data: ' /run/cc-stream.out)"
+    check "the stream was not finished when stop began ($before data lines)" \
+        eval '! cx grep -q "^data: \[DONE\]" /run/cc-stream.out'
+
+    local t0=$EPOCHREALTIME
+    rc=0
+    cx timeout 90 systemctl stop claracore || rc=$?
+    info "systemctl stop claracore: exit $rc after $(elapsed "$t0") s"
+    check "systemctl stop claracore succeeds" is_eq "$rc" 0
+    wait_for 30 stream_client_done
+    local out after last crc
+    out="$(cx cat /run/cc-stream.out)"
+    after="$(printf '%s\n' "$out" | grep -c '^data: ')"
+    last="$(printf '%s\n' "$out" | grep -v '^[[:space:]]*$' | tail -1)"
+    crc="$(prop cc-stream-client.service ExecMainStatus)"
+    info "stream: $before data lines at stop, $after at the end; last line: $last; curl exit $crc; stderr: $(cx cat /run/cc-stream.err)"
+    check "the stream completed with data: [DONE]" is_eq "$last" "data: [DONE]"
+    check "the stream went on during the stop ($before -> $after data lines)" test "$after" -gt "$before"
+    check "curl exited 0" is_eq "$crc" 0
+    procs="$(cx pgrep -a 'llama-server|python3')"
+    check "no llama-server or fake upstream left${procs:+: $procs}" test -z "$procs"
+    info "after stop: $(props ActiveState Result ExecMainCode ExecMainStatus)"
+    check "Result=success" is_eq "$(prop claracore.service Result)" success
+    check "ExecMainStatus=0" is_eq "$(prop claracore.service ExecMainStatus)" 0
+}
+
+scenario_bad_config_at_start() {
+    write_config "$(broken_config)"
+    local rc=0
+    cx systemctl start claracore 2>/dev/null || rc=$?
+    info "systemctl start claracore with a broken config: exit $rc"
+    check "systemctl start claracore fails" test "$rc" -ne 0
+    check "ExecMainStatus=78" is_eq "$(prop claracore.service ExecMainStatus)" 78
+    cx journalctl -u claracore.service --no-pager -o cat | grep -i 'claracore' | head -3 | sed 's/^/      /'
+    sleep 10
+    info "10 s later: $(props ActiveState SubState Result NRestarts ExecMainStatus)"
+    check "NRestarts=0 10 s later (no restart loop)" is_eq "$(prop claracore.service NRestarts)" 0
+    local st
+    st="$(prop claracore.service ActiveState)"
+    check "failed or inactive 10 s later (ActiveState=$st)" eval '[ "$st" = failed ] || [ "$st" = inactive ]'
+    local starts
+    starts="$(cx journalctl -u claracore.service --no-pager -o cat | grep -c 'Starting claracore')"
+    check "started once ($starts 'Starting' lines)" is_eq "$starts" 1
+}
+
+# --- driver ------------------------------------------------------------------------------
+PASSED=0
+FAILED=0
+SUMMARY=()
+
+record() { # NAME RESULT TIME
+    SUMMARY+=("$(printf '%-22s %-4s %6s s' "$1" "$2" "$3")")
+    if [ "$2" = PASS ]; then PASSED=$((PASSED + 1)); else FAILED=$((FAILED + 1)); fi
+}
+
+run_scenario() {
+    local name="$1" fn="scenario_${1//-/_}"
+    SCEN_FAILS=0
+    say "=== $name"
+    local t_all=$EPOCHREALTIME t0
+    BOOT_TIME="-"
+    if boot_container; then
+        if install_claracore; then
+            t0=$EPOCHREALTIME
+            "$fn"
+            info "scenario took $(elapsed "$t0") s (boot ${BOOT_TIME} s)"
+        else
+            bad "installing claracore into the container failed"
+        fi
+        [ "$SCEN_FAILS" -eq 0 ] || diagnostics
+    else
+        bad "the container did not boot"
+    fi
+    stop_container
+    local r=PASS
+    [ "$SCEN_FAILS" -eq 0 ] || r=FAIL
+    record "$name" "$r" "$(elapsed "$t_all")"
+    say "--- $name: $r"
+}
+
+main() {
+    local scenarios=("$@") s
+    [ ${#scenarios[@]} -gt 0 ] || scenarios=("${ALL_SCENARIOS[@]}")
+    for s in "${scenarios[@]}"; do
+        declare -F "scenario_${s//-/_}" >/dev/null || { say "unknown scenario: $s (have: ${ALL_SCENARIOS[*]})"; exit 2; }
+    done
+    local t_start=$EPOCHREALTIME
+    ensure_host_tools
+    detect_cgroups
+    trap 'cleanup_all' EXIT
+    trap 'exit 130' INT TERM
+    TMP="$(mktemp -d /tmp/claracore-nspawn.XXXXXX)"
+    build_claracore
+    test_deps
+    ensure_rootfs
+    say "claracore: $BIN ($(git -C "$REPO" log -1 --format=%h 2>/dev/null) + worktree)"
+    say "rootfs: $ROOTFS; host $(systemd-nspawn --version | head -1)"
+    say "setup took $(elapsed "$t_start") s"
+    for s in "${scenarios[@]}"; do
+        run_scenario "$s"
+        if [ "${CLARACORE_NSPAWN_KEEP_GOING:-1}" = 0 ] && [ "$FAILED" -gt 0 ]; then break; fi
+    done
+    cleanup_all
+    trap - EXIT
+    say ""
+    say "scenario               result   time"
+    printf '%s\n' "${SUMMARY[@]}"
+    say "total $(elapsed "$t_start") s"
+    say "$PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]
+}
+
+main "$@"
