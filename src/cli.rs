@@ -32,6 +32,14 @@ client (talks to a running daemon; --host URL or CLARACORE_HOST,
   ps                               loaded models with pid, port, idle time and uptime
   list                             configured models and their state
   stop MODEL                       drain and stop a model
+  history [--model M] [--since 1h] [--outcome O] [--limit N] [--json]
+                                   recent requests, newest first
+  stats [--window 1h] [--json]     per-model requests, errors, latency, tokens/s, loads
+  backup FILE                      a consistent copy of the history database, taken live
+
+offline:
+  restore FILE [--config F]        verify FILE and make it the history database
+                                   (the daemon must be stopped)
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -55,6 +63,24 @@ pub enum Command {
     Stop {
         host: Host,
         model: String,
+    },
+    History {
+        host: Host,
+        query: String,
+        json: bool,
+    },
+    Stats {
+        host: Host,
+        window: String,
+        json: bool,
+    },
+    Backup {
+        host: Host,
+        file: PathBuf,
+    },
+    Restore {
+        file: PathBuf,
+        config: PathBuf,
     },
 }
 
@@ -91,6 +117,9 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
     let mut host = None;
     let mut log_target = None;
     let mut strict = false;
+    let mut json = false;
+    let mut query: Vec<(&str, String)> = Vec::new();
+    let mut window = None;
     let mut it = args.iter().map(String::as_str);
     let Some(command) = it.next() else {
         return Ok(Command::Help);
@@ -101,6 +130,12 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
             "--host" => host = Some(it.next().ok_or("--host needs a URL")?),
             "--log-target" => log_target = Some(it.next().ok_or("--log-target needs a value")?),
             "--strict" => strict = true,
+            "--json" => json = true,
+            "--window" => window = Some(it.next().ok_or("--window needs a duration")?),
+            "--model" | "--since" | "--until" | "--outcome" | "--limit" => {
+                let value = it.next().ok_or_else(|| format!("{arg} needs a value"))?;
+                query.push((&arg[2..], value.to_string()));
+            }
             "-h" | "--help" => return Ok(Command::Help),
             flag if flag.starts_with("--") => {
                 if let Some((name, value)) = flag.split_once('=') {
@@ -163,8 +198,57 @@ pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String>
                 model,
             }
         }
+        "history" => {
+            no_extra(0)?;
+            let query = query
+                .iter()
+                .map(|(k, v)| format!("{k}={}", encode(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            Command::History {
+                host: host()?,
+                query,
+                json,
+            }
+        }
+        "stats" => {
+            no_extra(0)?;
+            Command::Stats {
+                host: host()?,
+                window: window.unwrap_or("1h").to_string(),
+                json,
+            }
+        }
+        "backup" => {
+            no_extra(1)?;
+            let file = rest.first().ok_or("backup needs a FILE")?;
+            Command::Backup {
+                host: host()?,
+                file: PathBuf::from(file),
+            }
+        }
+        "restore" => {
+            no_extra(1)?;
+            let file = rest.first().ok_or("restore needs a FILE")?;
+            Command::Restore {
+                file: PathBuf::from(file),
+                config: PathBuf::from(config.unwrap_or(DEFAULT_CONFIG)),
+            }
+        }
         other => return Err(format!("unknown command {other:?}")),
     })
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A client command's failure.
@@ -196,11 +280,33 @@ pub async fn call(
     method: Method,
     path: &str,
 ) -> Result<serde_json::Value, ClientError> {
+    let (status, body) = call_raw(host, method, path, Duration::from_secs(30)).await?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| ClientError::Protocol {
+            host: host.describe(),
+            message: format!("answer is not JSON (status {status})"),
+        })?;
+    if !status.is_success() {
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
+        return Err(ClientError::Status { status, message });
+    }
+    Ok(value)
+}
+
+/// One request to the daemon; the status and raw body.
+pub async fn call_raw(
+    host: &Host,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ClientError> {
     let connect_err = |source| ClientError::Connect {
         host: host.describe(),
         source,
     };
-    let timeout = Duration::from_secs(30);
     let exchange = async {
         match host {
             Host::Tcp(addr) => {
@@ -221,7 +327,7 @@ pub async fn call(
         .await
         .map_err(|_| ClientError::Protocol {
             host: host.describe(),
-            message: "no answer within 30s".into(),
+            message: format!("no answer within {}s", timeout.as_secs()),
         })?
 }
 
@@ -230,7 +336,7 @@ async fn exchange<S>(
     host: &Host,
     method: Method,
     path: &str,
-) -> Result<serde_json::Value, ClientError>
+) -> Result<(StatusCode, Bytes), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -263,16 +369,7 @@ where
         .await
         .map_err(|e| proto(e.to_string()))?
         .to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| proto(format!("answer is not JSON (status {status})")))?;
-    if !status.is_success() {
-        let message = value["error"]["message"]
-            .as_str()
-            .unwrap_or("no message")
-            .to_string();
-        return Err(ClientError::Status { status, message });
-    }
-    Ok(value)
+    Ok((status, body))
 }
 
 fn secs(v: &serde_json::Value) -> String {
@@ -334,6 +431,179 @@ pub fn format_list(value: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+fn ms(v: &serde_json::Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
+}
+
+fn rate(v: &serde_json::Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |r| format!("{r:.0}"))
+}
+
+/// Renders `/api/history` as a table, newest first.
+pub fn format_history(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
+        "ID",
+        "STARTED (UTC)",
+        "MODEL",
+        "ENDPOINT",
+        "STATUS",
+        "OUTCOME",
+        "LATENCY",
+        "TTFT",
+        "TOKENS IN/OUT"
+    );
+    for r in value["requests"].as_array().into_iter().flatten() {
+        let started = r["started_at_ms"]
+            .as_u64()
+            .map(|t| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
+                    .to_string()
+            })
+            .map(|t| t.trim_end_matches('Z').replace('T', " "))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
+            r["id"],
+            started,
+            r["model"].as_str().unwrap_or("-"),
+            r["endpoint"].as_str().unwrap_or("?"),
+            r["status"],
+            r["outcome"].as_str().unwrap_or("?"),
+            ms(&r["latency_ms"]),
+            ms(&r["ttft_ms"]),
+            format!(
+                "{}/{}",
+                opt(&r["prompt_tokens"]),
+                opt(&r["completion_tokens"])
+            ),
+        ));
+        if let Some(e) = r["error"].as_str() {
+            out.push_str(&format!("{:>7} error: {e}\n", ""));
+        }
+    }
+    out
+}
+
+/// Renders `/api/stats`.
+pub fn format_stats(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
+        "MODEL",
+        "REQUESTS",
+        "ERRORS",
+        "LAT P50",
+        "LAT P95",
+        "TTFT P50",
+        "TTFT P95",
+        "PROMPT t/s",
+        "GEN t/s",
+        "LOADS",
+        "LOAD P50"
+    );
+    for m in value["models"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
+            m["model"].as_str().unwrap_or("?"),
+            m["requests"],
+            m["errors"],
+            ms(&m["latency_p50_ms"]),
+            ms(&m["latency_p95_ms"]),
+            ms(&m["ttft_p50_ms"]),
+            ms(&m["ttft_p95_ms"]),
+            rate(&m["prompt_tokens_per_second"]),
+            rate(&m["generation_tokens_per_second"]),
+            m["loads"],
+            ms(&m["load_p50_ms"]),
+        ));
+    }
+    if let Some(d) = value["history_rows_dropped"].as_u64().filter(|d| *d > 0) {
+        out.push_str(&format!("({d} history rows were dropped)\n"));
+    }
+    out
+}
+
+/// `claracore backup FILE`: asks the daemon for a consistent copy, checks
+/// it, and only then puts it at `file` (never over an existing file).
+pub async fn backup(host: &Host, file: &std::path::Path) -> Result<String, String> {
+    if file.exists() {
+        return Err(format!("{} exists; choose a new file", file.display()));
+    }
+    let (status, body) = call_raw(host, Method::POST, "/api/backup", Duration::from_secs(600))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        return Err(format!("claracore answered {status}: {message}"));
+    }
+    let tmp = file.with_extension("partial");
+    std::fs::write(&tmp, &body).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    match crate::history::store::verify(&tmp) {
+        Ok(version) => {
+            std::fs::rename(&tmp, file)
+                .map_err(|e| format!("renaming to {}: {e}", file.display()))?;
+            Ok(format!(
+                "{}: {} bytes, schema version {version}, integrity ok\n",
+                file.display(),
+                body.len()
+            ))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(format!("the copy failed its check: {e}"))
+        }
+    }
+}
+
+/// `claracore restore FILE`: with the daemon stopped, checks `file` and
+/// makes it the history database; the current one is kept beside it.
+pub fn restore(config: &crate::config::Config, file: &std::path::Path) -> Result<String, String> {
+    use crate::config::ListenAddr;
+    for addr in &config.listen {
+        let live = match addr {
+            ListenAddr::Tcp(a) => {
+                std::net::TcpStream::connect_timeout(a, Duration::from_millis(300)).is_ok()
+            }
+            ListenAddr::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+        };
+        if live {
+            return Err(format!(
+                "claracore is answering on {addr}; stop it first (systemctl stop claracore)"
+            ));
+        }
+    }
+    let version = crate::history::store::verify(file).map_err(|e| e.to_string())?;
+    let db = &config.history.path;
+    let tmp = db.with_extension("restoring");
+    std::fs::copy(file, &tmp).map_err(|e| format!("copying to {}: {e}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("syncing {}: {e}", tmp.display()))?;
+    let mut note = String::new();
+    if db.exists() {
+        let aside = db.with_extension(format!(
+            "db.before-restore-{}",
+            crate::history::now_ms() / 1000
+        ));
+        std::fs::rename(db, &aside).map_err(|e| format!("moving {} aside: {e}", db.display()))?;
+        for suffix in ["-wal", "-shm"] {
+            let side = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+            let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+        }
+        note = format!(" (the previous database is at {})", aside.display());
+    }
+    std::fs::rename(&tmp, db).map_err(|e| format!("renaming to {}: {e}", db.display()))?;
+    Ok(format!(
+        "restored {} as {} (schema version {version}){note}\n",
+        file.display(),
+        db.display()
+    ))
 }
 
 #[cfg(test)]

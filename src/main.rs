@@ -37,6 +37,40 @@ fn main() -> ExitCode {
         Command::Serve { config, log_target } => serve(&config, log_target),
         Command::Ps { host } => client(&host, Method::GET, "/api/ps", cli::format_ps),
         Command::List { host } => client(&host, Method::GET, "/v1/models", cli::format_list),
+        Command::History { host, query, json } => {
+            client(&host, Method::GET, &format!("/api/history?{query}"), |v| {
+                if json {
+                    format!("{v:#}\n")
+                } else {
+                    cli::format_history(v)
+                }
+            })
+        }
+        Command::Stats { host, window, json } => client(
+            &host,
+            Method::GET,
+            &format!("/api/stats?window={window}"),
+            |v| {
+                if json {
+                    format!("{v:#}\n")
+                } else {
+                    cli::format_stats(v)
+                }
+            },
+        ),
+        Command::Backup { host, file } => {
+            let result = runtime()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(cli::backup(&host, &file)));
+            report(result, ExitCode::FAILURE)
+        }
+        Command::Restore { file, config } => match Config::load(&config) {
+            Ok(c) => report(cli::restore(&c, &file), ExitCode::FAILURE),
+            Err(e) => {
+                eprintln!("claracore: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Stop { host, model } => client(
             &host,
             Method::POST,
@@ -81,6 +115,19 @@ fn check_config(file: &std::path::Path, strict: bool) -> ExitCode {
     }
 }
 
+fn report(result: Result<String, String>, failure: ExitCode) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("claracore: {e}");
+            failure
+        }
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -97,16 +144,7 @@ fn client(
         rt.block_on(cli::call(host, method, path))
             .map_err(|e| e.to_string())
     });
-    match result {
-        Ok(v) => {
-            print!("{}", render(&v));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("claracore: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report(result.map(|v| render(&v)), ExitCode::FAILURE)
 }
 
 /// What `serve` reads from its environment, read once, before any thread

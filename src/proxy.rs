@@ -144,7 +144,7 @@ impl Body for LeasedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         match *this.failure {
             Failure::None => {}
             Failure::EventSent => {
@@ -157,12 +157,29 @@ impl Body for LeasedBody {
             }
             Failure::Abort => return Poll::Ready(Some(Err("upstream failed mid-response".into()))),
         }
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(None) => {
                 // Released as soon as the last byte is out, not when hyper
                 // gets round to dropping the body.
                 this.lease.take();
+                if let Some(mut tap) = this.tap.take() {
+                    tap.on_end(None);
+                }
                 Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(tap), Some(data)) = (this.tap.as_mut(), frame.data_ref()) {
+                    tap.on_data(data);
+                }
+                // hyper stops polling a sized body once all its bytes are
+                // written, so its end is seen here, not as a None.
+                if this.inner.is_end_stream() {
+                    this.lease.take();
+                    if let Some(mut tap) = this.tap.take() {
+                        tap.on_end(None);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 let model = this
@@ -172,6 +189,11 @@ impl Body for LeasedBody {
                     .unwrap_or_default();
                 tracing::warn!(model = %model, error = %e, "upstream body failed mid-response");
                 this.lease.take();
+                if let Some(mut tap) = this.tap.take() {
+                    tap.on_end(Some(
+                        "the model process failed while sending the response".into(),
+                    ));
+                }
                 if *this.is_sse {
                     *this.failure = Failure::EventSent;
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(SSE_ERROR_EVENT)))))
@@ -179,7 +201,7 @@ impl Body for LeasedBody {
                     Poll::Ready(Some(Err(Box::new(e))))
                 }
             }
-            other => other.map_err(|e| Box::new(e) as BoxError),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -477,7 +477,7 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         &config,
         &format!("listen = [\"127.0.0.1:{port}\"]\n{table}"),
     );
-    let mut child = std::process::Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", "/nonexistent/notify")
@@ -487,6 +487,7 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(&addr).is_err() {
@@ -500,8 +501,8 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         Some(chat("f", 1, false).to_string()),
     )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     assert_eq!(status, StatusCode::OK);
     let env = std::fs::read_to_string(&out).unwrap();
     assert!(

@@ -353,7 +353,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
     );
     let log = dir.path().join("log");
     let http = format!("127.0.0.1:{http_port}");
-    let mut child = socket_activate(
+    let child = socket_activate(
         &[
             "-l",
             &http,
@@ -364,6 +364,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
         &config,
         &log,
     );
+    let mut child = KillOnDrop(child);
     // Like a socket unit, systemd-socket-activate starts the daemon on the
     // first connection; this request is queued on the socket until then.
     wait_listening(&http);
@@ -399,11 +400,11 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
     assert!(!String::from_utf8_lossy(&environ).contains("LISTEN_FDS="));
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         Signal::SIGTERM,
     )
     .unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
     assert!(
         sock.exists(),
         "an inherited socket's file belongs to the socket unit, not to us"
@@ -417,12 +418,13 @@ fn unnamed_inherited_sockets_are_http() {
     write_file(&config, "listen = [\"127.0.0.1:1\"]\n");
     let log = dir.path().join("log");
     let http = format!("127.0.0.1:{}", free_port());
-    let mut child = socket_activate(&["-l", &http], &config, &log);
+    let child = socket_activate(&["-l", &http], &config, &log);
+    let mut child = KillOnDrop(child);
     wait_listening(&http);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (code, _) = rt.block_on(request(&http, hyper::Method::GET, "/health", None));
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
     assert_eq!(code, StatusCode::OK);
     let text = std::fs::read_to_string(&log).unwrap();
     // systemd-socket-activate leaves LISTEN_FDNAMES unset here, as systemd

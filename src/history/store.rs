@@ -255,7 +255,7 @@ pub fn apply_retention(
     for (sql, before) in [
         ("DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE started_at_ms < ?1 LIMIT ?2)", requests_before),
         ("DELETE FROM model_events WHERE id IN (SELECT id FROM model_events WHERE at_ms < ?1 LIMIT ?2)", events_before),
-        ("DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE at_ms < ?1 LIMIT ?2)", samples_before),
+        ("DELETE FROM samples WHERE (at_ms, model) IN (SELECT at_ms, model FROM samples WHERE at_ms < ?1 LIMIT ?2)", samples_before),
     ] {
         loop {
             let n = conn.execute(sql, params![before, BATCH])?;
@@ -542,6 +542,45 @@ mod tests {
         let e = open_for_writing(&path).unwrap_err();
         assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
         assert!(e.to_string().contains("newer than this claracore"));
+    }
+
+    #[test]
+    fn retention_deletes_only_old_rows_from_every_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = open_for_writing(&dir.path().join("h.db")).unwrap();
+        let sample = |at_ms| Sample {
+            at_ms,
+            model: String::new(),
+            rss_bytes: Some(1),
+            cpu_seconds: None,
+            inflight: None,
+        };
+        let event = |at_ms| ModelEvent {
+            at_ms,
+            model: "m".into(),
+            event: "ready",
+            reason: None,
+            load_ms: None,
+            exit_status: None,
+            pid: None,
+            rss_bytes: None,
+        };
+        write_batch(
+            &mut conn,
+            &[],
+            &[event(10), event(5000)],
+            &[sample(10), sample(5000)],
+        )
+        .unwrap();
+        assert_eq!(apply_retention(&conn, 100, 100, 100).unwrap(), 2);
+        let left: i64 = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM model_events) + (SELECT count(*) FROM samples)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 2);
     }
 
     #[test]

@@ -42,7 +42,8 @@ vocab="$(dirname "$server")/../models/ggml-vocab-llama-spm.gguf"
 vocab="$(cd "$(dirname "$vocab")" && pwd)/$(basename "$vocab")"
 
 # --- Python venv with gguf ----------------------------------------------------
-# Fully pinned (gguf 0.19.0 and its dependency closure); numpy 2.2.6 has wheels
+# Fully pinned (gguf 0.19.0 and its dependency closure, plus prometheus-client
+# whose parser checks /metrics); numpy 2.2.6 has wheels
 # for CPython 3.10-3.13.
 requirements="gguf==0.19.0
 numpy==2.2.6
@@ -52,7 +53,8 @@ requests==2.34.2
 certifi==2026.10.18
 charset-normalizer==3.5.2
 idna==3.20
-urllib3==2.8.0"
+urllib3==2.8.0
+prometheus-client==0.26.0"
 
 bootstrap_py="${CLARACORE_BOOTSTRAP_PYTHON:-python3}"
 command -v "$bootstrap_py" >/dev/null || { log "$bootstrap_py not found"; exit 1; }
@@ -76,7 +78,7 @@ if [ ! -f "$venv/.complete" ] || [ ! -x "$py" ]; then
     printf '%s\n' "$requirements" >"$venv/requirements.txt"
     "$py" -m pip install --disable-pip-version-check --no-input -q \
         -r "$venv/requirements.txt" >&2
-    "$py" -c 'import gguf, numpy' >&2
+    "$py" -c 'import gguf, numpy, prometheus_client' >&2
     touch "$venv/.complete"
 fi
 
