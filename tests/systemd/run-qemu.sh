@@ -36,6 +36,8 @@
 #   CLARACORE_QEMU_DROPIN_EXTRA  extra lines for the [Service] drop-in (for
 #                            experiments only, e.g. "OOMPolicy=continue")
 #   CLARACORE_QEMU_KEEP=1    keep the per-run work directory
+#   CLARACORE_QEMU_ARTIFACTS  on failure, copy the guest's logs (journal, kernel
+#                            log, serial console) into this directory
 #   CLARACORE_DEBIAN_MIRROR  Debian mirror (default http://deb.debian.org/debian)
 #
 # Usage: tests/systemd/run-qemu.sh [--image-only]
@@ -81,8 +83,8 @@ ensure_host_tools() {
     [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
     [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 
-    if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null; then
-        # shellcheck disable=SC1091
+    if ! command -v qemu-system-x86_64 >/dev/null; then
+        # shellcheck source=/dev/null
         local codename; codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
         if [ "$codename" = bookworm ]; then
             # qemu-utils on these machines comes from bookworm-backports, and
@@ -296,6 +298,7 @@ qemu_pid=$!
 
 # Wait for the VM to power off, echoing the guest's test lines as they come.
 shown=0
+t_ready=""
 deadline=$((t_boot + vm_timeout))
 timed_out=0
 while kill -0 "$qemu_pid" 2>/dev/null; do
@@ -305,6 +308,9 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
         n=$(wc -l <"$serial")
         if [ "$n" -gt "$shown" ]; then
             sed -n "$((shown + 1)),${n}p" "$serial" | grep -a 'claracore-qemu-test' | sed 's/^/  guest| /' >&2 || true
+            if [ -z "$t_ready" ] && grep -aq 'claracore-qemu-test: INFO boot' "$serial"; then
+                t_ready=$(date +%s)
+            fi
             shown=$n
         fi
     fi
@@ -338,15 +344,26 @@ else
     tail -n 60 "$serial" >&2 2>/dev/null || true
     cat "$work/qemu.log" >&2 2>/dev/null || true
 fi
-[ "$timed_out" = 0 ] && result PASS "VM powered off by itself (${vm_secs}s)" \
-    || result FAIL "VM powered off within ${vm_timeout}s"
-if [ "$failed" -gt 0 ]; then
-    for f in "$work"/results/*.log; do
-        [ -f "$f" ] || continue
-        log "--- $(basename "$f") (last 40 lines)"
-        tail -n 40 "$f" >&2
-    done
+if [ "$timed_out" = 0 ]; then
+    result PASS "VM powered off by itself (${vm_secs}s)"
+else
+    result FAIL "VM powered off within ${vm_timeout}s"
 fi
-echo "INFO VM wall time ${vm_secs}s; total run time $(($(date +%s) - t_start))s"
+if [ "$failed" -gt 0 ]; then
+    for f in status.log claracore.log curl.log; do
+        [ -f "$work/results/$f" ] || continue
+        log "--- guest $f (last 40 lines)"
+        tail -n 40 "$work/results/$f" >&2
+    done
+    cp "$serial" "$work/results/serial.log" 2>/dev/null || true
+    if [ -n "${CLARACORE_QEMU_ARTIFACTS:-}" ]; then
+        mkdir -p "$CLARACORE_QEMU_ARTIFACTS"
+        cp -r "$work/results/." "$CLARACORE_QEMU_ARTIFACTS/"
+        log "guest logs (full journal, kernel log, serial console) copied to $CLARACORE_QEMU_ARTIFACTS"
+    fi
+fi
+ready_secs=never
+[ -z "$t_ready" ] || ready_secs="$((t_ready - t_boot))s"
+echo "INFO host: qemu start -> guest test running: $ready_secs; VM wall time ${vm_secs}s; total run time $(($(date +%s) - t_start))s"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -102,7 +102,7 @@ info "hog: HTTP $CODE after $(($(date +%s) - t0))s; error.message: $(jq -r '.err
 check "hog: request fails instead of being served (HTTP $CODE)" test "$CODE" != 200
 
 hog_state=""
-for _ in $(seq 60); do
+for _ in $(seq 30); do
     hog_state="$(ps_field hog state)"
     [ "$hog_state" = failed ] && break
     sleep 1
@@ -112,13 +112,13 @@ info "/api/ps hog: state=$hog_state last_error: $last_error"
 
 ooms1="$(oom_kills)"
 info "memory.events: $(tr '\n' ' ' <"$CG/memory.events" 2>/dev/null)"
-check "kernel OOM-killed in claracore.service's cgroup (memory.events oom_kill $ooms0 -> $ooms1)" \
-    test "${ooms1:-0}" -gt "${ooms0:-0}"
 killed="$(journalctl -b -k --no-pager -o cat | grep -E 'Killed process [0-9]+ \(' | tail -n 3)"
 oomline="$(journalctl -b -k --no-pager -o cat | grep -E 'oom-kill:' | tail -n 1)"
 info "kernel: $oomline"
 info "kernel: $killed"
-check "kernel log: the OOM killer killed llama-server, in the claracore.service memcg" \
+# memory.events starts over when the cgroup is made anew (a service restart),
+# so the kernel log is the record that survives either way.
+check "kernel OOM-killed llama-server in claracore.service's memcg (kernel log; memory.events oom_kill $ooms0 -> $ooms1)" \
     bash -c '[[ "$1" == *"(llama-server)"* && "$2" == *"task_memcg=/system.slice/claracore.service"* ]]' _ "$killed" "$oomline"
 
 pid1="$(prop MainPID)"
@@ -149,7 +149,7 @@ restarts2="$(prop NRestarts)"
 check "still the same daemon after the next request (MainPID $pid2, NRestarts=$restarts2)" \
     test "$pid2" = "$pid0" -a "$restarts2" = 0
 tiny_pid2="$(ps_field tiny pid)"
-info "tiny llama-server pid $tiny_pid -> $tiny_pid2 (same: the OOM killer picked hog only)"
+info "tiny llama-server pid $tiny_pid -> $tiny_pid2$([ "$tiny_pid" = "$tiny_pid2" ] && echo " (unchanged: the OOM kill took hog only)")"
 info "final: $(systemctl show -p MemoryMax -p MemoryCurrent -p MemoryPeak -p NRestarts "$UNIT" | tr '\n' ' ')"
 info "final: cgroup memory.peak=$(cat "$CG/memory.peak" 2>/dev/null)"
 say DONE
