@@ -58,6 +58,8 @@ pub struct AppState {
     pub accepting: AtomicBool,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Counter part of generated request ids.
+    pub next_request: std::sync::atomic::AtomicU64,
 }
 
 /// Everything a request can fail with. Adding a variant forces a decision
@@ -288,8 +290,7 @@ struct ModelField {
 
 /// A request id: the client's `x-request-id` when it is short and plain,
 /// else a new one.
-fn request_id(req: &Request<Incoming>) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
     if let Some(id) = req
         .headers()
         .get("x-request-id")
@@ -304,7 +305,7 @@ fn request_id(req: &Request<Incoming>) -> String {
             return id.to_string();
         }
     }
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let n = state.next_request.fetch_add(1, Ordering::Relaxed);
     format!("{:x}-{n:x}", history::now_ms())
 }
 
@@ -315,7 +316,7 @@ async fn model_request(
     peer: &str,
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
-    let id = request_id(&req);
+    let id = request_id(state, &req);
     let mut pending = Some(Pending::new(
         id.clone(),
         peer,

@@ -674,12 +674,11 @@ impl Actor {
                 pid,
                 load_time,
             } => {
-                let Some(slot) = self.slots.get_mut(&model) else {
-                    return;
-                };
-                if slot.instance != instance || slot.phase != Phase::Starting {
+                let Some(slot) = current(&mut self.slots, &model, instance)
+                    .filter(|s| s.phase == Phase::Starting)
+                else {
                     return; // a stop was requested meanwhile; Exited follows
-                }
+                };
                 tracing::info!(model = %model, load_ms = load_time.as_millis() as u64,
                     waiting = slot.waiters.len(), "model ready");
                 slot.phase = Phase::Ready;
@@ -708,12 +707,9 @@ impl Actor {
                 instance,
                 reason,
             } => {
-                let Some(slot) = self.slots.get_mut(&model) else {
+                let Some(slot) = current(&mut self.slots, &model, instance) else {
                     return;
                 };
-                if slot.instance != instance {
-                    return;
-                }
                 slot.child = None;
                 slot.pid = None;
                 slot.failures += 1;
@@ -736,12 +732,9 @@ impl Actor {
                 instance,
                 reason,
             } => {
-                let Some(slot) = self.slots.get_mut(&model) else {
+                let Some(slot) = current(&mut self.slots, &model, instance) else {
                     return;
                 };
-                if slot.instance != instance {
-                    return;
-                }
                 slot.child = None;
                 slot.inflight = 0;
                 slot.addr = None;
@@ -909,6 +902,16 @@ impl Actor {
             }
         }
     }
+}
+
+/// The slot of `model` if `instance` is still its current child: events
+/// from children that were already replaced are ignored.
+fn current<'a>(
+    slots: &'a mut HashMap<Arc<str>, Slot>,
+    model: &str,
+    instance: u64,
+) -> Option<&'a mut Slot> {
+    slots.get_mut(model).filter(|s| s.instance == instance)
 }
 
 /// Stops a model's child now if idle, else after its last request; new

@@ -85,6 +85,7 @@ pub async fn serve(
         config: std::sync::RwLock::new(config.clone()),
         recorder,
         metrics,
+        next_request: std::sync::atomic::AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; `recv` returns None once all

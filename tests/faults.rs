@@ -494,13 +494,7 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (status, _) = request(
-        &addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let status = chat_status(&addr, "f").await;
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     assert_eq!(status, StatusCode::OK);

@@ -418,13 +418,7 @@ async fn a_corrupt_database_is_moved_aside_and_replaced() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (status, _) = request(
-        &addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let status = chat_status(&addr, "f").await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.0.id() as i32),
         Signal::SIGTERM,

@@ -111,13 +111,7 @@ async fn ready_comes_once_listening_and_status_says_what_runs() {
     let status = d.recv_until("STATUS=");
     assert_eq!(status, ["STATUS=0/1 models loaded; 0 requests in flight"]);
 
-    let (code, _) = request(
-        &d.addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&d.addr, "f").await;
     assert_eq!(code, StatusCode::OK);
     let status = d.recv_until("STATUS=1/1");
     assert_eq!(
@@ -130,13 +124,7 @@ async fn ready_comes_once_listening_and_status_says_what_runs() {
 async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
     let d = Notified::start(&fake_model_table("f", &[], ""), &[]);
     d.recv_until("READY=1");
-    let (code, _) = request(
-        &d.addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&d.addr, "f").await;
     assert_eq!(code, StatusCode::OK);
     let (_, ps) = request(&d.addr, hyper::Method::GET, "/api/ps", None).await;
     let f_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
@@ -174,13 +162,7 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
         wait_gone(&[f_pid], Duration::from_secs(3)),
         "removed model's child stopped"
     );
-    let (code, _) = request(
-        &d.addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("g", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&d.addr, "g").await;
     assert_eq!(code, StatusCode::OK);
 
     // A broken file: still READY, old config in force, STATUS says why.
@@ -209,13 +191,7 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
 async fn reload_restarts_a_changed_model_once_idle() {
     let d = Notified::start(&fake_model_table("f", &[], ""), &[]);
     d.recv_until("READY=1");
-    let (code, _) = request(
-        &d.addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&d.addr, "f").await;
     assert_eq!(code, StatusCode::OK);
     let (_, ps) = request(&d.addr, hyper::Method::GET, "/api/ps", None).await;
     let old_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
@@ -234,13 +210,7 @@ async fn reload_restarts_a_changed_model_once_idle() {
         wait_gone(&[old_pid], Duration::from_secs(3)),
         "changed model's old child stopped"
     );
-    let (code, _) = request(
-        &d.addr,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("eff", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&d.addr, "eff").await;
     assert_eq!(
         code,
         StatusCode::OK,
@@ -368,13 +338,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
     // Like a socket unit, systemd-socket-activate starts the daemon on the
     // first connection; this request is queued on the socket until then.
     wait_listening(&http);
-    let (code, _) = request(
-        &http,
-        hyper::Method::POST,
-        "/v1/chat/completions",
-        Some(chat("f", 1, false).to_string()),
-    )
-    .await;
+    let code = chat_status(&http, "f").await;
     assert_eq!(code, StatusCode::OK);
     let out = Command::new(BIN)
         .args(["list", "--host", &format!("unix:{}", sock.display())])

@@ -313,6 +313,18 @@ pub async fn stream(addr: &str, path: &str, body: &Value) -> Streamed {
     }
 }
 
+/// One short non-streamed chat request on a fresh connection; its status.
+pub async fn chat_status(addr: &str, model: &str) -> StatusCode {
+    request(
+        addr,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(chat(model, 1, false).to_string()),
+    )
+    .await
+    .0
+}
+
 pub fn chat(model: &str, max_tokens: u32, stream: bool) -> Value {
     serde_json::json!({
         "model": model,
