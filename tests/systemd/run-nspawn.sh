@@ -15,10 +15,11 @@
 # Usage: tests/systemd/run-nspawn.sh [SCENARIO...]   (default: all of them)
 #        scenarios: unit-files socket-activation ready-and-status reload
 #                   watchdog journal-fields stop-with-stream bad-config-at-start
+#                   restart-keeps-sockets
 # Ends with the line "N passed, M failed"; exits non-zero if any failed.
 #
 # Needs root and Linux. Installs systemd-container and debootstrap with apt if
-# they are missing. The debootstrapped rootfs (~40 s, ~300 MB) is cached in
+# they are missing. The debootstrapped rootfs (~1 min, ~240 MB) is cached in
 # ${CLARACORE_CACHE:-~/.cache/claracore}/nspawn-rootfs-<suite>-<hash>, keyed by
 # the suite, the package list and ROOTFS_LAYOUT; every container runs on a
 # tmpfs overlay (--volatile=overlay), so the cached tree is never written.
@@ -30,7 +31,11 @@
 # Design: every scenario gets a freshly booted container (~1 s each). That
 # makes them independent for free: their own journal, NRestarts counters,
 # config, drop-ins and failed states, with no reset logic that could itself
-# hide state leaking from one scenario into the next.
+# hide state leaking from one scenario into the next. The container gets a
+# pure cgroup2 hierarchy (SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 unless set); on
+# this host it has no controllers, so MemoryMax= and the like are not enforced
+# and are not tested here.
+# shellcheck disable=SC2016  # jq programs and eval tests are single-quoted on purpose
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,14 +45,15 @@ SUITE=trixie
 MIRROR="${CLARACORE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # libgomp1/libstdc++6: llama-server's shared libraries. python3: the fake
 # upstream (http.server is not in python3-minimal). man-db: lets
-# `systemd-analyze verify` check the units' Documentation=man: pages.
-PACKAGES="systemd,systemd-sysv,dbus,curl,jq,procps,python3,libgomp1,libstdc++6,man-db"
+# `systemd-analyze verify` check the units' Documentation=man: pages. udev:
+# creates the render group (SupplementaryGroups=render video), as on a real host.
+PACKAGES="systemd,systemd-sysv,dbus,udev,curl,jq,procps,python3,libgomp1,libstdc++6,man-db"
 # Bump when the steps that make the cached rootfs change.
 ROOTFS_LAYOUT=1
 SECURITY_MAX=2.5
 
 ALL_SCENARIOS=(unit-files socket-activation ready-and-status reload watchdog
-    journal-fields stop-with-stream bad-config-at-start)
+    journal-fields stop-with-stream bad-config-at-start restart-keeps-sockets)
 
 say() { printf '%s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -186,6 +192,9 @@ boot_container() {
     (
         for root in "${CG_ROOTS[@]}"; do echo "$BASHPID" >"$root/$CGROUP_NAME/cgroup.procs"; done
         export SYSTEMD_NSPAWN_LOCK=0 # several containers of one tree may run at once
+        # A pure cgroup2 hierarchy in the container even on a hybrid (v1) host:
+        # systemd 257 only tolerates v1 (taints "cgroupsv1"), 258 refuses it.
+        export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="${SYSTEMD_NSPAWN_UNIFIED_HIERARCHY:-1}"
         exec systemd-nspawn -q -b -D "$ROOTFS" --machine="$MACHINE" \
             --register=no --keep-unit --console=pipe --private-network --volatile=overlay \
             --bind-ro="$BIN:/usr/bin/claracore" \
@@ -231,7 +240,7 @@ boot_container() {
         ;;
     esac
     BOOT_TIME="$(elapsed "$t0")"
-    info "booted $MACHINE in ${BOOT_TIME} s (systemd $(cx systemctl --version | awk 'NR==1 {print $2}'))"
+    info "booted $MACHINE in ${BOOT_TIME} s (systemd $(cx systemctl --version | awk 'NR==1 {print $2}'), /sys/fs/cgroup: $(cx stat -fc %T /sys/fs/cgroup))"
 }
 
 stop_container() {
@@ -278,7 +287,7 @@ install_claracore() {
         install -m 0644 $u/claracore.service $u/claracore.socket $u/claracore-local.socket /etc/systemd/system/
         install -D -m 0644 $u/claracore.sysusers /etc/sysusers.d/claracore.conf
         install -D -m 0644 $u/claracore.tmpfiles /etc/tmpfiles.d/claracore.conf
-        systemd-sysusers /etc/sysusers.d/claracore.conf
+        systemd-sysusers /etc/sysusers.d/claracore.conf 2>/run/sysusers.log || { cat /run/sysusers.log; exit 1; }
         systemd-tmpfiles --create /etc/tmpfiles.d/claracore.conf
         systemctl daemon-reload
     ' || return 1
@@ -338,6 +347,7 @@ model_ids() { printf '%s' "$1" | cx jq -r '[.data[].id] | sort | join(" ")' 2>/d
 # Journal entries of the service as a JSON array (extra journalctl args).
 journal_json() { cx sh -c 'journalctl -u claracore.service -o json --no-pager "$@" | jq -s .' sh "$@"; }
 jq_in() { cx jq -r "$@"; }
+jq_ok() { cx jq -e "$@" >/dev/null; } # exit status of a jq -e test on stdin
 
 wait_for() { # SECONDS COMMAND... : retry every 0.2 s until it succeeds
     local deadline
@@ -522,6 +532,11 @@ WatchdogSec=2s'
     sleep 6
     check "alive 6 s later with WatchdogSec=2s: same MainPID, NRestarts=0 (pings arrive)" \
         is_eq "$(prop claracore.service MainPID) $(prop claracore.service NRestarts)" "$pid0 0"
+    # Never signal 0 or 1: "kill 0" would stop our own process group.
+    if ! [[ "$pid0" =~ ^[0-9]+$ ]] || [ "$pid0" -le 1 ]; then
+        bad "no MainPID to stop (MainPID=$pid0)"
+        return
+    fi
     local t0=$EPOCHREALTIME
     cx kill -STOP "$pid0"
     info "SIGSTOP to MainPID $pid0"
@@ -535,6 +550,9 @@ WatchdogSec=2s'
     n="$(prop claracore.service NRestarts)"
     check "NRestarts=$n >= 1" test "${n:-0}" -ge 1
     cx journalctl -u claracore.service --no-pager -o cat | grep -iE 'watchdog|Scheduled restart|signal' | head -5 | sed 's/^/      /'
+    # Informational: what the restart did to the listening sockets (PartOf=).
+    info "socket units during the restart:"
+    cx journalctl -u claracore.socket -u claracore-local.socket --no-pager -o cat | grep -E 'Closed|Listening|Failed|in use' | tail -8 | sed 's/^/      /'
 }
 
 model_tiny_entries() { [ "$(journal_json MODEL=tiny | jq_in 'length')" -gt 0 ] 2>/dev/null; }
@@ -556,10 +574,10 @@ scenario_journal_fields() {
     j="$(journal_json MODEL=tiny)"
     info "MODEL=tiny: $(printf '%s' "$j" | jq_in '"\(length) entries, \([.[] | select(.PRIORITY)] | length) with PRIORITY, \([.[] | select(.CHILD_PID)] | length) with CHILD_PID"')"
     printf '%s' "$j" | jq_in '.[:3][] | "PRIORITY=\(.PRIORITY) CHILD_PID=\(.CHILD_PID) MESSAGE=\(.MESSAGE | tostring | .[:100])"' | sed 's/^/      /'
-    check "every MODEL=tiny entry has PRIORITY" jq_in -e 'length > 0 and all(.PRIORITY != null)' <<<"$j"
-    check "some MODEL=tiny entry has a numeric CHILD_PID" jq_in -e 'any((.CHILD_PID // "") | test("^[0-9]+$"))' <<<"$j"
+    check "every MODEL=tiny entry has PRIORITY" jq_ok 'length > 0 and all(.PRIORITY != null)' <<<"$j"
+    check "some MODEL=tiny entry has a numeric CHILD_PID" jq_ok 'any((.CHILD_PID // "") | test("^[0-9]+$"))' <<<"$j"
     if [ -n "$child" ]; then
-        check "CHILD_PID=$child (the llama-server of /api/ps) appears" jq_in --arg p "$child" -e 'any(.CHILD_PID == $p)' <<<"$j"
+        check "CHILD_PID=$child (the llama-server of /api/ps) appears" jq_ok --arg p "$child" 'any(.CHILD_PID == $p)' <<<"$j"
     else
         bad "/api/ps shows no pid for tiny: ${HTTP_BODY:0:200}"
     fi
@@ -567,7 +585,7 @@ scenario_journal_fields() {
     d="$(journal_json _PID="$mainpid" PRIORITY=6 _TRANSPORT=journal)"
     info "daemon (PID $mainpid) entries at PRIORITY=6 via the native journal protocol: $(jq_in length <<<"$d")"
     jq_in '.[:2][] | "PRIORITY=\(.PRIORITY) MESSAGE=\(.MESSAGE | tostring | .[:100])"' <<<"$d" | sed 's/^/      /'
-    check "the daemon logs info events as PRIORITY=6 journal entries" jq_in -e 'length > 0' <<<"$d"
+    check "the daemon logs info events as PRIORITY=6 journal entries" jq_ok 'length > 0' <<<"$d"
 }
 
 stream_started() { cx grep -q '^data: {' /run/cc-stream.out 2>/dev/null; }
@@ -621,6 +639,50 @@ cmd = [\"python3\", \"/opt/claracore/fake_upstream.py\", \"--port\", \"{port}\",
     info "after stop: $(props ActiveState Result ExecMainCode ExecMainStatus)"
     check "Result=success" is_eq "$(prop claracore.service Result)" success
     check "ExecMainStatus=0" is_eq "$(prop claracore.service ExecMainStatus)" 0
+}
+
+# Not in the original list: a restart, by hand or by Restart=on-failure, must
+# leave both listeners working (claracore.socket: "Keep connections queued
+# while the service starts or restarts").
+both_listeners_answer() { # LABEL
+    local tcp unix
+    tcp="$(prop claracore.socket ActiveState)"
+    unix="$(prop claracore-local.socket ActiveState)"
+    check "$1: claracore.socket active ($tcp)" is_eq "$tcp" active
+    check "$1: claracore-local.socket active ($unix)" is_eq "$unix" active
+    get_models
+    check "$1: TCP 127.0.0.1:5800 answers (HTTP $HTTP_CODE)" is_eq "$HTTP_CODE" 200
+    http --unix-socket /run/claracore/claracore.sock http://x/v1/models
+    check "$1: unix socket answers (HTTP $HTTP_CODE)" is_eq "$HTTP_CODE" 200
+}
+
+scenario_restart_keeps_sockets() {
+    local rc=0 pid0
+    cx systemctl start claracore || rc=$?
+    check "systemctl start claracore" is_eq "$rc" 0
+    # A crash first (on a fresh service): Restart=on-failure brings it back
+    # after RestartSec=2s.
+    pid0="$(prop claracore.service MainPID)"
+    if ! [[ "$pid0" =~ ^[0-9]+$ ]] || [ "$pid0" -le 1 ]; then
+        bad "no MainPID to kill (MainPID=$pid0)"
+        return
+    fi
+    cx kill -KILL "$pid0"
+    if wait_for 15 restarted_from "$pid0"; then
+        ok "restarted after SIGKILL (MainPID $pid0 -> $(prop claracore.service MainPID))"
+    else
+        bad "not restarted within 15 s of SIGKILL"
+    fi
+    both_listeners_answer "after a crash and Restart=on-failure"
+
+    pid0="$(prop claracore.service MainPID)"
+    rc=0
+    cx timeout 90 systemctl restart claracore || rc=$?
+    check "systemctl restart claracore succeeds" is_eq "$rc" 0
+    check "new MainPID after restart" eval '[ "$(prop claracore.service MainPID)" != "$pid0" ]'
+    both_listeners_answer "after systemctl restart"
+    info "claracore.socket's journal:"
+    cx journalctl -u claracore.socket --no-pager -o cat | grep -E 'Closed|Listening|Failed|in use' | sed 's/^/      /'
 }
 
 scenario_bad_config_at_start() {
