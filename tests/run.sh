@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs every check and test the project has: formatting, clippy, unit tests
-# and the integration tests against a real llama-server with the generated
-# tiny model. The first run builds llama-server (~15 min on 2 cores) and
-# caches it in ${CLARACORE_CACHE:-~/.cache/claracore}.
+# Runs every check and test the project has: formatting, clippy, unit tests,
+# the integration tests against a real llama-server with the generated tiny
+# model, and the systemd scenarios under a real PID-1 systemd (nspawn and a
+# qemu VM). The first run builds llama-server (~15 min on 2 cores) and the
+# Debian trixie guests (~3 min); all are cached in
+# ${CLARACORE_CACHE:-~/.cache/claracore}, keyed by version.
+# Set CLARACORE_SKIP_VM=1 to leave out the systemd scenarios (they need root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,3 +16,10 @@ echo "tiny model:   $CLARACORE_TEST_MODEL" >&2
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets
+
+if [ "${CLARACORE_SKIP_VM:-0}" != 1 ]; then
+    echo "=== systemd under systemd-nspawn" >&2
+    tests/systemd/run-nspawn.sh
+    echo "=== systemd in a qemu VM (cgroup limits)" >&2
+    tests/systemd/run-qemu.sh
+fi
