@@ -586,7 +586,11 @@ async fn read_history<T: Send + 'static>(
         .path()
         .ok_or(ApiError::HistoryDisabled)?
         .to_path_buf();
+    let recorder = state.recorder.clone();
     tokio::task::spawn_blocking(move || {
+        // Rows of requests already answered belong in the answer, even if
+        // the writer's batch window has not closed yet.
+        recorder.flush_blocking(Duration::from_secs(5));
         let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
         f(&conn).map_err(|e| e.to_string())
     })

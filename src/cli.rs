@@ -467,11 +467,11 @@ pub fn format_history(value: &serde_json::Value) -> String {
             .unwrap_or_default();
         out.push_str(&format!(
             "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
-            r["id"],
+            r["id"].to_string(),
             started,
             r["model"].as_str().unwrap_or("-"),
             r["endpoint"].as_str().unwrap_or("?"),
-            r["status"],
+            r["status"].to_string(),
             r["outcome"].as_str().unwrap_or("?"),
             ms(&r["latency_ms"]),
             ms(&r["ttft_ms"]),
@@ -508,15 +508,15 @@ pub fn format_stats(value: &serde_json::Value) -> String {
         out.push_str(&format!(
             "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
             m["model"].as_str().unwrap_or("?"),
-            m["requests"],
-            m["errors"],
+            m["requests"].to_string(),
+            m["errors"].to_string(),
             ms(&m["latency_p50_ms"]),
             ms(&m["latency_p95_ms"]),
             ms(&m["ttft_p50_ms"]),
             ms(&m["ttft_p95_ms"]),
             rate(&m["prompt_tokens_per_second"]),
             rate(&m["generation_tokens_per_second"]),
-            m["loads"],
+            m["loads"].to_string(),
             ms(&m["load_p50_ms"]),
         ));
     }
