@@ -537,3 +537,52 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     // The daemon is unaffected.
     assert_eq!(d.get("/live").await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_model_is_drained_for_a_swap_and_its_new_requests_wait_for_its_restart() {
+    let d = Daemon::start(&format!(
+        "[scheduler]\nmax_loaded = 1\n{}{}",
+        fake_model_table("a", &["--chunk-delay-ms", "100"], ""),
+        fake_model_table("b", &[], "")
+    ));
+    let addr = d.addr.clone();
+    let long =
+        tokio::spawn(
+            async move { stream(&addr, "/v1/chat/completions", &chat("a", 10, true)).await },
+        );
+    d.wait_state("a", "ready", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // b needs a's place: a is drained, not cut.
+    let addr = d.addr.clone();
+    let for_b = tokio::spawn(async move { chat_status(&addr, "b").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        d.model("a").await["state"],
+        "stopping",
+        "a drains while its stream runs"
+    );
+    // A new request for a during the drain waits for a's restart.
+    let addr = d.addr.clone();
+    let for_a = tokio::spawn(async move { chat_status(&addr, "a").await });
+
+    let s = long.await.unwrap();
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert_eq!(
+        s.events().last().map(String::as_str),
+        Some("[DONE]"),
+        "the busy stream completed"
+    );
+    assert_eq!(for_b.await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        for_a.await.unwrap(),
+        StatusCode::OK,
+        "waited for the restart instead of failing"
+    );
+    assert_eq!(d.model("a").await["starts"], 2);
+    assert_eq!(d.model("b").await["starts"], 1);
+    assert_eq!(
+        d.model("b").await["state"],
+        "stopped",
+        "b made room for a again"
+    );
+}
