@@ -408,6 +408,11 @@ fn start_child(spec: &ChildSpec) -> Result<Running, String> {
     let pid = child
         .id()
         .ok_or("child exited before it could be tracked")?;
+    // Under memory pressure the kernel should pick a model process, not the
+    // daemon that reports the failure and serves the next request.
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "500") {
+        tracing::debug!(model = %spec.model, error = %e, "cannot raise the child's oom_score_adj");
+    }
     let tail = Tail::default();
     let mut readers = Vec::with_capacity(2);
     if let Some(out) = child.stdout.take() {

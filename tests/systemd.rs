@@ -442,6 +442,13 @@ async fn capabilities_are_dropped_for_the_daemon_and_its_children() {
         assert_eq!(field(&s, "NoNewPrivs:"), "1", "pid {pid}");
     }
     assert!(d.log_text().contains("dropped all capabilities"));
+    let adj = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(
+        adj(child).trim(),
+        "500",
+        "the OOM killer prefers model processes"
+    );
+    assert_eq!(adj(d.pid()).trim(), "0");
     assert!(d.log_text().contains("cap_sys_admin") || d.log_text().contains("CAP_SYS_ADMIN"));
 }
 
