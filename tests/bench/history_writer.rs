@@ -34,14 +34,19 @@ fn row(i: u64) -> RequestRecord {
             predicted_per_second: Some(2100.0),
         },
         streamed: i % 2 == 0,
-        request_content: Some(r#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#.into()),
+        request_content: Some(
+            r#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#.into(),
+        ),
         response_content: Some("a short answer of a few words".into()),
         content_truncated: false,
     }
 }
 
 fn main() {
-    let rows: u64 = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(300_000);
+    let rows: u64 = std::env::var("ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
     let dir = tempfile::tempdir().unwrap();
     let config = HistoryConfig {
         enabled: true,
