@@ -435,7 +435,7 @@ impl Config {
                 Some(v) => nonzero(&src, "history.samples_retention", v)?,
             },
             queue: match &h.queue {
-                None => 65536,
+                None => 16384,
                 Some(v) => usize::try_from(*v.get_ref())
                     .ok()
                     .filter(|n| *n >= 1)
