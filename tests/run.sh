@@ -17,6 +17,9 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets
 
+echo "=== Nix: parse, unit drift, VM test scripts" >&2
+tests/nix/check.sh
+
 if [ "${CLARACORE_SKIP_VM:-0}" != 1 ]; then
     echo "=== systemd under systemd-nspawn" >&2
     tests/systemd/run-nspawn.sh

@@ -1,0 +1,733 @@
+# NixOS module: services.claracore.
+#
+# Renders services.claracore.settings (RFC 42, TOML) to
+# /etc/claracore/config.toml, validated at build time by
+# `claracore check-config`, and runs the daemon with the semantics of
+# systemd/claracore.service: Type=notify-reload, watchdog, socket activation
+# with named fds (http, local), StateDirectory for the history database.
+#
+# The service/socket settings between the `drift:` markers below mirror
+# systemd/claracore.service and the socket units; tests/nix/check.sh fails
+# when the two disagree. Keep the values there literal (or `cfg.<option>`
+# with a literal default) so that check can read them without evaluating.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    types
+    ;
+
+  cfg = config.services.claracore;
+  settingsFormat = pkgs.formats.toml { };
+
+  # Where the service reads its config. A fixed path, so that a change of
+  # the file alone is a reload (reloadTriggers), not a new ExecStart.
+  configPath = "/etc/claracore/config.toml";
+
+  isUnix = lib.hasPrefix "unix:";
+  unixListen = map (lib.removePrefix "unix:") (lib.filter isUnix cfg.settings.listen);
+  tcpListen = lib.filter (a: !isUnix a) cfg.settings.listen;
+  # "host:port" or "[v6]:port" -> port, null when there is none.
+  tcpPort =
+    addr:
+    let
+      m = builtins.match ".*:([0-9]+)" addr;
+    in
+    if m == null then null else lib.toInt (builtins.head m);
+  isLoopback = addr: lib.hasPrefix "127." addr || lib.hasPrefix "[::1]:" addr;
+
+  socketUnits =
+    lib.optional (cfg.socketActivation && tcpListen != [ ]) "claracore.socket"
+    ++ lib.optional (cfg.socketActivation && unixListen != [ ]) "claracore-local.socket";
+
+  # null follows nixpkgs' own flags, as pkgs.llama-cpp does.
+  acceleration =
+    if cfg.acceleration != null then
+      cfg.acceleration
+    else if pkgs.config.cudaSupport or false then
+      "cuda"
+    else if pkgs.config.rocmSupport or false then
+      "rocm"
+    else
+      null;
+
+  # Device classes and groups a GPU build of llama-server needs. The union of
+  # these is what systemd/claracore.service allows (it cannot know the GPU).
+  # drift:gpu-begin
+  gpuDevices = {
+    cuda = [
+      "char-nvidiactl"
+      "char-nvidia-caps"
+      "char-nvidia-frontend"
+      "char-nvidia-uvm"
+    ];
+    rocm = [
+      "char-drm"
+      "char-fb"
+      "char-kfd"
+    ];
+    vulkan = [
+      "char-drm"
+      "char-nvidiactl"
+      "char-nvidia-frontend"
+    ];
+  };
+  gpuGroups = {
+    cuda = [ ];
+    rocm = [
+      "render"
+      "video"
+    ];
+    vulkan = [
+      "render"
+      "video"
+    ];
+  };
+  # drift:gpu-end
+  deviceAllow = if acceleration == null then [ ] else gpuDevices.${acceleration};
+  supplementaryGroups = if acceleration == null then [ ] else gpuGroups.${acceleration};
+
+  # null leaves a systemd setting out of the unit.
+  optionalSetting = value: mkIf (value != null) value;
+
+  renderModel =
+    _name: m:
+    lib.filterAttrs (_: v: v != null && v != [ ] && v != { }) (
+      m
+      // {
+        # A path literal is copied into the store; a string is used as is.
+        model =
+          if m.model == null then
+            null
+          else if builtins.isPath m.model then
+            "${m.model}"
+          else
+            toString m.model;
+      }
+    );
+
+  storeDir = builtins.storeDir;
+  inStore = p: lib.hasPrefix "${storeDir}/" (toString p);
+
+  # `--strict` also checks that model files exist, which the build can only
+  # see for files in the store.
+  allModelsInStore = lib.all (m: !(m ? model) || inStore m.model) (
+    lib.attrValues (cfg.settings.models or { })
+  );
+
+  generatedConfig = settingsFormat.generate "claracore.toml" cfg.settings;
+
+  configFile =
+    if cfg.checkConfig then
+      pkgs.runCommand "claracore-checked.toml"
+        {
+          nativeBuildInputs = [ cfg.package ];
+          preferLocalBuild = true;
+        }
+        ''
+          claracore check-config ${lib.optionalString allModelsInStore "--strict "}${generatedConfig}
+          cp ${generatedConfig} $out
+        ''
+    else
+      generatedConfig;
+
+  secretFiles =
+    lib.optional (cfg.environmentFile != null) {
+      option = "services.claracore.environmentFile";
+      path = cfg.environmentFile;
+    }
+    ++ lib.mapAttrsToList (name: path: {
+      option = "services.claracore.credentials.${name}";
+      inherit path;
+    }) cfg.credentials;
+
+  duration =
+    default: what:
+    mkOption {
+      type = types.str;
+      inherit default;
+      example = "90s";
+      description = "${what} A duration such as `\"30s\"`, `\"10m\"` or `\"1h 30m\"`.";
+    };
+
+  modelModule =
+    { name, ... }:
+    {
+      freeformType = settingsFormat.type;
+      options = {
+        model = mkOption {
+          type = types.nullOr (types.either types.path types.str);
+          default = null;
+          example = literalExpression ''"/var/lib/claracore/models/qwen2.5-7b-instruct-q4_k_m.gguf"'';
+          description = ''
+            The GGUF file of model `${name}`, served by
+            `llama_server -m <model> --host 127.0.0.1 --port <N> <args...>`.
+            A string is used as it is (keep large models out of the store,
+            e.g. under `/var/lib/claracore/models`); a path literal or a
+            derivation is a store path, which also lets the build check that
+            the file exists. Exactly one of `model` and `cmd` must be set.
+          '';
+        };
+        cmd = mkOption {
+          type = types.nullOr (types.listOf types.str);
+          default = null;
+          example = [
+            "/opt/bin/server"
+            "--port"
+            "{port}"
+          ];
+          description = ''
+            A full argv for any OpenAI-compatible server instead of `model`;
+            `{port}` is replaced by the port claracore assigns.
+          '';
+        };
+        args = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [
+            "-c"
+            "8192"
+            "-ngl"
+            "99"
+          ];
+          description = "Extra llama-server arguments (only with `model`).";
+        };
+        aliases = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "chat" ];
+          description = "Other names clients may request this model by.";
+        };
+        ttl = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "5m";
+          description = ''
+            Idle time after which the model is unloaded; `"0"` = never.
+            `null` inherits `settings.scheduler.idle_ttl`.
+          '';
+        };
+        group = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "big";
+          description = "Models in one group replace each other.";
+        };
+        health = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/health";
+          description = "Readiness and liveness path on the child; `null` = `/health`.";
+        };
+        env = mkOption {
+          type = types.attrsOf types.str;
+          default = { };
+          example = {
+            OMP_NUM_THREADS = "4";
+          };
+          description = "Environment variables for this model's process.";
+        };
+      };
+    };
+in
+{
+  options.services.claracore = {
+    enable = mkEnableOption "claracore, a local LLM server that runs llama.cpp's llama-server on demand";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.claracore or (pkgs.callPackage ./package.nix { });
+      defaultText = literalExpression "pkgs.claracore (this flake's overlay), else built from nix/package.nix";
+      description = "The claracore package (daemon and CLI).";
+    };
+
+    acceleration = mkOption {
+      type = types.nullOr (
+        types.enum [
+          "cuda"
+          "rocm"
+          "vulkan"
+        ]
+      );
+      default = null;
+      example = "cuda";
+      description = ''
+        GPU backend. Chooses the llama.cpp build
+        (`pkgs.llama-cpp.override { cudaSupport = true; }` and so on) and
+        which device classes and groups the service may use. `null` is
+        nixpkgs' default build: CPU-only unless `nixpkgs.config.cudaSupport`
+        or `rocmSupport` is set (devices then follow those flags), with
+        `PrivateDevices=yes` when it is CPU-only.
+      '';
+    };
+
+    llamaCpp.package = mkOption {
+      type = types.package;
+      default =
+        if cfg.acceleration == null then
+          pkgs.llama-cpp
+        else
+          pkgs.llama-cpp.override { "${cfg.acceleration}Support" = true; };
+      defaultText = literalExpression ''
+        if config.services.claracore.acceleration == null then pkgs.llama-cpp
+        else pkgs.llama-cpp.override { ''${acceleration}Support = true; }  # cudaSupport, rocmSupport, vulkanSupport
+      '';
+      example = literalExpression "pkgs.llama-cpp.override { vulkanSupport = true; }";
+      description = ''
+        The llama.cpp build whose `bin/llama-server` serves models given by
+        `model`. A GPU build set here still needs `acceleration` for device
+        access.
+      '';
+    };
+
+    socketActivation = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Let systemd own the listeners: `claracore.socket` (TCP addresses of
+        `settings.listen`, fd name `http`) and `claracore-local.socket` (its
+        `unix:` paths, fd name `local`, group `services.claracore.group`). The
+        service then starts on the first connection, and connections queue
+        while it starts or restarts. When false the daemon binds `listen`
+        itself and starts at boot.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the TCP ports of `settings.listen` in the firewall.";
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `claracore check-config` on the generated file at build time, so a
+        wrong key or value fails the system build instead of the service.
+        (`--strict`, which also checks model files exist, when every model is
+        a store path.) Turn off when cross-compiling.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = "claracore";
+      example = "llm";
+      description = ''
+        User the daemon and its models run as; created when left at
+        `"claracore"`. A static user (like the repository's unit) so that the
+        history database and the local socket's group keep one owner.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = "claracore";
+      example = "llm";
+      description = ''
+        Group of the daemon, the state directory and the local unix socket:
+        add users to it (`users.users.<name>.extraGroups`) to let them use the
+        `claracore` CLI over `/run/claracore/claracore.sock`.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/claracore.env";
+      description = ''
+        `EnvironmentFile=` for the service (e.g. `CLARACORE_LOG=debug`, or
+        secrets for `cmd` models). Must not be in the Nix store, which every
+        user can read.
+      '';
+    };
+
+    credentials = mkOption {
+      type = types.attrsOf types.path;
+      default = { };
+      example = {
+        api-keys = "/run/secrets/claracore-api-keys";
+      };
+      description = ''
+        Files handed to the service with `LoadCredential=NAME:PATH`, readable
+        by the daemon as `$CREDENTIALS_DIRECTORY/NAME`
+        (`/run/credentials/claracore.service/NAME`) while the files
+        themselves stay root-only. Must not be in the Nix store.
+      '';
+    };
+
+    memoryHigh = mkOption {
+      type = types.nullOr types.str;
+      default = "85%";
+      example = "24G";
+      description = "`MemoryHigh=` for the whole service (daemon and every model); `null` leaves it unset.";
+    };
+
+    memoryMax = mkOption {
+      type = types.nullOr types.str;
+      default = "90%";
+      example = "28G";
+      description = ''
+        `MemoryMax=` for the whole service. A model that does not fit is
+        killed by the kernel (children run with `oom_score_adj` 500); the
+        daemon survives (`OOMPolicy=continue`) and reports that model failed.
+        `null` leaves it unset.
+      '';
+    };
+
+    cpuQuota = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "400%";
+      description = "`CPUQuota=` for the whole service; `null` = no quota.";
+    };
+
+    tasksMax = mkOption {
+      type = types.nullOr (types.either types.ints.positive types.str);
+      default = 4096;
+      example = "infinity";
+      description = "`TasksMax=` for the whole service; `null` leaves it unset.";
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        claracore's configuration, written to `${configPath}` (format:
+        `systemd/config.example.toml` in the claracore repository). Keys
+        without an option here are passed through; unknown keys fail the
+        build through `checkConfig`. Models are best given in
+        `services.claracore.models`.
+      '';
+      example = literalExpression ''
+        {
+          listen = [ "0.0.0.0:5800" "unix:/run/claracore/claracore.sock" ];
+          scheduler.max_loaded = 2;
+          history.content = "none";
+        }
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          listen = mkOption {
+            type = types.listOf types.str;
+            default = [
+              "127.0.0.1:5800"
+              "unix:/run/claracore/claracore.sock"
+            ];
+            example = [
+              "[::]:5800"
+              "unix:/run/claracore/claracore.sock"
+            ];
+            description = ''
+              Addresses clients connect to: `host:port`, `[v6]:port`, or
+              `unix:/absolute/path`. With `socketActivation` these become the
+              `ListenStream=`s of the socket units.
+            '';
+          };
+          socket_mode = mkOption {
+            type = types.strMatching "0?[0-7]{3}";
+            default = "0660";
+            example = "0600";
+            description = "Permission bits of unix sockets (`SocketMode=` with socket activation).";
+          };
+          llama_server = mkOption {
+            type = types.str;
+            default = lib.getExe' cfg.llamaCpp.package "llama-server";
+            defaultText = literalExpression ''lib.getExe' config.services.claracore.llamaCpp.package "llama-server"'';
+            example = "/run/current-system/sw/bin/llama-server";
+            description = ''
+              The llama-server binary run for models given by `model`. Set
+              `llamaCpp.package` (or `acceleration`) rather than this.
+            '';
+          };
+          state_dir = mkOption {
+            type = types.str;
+            default = "/var/lib/claracore";
+            example = "/srv/claracore";
+            description = ''
+              Persistent state (the request history). The default is the
+              service's `StateDirectory=`; another path is added to
+              `ReadWritePaths=` and must exist, owned by the service user.
+            '';
+          };
+          log_level = mkOption {
+            type = types.str;
+            default = "info";
+            example = "info,claracore::child=warn";
+            description = "A tracing filter; `CLARACORE_LOG` in `environmentFile` overrides it.";
+          };
+          http = mkOption {
+            default = { };
+            description = "HTTP front-end limits.";
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                max_body_bytes = mkOption {
+                  type = types.ints.positive;
+                  default = 33554432;
+                  example = 134217728;
+                  description = "Largest request body accepted; larger bodies get 413.";
+                };
+                header_read_timeout = duration "30s" "Time a client has to send its request head.";
+              };
+            };
+          };
+          scheduler = mkOption {
+            default = { };
+            description = "When models start, stop and replace each other.";
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                max_loaded = mkOption {
+                  type = types.ints.positive;
+                  default = 1;
+                  example = 2;
+                  description = "Models resident at once; beyond it the least recently used idle one is stopped.";
+                };
+                idle_ttl = duration "10m" "Default unload after this much idle time; `\"0\"` = never.";
+                start_timeout = duration "5m" "Deadline from spawning llama-server to its /health answering 200.";
+                stop_grace = duration "10s" "SIGTERM to SIGKILL grace for a model's process group.";
+                shutdown_timeout = duration "30s" "How long a stop waits for requests in flight.";
+                health_interval = duration "10s" "Period of health pings to ready models; `\"0\"` = off.";
+              };
+            };
+          };
+          history = mkOption {
+            default = { };
+            description = "The SQLite request history in `state_dir`.";
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                enabled = mkOption {
+                  type = types.bool;
+                  default = true;
+                  description = "Record every inference request and model event.";
+                };
+                content = mkOption {
+                  type = types.enum [
+                    "none"
+                    "truncated"
+                    "full"
+                  ];
+                  default = "truncated";
+                  example = "none";
+                  description = "How much prompt and response text is kept (`truncated` = first 1000 characters).";
+                };
+                retention = duration "30d" "Age after which request rows are deleted.";
+                samples_retention = duration "7d" "Age after which resource samples are deleted.";
+                queue = mkOption {
+                  type = types.ints.positive;
+                  default = 16384;
+                  example = 65536;
+                  description = "Rows waiting for the writer before new ones are dropped (and counted).";
+                };
+                batch_window = duration "50ms" "How long the writer gathers rows into one transaction.";
+              };
+            };
+          };
+        };
+      };
+    };
+
+    models = mkOption {
+      type = types.attrsOf (types.submodule modelModule);
+      default = { };
+      example = literalExpression ''
+        {
+          qwen = {
+            model = "/var/lib/claracore/models/qwen2.5-7b-instruct-q4_k_m.gguf";
+            args = [ "-c" "8192" "-ngl" "99" ];
+            aliases = [ "chat" ];
+            ttl = "30m";
+            group = "big";
+          };
+        }
+      '';
+      description = ''
+        Models, rendered into `settings.models`. Names may contain letters,
+        digits, `-`, `_`, `.` and `:`.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions =
+      lib.mapAttrsToList (name: m: {
+        assertion = (m.model == null) != (m.cmd == null);
+        message = "services.claracore.models.${name}: set exactly one of `model` (a GGUF file) and `cmd` (a full argv).";
+      }) cfg.models
+      ++ map (s: {
+        assertion = !(inStore s.path);
+        message = "${s.option} is in the Nix store (${toString s.path}), which every user can read; give a path outside it, e.g. under /run/secrets.";
+      }) secretFiles
+      ++ [
+        {
+          assertion = cfg.settings.listen != [ ];
+          message = "services.claracore.settings.listen is empty: give at least one address.";
+        }
+        {
+          assertion = lib.all (a: tcpPort a != null) tcpListen;
+          message = "services.claracore.settings.listen: every address that is not `unix:/path` must be `host:port` or `[v6]:port`.";
+        }
+      ];
+
+    warnings = lib.optional (cfg.openFirewall && tcpListen != [ ] && lib.all isLoopback tcpListen) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
+
+    services.claracore.settings.models = lib.mapAttrs renderModel cfg.models;
+
+    users.users = mkIf (cfg.user == "claracore") {
+      claracore = {
+        isSystemUser = true;
+        inherit (cfg) group;
+        home = "/var/lib/claracore";
+        description = "claracore LLM server";
+      };
+    };
+    users.groups = mkIf (cfg.group == "claracore") { claracore = { }; };
+
+    environment.etc."claracore/config.toml".source = configFile;
+    # The CLI (`claracore ps`, `history`, `stats`, `check-config`).
+    environment.systemPackages = [ cfg.package ];
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
+      lib.unique (lib.filter (p: p != null) (map tcpPort tcpListen))
+    );
+
+    systemd.sockets.claracore = mkIf (cfg.socketActivation && tcpListen != [ ]) {
+      description = "claracore HTTP socket";
+      wantedBy = [ "sockets.target" ];
+      listenStreams = tcpListen;
+      # No partOf: the socket outlives service restarts, so connections
+      # queue for the new daemon instead of being refused.
+      socketConfig = {
+        # drift:socket-http-begin
+        FileDescriptorName = "http";
+        Service = "claracore.service";
+        NoDelay = true;
+        Backlog = 1024;
+        # drift:socket-http-end
+      };
+    };
+
+    systemd.sockets.claracore-local = mkIf (cfg.socketActivation && unixListen != [ ]) {
+      description = "claracore local socket";
+      wantedBy = [ "sockets.target" ];
+      listenStreams = unixListen;
+      socketConfig = {
+        # drift:socket-local-begin
+        FileDescriptorName = "local";
+        Service = "claracore.service";
+        SocketUser = "root";
+        SocketGroup = cfg.group;
+        SocketMode = cfg.settings.socket_mode;
+        DirectoryMode = "0755";
+        RemoveOnStop = true;
+        # drift:socket-local-end
+      };
+    };
+
+    systemd.services.claracore = {
+      description = "claracore local LLM server";
+      after = [ "network.target" ] ++ socketUnits;
+      wants = socketUnits;
+      # With socket activation the first connection starts it.
+      wantedBy = lib.optional (!cfg.socketActivation) "multi-user.target";
+
+      # A new config file is a reload (SIGHUP: the daemon re-reads it, keeps
+      # running models that did not change and serves on); only listener
+      # changes need a restart.
+      reloadTriggers = [ configFile ];
+      restartTriggers = [
+        (builtins.hashString "sha256" (
+          builtins.toJSON {
+            inherit (cfg.settings) listen socket_mode;
+          }
+        ))
+      ];
+
+      serviceConfig = {
+        # drift:service-begin
+        Type = "notify-reload";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} serve --config /etc/claracore/config.toml";
+        WatchdogSec = "30s";
+        Restart = "on-failure";
+        RestartSec = "2s";
+        RestartPreventExitStatus = 78;
+        KillMode = "mixed";
+        TimeoutStopSec = "60s";
+        TimeoutStartSec = "30s";
+
+        User = cfg.user;
+        Group = cfg.group;
+        SupplementaryGroups = supplementaryGroups;
+        StateDirectory = "claracore";
+        StateDirectoryMode = "0750";
+        ConfigurationDirectory = "claracore";
+        RuntimeDirectory = "claracore";
+        RuntimeDirectoryMode = "0750";
+        RuntimeDirectoryPreserve = true;
+
+        MemoryHigh = optionalSetting cfg.memoryHigh;
+        MemoryMax = optionalSetting cfg.memoryMax;
+        OOMPolicy = "continue";
+        TasksMax = optionalSetting cfg.tasksMax;
+        CPUQuota = optionalSetting cfg.cpuQuota;
+        LimitNOFILE = 65536;
+
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        DevicePolicy = "closed";
+        DeviceAllow = deviceAllow;
+        PrivateDevices = acceleration == null;
+        PrivateTmp = true;
+        PrivateMounts = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+        ];
+        SystemCallErrorNumber = "EPERM";
+        UMask = "0027";
+        # drift:service-end
+
+        # switch-to-configuration restarts these sockets (not the service)
+        # when the service must restart; it finds them here.
+        Sockets = socketUnits;
+        EnvironmentFile = mkIf (cfg.environmentFile != null) (toString cfg.environmentFile);
+        LoadCredential = lib.mapAttrsToList (name: path: "${name}:${toString path}") cfg.credentials;
+        ReadWritePaths = lib.optional (cfg.settings.state_dir != "/var/lib/claracore") cfg.settings.state_dir;
+      };
+    };
+  };
+}
