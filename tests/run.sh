@@ -20,6 +20,9 @@ cargo test --locked --all-targets
 echo "=== Nix: parse, unit drift, VM test scripts" >&2
 tests/nix/check.sh
 
+echo "=== benchmark smoke (gross regressions only)" >&2
+tests/tools/bench.sh --quick
+
 if [ "${CLARACORE_SKIP_VM:-0}" != 1 ]; then
     echo "=== systemd under systemd-nspawn" >&2
     tests/systemd/run-nspawn.sh
