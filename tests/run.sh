@@ -15,7 +15,8 @@ echo "tiny model:   $CLARACORE_TEST_MODEL" >&2
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked --all-targets
+# Not --all-targets: that would also run the benches (harness = false) as tests.
+cargo test --locked --lib --bins --tests
 
 echo "=== Nix: parse, unit drift, VM test scripts" >&2
 tests/nix/check.sh
