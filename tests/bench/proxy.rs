@@ -480,6 +480,17 @@ impl Report {
     }
 }
 
+/// A check that gates the run only for claracore's own contenders; a
+/// reference contender's (direct, nginx, router) hiccup is reported, never
+/// a failure of claracore's CI.
+fn gate(rep: &mut Report, contender: &str, what: &str, ok: bool, detail: String) {
+    if contender.starts_with("claracore") {
+        rep.check(what, ok, detail);
+    } else if !ok {
+        println!("  note {what}: {detail} (reference contender; not counted)");
+    }
+}
+
 fn met(ok: bool) -> Verdict {
     if ok {
         Verdict::Met
@@ -828,7 +839,9 @@ fn fig_rps(
             target,
             verdict,
         );
-        rep.check(
+        gate(
+            rep,
+            name,
             &format!("{name}: no non-2xx or socket errors under wrk"),
             bad == 0,
             format!("{bad} of {requests}; {timeouts} timeouts"),
@@ -954,7 +967,9 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u16
             target,
             verdict,
         );
-        rep.check(
+        gate(
+            rep,
+            name,
             &format!("{name}: every stream answered 200"),
             errors[c] == 0,
             format!("{} errors", errors[c]),
