@@ -17,7 +17,7 @@ pub mod tap;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -181,10 +181,18 @@ struct Shared {
     disk_failing: AtomicBool,
     /// Set by [`Writer::close`]: the writer leaves once idle.
     closing: AtomicBool,
+    /// The writer thread, to wake it early from its batch window.
+    writer: std::sync::OnceLock<std::thread::Thread>,
     last_warning: Mutex<Option<Instant>>,
 }
 
 impl Shared {
+    fn wake_writer(&self) {
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
+
     fn drop_rows(&self, n: u64, why: &str) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
         let Ok(mut last) = self.last_warning.lock() else {
@@ -334,6 +342,7 @@ impl Recorder {
         if tx.send(Item::Flush(ack, false)).is_err() {
             return false;
         }
+        self.shared.wake_writer();
         done.recv_timeout(timeout).is_ok()
     }
 }
@@ -347,6 +356,7 @@ impl Writer {
             self.shared.closing.store(true, Ordering::Relaxed);
             let (ack, done) = mpsc::channel();
             if tx.send(Item::Flush(ack, true)).is_ok() {
+                self.shared.wake_writer();
                 let _ = done.recv_timeout(Duration::from_secs(30));
             }
         }
@@ -363,6 +373,7 @@ fn writer_loop(
     born: Instant,
     config: &HistoryConfig,
 ) {
+    let _ = shared.writer.set(std::thread::current());
     let mut last_maintenance: Option<Instant> = None;
     loop {
         shared
@@ -383,18 +394,13 @@ fn writer_loop(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let mut batch = vec![first];
-        let deadline = Instant::now() + config.batch_window;
-        let mut disconnected = false;
-        while batch.len() < MAX_BATCH && !matches!(batch.last(), Some(Item::Flush(..))) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(item) => batch.push(item),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            }
+        let mut disconnected = drain(rx, &mut batch);
+        if !disconnected && batch.len() < MAX_BATCH && !ends_with_flush(&batch) {
+            // Sleep out the batch window rather than waking for every row
+            // (each wake-up costs the request path a futex call); a flush
+            // or close unparks the thread early.
+            std::thread::park_timeout(config.batch_window);
+            disconnected = drain(rx, &mut batch);
         }
         shared.depth.fetch_sub(
             batch
@@ -409,6 +415,23 @@ fn writer_loop(
             return;
         }
     }
+}
+
+fn ends_with_flush(batch: &[Item]) -> bool {
+    matches!(batch.last(), Some(Item::Flush(..)))
+}
+
+/// Moves what is queued into `batch` without blocking, up to a flush or
+/// [`MAX_BATCH`]. True when every sender is gone.
+fn drain(rx: &mpsc::Receiver<Item>, batch: &mut Vec<Item>) -> bool {
+    while batch.len() < MAX_BATCH && !ends_with_flush(batch) {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(TryRecvError::Empty) => return false,
+            Err(TryRecvError::Disconnected) => return true,
+        }
+    }
+    false
 }
 
 fn commit(conn: &mut rusqlite::Connection, batch: Vec<Item>, shared: &Shared) {
