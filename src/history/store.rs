@@ -456,26 +456,24 @@ pub fn stats(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<ModelStat
         .query_map([since_ms], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for model in names {
-        let (requests, errors, prompt_tokens, completion_tokens, prompt_ms, predicted_ms): (i64, i64, i64, i64, f64, f64) =
+        // The prompt-rate numerator counts the tokens llama.cpp processed
+        // (prompt minus cache), as llama.cpp itself reports them, over the
+        // rows that carry timings.
+        type Sums = (i64, i64, i64, i64, f64, f64, i64);
+        let (requests, errors, prompt_tokens, completion_tokens, prompt_ms, predicted_ms, processed_prompt): Sums =
             conn.query_row(
                 "SELECT count(*), coalesce(sum(outcome != 'ok'), 0), coalesce(sum(prompt_tokens), 0),
-                        coalesce(sum(completion_tokens), 0), coalesce(sum(prompt_ms), 0), coalesce(sum(predicted_ms), 0)
+                        coalesce(sum(completion_tokens), 0), coalesce(sum(prompt_ms), 0), coalesce(sum(predicted_ms), 0),
+                        coalesce(sum(CASE WHEN prompt_ms IS NOT NULL
+                                          THEN prompt_tokens - coalesce(cached_tokens, 0) END), 0)
                  FROM requests WHERE model = ?1 AND started_at_ms >= ?2",
                 params![model, since_ms],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
             )?;
         let latencies = column(conn, "SELECT latency_ms FROM requests WHERE model = ?1 AND started_at_ms >= ?2 AND outcome = 'ok' ORDER BY 1", &model, since_ms)?;
         let ttfts = column(conn, "SELECT ttft_ms FROM requests WHERE model = ?1 AND started_at_ms >= ?2 AND ttft_ms IS NOT NULL ORDER BY 1", &model, since_ms)?;
         let loads = column(conn, "SELECT load_ms FROM model_events WHERE model = ?1 AND at_ms >= ?2 AND event = 'ready' ORDER BY 1", &model, since_ms)?;
         let rate = |tokens: i64, ms: f64| (ms > 0.0).then(|| tokens as f64 / (ms / 1000.0));
-        // Timings-based rates use the tokens llama.cpp processed (prompt
-        // minus cache), as llama.cpp itself reports them.
-        let (processed_prompt, _): (i64, i64) = conn.query_row(
-            "SELECT coalesce(sum(prompt_tokens - coalesce(cached_tokens, 0)), 0), 0 FROM requests
-             WHERE model = ?1 AND started_at_ms >= ?2 AND prompt_ms IS NOT NULL",
-            params![model, since_ms],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
         out.push(ModelStats {
             model,
             requests,
