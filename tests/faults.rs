@@ -489,11 +489,7 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         .unwrap();
     let mut child = KillOnDrop(child);
     let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&addr, None);
     let status = chat_status(&addr, "f").await;
     child.0.kill().unwrap();
     child.0.wait().unwrap();

@@ -409,15 +409,7 @@ async fn a_corrupt_database_is_moved_aside_and_replaced() {
         .unwrap();
     let mut child = KillOnDrop(child);
     let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&addr, Some(&log));
     let status = chat_status(&addr, "f").await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.0.id() as i32),

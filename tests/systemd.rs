@@ -337,7 +337,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
     let mut child = KillOnDrop(child);
     // Like a socket unit, systemd-socket-activate starts the daemon on the
     // first connection; this request is queued on the socket until then.
-    wait_listening(&http);
+    wait_listening(&http, Some(&log));
     let code = chat_status(&http, "f").await;
     assert_eq!(code, StatusCode::OK);
     let out = Command::new(BIN)
@@ -384,7 +384,7 @@ fn unnamed_inherited_sockets_are_http() {
     let http = format!("127.0.0.1:{}", free_port());
     let child = socket_activate(&["-l", &http], &config, &log);
     let mut child = KillOnDrop(child);
-    wait_listening(&http);
+    wait_listening(&http, Some(&log));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (code, _) = rt.block_on(request(&http, hyper::Method::GET, "/health", None));
     let _ = child.0.kill();
@@ -397,15 +397,6 @@ fn unnamed_inherited_sockets_are_http() {
         text.contains("socket-activated listener") && text.contains("\"fd_name\":\"http\""),
         "{text}"
     );
-}
-
-/// Waits until systemd-socket-activate has bound its socket.
-fn wait_listening(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn proc_status(pid: u32) -> String {

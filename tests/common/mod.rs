@@ -395,3 +395,18 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Waits (up to 10 s) until something accepts connections on `addr`; on
+/// timeout the failure shows `log`, when given.
+pub fn wait_listening(addr: &str, log: Option<&Path>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} never listened\n{}",
+            log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
