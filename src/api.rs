@@ -27,6 +27,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
@@ -375,10 +376,11 @@ async fn forward_model_request(
         .acquire(&model)
         .await
         .map_err(ApiError::Unavailable)?;
-    let path_and_query = parts.uri.path_and_query().map_or_else(
-        || parts.uri.path().to_string(),
-        |pq| pq.as_str().to_string(),
-    );
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let req = Request::from_parts(parts, full(bytes));
     let recorder = state.recorder.clone();
     let metrics = state.metrics.clone();
@@ -394,7 +396,7 @@ async fn forward_model_request(
             )
         })
     };
-    proxy::forward(&state.client, lease, &path_and_query, req, tap)
+    proxy::forward(&state.client, lease, path_and_query, req, tap)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "forwarding failed");
@@ -415,6 +417,8 @@ async fn passthrough(
         path_and_query.push('?');
         path_and_query.push_str(q);
     }
+    let path_and_query = PathAndQuery::try_from(path_and_query)
+        .map_err(|e| ApiError::BadRequest(format!("bad upstream path: {e}")))?;
     let limit = state.config().http.max_body_bytes;
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
@@ -426,7 +430,7 @@ async fn passthrough(
         .map_err(ApiError::Unavailable)?;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|b| Limited::new(b, limit_usize).boxed_unsync());
-    proxy::forward(&state.client, lease, &path_and_query, req, |_, _| None)
+    proxy::forward(&state.client, lease, path_and_query, req, |_, _| None)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "pass-through failed");

@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -76,22 +77,20 @@ pub struct ForwardError(#[source] hyper_util::client::legacy::Error);
 pub async fn forward(
     client: &UpstreamClient,
     lease: Lease,
-    path_and_query: &str,
+    path_and_query: PathAndQuery,
     mut req: Request<BoxBody>,
     tap: impl FnOnce(u16, bool) -> Option<Tap>,
 ) -> Result<Response<BoxBody>, ForwardError> {
     let uri = Uri::builder()
-        .scheme("http")
-        .authority(lease.addr.to_string())
+        .scheme(Scheme::HTTP)
+        .authority(lease.authority().clone())
         .path_and_query(path_and_query)
         .build();
     if let Ok(uri) = uri {
         *req.uri_mut() = uri;
     }
     strip_hop_by_hop(req.headers_mut());
-    if let Ok(host) = HeaderValue::from_str(&lease.addr.to_string()) {
-        req.headers_mut().insert(header::HOST, host);
-    }
+    req.headers_mut().insert(header::HOST, lease.host().clone());
     let resp = client.request(req).await.map_err(ForwardError)?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -217,6 +216,7 @@ impl Body for LeasedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

@@ -21,12 +21,24 @@
 //!
 //! Exactly one child is started per Pending → Starting transition, so any
 //! number of concurrent requests for a stopped model share one start.
+//!
+//! Requests for a Ready model do not wait for the actor: each ready child
+//! has a [`Gate`], an atomic word holding an "open" bit and the number of
+//! leases, which requests enter and leave on their own threads. The actor
+//! closes the gate in the same step in which the model leaves Ready (evicted,
+//! TTL, stop, shutdown), so a request either got in before that step and
+//! holds a lease the stop waits for, or finds the gate closed and queues with
+//! the actor as before. While a gate is closed, the lease that brings its
+//! count to zero tells the actor (`Drained`), which ends a drain.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use hyper::header::HeaderValue;
+use hyper::http::uri::Authority;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,28 +118,160 @@ pub enum AcquireError {
     Unknown(String),
 }
 
+/// The "open" bit of [`Gate::state`]; the bits below count leases.
+const OPEN: usize = 1 << (usize::BITS - 1);
+
+/// Admission to one ready child, shared by the actor and every request.
+#[derive(Debug)]
+struct Gate {
+    /// [`OPEN`] while the model is Ready, plus the number of live leases.
+    state: AtomicUsize,
+    /// When a lease was last taken or returned, in nanoseconds since
+    /// `epoch`.
+    last_used: AtomicU64,
+    epoch: Instant,
+    addr: SocketAddr,
+    /// `addr` for the request URI and `Host`, made once.
+    authority: Authority,
+    host: HeaderValue,
+    model: Arc<str>,
+    instance: u64,
+    /// Where `Drained` goes.
+    actor: mpsc::UnboundedSender<Msg>,
+}
+
+impl Gate {
+    fn new(
+        model: Arc<str>,
+        instance: u64,
+        addr: SocketAddr,
+        actor: mpsc::UnboundedSender<Msg>,
+    ) -> Gate {
+        Gate {
+            state: AtomicUsize::new(OPEN),
+            last_used: AtomicU64::new(0),
+            epoch: Instant::now(),
+            addr,
+            authority: Authority::try_from(addr.to_string().as_str())
+                .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
+            host: HeaderValue::try_from(addr.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1")),
+            model,
+            instance,
+            actor,
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_used.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    fn last_used(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last_used.load(Ordering::Relaxed))
+    }
+
+    fn leases(&self) -> usize {
+        self.state.load(Ordering::Acquire) & !OPEN
+    }
+
+    /// Takes a lease if the gate is open.
+    fn enter(&self) -> bool {
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & OPEN == 0 {
+                return false;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.touch();
+                    return true;
+                }
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// Returns a lease; true if it was the last one of a closed gate.
+    fn leave(&self) -> bool {
+        // Touched first: whoever sees the count drop sees the new time.
+        self.touch();
+        self.state.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// Closes the gate; returns the number of leases still out.
+    fn close(&self) -> usize {
+        self.state.fetch_and(!OPEN, Ordering::AcqRel) & !OPEN
+    }
+
+    /// Closes the gate only if no lease is out and none was taken or
+    /// returned within `ttl`.
+    fn close_if_idle(&self, ttl: Duration, now: Instant) -> bool {
+        self.last_used() + ttl <= now
+            && self
+                .state
+                .compare_exchange(OPEN, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Gates of ready models by canonical name, read by requests without the
+/// actor.
+type Gates = Arc<RwLock<HashMap<Arc<str>, Arc<Gate>>>>;
+
+fn gates_read(gates: &Gates, model: &str) -> Option<Arc<Gate>> {
+    let map = match gates.read() {
+        Ok(map) => map,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    map.get(model).cloned()
+}
+
+fn gates_write(gates: &Gates, f: impl FnOnce(&mut HashMap<Arc<str>, Arc<Gate>>)) {
+    match gates.write() {
+        Ok(mut map) => f(&mut map),
+        Err(poisoned) => f(&mut poisoned.into_inner()),
+    }
+}
+
 /// Permission to send requests to a ready child. While any lease on a child
 /// is alive, the child is not stopped (except by a crash or shutdown).
 #[derive(Debug)]
 pub struct Lease {
-    pub addr: SocketAddr,
-    model: Arc<str>,
-    instance: u64,
-    tx: mpsc::UnboundedSender<Msg>,
+    gate: Arc<Gate>,
 }
 
 impl Lease {
     pub fn model(&self) -> &str {
-        &self.model
+        &self.gate.model
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gate.addr
+    }
+
+    /// The child's `host:port` for a request URI.
+    pub fn authority(&self) -> &Authority {
+        &self.gate.authority
+    }
+
+    /// The child's `host:port` as a `Host` header.
+    pub fn host(&self) -> &HeaderValue {
+        &self.gate.host
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Release {
-            model: self.model.clone(),
-            instance: self.instance,
-        });
+        if self.gate.leave() {
+            let _ = self.gate.actor.send(Msg::Drained {
+                model: self.gate.model.clone(),
+                instance: self.gate.instance,
+            });
+        }
     }
 }
 
@@ -153,7 +297,8 @@ enum Msg {
         model: String,
         reply: oneshot::Sender<Result<Lease, AcquireError>>,
     },
-    Release {
+    /// The last lease of a closed gate was returned.
+    Drained {
         model: Arc<str>,
         instance: u64,
     },
@@ -178,6 +323,7 @@ enum Msg {
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Msg>,
+    gates: Gates,
 }
 
 impl Scheduler {
@@ -185,7 +331,9 @@ impl Scheduler {
     pub fn start(config: &Config, observer: Observer) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let gates = Gates::default();
         let actor = Actor {
+            gates: gates.clone(),
             limits: config.scheduler.clone(),
             slots: config
                 .models
@@ -199,11 +347,16 @@ impl Scheduler {
             observer,
         };
         tokio::spawn(actor.run(rx, events_rx));
-        Scheduler { tx }
+        Scheduler { tx, gates }
     }
 
     /// Waits until `model` (a canonical name) is ready and leases it.
     pub async fn acquire(&self, model: &str) -> Result<Lease, AcquireError> {
+        if let Some(gate) = gates_read(&self.gates, model) {
+            if gate.enter() {
+                return Ok(Lease { gate });
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Acquire {
@@ -298,7 +451,9 @@ struct Slot {
     waiters: Vec<Waiter>,
     /// When it became Pending: starts are granted oldest first.
     pending_since: Instant,
-    inflight: usize,
+    /// The current child's gate, from its Ready on; open only while Ready.
+    gate: Option<Arc<Gate>>,
+    /// Last use before the current gate (see [`Slot::last_used`]).
     last_used: Instant,
     child: Option<ChildHandle>,
     /// Identity of the current child; events and leases of older ones are
@@ -326,7 +481,7 @@ impl Slot {
             phase: Phase::Stopped,
             waiters: Vec::new(),
             pending_since: now,
-            inflight: 0,
+            gate: None,
             last_used: now,
             child: None,
             instance: 0,
@@ -348,8 +503,29 @@ impl Slot {
         }
     }
 
+    /// Leases out on the current child (running phases only).
+    fn inflight(&self) -> usize {
+        match (&self.gate, self.phase) {
+            (Some(g), Phase::Ready | Phase::Draining) => g.leases(),
+            _ => 0,
+        }
+    }
+
+    fn last_used(&self) -> Instant {
+        match &self.gate {
+            Some(g) => g.last_used().max(self.last_used),
+            None => self.last_used,
+        }
+    }
+
+    /// Closes the gate (no new leases); returns the leases still out.
+    fn close_gate(&mut self) -> usize {
+        self.gate.as_ref().map_or(0, |g| g.close())
+    }
+
     fn begin_stop(&mut self, why: StopReason) {
         tracing::info!(model = %self.config.name, reason = why.as_str(), "stopping model");
+        self.close_gate();
         self.phase = Phase::Stopping;
         self.stop_reason = Some(why);
         if let Some(child) = &mut self.child {
@@ -365,14 +541,16 @@ impl Slot {
             state: self.phase.name(),
             pid: self.pid.filter(|_| self.phase.is_loaded()),
             port: self.addr.filter(|_| running).map(|a| a.port()),
-            inflight: self.inflight,
+            inflight: self.inflight(),
             waiting: self.waiters.len(),
             uptime_s: self
                 .ready_since
                 .filter(|_| running)
                 .map(|t| now.duration_since(t).as_secs_f64()),
-            idle_s: (running && self.inflight == 0)
-                .then(|| now.duration_since(self.last_used).as_secs_f64()),
+            idle_s: (running && self.inflight() == 0).then(|| {
+                now.saturating_duration_since(self.last_used())
+                    .as_secs_f64()
+            }),
             starts: self.starts,
             last_error: self.last_error.clone(),
         }
@@ -443,6 +621,7 @@ pub fn plan<'a>(group: Option<&str>, loaded: &[Resident<'a>], max_loaded: usize)
 }
 
 struct Actor {
+    gates: Gates,
     limits: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_instance: u64,
@@ -488,7 +667,7 @@ impl Actor {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Acquire { model, reply } => self.acquire(&model, reply),
-            Msg::Release { model, instance } => self.release(&model, instance),
+            Msg::Drained { model, instance } => self.drained(&model, instance),
             Msg::Stop { model, reply } => {
                 let _ = reply.send(self.stop(&model));
             }
@@ -516,16 +695,10 @@ impl Actor {
         }
     }
 
-    fn lease(&mut self, name: &Arc<str>) -> Option<Lease> {
-        let slot = self.slots.get_mut(name)?;
-        slot.inflight += 1;
-        slot.last_used = Instant::now();
-        Some(Lease {
-            addr: slot.addr?,
-            model: name.clone(),
-            instance: slot.instance,
-            tx: self.self_tx.clone(),
-        })
+    /// A lease on a Ready slot's child.
+    fn lease(slot: &Slot) -> Option<Lease> {
+        let gate = slot.gate.as_ref().filter(|g| g.enter())?;
+        Some(Lease { gate: gate.clone() })
     }
 
     fn acquire(&mut self, model: &str, reply: Waiter) {
@@ -542,7 +715,8 @@ impl Actor {
         };
         match slot.phase {
             Phase::Ready => {
-                if let Some(lease) = self.lease(&name) {
+                // The gate opened after the requester looked.
+                if let Some(lease) = Actor::lease(slot) {
                     if let Err(Ok(lease)) = reply.send(Ok(lease)) {
                         drop(lease); // the requester left; Release follows
                     }
@@ -570,17 +744,12 @@ impl Actor {
         }
     }
 
-    fn release(&mut self, model: &str, instance: u64) {
-        let Some(slot) = self.slots.get_mut(model) else {
-            return;
-        };
-        if slot.instance != instance {
-            return; // a lease on a child that is already gone
-        }
-        slot.inflight = slot.inflight.saturating_sub(1);
-        slot.last_used = Instant::now();
-        if slot.phase == Phase::Draining && slot.inflight == 0 {
-            slot.begin_stop(slot.stop_reason.unwrap_or(StopReason::Evicted));
+    fn drained(&mut self, model: &str, instance: u64) {
+        // Drains of children that are already gone are ignored.
+        if let Some(slot) = current(&mut self.slots, model, instance) {
+            if slot.phase == Phase::Draining {
+                slot.begin_stop(slot.stop_reason.unwrap_or(StopReason::Evicted));
+            }
         }
     }
 
@@ -642,10 +811,17 @@ impl Actor {
             if slot.child.is_some() {
                 retire(slot, StopReason::Reload);
             } else {
-                self.slots.remove(&name);
+                self.remove_slot(&name);
             }
         }
         self.reconcile();
+    }
+
+    fn remove_slot(&mut self, name: &str) {
+        self.slots.remove(name);
+        gates_write(&self.gates, |map| {
+            map.remove(name);
+        });
     }
 
     fn begin_shutdown(&mut self) {
@@ -695,9 +871,19 @@ impl Actor {
                 });
                 slot.ready_since = Some(Instant::now());
                 slot.last_error = None;
-                let waiters: Vec<Waiter> = slot.waiters.drain(..).collect();
+                let gate = Arc::new(Gate::new(
+                    model.clone(),
+                    instance,
+                    addr,
+                    self.self_tx.clone(),
+                ));
+                slot.gate = Some(gate.clone());
+                gates_write(&self.gates, |map| {
+                    map.insert(model.clone(), gate);
+                });
+                let waiters = std::mem::take(&mut slot.waiters);
                 for w in waiters {
-                    if let Some(lease) = self.lease(&model) {
+                    if let Some(lease) = Actor::lease(slot) {
                         let _ = w.send(Ok(lease));
                     }
                 }
@@ -724,7 +910,7 @@ impl Actor {
                     reason,
                 });
                 if slot.removed {
-                    self.slots.remove(&model);
+                    self.remove_slot(&model);
                 }
             }
             ChildEvent::Exited {
@@ -736,7 +922,8 @@ impl Actor {
                     return;
                 };
                 slot.child = None;
-                slot.inflight = 0;
+                slot.close_gate();
+                slot.last_used = slot.last_used();
                 slot.addr = None;
                 let pid = slot.pid;
                 let stop_reason = slot.stop_reason.take();
@@ -761,7 +948,7 @@ impl Actor {
                     },
                 );
                 if slot.removed {
-                    self.slots.remove(&model);
+                    self.remove_slot(&model);
                     if self.shutdown.is_none() {
                         self.reconcile();
                     }
@@ -829,8 +1016,8 @@ impl Actor {
                         group: s.config.group.as_deref(),
                         ready: s.phase == Phase::Ready,
                         leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
-                        busy: s.inflight > 0,
-                        last_used: s.last_used,
+                        busy: s.inflight() > 0,
+                        last_used: s.last_used(),
                     })
                     .collect();
                 match plan(group.as_deref(), &loaded, self.limits.max_loaded) {
@@ -844,7 +1031,7 @@ impl Actor {
                 Some(victims) => {
                     for victim in victims {
                         if let Some(v) = self.slots.get_mut(&victim) {
-                            tracing::info!(model = %victim, for_model = %name, inflight = v.inflight,
+                            tracing::info!(model = %victim, for_model = %name, inflight = v.inflight(),
                                 "evicting model to make room");
                             retire(v, StopReason::Evicted);
                         }
@@ -873,17 +1060,29 @@ impl Actor {
         self.observer.event(name, "start_requested", |_| {});
         slot.phase = Phase::Starting;
         slot.instance = instance;
-        slot.inflight = 0;
+        slot.gate = None;
         slot.ready_since = None;
         slot.starts += 1;
         slot.child = Some(supervisor::spawn(spec, self.events_tx.clone()));
     }
 
+    /// When the next idle TTL may run out. Leases come and go without the
+    /// actor, so this is a time to look again: a model busy now is looked
+    /// at one TTL later (by then its last use has moved on, or it is still
+    /// busy).
     fn next_ttl_deadline(&self) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
         self.slots
             .values()
-            .filter(|s| s.phase == Phase::Ready && s.inflight == 0)
-            .filter_map(|s| s.config.ttl.map(|ttl| s.last_used + ttl))
+            .filter(|s| s.phase == Phase::Ready)
+            .filter_map(|s| {
+                let ttl = s.config.ttl?;
+                Some(if s.inflight() > 0 {
+                    now + ttl
+                } else {
+                    s.last_used() + ttl
+                })
+            })
             .min()
             .map(tokio::time::Instant::from_std)
     }
@@ -892,11 +1091,11 @@ impl Actor {
         let now = Instant::now();
         for slot in self.slots.values_mut() {
             let expired = slot.phase == Phase::Ready
-                && slot.inflight == 0
-                && slot
-                    .config
-                    .ttl
-                    .is_some_and(|ttl| slot.last_used + ttl <= now);
+                && slot.config.ttl.is_some_and(|ttl| {
+                    slot.gate
+                        .as_ref()
+                        .is_some_and(|g| g.close_if_idle(ttl, now))
+                });
             if expired {
                 slot.begin_stop(StopReason::Ttl);
             }
@@ -918,13 +1117,16 @@ fn current<'a>(
 /// requests wait for the restart.
 fn retire(slot: &mut Slot, why: StopReason) {
     match slot.phase {
-        Phase::Ready if slot.inflight > 0 => {
-            tracing::info!(model = %slot.config.name, inflight = slot.inflight, reason = why.as_str(),
-                "draining model before stopping it");
-            slot.phase = Phase::Draining;
-            slot.stop_reason = Some(why);
-        }
-        Phase::Ready | Phase::Starting => slot.begin_stop(why),
+        Phase::Ready => match slot.close_gate() {
+            0 => slot.begin_stop(why),
+            inflight => {
+                tracing::info!(model = %slot.config.name, inflight, reason = why.as_str(),
+                    "draining model before stopping it");
+                slot.phase = Phase::Draining;
+                slot.stop_reason = Some(why);
+            }
+        },
+        Phase::Starting => slot.begin_stop(why),
         _ => {}
     }
 }
@@ -995,6 +1197,88 @@ mod tests {
         let mut g = starting;
         g.group = Some("g");
         assert_eq!(plan(Some("g"), &[g], 5), Plan::Wait);
+    }
+
+    fn gate() -> (Arc<Gate>, mpsc::UnboundedReceiver<Msg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 4321));
+        (Arc::new(Gate::new(Arc::from("m"), 7, addr, tx)), rx)
+    }
+
+    #[test]
+    fn gate_admits_while_open_and_reports_the_last_lease_of_a_drain() {
+        let (g, mut rx) = gate();
+        assert_eq!(g.authority.as_str(), "127.0.0.1:4321");
+        assert!(g.enter());
+        let a = Lease { gate: g.clone() };
+        assert!(g.enter());
+        let b = Lease { gate: g.clone() };
+        assert_eq!(g.leases(), 2);
+        assert_eq!(g.close(), 2, "closing reports the leases still out");
+        assert!(!g.enter(), "a closed gate admits no one");
+        drop(a);
+        assert!(rx.try_recv().is_err(), "one lease is still out");
+        drop(b);
+        match rx.try_recv() {
+            Ok(Msg::Drained { model, instance }) => assert_eq!((&*model, instance), ("m", 7)),
+            other => panic!("expected Drained, got {other:?}"),
+        }
+        assert_eq!(g.leases(), 0);
+    }
+
+    #[test]
+    fn an_open_gate_says_nothing_when_leases_come_back() {
+        let (g, mut rx) = gate();
+        for _ in 0..3 {
+            assert!(g.enter());
+            drop(Lease { gate: g.clone() });
+        }
+        assert!(rx.try_recv().is_err());
+        assert_eq!(g.close(), 0);
+    }
+
+    #[test]
+    fn idle_close_needs_no_leases_and_a_full_ttl() {
+        let (g, _rx) = gate();
+        let ttl = Duration::from_secs(60);
+        let now = Instant::now();
+        assert!(!g.close_if_idle(ttl, now), "just used");
+        assert!(g.enter());
+        let later = now + Duration::from_secs(120);
+        assert!(!g.close_if_idle(ttl, later), "a lease is out");
+        drop(Lease { gate: g.clone() });
+        assert!(g.close_if_idle(ttl, later + ttl));
+        assert!(!g.enter());
+    }
+
+    #[test]
+    fn racing_leases_and_a_close_drain_exactly_once() {
+        for _ in 0..50 {
+            let (g, mut rx) = gate();
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let g = g.clone();
+                    std::thread::spawn(move || {
+                        let mut held = 0;
+                        for _ in 0..2000 {
+                            if g.enter() {
+                                held += 1;
+                                drop(Lease { gate: g.clone() });
+                            }
+                        }
+                        held
+                    })
+                })
+                .collect();
+            std::thread::yield_now();
+            let out = g.close();
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(g.leases(), 0);
+            let drained = std::iter::from_fn(|| rx.try_recv().ok()).count();
+            assert_eq!(drained, usize::from(out > 0), "{out} leases out at close");
+        }
     }
 
     #[test]

@@ -582,3 +582,43 @@ async fn a_busy_model_is_drained_for_a_swap_and_its_new_requests_wait_for_its_re
         "b made room for a again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_idle_ttl_never_stops_a_busy_model_and_counts_from_the_last_use() {
+    let d = Daemon::start(&fake_model_table(
+        "f",
+        &["--chunk-delay-ms", "100"],
+        "ttl = \"1s\"",
+    ));
+    // 25 chunks 100 ms apart: a stream 2.5 times as long as the TTL.
+    let s = stream(&d.addr, "/v1/chat/completions", &chat("f", 25, true)).await;
+    let ended = Instant::now();
+    assert!(s.error.is_none(), "{:?}", s.error);
+    assert_eq!(s.events().last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(
+        d.model("f").await["state"],
+        "ready",
+        "not stopped under a lease"
+    );
+
+    // A short request 0.6 s later is a use: the TTL starts again from it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK);
+    let used = Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let m = d.model("f").await;
+    assert_eq!(
+        m["state"], "ready",
+        "1.3 s after the stream, 0.7 s after the last use"
+    );
+    assert_eq!(m["starts"], 1);
+
+    d.wait_state("f", "stopped", Duration::from_secs(3)).await;
+    assert!(
+        used.elapsed() >= Duration::from_secs(1),
+        "stopped {:?} after the last use",
+        used.elapsed()
+    );
+    assert!(ended.elapsed() < Duration::from_secs(4));
+    assert!(d.log_text().contains("\"reason\":\"ttl\""));
+}
