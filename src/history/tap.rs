@@ -10,9 +10,10 @@
 //! request and response stay exactly as sent. Non-streamed bodies are kept
 //! up to [`MAX_JSON_BODY`] and parsed once at the end.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::{now_ms, ContentPolicy, Outcome, Recorder, RequestRecord, Usage};
 
@@ -192,13 +193,10 @@ impl Tap {
         if !(has_figures || (has_content && (first_token || wants_text))) {
             return;
         }
-        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+        let Ok(v) = serde_json::from_slice::<Reply<'_>>(payload) else {
             return;
         };
-        let delta = v["choices"][0]["delta"]["content"]
-            .as_str()
-            .or_else(|| v["choices"][0]["text"].as_str())
-            .unwrap_or("");
+        let delta = v.text(|c| c.delta.as_ref()).unwrap_or("");
         if !delta.is_empty() {
             if let Some(p) = &mut self.pending {
                 if p.record.ttft_ms.is_none() {
@@ -230,27 +228,28 @@ impl Tap {
     }
 
     /// `usage` wins over `timings` for counts; `timings` gives the rates.
-    fn take_figures(&mut self, v: &Value) {
+    fn take_figures(&mut self, v: &Reply<'_>) {
         let Some(p) = &mut self.pending else { return };
         let u = &mut p.record.usage;
-        let int = |x: &Value| x.as_i64();
-        if v["usage"].is_object() {
+        if let Some(usage) = &v.usage {
             self.saw_usage = true;
-            u.prompt_tokens = int(&v["usage"]["prompt_tokens"]).or(u.prompt_tokens);
-            u.completion_tokens = int(&v["usage"]["completion_tokens"]).or(u.completion_tokens);
-            u.cached_tokens =
-                int(&v["usage"]["prompt_tokens_details"]["cached_tokens"]).or(u.cached_tokens);
+            u.prompt_tokens = usage.prompt_tokens.or(u.prompt_tokens);
+            u.completion_tokens = usage.completion_tokens.or(u.completion_tokens);
+            u.cached_tokens = usage
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens)
+                .or(u.cached_tokens);
         }
-        let t = &v["timings"];
-        if t.is_object() {
-            u.prompt_ms = t["prompt_ms"].as_f64();
-            u.predicted_ms = t["predicted_ms"].as_f64();
-            u.prompt_per_second = t["prompt_per_second"].as_f64();
-            u.predicted_per_second = t["predicted_per_second"].as_f64();
+        if let Some(t) = &v.timings {
+            u.prompt_ms = t.prompt_ms;
+            u.predicted_ms = t.predicted_ms;
+            u.prompt_per_second = t.prompt_per_second;
+            u.predicted_per_second = t.predicted_per_second;
             if !self.saw_usage {
-                let cache = int(&t["cache_n"]).unwrap_or(0);
-                u.prompt_tokens = int(&t["prompt_n"]).map(|n| n + cache);
-                u.completion_tokens = int(&t["predicted_n"]);
+                let cache = t.cache_n.unwrap_or(0);
+                u.prompt_tokens = t.prompt_n.map(|n| n + cache);
+                u.completion_tokens = t.predicted_n;
                 u.cached_tokens = Some(cache);
             }
         }
@@ -260,24 +259,13 @@ impl Tap {
     pub fn on_end(&mut self, error: Option<String>) {
         if !self.sse && !self.body_overflow && !self.body.is_empty() {
             let body = std::mem::take(&mut self.body);
-            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            if let Ok(v) = serde_json::from_slice::<Reply<'_>>(&body) {
                 self.take_figures(&v);
-                let text = v["choices"][0]["message"]["content"]
-                    .as_str()
-                    .or_else(|| v["choices"][0]["text"].as_str())
-                    .map(str::to_string);
-                if let Some(text) = text {
-                    self.push_text(&text);
+                if let Some(text) = v.text(|c| c.message.as_ref()) {
+                    self.push_text(text);
                 }
-                if self
-                    .pending
-                    .as_ref()
-                    .is_some_and(|p| p.record.status >= 400)
-                {
-                    let message = v["error"]["message"].as_str().map(str::to_string);
-                    if let Some(p) = &mut self.pending {
-                        p.record.error = message;
-                    }
+                if let Some(p) = self.pending.as_mut().filter(|p| p.record.status >= 400) {
+                    p.record.error = v.error.and_then(|e| e.message).map(Cow::into_owned);
                 }
             }
         }
@@ -316,6 +304,76 @@ impl Drop for Tap {
         }
         self.record();
     }
+}
+
+/// The fields of an OpenAI-style response or stream chunk that history
+/// keeps; everything else is skipped unparsed. Strings borrow from the body
+/// unless they contain escapes.
+#[derive(Deserialize)]
+struct Reply<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
+    usage: Option<UsageFields>,
+    timings: Option<Timings>,
+    #[serde(borrow)]
+    error: Option<ErrorFields<'a>>,
+}
+
+impl<'a> Reply<'a> {
+    /// The first choice's text: `part` (message or delta) content, else the
+    /// completions API's `text`.
+    fn text(&self, part: for<'c> fn(&'c Choice<'a>) -> Option<&'c Message<'a>>) -> Option<&str> {
+        let first = self.choices.first()?;
+        part(first)
+            .and_then(|m| m.content.as_deref())
+            .or(first.text.as_deref())
+    }
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow)]
+    message: Option<Message<'a>>,
+    #[serde(borrow)]
+    delta: Option<Message<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<i64>,
+}
+
+/// llama-server's own per-request figures.
+#[derive(Deserialize)]
+struct Timings {
+    prompt_n: Option<i64>,
+    cache_n: Option<i64>,
+    predicted_n: Option<i64>,
+    prompt_ms: Option<f64>,
+    predicted_ms: Option<f64>,
+    prompt_per_second: Option<f64>,
+    predicted_per_second: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct ErrorFields<'a> {
+    #[serde(borrow)]
+    message: Option<Cow<'a, str>>,
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -415,6 +473,24 @@ mod tests {
         let r = seen.lock().unwrap().clone().unwrap();
         assert_eq!(r.outcome, Outcome::UpstreamError);
         assert!(r.error.unwrap().contains("mid-response"));
+    }
+
+    #[test]
+    fn error_messages_completions_text_and_escapes_are_read() {
+        let (mut t, seen) = tap(false, ContentPolicy::Full);
+        t.pending.as_mut().unwrap().record.status = 400;
+        t.on_data(br#"{"error":{"code":400,"message":"context \"too\" long","type":"x"}}"#);
+        t.on_end(None);
+        let r = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(r.error.as_deref(), Some("context \"too\" long"));
+
+        let (mut t, seen) = tap(false, ContentPolicy::Full);
+        t.on_data(br#"{"id":"c","choices":[{"text":"a\nb","index":0,"logprobs":null}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"extra":[1,{"deep":[true]}]}"#);
+        t.on_end(None);
+        let r = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(r.response_content.as_deref(), Some("a\nb"));
+        assert_eq!(r.usage.completion_tokens, Some(2));
+        assert_eq!(r.error, None);
     }
 
     #[test]
