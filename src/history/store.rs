@@ -12,8 +12,13 @@ use super::{ModelEvent, RequestRecord, Sample};
 
 /// Migrations, embedded in the binary and applied in order; the database's
 /// `user_version` is the number of the last one applied.
-const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../migrations/0001_init.sql")),
+    (
+        "0002_drop_outcome_index",
+        include_str!("../../migrations/0002_drop_outcome_index.sql"),
+    ),
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -95,6 +100,10 @@ pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), Sto
         }
     };
     migrate(&conn, path)?;
+    // The writer appends and deletes old rows: it touches the right edge of
+    // each B-tree, not the 2 MiB SQLite keeps by default.
+    conn.execute_batch("PRAGMA cache_size = -512;")
+        .map_err(sqlite(path))?;
     Ok((conn, note))
 }
 
@@ -127,17 +136,26 @@ fn open_checked(path: &Path) -> Result<Connection, String> {
 
 /// Applies the migrations the file lacks, each in its own transaction.
 pub fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    apply_migrations(conn, path, MIGRATIONS)
+}
+
+fn apply_migrations(
+    conn: &Connection,
+    path: &Path,
+    migrations: &[(&'static str, &str)],
+) -> Result<(), StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(sqlite(path))?;
-    if version > SCHEMA_VERSION {
+    let supported = migrations.len() as i64;
+    if version > supported {
         return Err(StoreError::TooNew {
             path: path.to_path_buf(),
             found: version,
-            supported: SCHEMA_VERSION,
+            supported,
         });
     }
-    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (index, (name, sql)) in migrations.iter().enumerate().skip(version as usize) {
         let fail = |source| StoreError::Migration {
             path: path.to_path_buf(),
             name,
@@ -540,6 +558,55 @@ mod tests {
         let e = open_for_writing(&path).unwrap_err();
         assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
         assert!(e.to_string().contains("newer than this claracore"));
+    }
+
+    #[test]
+    fn an_old_file_is_migrated_and_a_failed_migration_leaves_it_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        let conn = Connection::open(&path).unwrap();
+        apply_migrations(&conn, &path, &MIGRATIONS[..1]).unwrap();
+        let indexes = |conn: &Connection| -> Vec<String> {
+            let mut st = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests' ORDER BY 1")
+                .unwrap();
+            st.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert!(indexes(&conn).contains(&"requests_outcome_started".to_string()));
+        drop(conn);
+
+        let (conn, _) = open_for_writing(&path).unwrap();
+        assert_eq!(
+            indexes(&conn),
+            ["requests_model_started", "requests_started"],
+            "0002 applied to a version-1 file"
+        );
+
+        let broken = [
+            MIGRATIONS[0],
+            MIGRATIONS[1],
+            (
+                "0003_broken",
+                "CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1);",
+            ),
+        ];
+        let e = apply_migrations(&conn, &path, &broken).unwrap_err();
+        assert!(e.to_string().contains("0003_broken"), "{e}");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2, "the failed migration is not recorded");
+        let half: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(half, 0, "its first statement was rolled back");
     }
 
     #[test]
