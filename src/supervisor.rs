@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 /// Variables that belong to the daemon's own systemd protocol and must not
@@ -153,6 +153,9 @@ struct Running {
     addr: SocketAddr,
     tail: Tail,
     readers: Vec<JoinHandle<()>>,
+    /// Signalled when the child's output says it has finished loading, so
+    /// readiness is probed at once rather than at the next poll.
+    loaded_hint: Arc<Notify>,
     /// The cgroup's OOM kill count when the child started, to tell an OOM
     /// kill from another SIGKILL.
     oom_kills_at_start: Option<u64>,
@@ -303,7 +306,8 @@ enum Readiness {
 }
 
 /// Polls the health path fast at first (readiness is on the request's
-/// critical path), then backs off.
+/// critical path), then backs off; probes at once when the child logs that
+/// its model is loaded.
 async fn wait_ready(
     spec: &ChildSpec,
     running: &mut Running,
@@ -311,11 +315,15 @@ async fn wait_ready(
     stop_rx: &mut oneshot::Receiver<()>,
 ) -> Readiness {
     let begun = Instant::now();
+    let mut hinted: Option<Instant> = None;
     loop {
         if probe(running.addr, &spec.health_path, Duration::from_millis(500)).await {
             return Readiness::Ready;
         }
-        let interval = if begun.elapsed() < Duration::from_secs(5) {
+        let interval = if hinted.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            // Loaded, not yet serving: it is a matter of a millisecond or two.
+            Duration::from_millis(1)
+        } else if begun.elapsed() < Duration::from_secs(5) {
             Duration::from_millis(5)
         } else {
             Duration::from_millis(100)
@@ -330,6 +338,7 @@ async fn wait_ready(
             _ = &mut *stop_rx => return Readiness::StopRequested,
             _ = tokio::time::sleep_until(deadline) => return Readiness::TimedOut,
             _ = tokio::time::sleep(interval) => {}
+            _ = running.loaded_hint.notified() => hinted = Some(Instant::now()),
         }
     }
 }
@@ -414,17 +423,25 @@ fn start_child(spec: &ChildSpec) -> Result<Running, String> {
         tracing::debug!(model = %spec.model, error = %e, "cannot raise the child's oom_score_adj");
     }
     let tail = Tail::default();
+    let loaded_hint = Arc::new(Notify::new());
     let mut readers = Vec::with_capacity(2);
     if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(copy_lines(out, spec.model.clone(), pid, None)));
+        let output = Output {
+            model: spec.model.clone(),
+            pid,
+            tail: None,
+            loaded_hint: loaded_hint.clone(),
+        };
+        readers.push(tokio::spawn(copy_lines(out, output)));
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(copy_lines(
-            err,
-            spec.model.clone(),
+        let output = Output {
+            model: spec.model.clone(),
             pid,
-            Some(tail.clone()),
-        )));
+            tail: Some(tail.clone()),
+            loaded_hint: loaded_hint.clone(),
+        };
+        readers.push(tokio::spawn(copy_lines(err, output)));
     }
     Ok(Running {
         child,
@@ -432,6 +449,7 @@ fn start_child(spec: &ChildSpec) -> Result<Running, String> {
         addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
         tail,
         readers,
+        loaded_hint,
         oom_kills_at_start: oom_kill_count(),
     })
 }
@@ -481,7 +499,26 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 /// Copies a child's output into tracing line by line.
-async fn copy_lines(stream: impl AsyncRead + Unpin, model: Arc<str>, pid: u32, tail: Option<Tail>) {
+/// Where a child's output stream goes.
+struct Output {
+    model: Arc<str>,
+    pid: u32,
+    /// Kept for failure reports (stderr only).
+    tail: Option<Tail>,
+    loaded_hint: Arc<Notify>,
+}
+
+/// llama-server's log line once its model is loaded; `/health` turns 200
+/// right after it.
+const LOADED_MARKER: &str = "model loaded";
+
+async fn copy_lines(stream: impl AsyncRead + Unpin, out: Output) {
+    let Output {
+        model,
+        pid,
+        tail,
+        loaded_hint,
+    } = out;
     let mut lines = BufReader::new(stream).lines();
     // Non-UTF-8 output ends line mode; the pipe then closes and the child
     // gets EPIPE rather than blocking.
@@ -503,6 +540,9 @@ async fn copy_lines(stream: impl AsyncRead + Unpin, model: Arc<str>, pid: u32, t
             _ => {
                 tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
             }
+        }
+        if line.contains(LOADED_MARKER) {
+            loaded_hint.notify_one();
         }
         if let Some(tail) = &tail {
             tail.push(line.to_string());
