@@ -92,6 +92,17 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
+    /// Threads of the async runtime (HTTP, proxying, scheduling); `None`:
+    /// [`default_worker_threads`].
+    pub worker_threads: Option<usize>,
+}
+
+/// Half the CPUs this process may use, 1 to 4. Proxying is light next to
+/// inference: on a small machine the model processes need the cores, and
+/// one thread saves the cross-thread wake-ups of every request.
+pub fn default_worker_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    (cpus / 2).clamp(1, 4)
 }
 
 /// Scheduler and supervisor limits.
@@ -203,6 +214,7 @@ struct RawHistory {
 struct RawHttp {
     max_body_bytes: Option<Spanned<u64>>,
     header_read_timeout: Option<Spanned<String>>,
+    worker_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,6 +387,18 @@ impl Config {
                 None => Duration::from_secs(30),
                 Some(v) => nonzero(&src, "http.header_read_timeout", v)?,
             },
+            worker_threads: match &raw.http.worker_threads {
+                None => None,
+                Some(v) => match usize::try_from(*v.get_ref()) {
+                    Ok(n @ 1..=256) => Some(n),
+                    _ => {
+                        return Err(src.error(
+                            v,
+                            "http.worker_threads: must be between 1 and 256 (leave it out for half the CPUs, at most 4)",
+                        ))
+                    }
+                },
+            },
         };
 
         let s = &raw.scheduler;
@@ -492,6 +516,13 @@ impl Config {
     /// Listener settings that only a restart can change, for reload.
     pub fn listeners_differ(&self, other: &Config) -> bool {
         self.listen != other.listen || self.socket_mode != other.socket_mode
+    }
+
+    /// The number of runtime threads to start with.
+    pub fn worker_threads(&self) -> usize {
+        self.http
+            .worker_threads
+            .unwrap_or_else(default_worker_threads)
     }
 
     /// Resolves a model name or alias.
@@ -758,6 +789,22 @@ health = "/health"
         assert!(e.contains("socket_mode"), "{e}");
         let e = err("log_format = \"xml\"\n");
         assert!(e.starts_with("test.toml:1:14: log_format"), "{e}");
+        let e = err("[http]\nworker_threads = 0\n");
+        assert!(
+            e.starts_with("test.toml:2:18: http.worker_threads: must be between 1 and 256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cpus_up_to_four() {
+        let cfg = parse("[http]\nworker_threads = 3\n").unwrap();
+        assert_eq!(cfg.worker_threads(), 3);
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.http.worker_threads, None);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(cfg.worker_threads(), (cpus / 2).clamp(1, 4));
+        assert!((1..=4).contains(&cfg.worker_threads()));
     }
 
     #[test]

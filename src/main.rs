@@ -128,8 +128,9 @@ fn report(result: Result<String, String>, failure: ExitCode) -> ExitCode {
     }
 }
 
+/// The runtime of the client commands.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }
@@ -239,7 +240,13 @@ fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
         (Recorder::disabled(), None)
     };
 
-    let rt = match runtime() {
+    let threads = config.worker_threads();
+    tracing::debug!(worker_threads = threads, "starting the async runtime");
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");

@@ -197,6 +197,13 @@ async fn reload(
                     "listener changes take effect only after a restart"
                 );
             }
+            if old.http.worker_threads != new.http.worker_threads {
+                tracing::warn!(
+                    old = old.worker_threads(),
+                    new = new.worker_threads(),
+                    "http.worker_threads takes effect only after a restart"
+                );
+            }
             let new = Arc::new(new);
             state.scheduler.reconfigure(&new).await;
             let models = new.models.len();
