@@ -120,6 +120,7 @@ pub async fn serve(
         .watchdog
         .map(|interval| tokio::spawn(watchdog(state.clone(), notifier.clone(), interval)));
     let sample_task = tokio::spawn(sample(state.clone()));
+    let trim_task = tokio::spawn(trim_when_idle(state.clone()));
 
     while let Some(Control::Reload) = control.recv().await {
         reload(&state, &notifier, &systemd.config_path, &reload_error).await;
@@ -127,6 +128,7 @@ pub async fn serve(
 
     status_task.abort();
     sample_task.abort();
+    trim_task.abort();
     state.accepting.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for task in accept_tasks {
@@ -313,6 +315,57 @@ async fn watchdog(state: Arc<AppState>, notifier: Arc<Notifier>, interval: Durat
         }
         notifier.notify(&[NotifyState::Watchdog]);
     }
+}
+
+/// How often the daemon looks whether it went idle with memory to return.
+const TRIM_PERIOD: Duration = Duration::from_secs(2);
+/// Growth of the resident set since the last trim that makes one worth it.
+const TRIM_GROWTH_BYTES: i64 = 1 << 20;
+
+/// Gives freed heap memory back to the system once the daemon is idle: a
+/// burst of requests leaves glibc holding megabytes of free chunks in its
+/// per-thread arenas, which an operator would read as a leak. Runs only when
+/// no request is in flight and the resident set grew since the last trim.
+async fn trim_when_idle(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(TRIM_PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut floor = metrics::process_figures().map_or(0, |f| f.0);
+    loop {
+        ticker.tick().await;
+        let Some((rss, _)) = metrics::process_figures() else {
+            return;
+        };
+        if rss < floor + TRIM_GROWTH_BYTES {
+            floor = floor.min(rss);
+            continue;
+        }
+        let busy = state
+            .scheduler
+            .status()
+            .await
+            .iter()
+            .any(|m| m.inflight > 0);
+        if !busy {
+            let released = tokio::task::spawn_blocking(release_free_heap).await;
+            floor = metrics::process_figures().map_or(rss, |f| f.0);
+            tracing::debug!(before = rss, after = floor, trimmed = ?released.ok(), "returned free heap memory");
+        }
+    }
+}
+
+/// `malloc_trim(0)`: returns free memory at the top of every glibc arena
+/// and free whole pages inside them to the kernel. True if any was.
+#[cfg(target_env = "gnu")]
+#[allow(unsafe_code)]
+fn release_free_heap() -> bool {
+    // SAFETY: malloc_trim takes the arena locks itself and may be called
+    // from any thread at any time; it has no preconditions.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn release_free_heap() -> bool {
+    false
 }
 
 /// Low-rate resource figures for dashboards: the daemon's and each loaded
