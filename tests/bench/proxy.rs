@@ -561,22 +561,39 @@ fn fig_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u1
     );
     let nginx = contenders.iter().position(|c| c.0 == "nginx");
     let (ng50, ng99) = nginx.map_or((f64::NAN, f64::NAN), |i| (added(i, 50.0), added(i, 99.0)));
+    // "≤ nginx" is judged on the paired difference: per round, claracore's
+    // percentile minus nginx's, median over rounds. Direct's own p50 moves
+    // between rounds (two modes, ~0.03 and ~0.05 ms, with where the
+    // scheduler puts client and upstream), which makes the difference of the
+    // two "added" medians swing by more than the gap being judged.
+    let paired = |c: usize, q: f64| {
+        nginx.map_or(f64::NAN, |n| {
+            median(
+                &(0..rounds)
+                    .map(|r| p(c, r, q) - p(n, r, q))
+                    .collect::<Vec<_>>(),
+            )
+        })
+    };
     for c in 1..k {
         let (a50, a99) = (added(c, 50.0), added(c, 99.0));
         let name = contenders[c].0;
         let is_cc = name == "claracore";
+        let (d50, d99) = (paired(c, 50.0), paired(c, 99.0));
         let verdict = if is_cc {
-            met(a50 < 0.1 && a99 < 0.5 && (nginx.is_none() || (a50 <= ng50 && a99 <= ng99)))
+            met(a50 < 0.1 && a99 < 0.5 && (nginx.is_none() || (d50 <= 0.0 && d99 <= 0.0)))
         } else {
             Verdict::Info
         };
         let vs = if is_cc && nginx.is_some() {
             format!(
-                "abs {} / {}; nginx {} / {}",
+                "abs {} / {}; nginx {} / {}; paired claracore − nginx {} / {}",
                 ms(abs(c, 50.0)),
                 ms(abs(c, 99.0)),
                 plus_ms(ng50),
-                plus_ms(ng99)
+                plus_ms(ng99),
+                plus_ms(d50),
+                plus_ms(d99)
             )
         } else {
             format!("abs {} / {}", ms(abs(c, 50.0)), ms(abs(c, 99.0)))
@@ -589,7 +606,7 @@ fn fig_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u1
             n.clone(),
             vs,
             if is_cc {
-                "added < 0.1 ms p50, < 0.5 ms p99, ≤ nginx"
+                "added < 0.1 ms p50, < 0.5 ms p99, ≤ nginx (paired per round)"
             } else {
                 ""
             },
