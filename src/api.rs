@@ -318,24 +318,19 @@ async fn model_request(
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let id = request_id(state, &req);
-    let mut pending = Some(Pending::new(
-        id.clone(),
-        peer,
-        req.uri().path(),
-        Instant::now(),
-    ));
-    let mut resp = match forward_model_request(state, req, &mut pending).await {
+    let mut row = Row {
+        pending: Some(Pending::new(
+            id.clone(),
+            peer,
+            req.uri().path(),
+            Instant::now(),
+        )),
+        state,
+    };
+    let mut resp = match forward_model_request(state, req, &mut row.pending).await {
         Ok(resp) => resp,
         Err(e) => {
-            if let Some(p) = pending.take() {
-                let record = p.finish(
-                    &state.recorder,
-                    e.status().as_u16(),
-                    e.outcome(),
-                    Some(e.to_string()),
-                );
-                state.metrics.observe_request(&record);
-            }
+            row.finish(e.status().as_u16(), e.outcome(), e.to_string());
             e.into_response()
         }
     };
@@ -343,6 +338,34 @@ async fn model_request(
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// A request's history row until a response body's tap takes it. hyper
+/// drops the handler when the client closes the connection while the
+/// request waits for a model or for its first byte; the row is then
+/// recorded as cancelled (status 499, nginx's "client closed request").
+struct Row<'a> {
+    pending: Option<Pending>,
+    state: &'a AppState,
+}
+
+impl Row<'_> {
+    fn finish(&mut self, status: u16, outcome: Outcome, error: String) {
+        if let Some(p) = self.pending.take() {
+            let record = p.finish(&self.state.recorder, status, outcome, Some(error));
+            self.state.metrics.observe_request(&record);
+        }
+    }
+}
+
+impl Drop for Row<'_> {
+    fn drop(&mut self) {
+        self.finish(
+            499,
+            Outcome::Cancelled,
+            "client closed the connection before the response".into(),
+        );
+    }
 }
 
 async fn forward_model_request(
@@ -384,9 +407,10 @@ async fn forward_model_request(
     let req = Request::from_parts(parts, full(bytes));
     let recorder = state.recorder.clone();
     let metrics = state.metrics.clone();
-    let taken = pending.take();
-    let tap = move |status: u16, sse: bool| {
-        taken.map(|p| {
+    // The row stays with the caller until a response head arrives, so a
+    // request that fails or is cancelled before that is still recorded.
+    let tap = |status: u16, sse: bool| {
+        pending.take().map(|p| {
             Tap::new(
                 p,
                 recorder,

@@ -622,3 +622,50 @@ async fn the_idle_ttl_never_stops_a_busy_model_and_counts_from_the_last_use() {
     assert!(ended.elapsed() < Duration::from_secs(4));
     assert!(d.log_text().contains("\"reason\":\"ttl\""));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_during_a_non_streamed_generation_cancels_it_upstream() {
+    // 20 tokens at 200 ms each: a 4 s generation, answered only at the end.
+    let d = Daemon::start(&fake_model_table("f", &["--chunk-delay-ms", "200"], ""));
+    assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK, "warm");
+    let record = d.dir.path().join("record.txt");
+    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::post("/v1/chat/completions")
+        .header("host", &d.addr)
+        .header("x-fake-record", record.display().to_string())
+        .body(Full::new(Bytes::from(chat("f", 20, false).to_string())))
+        .unwrap();
+    let pending = tokio::spawn(async move { sender.send_request(req).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(d.model("f").await["inflight"], 1, "still generating");
+    let left = Instant::now();
+    pending.abort();
+    conn.abort();
+
+    let deadline = left + Duration::from_secs(2);
+    loop {
+        let text = std::fs::read_to_string(&record).unwrap_or_default();
+        if text.contains("cancelled /v1/chat/completions") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream kept generating after the client left: {text:?}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left.elapsed() < Duration::from_secs(3),
+        "well before the 4 s answer"
+    );
+    assert_eq!(d.model("f").await["inflight"], 0, "lease released");
+    let (_, page) = d.get("/api/history?limit=1").await;
+    let row = &page["requests"][0];
+    assert_eq!(row["outcome"], "cancelled", "{row}\n{}", d.log_text());
+    assert_eq!(row["status"], 499, "{row}");
+}

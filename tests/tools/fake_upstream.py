@@ -38,7 +38,9 @@ Other fault hooks
                            marker and fails like llama-server on a taken port
     X-Fake-Record: FILE    request header; appends "METHOD PATH" to FILE when
                            the request arrives, and "cancelled PATH" when the
-                           client goes away during a streamed response
+                           client goes away during a streamed response, or
+                           during a non-streamed one's --chunk-delay-ms per
+                           token of "generation"
 
 Times "after start" count from when this script begins running. The record
 file's PATH is the request target as received, query string included.
@@ -250,6 +252,16 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("stream"):
             self.stream(model, n, record_file)
             return
+        # Like llama-server, "generate" for --chunk-delay-ms per token and
+        # stop early when the client has gone away meanwhile.
+        delay = self.server.config.chunk_delay_ms / 1000
+        for _ in range(n if delay else 0):
+            if self.client_left_within(delay):
+                self.close_connection = True
+                log(f"completion of {self.path} cancelled: client went away")
+                if record_file:
+                    record(record_file, f"cancelled {self.path}")
+                return
         self.send_json(200, {
             "id": "fake",
             "object": "chat.completion",
@@ -305,6 +317,21 @@ class Handler(BaseHTTPRequestHandler):
         log(f"stream of {self.path} cancelled: {reason}")
         if record_file:
             record(record_file, f"cancelled {self.path}")
+
+    def client_left_within(self, seconds):
+        """Waits up to `seconds`; True as soon as the client closes."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if not readable:
+                return False
+            try:
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    return True
+            except ConnectionError:
+                return True
+            time.sleep(left)  # bytes of a next request: not ours to read yet
+        return False
 
     def wait_for_client_to_leave(self):
         """Block, sending nothing, until the client closes the connection."""
