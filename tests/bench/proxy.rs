@@ -108,7 +108,7 @@ impl Plan {
                 lat_per_round: 500,
                 rps_rounds: 6,
                 rps_secs: 3,
-                stream_rounds: 20,
+                stream_rounds: 40,
                 stream_per_round: 3,
                 stream_tokens: 200,
                 cold_rounds: 24,
