@@ -91,20 +91,62 @@ async fn a_child_ignoring_sigterm_is_killed_after_the_grace_period() {
     assert!(d.log_text().contains("child ignored SIGTERM"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn client_disconnect_cancels_the_upstream_request_and_releases_the_model() {
-    let d = Daemon::start(&fake_model_table("f", &["--chunk-delay-ms", "50"], ""));
+/// A chat request on a connection of its own, which the test can drop
+/// mid-way; the fake upstream notes what it sees in the returned file.
+struct Recorded {
+    record: std::path::PathBuf,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    conn: tokio::task::JoinHandle<hyper::Result<()>>,
+    req: Request<Full<Bytes>>,
+}
+
+async fn recorded_chat(d: &Daemon, max_tokens: u32, stream: bool) -> Recorded {
     let record = d.dir.path().join("record.txt");
-    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let tcp = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .unwrap();
-    let conn = tokio::spawn(conn);
     let req = Request::post("/v1/chat/completions")
         .header("host", &d.addr)
         .header("x-fake-record", record.display().to_string())
-        .body(Full::new(Bytes::from(chat("f", 200, true).to_string())))
+        .body(Full::new(Bytes::from(
+            chat("f", max_tokens, stream).to_string(),
+        )))
         .unwrap();
+    Recorded {
+        record,
+        sender,
+        conn: tokio::spawn(conn),
+        req,
+    }
+}
+
+/// Waits until the fake upstream recorded that the client went away.
+async fn wait_cancel_recorded(d: &Daemon, record: &std::path::Path, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(record).unwrap_or_default();
+        if text.contains("cancelled /v1/chat/completions") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "upstream never saw the cancel: {text:?}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_cancels_the_upstream_request_and_releases_the_model() {
+    let d = Daemon::start(&fake_model_table("f", &["--chunk-delay-ms", "50"], ""));
+    let Recorded {
+        record,
+        mut sender,
+        conn,
+        req,
+    } = recorded_chat(&d, 200, true).await;
     let mut body = sender.send_request(req).await.unwrap().into_body();
     body.frame().await.unwrap().unwrap();
     body.frame().await.unwrap().unwrap();
@@ -113,18 +155,7 @@ async fn client_disconnect_cancels_the_upstream_request_and_releases_the_model()
     drop(sender);
     conn.abort();
 
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let text = std::fs::read_to_string(&record).unwrap_or_default();
-        if text.contains("cancelled /v1/chat/completions") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "upstream never saw the cancel: {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_cancel_recorded(&d, &record, Duration::from_secs(3)).await;
     assert_eq!(d.model("f").await["inflight"], 0, "lease released");
 }
 
@@ -628,17 +659,12 @@ async fn a_client_leaving_during_a_non_streamed_generation_cancels_it_upstream()
     // 20 tokens at 200 ms each: a 4 s generation, answered only at the end.
     let d = Daemon::start(&fake_model_table("f", &["--chunk-delay-ms", "200"], ""));
     assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK, "warm");
-    let record = d.dir.path().join("record.txt");
-    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = Request::post("/v1/chat/completions")
-        .header("host", &d.addr)
-        .header("x-fake-record", record.display().to_string())
-        .body(Full::new(Bytes::from(chat("f", 20, false).to_string())))
-        .unwrap();
+    let Recorded {
+        record,
+        mut sender,
+        conn,
+        req,
+    } = recorded_chat(&d, 20, false).await;
     let pending = tokio::spawn(async move { sender.send_request(req).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(d.model("f").await["inflight"], 1, "still generating");
@@ -646,19 +672,7 @@ async fn a_client_leaving_during_a_non_streamed_generation_cancels_it_upstream()
     pending.abort();
     conn.abort();
 
-    let deadline = left + Duration::from_secs(2);
-    loop {
-        let text = std::fs::read_to_string(&record).unwrap_or_default();
-        if text.contains("cancelled /v1/chat/completions") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "upstream kept generating after the client left: {text:?}\n{}",
-            d.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_cancel_recorded(&d, &record, Duration::from_secs(2)).await;
     assert!(
         left.elapsed() < Duration::from_secs(3),
         "well before the 4 s answer"
