@@ -36,7 +36,7 @@ use crate::config::Config;
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, store, Outcome, Recorder};
 use crate::metrics::Metrics;
-use crate::proxy::{self, BoxBody, UpstreamClient};
+use crate::proxy::{self, BoxBody};
 use crate::scheduler::{AcquireError, Scheduler};
 
 /// Endpoints whose JSON body names the model.
@@ -53,7 +53,6 @@ pub struct AppState {
     /// lock across an await.
     pub config: std::sync::RwLock<Arc<Config>>,
     pub scheduler: Scheduler,
-    pub client: UpstreamClient,
     pub started: Instant,
     /// False once shutdown began: `/ready` turns 503.
     pub accepting: AtomicBool,
@@ -420,7 +419,7 @@ async fn forward_model_request(
             )
         })
     };
-    proxy::forward(&state.client, lease, path_and_query, req, tap)
+    proxy::forward(lease, path_and_query, req, tap)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "forwarding failed");
@@ -454,7 +453,7 @@ async fn passthrough(
         .map_err(ApiError::Unavailable)?;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|b| Limited::new(b, limit_usize).boxed_unsync());
-    proxy::forward(&state.client, lease, path_and_query, req, |_, _| None)
+    proxy::forward(lease, path_and_query, req, |_, _| None)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "pass-through failed");

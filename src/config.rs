@@ -137,13 +137,46 @@ pub struct ModelConfig {
     /// Readiness and liveness path on the child.
     pub health: String,
     pub env: Vec<(String, String)>,
+    /// Requests forwarded to the child at once; more wait in claracore.
+    /// `None`: no limit (the default for `cmd` models).
+    pub max_connections: Option<usize>,
+}
+
+/// Default [`ModelConfig::max_connections`] of `model` entries, unless
+/// their `--parallel` asks for more.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// llama-server's HTTP threads for a connection limit: each open
+/// connection, busy or idle in claracore's pool (at most the limit each),
+/// holds one thread of its thread-per-connection server, and health pings
+/// need one more. With fewer threads a burst of requests leaves some
+/// connections unserved until an idle one times out (5 s).
+pub fn llama_http_threads(max_connections: usize) -> usize {
+    2 * max_connections + 2
+}
+
+/// The `--parallel`/`-np` value in llama-server arguments, if any.
+fn parallel_arg(args: &[String]) -> Option<usize> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--parallel=") {
+            return v.parse().ok();
+        }
+        if a == "-np" || a == "--parallel" {
+            return it.next()?.parse().ok();
+        }
+    }
+    None
 }
 
 impl ModelConfig {
     /// Whether a running child of `self` must restart to match `other`
     /// (aliases, TTL and group apply without a restart).
     pub fn launch_differs(&self, other: &ModelConfig) -> bool {
-        self.argv != other.argv || self.env != other.env || self.health != other.health
+        self.argv != other.argv
+            || self.env != other.env
+            || self.health != other.health
+            || self.max_connections != other.max_connections
     }
 
     /// The child's argv with the port filled in.
@@ -241,6 +274,7 @@ struct RawModel {
     health: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// Positions byte offsets in the source as 1-based line and column.
@@ -581,7 +615,19 @@ fn validate_model(
             format!("{key}: model names may contain only letters, digits, '-', '_', '.' and ':'"),
         ));
     }
-    let (argv, model_path) = match (&raw.model, &raw.cmd) {
+    let max_connections = match &raw.max_connections {
+        None => None,
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n @ 1..=1024) => Some(n),
+            _ => {
+                return Err(src.error(
+                    v,
+                    format!("{key}.max_connections: must be between 1 and 1024"),
+                ))
+            }
+        },
+    };
+    let (argv, model_path, max_connections) = match (&raw.model, &raw.cmd) {
         (Some(_), Some(_)) => {
             return Err(src.error(
                 name,
@@ -598,6 +644,13 @@ fn validate_model(
             if path.is_empty() {
                 return Err(src.error(name, format!("{key}.model: must not be empty")));
             }
+            let args = raw.args.clone().unwrap_or_default();
+            let limit = max_connections.unwrap_or_else(|| {
+                parallel_arg(&args).map_or(DEFAULT_MAX_CONNECTIONS, |np| {
+                    DEFAULT_MAX_CONNECTIONS.max(np.saturating_add(4))
+                })
+            });
+            // Before the user's arguments, so an explicit --threads-http wins.
             let mut argv = vec![
                 llama_server.display().to_string(),
                 "-m".into(),
@@ -606,9 +659,11 @@ fn validate_model(
                 "127.0.0.1".into(),
                 "--port".into(),
                 PORT_PLACEHOLDER.into(),
+                "--threads-http".into(),
+                llama_http_threads(limit).to_string(),
             ];
-            argv.extend(raw.args.iter().flatten().cloned());
-            (argv, Some(PathBuf::from(path)))
+            argv.extend(args);
+            (argv, Some(PathBuf::from(path)), Some(limit))
         }
         (None, Some(cmd)) => {
             if raw.args.is_some() {
@@ -626,7 +681,7 @@ fn validate_model(
                     format!("{key}.cmd: must contain {PORT_PLACEHOLDER} so the child listens where claracore expects"),
                 ));
             }
-            (cmd.clone(), None)
+            (cmd.clone(), None, max_connections)
         }
     };
     let ttl = match &raw.ttl {
@@ -653,6 +708,7 @@ fn validate_model(
         ttl,
         group: raw.group.clone(),
         health,
+        max_connections,
         env: raw
             .env
             .iter()
@@ -721,6 +777,8 @@ health = "/health"
                 "127.0.0.1",
                 "--port",
                 "4242",
+                "--threads-http",
+                "34",
                 "-c",
                 "512"
             ]
@@ -792,6 +850,37 @@ health = "/health"
         let e = err("[http]\nworker_threads = 0\n");
         assert!(
             e.starts_with("test.toml:2:18: http.worker_threads: must be between 1 and 256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn llama_models_get_a_connection_limit_and_enough_http_threads() {
+        let cfg = parse(
+            "[models.a]\nmodel = \"/a\"\n[models.b]\nmodel = \"/b\"\nargs = [\"-np\", \"30\"]\n\
+             [models.c]\nmodel = \"/c\"\nmax_connections = 3\n\
+             [models.d]\ncmd = [\"x\", \"{port}\"]\n[models.e]\ncmd = [\"x\", \"{port}\"]\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let limit = |n: &str| cfg.model(n).unwrap().max_connections;
+        let threads = |n: &str| {
+            let argv = &cfg.model(n).unwrap().argv;
+            let at = argv.iter().position(|a| a == "--threads-http").unwrap();
+            argv[at + 1].clone()
+        };
+        assert_eq!((limit("a"), threads("a")), (Some(16), "34".to_string()));
+        assert_eq!(
+            (limit("b"), threads("b")),
+            (Some(34), "70".to_string()),
+            "--parallel 30 + 4"
+        );
+        assert_eq!((limit("c"), threads("c")), (Some(3), "8".to_string()));
+        assert_eq!(limit("d"), None, "cmd models are not limited by default");
+        assert_eq!(limit("e"), Some(5));
+        assert_eq!(parallel_arg(&["--parallel=6".to_string()]), Some(6));
+        let e = err("[models.a]\nmodel = \"/a\"\nmax_connections = 0\n");
+        assert!(
+            e.starts_with("test.toml:3:19: models.a.max_connections: must be between 1 and 1024"),
             "{e}"
         );
     }

@@ -20,6 +20,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::history::tap::Tap;
 use crate::scheduler::Lease;
 
@@ -28,13 +30,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 pub type UpstreamClient = Client<HttpConnector, BoxBody>;
 
-/// An HTTP/1 client with a connection pool to children.
-pub fn client() -> UpstreamClient {
+/// Idle connections kept per child when its requests are not limited.
+const MAX_IDLE_UNLIMITED: usize = 64;
+
+/// An HTTP/1 client with a connection pool to one child. With a connection
+/// limit the pool keeps at most that many idle connections, so the child
+/// never sees more than twice the limit open (busy plus idle).
+pub fn client(max_connections: Option<usize>) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(max_connections.unwrap_or(MAX_IDLE_UNLIMITED))
         .build(connector)
 }
 
@@ -75,7 +82,6 @@ pub struct ForwardError(#[source] hyper_util::client::legacy::Error);
 /// asked, with the response status and whether it is a stream, for an
 /// observer of the body (history).
 pub async fn forward(
-    client: &UpstreamClient,
     lease: Lease,
     path_and_query: PathAndQuery,
     mut req: Request<BoxBody>,
@@ -91,7 +97,9 @@ pub async fn forward(
     }
     strip_hop_by_hop(req.headers_mut());
     req.headers_mut().insert(header::HOST, lease.host().clone());
-    let resp = client.request(req).await.map_err(ForwardError)?;
+    // Waits here while the child has its limit of requests in flight.
+    let permit = lease.connection_permit().await;
+    let resp = lease.client().request(req).await.map_err(ForwardError)?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let is_sse = parts
@@ -101,7 +109,7 @@ pub async fn forward(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let body = LeasedBody {
         inner: body,
-        lease: Some(lease),
+        lease: Some((lease, permit)),
         tap: tap(parts.status.as_u16(), is_sse),
         is_sse,
         failure: Failure::None,
@@ -116,7 +124,8 @@ pin_project_lite::pin_project! {
     struct LeasedBody {
         #[pin]
         inner: hyper::body::Incoming,
-        lease: Option<Lease>,
+        // With the child's connection permit, if it has a limit.
+        lease: Option<(Lease, Option<OwnedSemaphorePermit>)>,
         tap: Option<Tap>,
         is_sse: bool,
         failure: Failure,
@@ -184,7 +193,7 @@ impl Body for LeasedBody {
                 let model = this
                     .lease
                     .as_ref()
-                    .map(|l| l.model().to_string())
+                    .map(|(l, _)| l.model().to_string())
                     .unwrap_or_default();
                 tracing::warn!(model = %model, error = %e, "upstream body failed mid-response");
                 this.lease.take();

@@ -40,11 +40,12 @@ use std::time::{Duration, Instant};
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, ModelConfig, SchedulerConfig};
 use crate::history::{now_ms, ModelEvent, Recorder};
 use crate::metrics::Metrics;
+use crate::proxy::{self, UpstreamClient};
 use crate::supervisor::{self, ChildEvent, ChildHandle, ChildSpec, ExitReason};
 
 /// Where the scheduler reports model lifecycle: history rows and metrics.
@@ -138,6 +139,11 @@ struct Gate {
     instance: u64,
     /// Where `Drained` goes.
     actor: mpsc::UnboundedSender<Msg>,
+    /// This child's connection pool.
+    client: UpstreamClient,
+    /// Requests that may be forwarded at once (the model's
+    /// `max_connections`), if limited.
+    connections: Option<Arc<Semaphore>>,
 }
 
 impl Gate {
@@ -146,6 +152,7 @@ impl Gate {
         instance: u64,
         addr: SocketAddr,
         actor: mpsc::UnboundedSender<Msg>,
+        max_connections: Option<usize>,
     ) -> Gate {
         Gate {
             state: AtomicUsize::new(OPEN),
@@ -159,6 +166,8 @@ impl Gate {
             model,
             instance,
             actor,
+            client: proxy::client(max_connections),
+            connections: max_connections.map(|n| Arc::new(Semaphore::new(n))),
         }
     }
 
@@ -261,6 +270,18 @@ impl Lease {
     /// The child's `host:port` as a `Host` header.
     pub fn host(&self) -> &HeaderValue {
         &self.gate.host
+    }
+
+    /// The child's connection pool.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.gate.client
+    }
+
+    /// Waits for one of the child's connection slots if it has a limit;
+    /// hold the permit until the response is complete.
+    pub async fn connection_permit(&self) -> Option<OwnedSemaphorePermit> {
+        let slots = self.gate.connections.clone()?;
+        slots.acquire_owned().await.ok()
     }
 }
 
@@ -876,6 +897,7 @@ impl Actor {
                     instance,
                     addr,
                     self.self_tx.clone(),
+                    slot.config.max_connections,
                 ));
                 slot.gate = Some(gate.clone());
                 gates_write(&self.gates, |map| {
@@ -1202,7 +1224,7 @@ mod tests {
     fn gate() -> (Arc<Gate>, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let addr = SocketAddr::from(([127, 0, 0, 1], 4321));
-        (Arc::new(Gate::new(Arc::from("m"), 7, addr, tx)), rx)
+        (Arc::new(Gate::new(Arc::from("m"), 7, addr, tx, None)), rx)
     }
 
     #[test]

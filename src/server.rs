@@ -24,7 +24,6 @@ use crate::config::{Config, HttpConfig};
 use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener};
 use crate::metrics::{self, Metrics};
-use crate::proxy;
 use crate::scheduler::{ModelStatus, Observer, Scheduler};
 use crate::systemd::{Notifier, NotifyState};
 
@@ -79,7 +78,6 @@ pub async fn serve(
     };
     let state = Arc::new(AppState {
         scheduler: Scheduler::start(&config, observer),
-        client: proxy::client(),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
         config: std::sync::RwLock::new(config.clone()),

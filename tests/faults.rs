@@ -683,3 +683,33 @@ async fn a_client_leaving_during_a_non_streamed_generation_cancels_it_upstream()
     assert_eq!(row["outcome"], "cancelled", "{row}\n{}", d.log_text());
     assert_eq!(row["status"], 499, "{row}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_queues_requests_beyond_the_limit_instead_of_failing_them() {
+    // Each request "generates" for 300 ms; at most 2 reach the child at once.
+    let d = Daemon::start(&fake_model_table(
+        "f",
+        &["--chunk-delay-ms", "300"],
+        "max_connections = 2",
+    ));
+    assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK, "warm");
+    let began = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = d.addr.clone();
+            tokio::spawn(async move { chat_status(&addr, "f").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(d.model("f").await["inflight"], 6, "all six are admitted");
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    // Three waves of two: at least 3 × 300 ms (unlimited, one wave: ~300).
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(850),
+        "only 2 at a time should reach the child, but 6 took {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}

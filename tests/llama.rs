@@ -92,6 +92,7 @@ async fn embeddings_are_proxied() {
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_concurrent_requests_to_a_stopped_model_spawn_one_child() {
     let d = Daemon::start(&tiny_model_table("tiny", ""));
+    let began = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let addr = d.addr.clone();
@@ -109,6 +110,15 @@ async fn twenty_concurrent_requests_to_a_stopped_model_spawn_one_child() {
         let (status, body) = t.await.unwrap();
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+    // All 20 arrive at the ready child at once. llama-server serves each
+    // connection on a thread of its own; when claracore opened more
+    // connections than it has threads, the extra ones waited until an idle
+    // pooled connection timed out (5 s per wave: this test took 10 s).
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "a burst on a fresh child stalled: {:?}",
+        began.elapsed()
+    );
     let m = d.model("tiny").await;
     assert_eq!(m["starts"], 1, "{m}");
     assert_eq!(
