@@ -154,14 +154,15 @@ impl Gate {
         actor: mpsc::UnboundedSender<Msg>,
         max_connections: Option<usize>,
     ) -> Gate {
+        let text = addr.to_string();
         Gate {
             state: AtomicUsize::new(OPEN),
             last_used: AtomicU64::new(0),
             epoch: Instant::now(),
             addr,
-            authority: Authority::try_from(addr.to_string().as_str())
+            authority: Authority::try_from(text.as_str())
                 .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
-            host: HeaderValue::try_from(addr.to_string())
+            host: HeaderValue::try_from(text)
                 .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1")),
             model,
             instance,
@@ -256,10 +257,6 @@ pub struct Lease {
 impl Lease {
     pub fn model(&self) -> &str {
         &self.gate.model
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.gate.addr
     }
 
     /// The child's `host:port` for a request URI.
@@ -480,7 +477,6 @@ struct Slot {
     /// Identity of the current child; events and leases of older ones are
     /// ignored.
     instance: u64,
-    addr: Option<SocketAddr>,
     pid: Option<u32>,
     ready_since: Option<Instant>,
     /// Consecutive failed starts or crashes.
@@ -506,7 +502,6 @@ impl Slot {
             last_used: now,
             child: None,
             instance: 0,
-            addr: None,
             pid: None,
             ready_since: None,
             failures: 0,
@@ -561,7 +556,11 @@ impl Slot {
             aliases: self.config.aliases.clone(),
             state: self.phase.name(),
             pid: self.pid.filter(|_| self.phase.is_loaded()),
-            port: self.addr.filter(|_| running).map(|a| a.port()),
+            port: self
+                .gate
+                .as_ref()
+                .filter(|_| running)
+                .map(|g| g.addr.port()),
             inflight: self.inflight(),
             waiting: self.waiters.len(),
             uptime_s: self
@@ -879,7 +878,6 @@ impl Actor {
                 tracing::info!(model = %model, load_ms = load_time.as_millis() as u64,
                     waiting = slot.waiters.len(), "model ready");
                 slot.phase = Phase::Ready;
-                slot.addr = Some(addr);
                 slot.pid = Some(pid);
                 let load_ms = load_time.as_secs_f64() * 1000.0;
                 self.observer
@@ -946,7 +944,6 @@ impl Actor {
                 slot.child = None;
                 slot.close_gate();
                 slot.last_used = slot.last_used();
-                slot.addr = None;
                 let pid = slot.pid;
                 let stop_reason = slot.stop_reason.take();
                 self.observer.event(

@@ -644,7 +644,9 @@ async fn the_idle_ttl_never_stops_a_busy_model_and_counts_from_the_last_use() {
     );
     assert_eq!(m["starts"], 1);
 
+    assert!(m["port"].as_u64().is_some(), "{m}");
     d.wait_state("f", "stopped", Duration::from_secs(3)).await;
+    assert!(d.model("f").await["port"].is_null(), "no port once stopped");
     assert!(
         used.elapsed() >= Duration::from_secs(1),
         "stopped {:?} after the last use",

@@ -121,6 +121,10 @@ async fn twenty_concurrent_requests_to_a_stopped_model_spawn_one_child() {
     );
     let m = d.model("tiny").await;
     assert_eq!(m["starts"], 1, "{m}");
+    assert!(
+        m["port"].as_u64().is_some_and(|p| p > 0),
+        "ps shows the port: {m}"
+    );
     assert_eq!(
         children_of(d.pid()),
         vec![m["pid"].as_u64().unwrap() as u32]
