@@ -19,6 +19,7 @@
 //! Every error body has OpenAI's `{"error":{"message","type","code"}}`
 //! shape and never carries a path or an OS error string.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -603,10 +604,15 @@ fn time_param(key: &str, v: &str) -> Result<i64, ApiError> {
         })
 }
 
-/// Runs a read on the history file off the async threads.
-async fn read_history<T: Send + 'static>(
+/// Runs `f` on a read connection to the history file (and its path), off
+/// the async threads, once the queue is flushed (waiting up to `flush`):
+/// rows of requests already answered belong in the answer, even if the
+/// writer's batch window has not closed yet. `what` names it in the log.
+async fn on_history<T: Send + 'static>(
     state: &AppState,
-    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    flush: Duration,
+    what: &'static str,
+    f: impl FnOnce(&Path, &rusqlite::Connection) -> Result<T, String> + Send + 'static,
 ) -> Result<T, ApiError> {
     let path = state
         .recorder
@@ -615,18 +621,27 @@ async fn read_history<T: Send + 'static>(
         .to_path_buf();
     let recorder = state.recorder.clone();
     tokio::task::spawn_blocking(move || {
-        // Rows of requests already answered belong in the answer, even if
-        // the writer's batch window has not closed yet.
-        recorder.flush_blocking(Duration::from_secs(5));
+        recorder.flush_blocking(flush);
         let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
-        f(&conn).map_err(|e| e.to_string())
+        f(&path, &conn)
     })
     .await
     .map_err(|_| ApiError::History)?
     .map_err(|e| {
-        tracing::error!(error = %e, "history read failed");
+        tracing::error!(error = %e, "{what} failed");
         ApiError::History
     })
+}
+
+/// Runs a read on the history file.
+async fn read_history<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    on_history(state, Duration::from_secs(5), "history read", |_, conn| {
+        f(conn).map_err(|e| e.to_string())
+    })
+    .await
 }
 
 async fn history_list(
@@ -708,33 +723,19 @@ async fn stats(state: &AppState, query: Option<&str>) -> Result<Response<BoxBody
 
 /// A consistent copy of the live history database, streamed back.
 async fn backup(state: &AppState) -> Result<Response<BoxBody>, ApiError> {
-    let path = state
-        .recorder
-        .path()
-        .ok_or(ApiError::HistoryDisabled)?
-        .to_path_buf();
-    let recorder = state.recorder.clone();
-    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, String> {
-        // Rows already accepted belong in the copy.
-        recorder.flush_blocking(Duration::from_secs(10));
+    let copy = |path: &Path, conn: &rusqlite::Connection| {
         let dest = path.with_file_name(format!(
             ".backup-{}-{}.db",
             std::process::id(),
             history::now_ms()
         ));
-        let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
-        store::backup(&conn, &dest).map_err(|e| e.to_string())?;
+        store::backup(conn, &dest).map_err(|e| e.to_string())?;
         let file = std::fs::File::open(&dest).map_err(|e| e.to_string())?;
         // Unlinked now, readable until closed: nothing is left behind.
         let _ = std::fs::remove_file(&dest);
         Ok(file)
-    })
-    .await
-    .map_err(|_| ApiError::History)?
-    .map_err(|e| {
-        tracing::error!(error = %e, "history backup failed");
-        ApiError::History
-    })?;
+    };
+    let file = on_history(state, Duration::from_secs(10), "history backup", copy).await?;
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, proxy::BoxError>::new(4);
     tokio::spawn(async move {
         use tokio::io::AsyncReadExt;
