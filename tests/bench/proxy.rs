@@ -406,6 +406,19 @@ fn median(v: &[f64]) -> f64 {
     pct(v, 50.0)
 }
 
+/// One keep-alive connection per contender, each warmed up with `n`
+/// requests that must all be answered 200.
+fn warmed_conns(contenders: &[(&str, u16)], req: &[u8], n: usize) -> Vec<Conn> {
+    let mut conns: Vec<Conn> = contenders.iter().map(|c| Conn::new(c.1)).collect();
+    for (c, (name, _)) in conns.iter_mut().zip(contenders) {
+        for _ in 0..n {
+            let r = c.send(req).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+        }
+    }
+    conns
+}
+
 /// Contender order of round `r` among `k`: rotated by `r`.
 fn order(k: usize, r: usize) -> impl Iterator<Item = usize> {
     (0..k).map(move |i| (i + r) % k)
@@ -513,15 +526,7 @@ fn fig_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u1
     env.log("figure 1: added latency, one keep-alive connection each, non-streamed");
     let req = request("POST", "/v1/chat/completions", &chat_body("fake"), false);
     let k = contenders.len();
-    let mut conns: Vec<Conn> = contenders.iter().map(|c| Conn::new(c.1)).collect();
-    for (i, c) in conns.iter_mut().enumerate() {
-        for _ in 0..300 {
-            let r = c
-                .send(&req)
-                .unwrap_or_else(|e| panic!("{}: {e}", contenders[i].0));
-            assert_eq!(r.status, 200, "{}: {}", contenders[i].0, r.text());
-        }
-    }
+    let mut conns = warmed_conns(contenders, &req, 300);
     // [contender][round] -> samples (ms)
     let mut samples = vec![vec![Vec::new(); plan.lat_rounds]; k];
     let mut errors = vec![0usize; k];
@@ -932,13 +937,7 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u16
         false,
     );
     let k = contenders.len();
-    let mut conns: Vec<Conn> = contenders.iter().map(|c| Conn::new(c.1)).collect();
-    for (i, c) in conns.iter_mut().enumerate() {
-        let r = c
-            .send(&req)
-            .unwrap_or_else(|e| panic!("{}: {e}", contenders[i].0));
-        assert_eq!(r.status, 200, "{}: {}", contenders[i].0, r.text());
-    }
+    let mut conns = warmed_conns(contenders, &req, 1);
     let mut rates = vec![vec![Vec::new(); plan.stream_rounds]; k];
     let mut errors = vec![0usize; k];
     for r in 0..plan.stream_rounds {
