@@ -6,12 +6,12 @@
 //! | POST /v1/{chat/completions, completions, embeddings, rerank} | proxied by the body's `model` |
 //! | GET  /v1/models                     | configured models with their state   |
 //! | GET  /health, /live, /ready         | daemon health                        |
-//! | GET  /api/ps                        | loaded models (pid, port, idle…)     |
-//! | POST /api/models/{name}/stop        | drain and stop a model               |
+//! | GET  /admin/ps                        | loaded models (pid, port, idle…)     |
+//! | POST /admin/models/{name}/stop        | drain and stop a model               |
 //! | ANY  /upstream/{model}/{path…}      | raw pass-through to a model's child  |
 //! | GET  /metrics                       | Prometheus text format               |
-//! | GET  /api/history[/{id}], /api/stats | request history and per-model stats |
-//! | POST /api/backup                    | a consistent copy of the history DB  |
+//! | GET  /admin/history[/{id}], /admin/stats | request history and per-model stats |
+//! | POST /admin/backup                    | a consistent copy of the history DB  |
 //!
 //! Every request on an inference route gets an `x-request-id` and a history
 //! row, whether it was answered, refused or cut short.
@@ -224,19 +224,19 @@ async fn route(
             Ok(model_request(state, peer, req).await)
         }
         (&Method::GET, "/metrics") => Ok(metrics(state).await),
-        (&Method::GET, "/api/history") => history_list(state, req.uri().query()).await,
-        (&Method::GET, p) if p.starts_with("/api/history/") => {
-            history_get(state, &p["/api/history/".len()..]).await
+        (&Method::GET, "/admin/history") => history_list(state, req.uri().query()).await,
+        (&Method::GET, p) if p.starts_with("/admin/history/") => {
+            history_get(state, &p["/admin/history/".len()..]).await
         }
-        (&Method::GET, "/api/stats") => stats(state, req.uri().query()).await,
-        (&Method::POST, "/api/backup") => backup(state).await,
+        (&Method::GET, "/admin/stats") => stats(state, req.uri().query()).await,
+        (&Method::POST, "/admin/backup") => backup(state).await,
         (&Method::GET, "/v1/models") => Ok(list_models(state).await),
         (&Method::GET, "/health") => Ok(health(state).await),
         (&Method::GET, "/live") => Ok(json_response(StatusCode::OK, &json!({"status": "live"}))),
         (&Method::GET, "/ready") => Ok(ready(state)),
-        (&Method::GET, "/api/ps") => Ok(ps(state).await),
-        (&Method::POST, p) if p.starts_with("/api/models/") && p.ends_with("/stop") => {
-            let name = &p["/api/models/".len()..p.len() - "/stop".len()];
+        (&Method::GET, "/admin/ps") => Ok(ps(state).await),
+        (&Method::POST, p) if p.starts_with("/admin/models/") && p.ends_with("/stop") => {
+            let name = &p["/admin/models/".len()..p.len() - "/stop".len()];
             stop_model(state, name).await
         }
         (_, p) if p.starts_with("/upstream/") => passthrough(state, req).await,
@@ -697,7 +697,7 @@ async fn history_get(state: &AppState, id: &str) -> Result<Response<BoxBody>, Ap
         Some(row) => Ok(json_response(StatusCode::OK, &json!(row))),
         None => Err(ApiError::NotFound {
             method: Method::GET,
-            path: format!("/api/history/{id}"),
+            path: format!("/admin/history/{id}"),
         }),
     }
 }

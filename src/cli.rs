@@ -387,7 +387,7 @@ fn opt(v: &serde_json::Value) -> String {
     }
 }
 
-/// Renders `/api/ps`: only models that hold a process.
+/// Renders `/admin/ps`: only models that hold a process.
 pub fn format_ps(value: &serde_json::Value) -> String {
     let mut out = format!(
         "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10}\n",
@@ -442,7 +442,7 @@ fn rate(v: &serde_json::Value) -> String {
     v.as_f64().map_or_else(|| "-".into(), |r| format!("{r:.0}"))
 }
 
-/// Renders `/api/history` as a table, newest first.
+/// Renders `/admin/history` as a table, newest first.
 pub fn format_history(value: &serde_json::Value) -> String {
     let mut out = format!(
         "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
@@ -488,7 +488,7 @@ pub fn format_history(value: &serde_json::Value) -> String {
     out
 }
 
-/// Renders `/api/stats`.
+/// Renders `/admin/stats`.
 pub fn format_stats(value: &serde_json::Value) -> String {
     let mut out = format!(
         "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
@@ -532,9 +532,14 @@ pub async fn backup(host: &Host, file: &std::path::Path) -> Result<String, Strin
     if file.exists() {
         return Err(format!("{} exists; choose a new file", file.display()));
     }
-    let (status, body) = call_raw(host, Method::POST, "/api/backup", Duration::from_secs(600))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (status, body) = call_raw(
+        host,
+        Method::POST,
+        "/admin/backup",
+        Duration::from_secs(600),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()

@@ -25,6 +25,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod history;
 pub mod listen;
 pub mod logging;

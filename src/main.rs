@@ -5,14 +5,9 @@ use std::process::ExitCode;
 
 use claracore::cli::{self, Command, Host};
 use claracore::config::Config;
-use claracore::history::Recorder;
-use claracore::listen::{Bound, ListenError};
-use claracore::logging::{self, LogTarget};
-use claracore::server::{self, Control, Systemd};
-use claracore::systemd::{self, Notifier};
+use claracore::daemon;
 use claracore::EXIT_CONFIG;
 use hyper::Method;
-use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,23 +28,26 @@ fn main() -> ExitCode {
             println!("claracore {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { file, strict } => check_config(&file, strict),
-        Command::Serve { config, log_target } => serve(&config, log_target),
-        Command::Ps { host } => client(&host, Method::GET, "/api/ps", cli::format_ps),
+        Command::CheckConfig { file, strict } => daemon::check_config(&file, strict),
+        Command::Serve { config, log_target } => daemon::serve(&config, log_target),
+        Command::Ps { host } => client(&host, Method::GET, "/admin/ps", cli::format_ps),
         Command::List { host } => client(&host, Method::GET, "/v1/models", cli::format_list),
-        Command::History { host, query, json } => {
-            client(&host, Method::GET, &format!("/api/history?{query}"), |v| {
+        Command::History { host, query, json } => client(
+            &host,
+            Method::GET,
+            &format!("/admin/history?{query}"),
+            |v| {
                 if json {
                     format!("{v:#}\n")
                 } else {
                     cli::format_history(v)
                 }
-            })
-        }
+            },
+        ),
         Command::Stats { host, window, json } => client(
             &host,
             Method::GET,
-            &format!("/api/stats?window={window}"),
+            &format!("/admin/stats?window={window}"),
             |v| {
                 if json {
                     format!("{v:#}\n")
@@ -74,7 +72,7 @@ fn main() -> ExitCode {
         Command::Stop { host, model } => client(
             &host,
             Method::POST,
-            &format!("/api/models/{model}/stop"),
+            &format!("/admin/models/{model}/stop"),
             |v| {
                 format!(
                     "{}: {}\n",
@@ -87,31 +85,6 @@ fn main() -> ExitCode {
                 )
             },
         ),
-    }
-}
-
-fn check_config(file: &std::path::Path, strict: bool) -> ExitCode {
-    let result = Config::load(file).and_then(|c| {
-        if strict {
-            c.check_files().map(|()| c)
-        } else {
-            Ok(c)
-        }
-    });
-    match result {
-        Ok(c) => {
-            println!(
-                "{}: ok ({} models, {} listeners)",
-                file.display(),
-                c.models.len(),
-                c.listen.len()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("claracore: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
     }
 }
 
@@ -146,182 +119,4 @@ fn client(
             .map_err(|e| e.to_string())
     });
     report(result.map(|v| render(&v)), ExitCode::FAILURE)
-}
-
-/// What `serve` reads from its environment, read once, before any thread
-/// exists.
-struct ServeEnv {
-    notify_socket: Option<std::ffi::OsString>,
-    watchdog_usec: Option<String>,
-    watchdog_pid: Option<String>,
-    journal_stream: Option<String>,
-    log_filter: Option<String>,
-    fd_names: Option<String>,
-}
-
-impl ServeEnv {
-    fn read() -> ServeEnv {
-        let var = |name| std::env::var(name).ok();
-        ServeEnv {
-            notify_socket: std::env::var_os("NOTIFY_SOCKET"),
-            watchdog_usec: var("WATCHDOG_USEC"),
-            watchdog_pid: var("WATCHDOG_PID"),
-            journal_stream: var("JOURNAL_STREAM"),
-            log_filter: var("CLARACORE_LOG"),
-            fd_names: var("LISTEN_FDNAMES"),
-        }
-    }
-}
-
-fn serve(path: &std::path::Path, log_target: LogTarget) -> ExitCode {
-    let env = ServeEnv::read();
-    let config = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("claracore: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let filter = env
-        .log_filter
-        .clone()
-        .unwrap_or_else(|| config.log_level.clone());
-    let note = logging::init(
-        log_target,
-        config.log_format,
-        &filter,
-        systemd::stderr_is_journal(env.journal_stream.as_deref()),
-    );
-    if let Some(note) = note {
-        tracing::warn!("{note}");
-    }
-    let notifier = Notifier::new(env.notify_socket.as_deref());
-
-    // Single-threaded until the runtime is built: listenfd unsets LISTEN_*
-    // and capabilities are per thread, so both happen here.
-    let mut fds = listenfd::ListenFd::from_env();
-    let listeners = match bind(&config, &mut fds, env.fd_names.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            notifier.status(&format!("failed to start: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    match systemd::drop_privileges() {
-        Ok(d) if d.capabilities.is_empty() => {
-            tracing::debug!("no capabilities held; no_new_privs set")
-        }
-        Ok(d) => tracing::info!(dropped = ?d.capabilities,
-            "dropped all capabilities (bounding and ambient sets too); no_new_privs set"),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot drop privileges");
-            return ExitCode::FAILURE;
-        }
-    }
-
-    // After the drop, so the writer thread holds no capabilities either.
-    let (recorder, writer) = if config.history.enabled {
-        match Recorder::start(&config.history) {
-            Ok((recorder, writer, note)) => {
-                if let Some(note) = note {
-                    tracing::error!("{note}");
-                }
-                tracing::info!(path = %config.history.path.display(), "history database open");
-                (recorder, Some(writer))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the history database");
-                notifier.status(&format!("failed to start: {e}"));
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        (Recorder::disabled(), None)
-    };
-
-    let threads = config.worker_threads();
-    tracing::debug!(worker_threads = threads, "starting the async runtime");
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let watchdog = systemd::watchdog_interval(
-        env.watchdog_usec.as_deref(),
-        env.watchdog_pid.as_deref(),
-        std::process::id(),
-    );
-    let code = rt.block_on(async {
-        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        );
-        let (mut term, mut int, mut hup) = match signals {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            _ => {
-                tracing::error!("cannot install signal handlers");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::spawn(async move {
-            let name = loop {
-                tokio::select! {
-                    _ = term.recv() => break "SIGTERM",
-                    _ = int.recv() => break "SIGINT",
-                    _ = hup.recv() => { let _ = control_tx.send(Control::Reload); }
-                }
-            };
-            tracing::info!(signal = name, "shutting down; a second signal forces exit");
-            let _ = control_tx.send(Control::Shutdown);
-            let code = tokio::select! { _ = term.recv() => 143, _ = int.recv() => 130 };
-            tracing::warn!(code, "second signal: exiting now");
-            // Children die with us through PR_SET_PDEATHSIG.
-            std::process::exit(code);
-        });
-        tracing::info!(config = %path.display(), models = config.models.len(),
-            version = env!("CARGO_PKG_VERSION"), "claracore starting");
-        let systemd = Systemd {
-            notifier,
-            watchdog,
-            config_path: path.to_path_buf(),
-        };
-        server::serve(config, listeners, control_rx, systemd, recorder).await;
-        ExitCode::SUCCESS
-    });
-    if let Some(writer) = writer {
-        writer.close();
-        tracing::info!("history flushed");
-    }
-    tracing::info!("claracore stopped");
-    code
-}
-
-/// Sockets from systemd when socket-activated (they replace `listen`),
-/// else the config's addresses.
-fn bind(
-    config: &Config,
-    fds: &mut listenfd::ListenFd,
-    names: Option<&str>,
-) -> Result<Vec<Bound>, ListenError> {
-    let activated = Bound::from_activation(fds, names)?;
-    if !activated.is_empty() {
-        for b in &activated {
-            tracing::info!(listen = %b.describe(), fd_name = %b.name, "socket-activated listener");
-        }
-        return Ok(activated);
-    }
-    config
-        .listen
-        .iter()
-        .map(|addr| Bound::bind(addr, config.socket_mode))
-        .collect()
 }

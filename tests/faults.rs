@@ -680,7 +680,7 @@ async fn a_client_leaving_during_a_non_streamed_generation_cancels_it_upstream()
         "well before the 4 s answer"
     );
     assert_eq!(d.model("f").await["inflight"], 0, "lease released");
-    let (_, page) = d.get("/api/history?limit=1").await;
+    let (_, page) = d.get("/admin/history?limit=1").await;
     let row = &page["requests"][0];
     assert_eq!(row["outcome"], "cancelled", "{row}\n{}", d.log_text());
     assert_eq!(row["status"], 499, "{row}");

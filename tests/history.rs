@@ -119,18 +119,18 @@ async fn rows_carry_the_usage_the_client_saw_with_timings_and_ttft() {
     );
 
     // The API and the CLI read the same rows.
-    let (_, page) = d.get("/api/history?model=tiny&limit=2").await;
+    let (_, page) = d.get("/admin/history?model=tiny&limit=2").await;
     assert_eq!(page["requests"].as_array().unwrap().len(), 2);
     assert_eq!(page["requests"][0]["id"], 3, "newest first");
     let cursor = page["next_cursor"].as_i64().unwrap();
     let (_, rest) = d
-        .get(&format!("/api/history?model=tiny&cursor={cursor}"))
+        .get(&format!("/admin/history?model=tiny&cursor={cursor}"))
         .await;
     assert_eq!(rest["requests"][0]["id"], 1);
     assert!(rest["next_cursor"].is_null());
-    let (_, one) = d.get("/api/history/2").await;
+    let (_, one) = d.get("/admin/history/2").await;
     assert_eq!(one["completion_tokens"], 9);
-    let (_, stats) = d.get("/api/stats?window=1h").await;
+    let (_, stats) = d.get("/admin/stats?window=1h").await;
     assert_eq!(stats["models"][0]["model"], "tiny");
     assert_eq!(stats["models"][0]["requests"], 3);
     assert_eq!(stats["models"][0]["loads"], 1);

@@ -126,7 +126,7 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
     d.recv_until("READY=1");
     let code = chat_status(&d.addr, "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/api/ps", None).await;
+    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
     let f_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
     // f removed (its child is stopped), g added.
@@ -193,7 +193,7 @@ async fn reload_restarts_a_changed_model_once_idle() {
     d.recv_until("READY=1");
     let code = chat_status(&d.addr, "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/api/ps", None).await;
+    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
     let old_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
     let listen = format!("listen = [\"{}\"]\n", d.addr);
@@ -216,7 +216,7 @@ async fn reload_restarts_a_changed_model_once_idle() {
         StatusCode::OK,
         "new alias works and the model restarts with the new argv"
     );
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/api/ps", None).await;
+    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
     let pid = ps["models"][0]["pid"].as_u64().unwrap();
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(cmdline.contains("--chunk-delay-ms"), "{cmdline:?}");
@@ -358,7 +358,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
         "{text}"
     );
     // The child did not inherit LISTEN_* (checked through its environ).
-    let (_, ps) = request(&http, hyper::Method::GET, "/api/ps", None).await;
+    let (_, ps) = request(&http, hyper::Method::GET, "/admin/ps", None).await;
     let pid = ps["models"][0]["pid"].as_u64().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("LISTEN_FDS="));

@@ -446,7 +446,7 @@ pub fn get_request(conn: &Connection, id: i64) -> rusqlite::Result<Option<Reques
     .optional()
 }
 
-/// Per-model figures over a window, for `/api/stats`.
+/// Per-model figures over a window, for `/admin/stats`.
 #[derive(Debug, Serialize)]
 pub struct ModelStats {
     pub model: String,

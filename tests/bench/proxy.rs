@@ -254,9 +254,11 @@ fn main_models(env: &Env) -> String {
     )
 }
 
-/// Model `name`'s (pid, port, state) from `/api/ps`.
+/// Model `name`'s (pid, port, state) from `/admin/ps`.
 fn ps(port: u16, name: &str) -> (Option<u32>, Option<u16>, String) {
-    let v = once(port, "GET", "/api/ps", b"").expect("/api/ps").json();
+    let v = once(port, "GET", "/admin/ps", b"")
+        .expect("/admin/ps")
+        .json();
     let m = v["models"]
         .as_array()
         .and_then(|a| a.iter().find(|m| m["name"] == name))
@@ -1072,7 +1074,7 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
                     p.stop(Duration::from_secs(5));
                 }
                 1 => {
-                    post(cc_port, "/api/models/cold/stop", b"");
+                    post(cc_port, "/admin/models/cold/stop", b"");
                     wait_until(
                         "claracore's cold model to stop",
                         Duration::from_secs(20),
@@ -1552,7 +1554,7 @@ fn run(args: &[String]) -> i32 {
     );
     post(cc.port, "/v1/chat/completions", &chat_body("fake"));
     post(cc_off.port, "/v1/chat/completions", &chat_body("fake"));
-    let fake_port = ps(cc.port, "fake").1.expect("fake's port from /api/ps");
+    let fake_port = ps(cc.port, "fake").1.expect("fake's port from /admin/ps");
     let tiny_port = env.llama.as_ref().map(|_| {
         post(
             cc.port,
@@ -1564,7 +1566,7 @@ fn run(args: &[String]) -> i32 {
             "/v1/chat/completions",
             &llama_body("cold", false, 4),
         );
-        ps(cc.port, "tiny").1.expect("tiny's port from /api/ps")
+        ps(cc.port, "tiny").1.expect("tiny's port from /admin/ps")
     });
     let router = start_router(&env);
     if let Some(r) = &router {

@@ -169,9 +169,9 @@ impl Daemon {
         request(&self.addr, Method::POST, path, Some(body.to_string())).await
     }
 
-    /// The state of one model as `/api/ps` reports it.
+    /// The state of one model as `/admin/ps` reports it.
     pub async fn model(&self, name: &str) -> Value {
-        let (_, ps) = self.get("/api/ps").await;
+        let (_, ps) = self.get("/admin/ps").await;
         ps["models"]
             .as_array()
             .unwrap()
@@ -181,7 +181,7 @@ impl Daemon {
             .unwrap_or_else(|| panic!("model {name} not in {ps}"))
     }
 
-    /// Polls `/api/ps` until `name` is in `state`.
+    /// Polls `/admin/ps` until `name` is in `state`.
     pub async fn wait_state(&self, name: &str, state: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {

@@ -565,9 +565,9 @@ scenario_journal_fields() {
     check "chat completion answered 200" is_eq "$HTTP_CODE" 200
     local mainpid child
     mainpid="$(prop claracore.service MainPID)"
-    http http://127.0.0.1:5800/api/ps
+    http http://127.0.0.1:5800/admin/ps
     child="$(printf '%s' "$HTTP_BODY" | jq_in '.models[] | select(.name == "tiny") | .pid // empty' 2>/dev/null)"
-    info "MainPID $mainpid; /api/ps llama-server pid for tiny: ${child:-none}"
+    info "MainPID $mainpid; /admin/ps llama-server pid for tiny: ${child:-none}"
 
     check "journalctl -u claracore MODEL=tiny has entries (within 5 s)" wait_for 5 model_tiny_entries
     local j
@@ -577,9 +577,9 @@ scenario_journal_fields() {
     check "every MODEL=tiny entry has PRIORITY" jq_ok 'length > 0 and all(.PRIORITY != null)' <<<"$j"
     check "some MODEL=tiny entry has a numeric CHILD_PID" jq_ok 'any((.CHILD_PID // "") | test("^[0-9]+$"))' <<<"$j"
     if [ -n "$child" ]; then
-        check "CHILD_PID=$child (the llama-server of /api/ps) appears" jq_ok --arg p "$child" 'any(.CHILD_PID == $p)' <<<"$j"
+        check "CHILD_PID=$child (the llama-server of /admin/ps) appears" jq_ok --arg p "$child" 'any(.CHILD_PID == $p)' <<<"$j"
     else
-        bad "/api/ps shows no pid for tiny: ${HTTP_BODY:0:200}"
+        bad "/admin/ps shows no pid for tiny: ${HTTP_BODY:0:200}"
     fi
     local d
     d="$(journal_json _PID="$mainpid" PRIORITY=6 _TRANSPORT=journal)"

@@ -6,7 +6,7 @@
 #
 #   MemoryMax= is enforced: a model whose llama-server child exceeds it is
 #   OOM-killed by the kernel, claracore survives (same MainPID, NRestarts=0),
-#   /api/ps marks the model failed with a reason, and the next request to a
+#   /admin/ps marks the model failed with a reason, and the next request to a
 #   model that fits is served.
 #
 # The scenario runs inside the guest (qemu/guest-test.sh, started by

@@ -30,7 +30,7 @@ let
     '';
   };
 
-  # cc-ps MODEL FIELD: a field of MODEL in GET /api/ps (empty when absent).
+  # cc-ps MODEL FIELD: a field of MODEL in GET /admin/ps (empty when absent).
   cc-ps = pkgs.writeShellApplication {
     name = "cc-ps";
     runtimeInputs = [
@@ -38,7 +38,7 @@ let
       pkgs.jq
     ];
     text = ''
-      curl -sSf -m 30 http://127.0.0.1:5800/api/ps \
+      curl -sSf -m 30 http://127.0.0.1:5800/admin/ps \
         | jq -r --arg m "$1" --arg f "$2" '.models[] | select(.name == $m) | .[$f] // empty'
     '';
   };

@@ -51,9 +51,9 @@ chat() {
     BODY="${out%$'\n'*}"
 }
 
-# ps_field MODEL FIELD: a field of MODEL in GET /api/ps.
+# ps_field MODEL FIELD: a field of MODEL in GET /admin/ps.
 ps_field() {
-    curl -sS -m 30 "$URL/api/ps" 2>>"$R/curl.log" \
+    curl -sS -m 30 "$URL/admin/ps" 2>>"$R/curl.log" \
         | jq -r --arg m "$1" --arg f "$2" '.models[] | select(.name == $m) | .[$f] // empty'
 }
 
@@ -108,7 +108,7 @@ for _ in $(seq 30); do
     sleep 1
 done
 last_error="$(ps_field hog last_error)"
-info "/api/ps hog: state=$hog_state last_error: $last_error"
+info "/admin/ps hog: state=$hog_state last_error: $last_error"
 
 ooms1="$(oom_kills)"
 info "memory.events: $(tr '\n' ' ' <"$CG/memory.events" 2>/dev/null)"
@@ -130,8 +130,8 @@ sd_oom="$(journalctl -b --no-pager -o cat -u "$UNIT" | grep -iE 'OOM killer|oom-
 check "claracore survived the OOM kill: active, same MainPID ($pid0 -> $pid1), NRestarts=$restarts1" \
     test "$active1" = active -a "$pid1" = "$pid0" -a "$restarts1" = 0
 
-check "/api/ps: hog is failed (state=$hog_state)" test "$hog_state" = failed
-check "/api/ps: hog has a last_error" test -n "$last_error"
+check "/admin/ps: hog is failed (state=$hog_state)" test "$hog_state" = failed
+check "/admin/ps: hog has a last_error" test -n "$last_error"
 if grep -qiE 'oom|out of memory|memory limit' <<<"$last_error"; then
     pass "last_error names the OOM kill / memory limit"
 elif grep -qiE 'kill|signal 9|sigkill' <<<"$last_error"; then
