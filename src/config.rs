@@ -12,10 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
-
-use crate::history::{ContentPolicy, HistoryConfig};
 
 /// Default TCP listener when the file names none.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
@@ -74,6 +72,30 @@ impl ListenAddr {
             format!("{text:?} is not a listen address (expected host:port, [v6]:port or unix:/path)")
         })
     }
+}
+
+/// What request and response text is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ContentPolicy {
+    None,
+    /// The first `history::tap::TRUNCATE_CHARS` characters of each, marked as
+    /// truncated when cut.
+    Truncated,
+    Full,
+}
+
+/// `[history]` in the config.
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    pub enabled: bool,
+    pub path: PathBuf,
+    pub content: ContentPolicy,
+    pub retention: Duration,
+    pub events_retention: Duration,
+    pub samples_retention: Duration,
+    /// Rows that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+    pub batch_window: Duration,
 }
 
 /// How log lines are written when not under journald.

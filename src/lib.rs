@@ -26,15 +26,18 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod history;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod procfs;
 pub mod proxy;
 pub mod scheduler;
 pub mod server;
 pub mod supervisor;
 pub mod systemd;
+pub mod upstream;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG); systemd units
 /// list it in `RestartPreventExitStatus=` so a typo does not restart-loop.

@@ -1,10 +1,10 @@
 //! Prometheus metrics, rendered in the text exposition format at
 //! `/metrics`.
 //!
-//! Request and lifecycle figures are updated where they happen (the same
-//! places that write history rows, so the two agree); model state,
-//! in-flight requests, history queue figures and process figures are read
-//! when scraped.
+//! Request, lifecycle and model-state figures come from the event bus
+//! ([`Metrics`] is a [`Sink`]), fed by the same events that become history
+//! rows, so the two agree. In-flight requests, history queue figures and
+//! process figures are read when scraped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,8 +15,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::history::{Recorder, RequestRecord};
-use crate::scheduler::ModelStatus;
+use crate::events::{Event, ModelEvent, ModelEventKind, ModelState, RequestRecord, Sink};
+use crate::history::Recorder;
+use crate::procfs::process_figures;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -58,8 +59,6 @@ struct StartLabels {
 struct BuildLabels {
     version: String,
 }
-
-const STATES: [&str; 5] = ["stopped", "starting", "ready", "stopping", "failed"];
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
@@ -211,7 +210,7 @@ impl Metrics {
     }
 
     /// A finished request, from the same record history stores.
-    pub fn observe_request(&self, r: &RequestRecord) {
+    fn observe_request(&self, r: &RequestRecord) {
         let model = r.model.clone().unwrap_or_default();
         self.requests
             .get_or_create(&RequestLabels {
@@ -248,7 +247,7 @@ impl Metrics {
         }
     }
 
-    pub fn observe_start(&self, model: &str, ok: bool, load_seconds: Option<f64>) {
+    fn observe_start(&self, model: &str, ok: bool, load_seconds: Option<f64>) {
         self.starts
             .get_or_create(&StartLabels {
                 model: model.into(),
@@ -264,20 +263,31 @@ impl Metrics {
         }
     }
 
-    /// Renders the exposition text, refreshing the figures read at scrape.
-    pub fn render(&self, models: &[ModelStatus], recorder: &Recorder) -> String {
-        for m in models {
-            for state in STATES {
-                self.model_state
-                    .get_or_create(&StateLabels {
-                        model: m.name.clone(),
-                        state: state.into(),
-                    })
-                    .set(i64::from(m.state == state));
-            }
+    fn observe_state(&self, model: &str, now: ModelState) {
+        for state in ModelState::ALL {
+            self.model_state
+                .get_or_create(&StateLabels {
+                    model: model.into(),
+                    state: state.as_str().into(),
+                })
+                .set(i64::from(state == now));
         }
-        self.inflight
-            .set(models.iter().map(|m| m.inflight as i64).sum());
+    }
+
+    fn observe_lifecycle(&self, e: &ModelEvent) {
+        match e.event {
+            ModelEventKind::Ready => {
+                self.observe_start(&e.model, true, e.load_ms.map(|ms| ms / 1000.0))
+            }
+            ModelEventKind::StartFailed => self.observe_start(&e.model, false, None),
+            ModelEventKind::StartRequested | ModelEventKind::Stopped | ModelEventKind::Crashed => {}
+        }
+    }
+
+    /// Renders the exposition text, refreshing the figures read at scrape:
+    /// `inflight` is the number of requests holding a model now.
+    pub fn render(&self, inflight: usize, recorder: &Recorder) -> String {
+        self.inflight.set(inflight as i64);
         let dropped = recorder.dropped();
         let seen = self.dropped_seen.swap(dropped, Ordering::Relaxed);
         self.dropped.inc_by(dropped.saturating_sub(seen));
@@ -297,28 +307,22 @@ impl Metrics {
     }
 }
 
-/// (resident bytes, CPU seconds) of this process from /proc.
-pub fn process_figures() -> Option<(i64, f64)> {
-    pid_figures(std::process::id())
-}
-
-/// (resident bytes, CPU seconds) of a process from /proc.
-pub fn pid_figures(pid: u32) -> Option<(i64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-    // After the command: state is field 3; utime 14, stime 15, rss 24
-    // (1-based in proc(5)), i.e. indexes 11, 12 and 21 here.
-    let ticks = 100.0; // USER_HZ is 100 on every Linux architecture claracore targets.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let rss_pages: i64 = fields.get(21)?.parse().ok()?;
-    Some((rss_pages * 4096, (utime + stime) / ticks))
+impl Sink for Metrics {
+    fn on_event(&self, event: &Event) {
+        match event {
+            Event::Request(r) => self.observe_request(r),
+            Event::Model(e) => self.observe_lifecycle(e),
+            Event::State { model, state } => self.observe_state(model, *state),
+            Event::Removed { .. } => {}
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Outcome, Usage};
+    use crate::events::{Outcome, Usage};
+    use std::sync::Arc;
 
     #[test]
     fn renders_request_counters_and_histograms() {
@@ -347,9 +351,15 @@ mod tests {
             response_content: None,
             content_truncated: false,
         };
-        m.observe_request(&r);
-        m.observe_start("tiny", true, Some(0.15));
-        let text = m.render(&[], &Recorder::disabled());
+        m.on_event(&Event::Request(Arc::new(r)));
+        let mut ready = ModelEvent::new("tiny", ModelEventKind::Ready, 0);
+        ready.load_ms = Some(150.0);
+        m.on_event(&Event::Model(Arc::new(ready)));
+        m.on_event(&Event::State {
+            model: Arc::from("tiny"),
+            state: ModelState::Ready,
+        });
+        let text = m.render(2, &Recorder::disabled());
         assert!(text.contains("claracore_requests_total{model=\"tiny\",endpoint=\"/v1/chat/completions\",outcome=\"ok\"} 1"), "{text}");
         assert!(
             text.contains("claracore_tokens_total{model=\"tiny\",kind=\"completion\"} 8"),
@@ -364,12 +374,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("claracore_build_info{version="), "{text}");
+        assert!(
+            text.contains("claracore_model_state{model=\"tiny\",state=\"ready\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("claracore_model_state{model=\"tiny\",state=\"stopped\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("claracore_model_load_duration_seconds_count{model=\"tiny\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("claracore_inflight_requests 2"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
-    }
-
-    #[test]
-    fn own_process_figures_are_readable() {
-        let (rss, cpu) = process_figures().unwrap();
-        assert!(rss > 0 && cpu >= 0.0);
     }
 }

@@ -16,34 +16,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::history::tap::Tap;
 use crate::scheduler::Lease;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type used for requests and responses in both directions.
-pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type UpstreamClient = Client<HttpConnector, BoxBody>;
-
-/// Idle connections kept per child when its requests are not limited.
-const MAX_IDLE_UNLIMITED: usize = 64;
-
-/// An HTTP/1 client with a connection pool to one child. With a connection
-/// limit the pool keeps at most that many idle connections, so the child
-/// never sees more than twice the limit open (busy plus idle).
-pub fn client(max_connections: Option<usize>) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .pool_max_idle_per_host(max_connections.unwrap_or(MAX_IDLE_UNLIMITED))
-        .build(connector)
-}
+pub use crate::upstream::{BoxBody, BoxError};
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -89,17 +66,19 @@ pub async fn forward(
 ) -> Result<Response<BoxBody>, ForwardError> {
     let uri = Uri::builder()
         .scheme(Scheme::HTTP)
-        .authority(lease.authority().clone())
+        .authority(lease.upstream().authority().clone())
         .path_and_query(path_and_query)
         .build();
     if let Ok(uri) = uri {
         *req.uri_mut() = uri;
     }
     strip_hop_by_hop(req.headers_mut());
-    req.headers_mut().insert(header::HOST, lease.host().clone());
+    let upstream = lease.upstream();
+    req.headers_mut()
+        .insert(header::HOST, upstream.host().clone());
     // Waits here while the child has its limit of requests in flight.
-    let permit = lease.connection_permit().await;
-    let resp = lease.client().request(req).await.map_err(ForwardError)?;
+    let permit = upstream.connection_permit().await;
+    let resp = upstream.client().request(req).await.map_err(ForwardError)?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let is_sse = parts

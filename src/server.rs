@@ -8,6 +8,7 @@
 //! (extending systemd's stop timeout while that runs), stop every child,
 //! return.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,14 +18,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::api::{self, AppState};
 use crate::config::{Config, HttpConfig};
+use crate::events::{Bus, Event, ModelState, Topic};
 use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener};
-use crate::metrics::{self, Metrics};
-use crate::scheduler::{ModelStatus, Observer, Scheduler};
+use crate::metrics::Metrics;
+use crate::procfs::{pid_figures, process_figures};
+use crate::scheduler::Scheduler;
 use crate::systemd::{Notifier, NotifyState};
 
 /// Requests from outside the server, typically signals.
@@ -72,17 +76,17 @@ pub async fn serve(
 ) -> Drained {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let observer = Observer {
-        recorder: recorder.clone(),
-        metrics: metrics.clone(),
-    };
+    let bus = Bus::new(vec![Arc::new(recorder.clone()), metrics.clone()]);
+    // Before the scheduler starts, so the first states are seen.
+    let model_events = bus.subscribe(Topic::Models);
     let state = Arc::new(AppState {
-        scheduler: Scheduler::start(&config, observer),
+        scheduler: Scheduler::start(&config, bus.clone()),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
         config: std::sync::RwLock::new(config.clone()),
         recorder,
         metrics,
+        bus,
         next_request: std::sync::atomic::AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -113,6 +117,7 @@ pub async fn serve(
         state.clone(),
         notifier.clone(),
         reload_error.clone(),
+        model_events,
     ));
     let watchdog_task = systemd
         .watchdog
@@ -219,27 +224,39 @@ async fn reload(
     if let Ok(mut slot) = reload_error.lock() {
         *slot = outcome;
     }
+    let models: Models = state
+        .scheduler
+        .status()
+        .await
+        .into_iter()
+        .map(|m| (Arc::from(m.name.as_str()), m.state))
+        .collect();
     let text = status_text(
-        &state.scheduler.status().await,
+        &models,
+        state.scheduler.inflight(),
         &state.recorder,
         reload_error,
     );
     notifier.notify(&[NotifyState::Ready, NotifyState::Status(&text)]);
 }
 
-/// "2/5 models loaded (tiny, coder); 3 requests in flight", plus dropped
-/// history rows and the last reload error while they matter.
+/// Every model's state by name, as STATUS= sees it.
+type Models = BTreeMap<Arc<str>, ModelState>;
+
+/// "2/5 models loaded (coder, tiny); 3 requests in flight", plus dropped
+/// history rows and the last reload error while they matter. A model
+/// counts as loaded from the moment it is starting until it has stopped.
 fn status_text(
-    models: &[ModelStatus],
+    models: &Models,
+    inflight: usize,
     recorder: &Recorder,
     reload_error: &std::sync::Mutex<Option<String>>,
 ) -> String {
     let loaded: Vec<&str> = models
         .iter()
-        .filter(|m| m.pid.is_some())
-        .map(|m| m.name.as_str())
+        .filter(|(_, s)| s.is_loaded())
+        .map(|(name, _)| &**name)
         .collect();
-    let inflight: usize = models.iter().map(|m| m.inflight).sum();
     let mut text = format!(
         "{}/{} models loaded{}; {} request{} in flight",
         loaded.len(),
@@ -270,18 +287,47 @@ fn status_text(
     text
 }
 
+/// Keeps STATUS= current: model states follow the bus's model events (a
+/// lagging receiver re-reads them from the scheduler once); in-flight
+/// requests and dropped rows are read every [`STATUS_PERIOD`].
 async fn report_status(
     state: Arc<AppState>,
     notifier: Arc<Notifier>,
     reload_error: Arc<std::sync::Mutex<Option<String>>>,
+    mut events: broadcast::Receiver<Event>,
 ) {
     if !notifier.enabled() {
         return;
     }
+    let mut models = Models::new();
     let mut last = String::new();
+    let mut ticker = tokio::time::interval(STATUS_PERIOD);
     loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(Event::State { model, state }) => {
+                    models.insert(model, state);
+                }
+                Ok(Event::Removed { model }) => {
+                    models.remove(&model);
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => {
+                    models = state
+                        .scheduler
+                        .status()
+                        .await
+                        .into_iter()
+                        .map(|m| (Arc::from(m.name.as_str()), m.state))
+                        .collect();
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = ticker.tick() => {}
+        }
         let text = status_text(
-            &state.scheduler.status().await,
+            &models,
+            state.scheduler.inflight(),
             &state.recorder,
             &reload_error,
         );
@@ -289,7 +335,6 @@ async fn report_status(
             notifier.status(&text);
             last = text;
         }
-        tokio::time::sleep(STATUS_PERIOD).await;
     }
 }
 
@@ -327,25 +372,19 @@ const TRIM_GROWTH_BYTES: i64 = 1 << 20;
 async fn trim_when_idle(state: Arc<AppState>) {
     let mut ticker = tokio::time::interval(TRIM_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut floor = metrics::process_figures().map_or(0, |f| f.0);
+    let mut floor = process_figures().map_or(0, |f| f.0);
     loop {
         ticker.tick().await;
-        let Some((rss, _)) = metrics::process_figures() else {
+        let Some((rss, _)) = process_figures() else {
             return;
         };
         if rss < floor + TRIM_GROWTH_BYTES {
             floor = floor.min(rss);
             continue;
         }
-        let busy = state
-            .scheduler
-            .status()
-            .await
-            .iter()
-            .any(|m| m.inflight > 0);
-        if !busy {
+        if state.scheduler.inflight() == 0 {
             let released = tokio::task::spawn_blocking(release_free_heap).await;
-            floor = metrics::process_figures().map_or(rss, |f| f.0);
+            floor = process_figures().map_or(rss, |f| f.0);
             tracing::debug!(before = rss, after = floor, trimmed = ?released.ok(), "returned free heap memory");
         }
     }
@@ -374,7 +413,7 @@ async fn sample(state: Arc<AppState>) {
         ticker.tick().await;
         let at_ms = now_ms();
         let models = state.scheduler.status().await;
-        let daemon = metrics::process_figures();
+        let daemon = process_figures();
         state.recorder.sample(Sample {
             at_ms,
             model: String::new(),
@@ -384,7 +423,7 @@ async fn sample(state: Arc<AppState>) {
         });
         for m in models {
             let Some(pid) = m.pid else { continue };
-            let figures = metrics::pid_figures(pid);
+            let figures = pid_figures(pid);
             state.recorder.sample(Sample {
                 at_ms,
                 model: m.name,
@@ -470,41 +509,29 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 mod tests {
     use super::*;
 
-    fn model(name: &str, pid: Option<u32>, inflight: usize) -> ModelStatus {
-        ModelStatus {
-            name: name.into(),
-            aliases: vec![],
-            state: if pid.is_some() { "ready" } else { "stopped" },
-            pid,
-            port: None,
-            inflight,
-            waiting: 0,
-            uptime_s: None,
-            idle_s: None,
-            starts: 0,
-            last_error: None,
-        }
-    }
-
     #[test]
     fn status_text_says_what_runs_in_plain_words() {
         let err = std::sync::Mutex::new(None);
         let rec = Recorder::disabled();
-        let models = [
-            model("tiny", Some(1), 2),
-            model("coder", Some(2), 1),
-            model("big", None, 0),
-        ];
+        let mut models: Models = [
+            ("tiny", ModelState::Ready),
+            ("coder", ModelState::Starting),
+            ("big", ModelState::Stopped),
+        ]
+        .into_iter()
+        .map(|(n, s)| (Arc::from(n), s))
+        .collect();
         assert_eq!(
-            status_text(&models, &rec, &err),
-            "2/3 models loaded (tiny, coder); 3 requests in flight"
+            status_text(&models, 3, &rec, &err),
+            "2/3 models loaded (coder, tiny); 3 requests in flight"
         );
+        models.retain(|n, _| &**n == "big");
         assert_eq!(
-            status_text(&models[2..], &rec, &err),
+            status_text(&models, 0, &rec, &err),
             "0/1 models loaded; 0 requests in flight"
         );
         *err.lock().unwrap() = Some("c.toml:3:1: unknown field".into());
-        assert!(status_text(&models[2..], &rec, &err)
-            .ends_with("reload failed, running on the previous config: c.toml:3:1: unknown field"));
+        assert!(status_text(&models, 1, &rec, &err)
+            .ends_with("1 request in flight; reload failed, running on the previous config: c.toml:3:1: unknown field"));
     }
 }

@@ -66,6 +66,20 @@ pub enum ExitReason {
     Unhealthy(String),
 }
 
+/// Why a child never became ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartFailure {
+    /// The process could not be started at all (exec failed, no port).
+    #[error("{0}")]
+    Spawn(String),
+    /// It exited before its health check passed.
+    #[error("model process exited while starting ({status})")]
+    Exited { status: String },
+    /// Its health check did not pass within `start_timeout`.
+    #[error("model did not become healthy within {}", humantime::format_duration(*.after))]
+    Timeout { after: Duration },
+}
+
 /// Reports from a child's task to the scheduler.
 #[derive(Debug)]
 pub enum ChildEvent {
@@ -79,7 +93,7 @@ pub enum ChildEvent {
     StartFailed {
         model: Arc<str>,
         instance: u64,
-        reason: String,
+        reason: StartFailure,
     },
     Exited {
         model: Arc<str>,
@@ -92,7 +106,7 @@ pub enum ChildEvent {
 #[derive(Debug)]
 pub struct ChildHandle {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl ChildHandle {
@@ -105,7 +119,36 @@ impl ChildHandle {
 
     /// Waits for the child's task to finish (after [`stop`](Self::stop)).
     pub async fn join(self) {
-        let _ = self.task.await;
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl ChildHandle {
+    /// A handle whose stop request goes to `stop` and that supervises
+    /// nothing: for a [`Spawner`] that stands in for real processes.
+    pub fn detached(stop: oneshot::Sender<()>) -> ChildHandle {
+        ChildHandle {
+            stop: Some(stop),
+            task: None,
+        }
+    }
+}
+
+/// Starts children for the scheduler: [`Processes`] for real ones, a fake
+/// in the scheduler's unit tests.
+pub trait Spawner: Send + Sync + 'static {
+    fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle;
+}
+
+/// Real child processes, each supervised by its own task.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Processes;
+
+impl Spawner for Processes {
+    fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
+        spawn(spec, events)
     }
 }
 
@@ -115,7 +158,7 @@ pub fn spawn(spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> Chil
     let task = tokio::spawn(run(spec, events, stop_rx));
     ChildHandle {
         stop: Some(stop_tx),
-        task,
+        task: Some(task),
     }
 }
 
@@ -226,7 +269,7 @@ async fn run(
                 let _ = events.send(ChildEvent::StartFailed {
                     model,
                     instance,
-                    reason,
+                    reason: StartFailure::Spawn(reason),
                 });
                 return;
             }
@@ -255,7 +298,7 @@ async fn run(
                 let status = running.exit_text(status);
                 tracing::error!(model = %model, status = %status, stderr_tail = %tail,
                     "child exited while starting");
-                let reason = format!("model process exited while starting ({status})");
+                let reason = StartFailure::Exited { status };
                 let _ = events.send(ChildEvent::StartFailed {
                     model,
                     instance,
@@ -265,10 +308,9 @@ async fn run(
             }
             Readiness::TimedOut => {
                 running.stop(&model, spec.stop_grace).await;
-                let reason = format!(
-                    "model did not become healthy within {}",
-                    humantime::format_duration(spec.start_timeout)
-                );
+                let reason = StartFailure::Timeout {
+                    after: spec.start_timeout,
+                };
                 tracing::error!(model = %model, stderr_tail = %running.tail.text(), "{reason}");
                 let _ = events.send(ChildEvent::StartFailed {
                     model,

@@ -22,9 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-
+pub use crate::config::{ContentPolicy, HistoryConfig};
+pub use crate::events::{ModelEvent, ModelEventKind, Outcome, RequestRecord, Usage};
 pub use store::StoreError;
+
+use crate::events::{Event, Sink};
 
 /// Rows written in one transaction at most.
 const MAX_BATCH: usize = 4096;
@@ -32,117 +34,6 @@ const MAX_BATCH: usize = 4096;
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
 /// At most one dropped-rows warning per this period.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
-
-/// What request and response text is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ContentPolicy {
-    None,
-    /// The first [`tap::TRUNCATE_CHARS`] characters of each, marked as
-    /// truncated when cut.
-    Truncated,
-    Full,
-}
-
-/// `[history]` in the config.
-#[derive(Debug, Clone)]
-pub struct HistoryConfig {
-    pub enabled: bool,
-    pub path: PathBuf,
-    pub content: ContentPolicy,
-    pub retention: Duration,
-    pub events_retention: Duration,
-    pub samples_retention: Duration,
-    /// Rows that may wait for the writer before new ones are dropped.
-    pub queue: usize,
-    pub batch_window: Duration,
-}
-
-/// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Ok,
-    /// The client went away before the response was complete.
-    Cancelled,
-    UpstreamError,
-    Timeout,
-    /// Refused before reaching a model (bad request, unknown model, too
-    /// large, shutting down).
-    Rejected,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Cancelled => "cancelled",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::Timeout => "timeout",
-            Outcome::Rejected => "rejected",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Outcome> {
-        [
-            Outcome::Ok,
-            Outcome::Cancelled,
-            Outcome::UpstreamError,
-            Outcome::Timeout,
-            Outcome::Rejected,
-        ]
-        .into_iter()
-        .find(|o| o.as_str() == text)
-    }
-}
-
-/// Token counts and llama.cpp timings of one response.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Usage {
-    pub prompt_tokens: Option<i64>,
-    pub completion_tokens: Option<i64>,
-    pub cached_tokens: Option<i64>,
-    pub prompt_ms: Option<f64>,
-    pub predicted_ms: Option<f64>,
-    pub prompt_per_second: Option<f64>,
-    pub predicted_per_second: Option<f64>,
-}
-
-/// One `requests` row.
-#[derive(Debug, Clone)]
-pub struct RequestRecord {
-    pub request_id: String,
-    pub started_at_ms: i64,
-    pub finished_at_ms: i64,
-    pub client: String,
-    pub key_name: Option<String>,
-    pub endpoint: String,
-    pub model: Option<String>,
-    pub status: u16,
-    pub outcome: Outcome,
-    pub error: Option<String>,
-    pub latency_ms: f64,
-    pub ttfb_ms: Option<f64>,
-    pub ttft_ms: Option<f64>,
-    pub usage: Usage,
-    pub streamed: bool,
-    pub request_content: Option<String>,
-    pub response_content: Option<String>,
-    pub content_truncated: bool,
-}
-
-/// One `model_events` row.
-#[derive(Debug, Clone)]
-pub struct ModelEvent {
-    pub at_ms: i64,
-    pub model: String,
-    /// start_requested | ready | start_failed | stopped | crashed
-    pub event: &'static str,
-    pub reason: Option<String>,
-    pub load_ms: Option<f64>,
-    pub exit_status: Option<String>,
-    pub pid: Option<u32>,
-    pub rss_bytes: Option<i64>,
-}
 
 /// One `samples` row.
 #[derive(Debug, Clone)]
@@ -163,8 +54,8 @@ pub fn now_ms() -> i64 {
 /// Kept one pointer wide: the channel allocates (and touches) every slot
 /// up front, so inline records would cost `queue` × their size in RSS.
 enum Item {
-    Request(Box<RequestRecord>),
-    Event(Box<ModelEvent>),
+    Request(Arc<RequestRecord>),
+    Event(Arc<ModelEvent>),
     Sample(Box<Sample>),
     /// Commit everything before this, then answer; with `true`, then stop.
     Flush(mpsc::Sender<()>, bool),
@@ -294,11 +185,7 @@ impl Recorder {
     }
 
     pub fn request(&self, record: RequestRecord) {
-        self.send(Item::Request(Box::new(record)));
-    }
-
-    pub fn event(&self, event: ModelEvent) {
-        self.send(Item::Event(Box::new(event)));
+        self.send(Item::Request(Arc::new(record)));
     }
 
     pub fn sample(&self, sample: Sample) {
@@ -344,6 +231,17 @@ impl Recorder {
         }
         self.shared.wake_writer();
         done.recv_timeout(timeout).is_ok()
+    }
+}
+
+/// History keeps every finished request and every lifecycle step.
+impl Sink for Recorder {
+    fn on_event(&self, event: &Event) {
+        match event {
+            Event::Request(r) => self.send(Item::Request(r.clone())),
+            Event::Model(e) => self.send(Item::Event(e.clone())),
+            Event::State { .. } | Event::Removed { .. } => {}
+        }
     }
 }
 
@@ -439,8 +337,8 @@ fn commit(conn: &mut rusqlite::Connection, batch: Vec<Item>, shared: &Shared) {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for item in batch {
         match item {
-            Item::Request(r) => requests.push(*r),
-            Item::Event(e) => events.push(*e),
+            Item::Request(r) => requests.push(r),
+            Item::Event(e) => events.push(e),
             Item::Sample(s) => samples.push(*s),
             Item::Flush(ack, _) => acks.push(ack),
         }

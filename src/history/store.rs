@@ -3,11 +3,14 @@
 //! readers open their own connections (WAL lets them run beside it).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
+#[cfg(test)]
+use super::ModelEventKind;
 use super::{ModelEvent, RequestRecord, Sample};
 
 /// Migrations, embedded in the binary and applied in order; the database's
@@ -186,8 +189,8 @@ pub fn open_for_reading(path: &Path) -> Result<Connection, StoreError> {
 /// Writes one batch in one transaction.
 pub fn write_batch(
     conn: &mut Connection,
-    requests: &[RequestRecord],
-    events: &[ModelEvent],
+    requests: &[Arc<RequestRecord>],
+    events: &[Arc<ModelEvent>],
     samples: &[Sample],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
@@ -236,7 +239,7 @@ pub fn write_batch(
             stmt.execute(params![
                 e.at_ms,
                 e.model,
-                e.event,
+                e.event.as_str(),
                 e.reason,
                 e.load_ms,
                 e.exit_status,
@@ -620,16 +623,7 @@ mod tests {
             cpu_seconds: None,
             inflight: None,
         };
-        let event = |at_ms| ModelEvent {
-            at_ms,
-            model: "m".into(),
-            event: "ready",
-            reason: None,
-            load_ms: None,
-            exit_status: None,
-            pid: None,
-            rss_bytes: None,
-        };
+        let event = |at_ms| Arc::new(ModelEvent::new("m", ModelEventKind::Ready, at_ms));
         write_batch(
             &mut conn,
             &[],

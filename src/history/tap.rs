@@ -11,11 +11,13 @@
 //! up to [`MAX_JSON_BODY`] and parsed once at the end.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Deserialize;
 
-use super::{now_ms, ContentPolicy, Outcome, Recorder, RequestRecord, Usage};
+use super::{now_ms, ContentPolicy, Outcome, RequestRecord, Usage};
+use crate::events::{Bus, Event};
 
 /// Characters of prompt and response kept under the `truncated` policy.
 pub const TRUNCATE_CHARS: usize = 1000;
@@ -65,20 +67,13 @@ impl Pending {
     }
 
     /// Finishes a request that never reached a model's response.
-    pub fn finish(
-        mut self,
-        recorder: &Recorder,
-        status: u16,
-        outcome: Outcome,
-        error: Option<String>,
-    ) -> RequestRecord {
+    pub fn finish(mut self, bus: &Bus, status: u16, outcome: Outcome, error: Option<String>) {
         self.record.status = status;
         self.record.outcome = outcome;
         self.record.error = error;
         self.record.finished_at_ms = now_ms();
         self.record.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        recorder.request(self.record.clone());
-        self.record
+        bus.emit(Event::Request(Arc::new(self.record)));
     }
 }
 
@@ -93,15 +88,13 @@ fn keep(policy: ContentPolicy, text: &str) -> (Option<String>, bool) {
     }
 }
 
-/// Called once with a finished row (metrics).
-pub type OnDone = Box<dyn FnOnce(&RequestRecord) + Send>;
-
 /// Observes a response body; records the row when the body ends or is
 /// dropped (a drop before the end is a client cancel).
 pub struct Tap {
     pending: Option<Pending>,
-    recorder: Recorder,
-    on_done: Option<OnDone>,
+    /// Where the finished row goes.
+    bus: Bus,
+    content: ContentPolicy,
     sse: bool,
     /// Unparsed tail of the SSE stream (an incomplete line).
     line: Vec<u8>,
@@ -114,13 +107,13 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// `on_done` runs once with the finished row (for metrics).
+    /// The row is emitted on `bus` once the body ends or is dropped.
     pub fn new(
         mut pending: Pending,
-        recorder: Recorder,
+        bus: Bus,
+        content: ContentPolicy,
         status: u16,
         sse: bool,
-        on_done: OnDone,
     ) -> Tap {
         pending.record.status = status;
         pending.record.streamed = sse;
@@ -133,8 +126,8 @@ impl Tap {
         }
         Tap {
             pending: Some(pending),
-            recorder,
-            on_done: Some(on_done),
+            bus,
+            content,
             sse,
             line: Vec::new(),
             body: Vec::new(),
@@ -183,7 +176,7 @@ impl Tap {
         if payload.is_empty() || payload == b"[DONE]" {
             return;
         }
-        let wants_text = !self.text_full && self.recorder.content != ContentPolicy::None;
+        let wants_text = !self.text_full && self.content != ContentPolicy::None;
         let first_token = self
             .pending
             .as_ref()
@@ -213,7 +206,7 @@ impl Tap {
     }
 
     fn push_text(&mut self, s: &str) {
-        match self.recorder.content {
+        match self.content {
             ContentPolicy::None => {}
             ContentPolicy::Full => self.text.push_str(s),
             ContentPolicy::Truncated => {
@@ -284,14 +277,11 @@ impl Tap {
         };
         p.record.finished_at_ms = now_ms();
         p.record.latency_ms = p.started.elapsed().as_secs_f64() * 1000.0;
-        if self.recorder.content != ContentPolicy::None && !self.text.is_empty() {
+        if self.content != ContentPolicy::None && !self.text.is_empty() {
             p.record.response_content = Some(std::mem::take(&mut self.text));
             p.record.content_truncated |= self.text_full;
         }
-        if let Some(done) = self.on_done.take() {
-            done(&p.record);
-        }
-        self.recorder.request(p.record);
+        self.bus.emit(Event::Request(Arc::new(p.record)));
     }
 }
 
@@ -384,27 +374,27 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    fn tap(
-        sse: bool,
-        policy: ContentPolicy,
-    ) -> (Tap, std::sync::Arc<std::sync::Mutex<Option<RequestRecord>>>) {
-        let mut recorder = Recorder::disabled();
-        recorder.content = policy;
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let sink = seen.clone();
+    /// Keeps the last finished row it is shown.
+    #[derive(Default)]
+    struct Last(std::sync::Mutex<Option<RequestRecord>>);
+
+    impl crate::events::Sink for Last {
+        fn on_event(&self, event: &Event) {
+            if let Event::Request(r) = event {
+                *self.0.lock().unwrap() = Some((**r).clone());
+            }
+        }
+    }
+
+    fn tap(sse: bool, policy: ContentPolicy) -> (Tap, Arc<Last>) {
+        let seen = Arc::new(Last::default());
         let pending = Pending::new(
             "r1".into(),
             "127.0.0.1:1",
             "/v1/chat/completions",
             Instant::now(),
         );
-        let t = Tap::new(
-            pending,
-            recorder,
-            200,
-            sse,
-            Box::new(move |r| *sink.lock().unwrap() = Some(r.clone())),
-        );
+        let t = Tap::new(pending, Bus::new(vec![seen.clone()]), policy, 200, sse);
         (t, seen)
     }
 
@@ -415,7 +405,7 @@ mod tests {
         t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: {\"choices\":[{\"finish_reason\":\"length\",\"delta\":{}}],\"timings\":{\"cache_n\":3,\"prompt_n\":26,");
         t.on_data(b"\"prompt_ms\":1.5,\"predicted_n\":2,\"predicted_ms\":0.5,\"prompt_per_second\":17000.0,\"predicted_per_second\":4000.0}}\n\ndata: [DONE]\n\n");
         t.on_end(None);
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(r.usage.prompt_tokens, Some(29));
         assert_eq!(r.usage.completion_tokens, Some(2));
         assert_eq!(r.usage.cached_tokens, Some(3));
@@ -431,7 +421,7 @@ mod tests {
         let (mut t, seen) = tap(true, ContentPolicy::None);
         t.on_data(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":4,\"prompt_tokens_details\":{\"cached_tokens\":9}},\"timings\":{\"cache_n\":9,\"prompt_n\":1,\"predicted_n\":4}}\n\n");
         t.on_end(None);
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(
             (
                 r.usage.prompt_tokens,
@@ -452,7 +442,7 @@ mod tests {
         t.on_data(a);
         t.on_data(b);
         t.on_end(None);
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(r.usage.completion_tokens, Some(7));
         assert_eq!(r.response_content.unwrap().chars().count(), TRUNCATE_CHARS);
         assert!(r.content_truncated);
@@ -465,12 +455,12 @@ mod tests {
         t.on_data(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
         drop(t);
         assert_eq!(
-            seen.lock().unwrap().clone().unwrap().outcome,
+            seen.0.lock().unwrap().clone().unwrap().outcome,
             Outcome::Cancelled
         );
         let (mut t, seen) = tap(true, ContentPolicy::None);
         t.on_end(Some("model process failed mid-response".into()));
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(r.outcome, Outcome::UpstreamError);
         assert!(r.error.unwrap().contains("mid-response"));
     }
@@ -481,13 +471,13 @@ mod tests {
         t.pending.as_mut().unwrap().record.status = 400;
         t.on_data(br#"{"error":{"code":400,"message":"context \"too\" long","type":"x"}}"#);
         t.on_end(None);
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(r.error.as_deref(), Some("context \"too\" long"));
 
         let (mut t, seen) = tap(false, ContentPolicy::Full);
         t.on_data(br#"{"id":"c","choices":[{"text":"a\nb","index":0,"logprobs":null}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5},"extra":[1,{"deep":[true]}]}"#);
         t.on_end(None);
-        let r = seen.lock().unwrap().clone().unwrap();
+        let r = seen.0.lock().unwrap().clone().unwrap();
         assert_eq!(r.response_content.as_deref(), Some("a\nb"));
         assert_eq!(r.usage.completion_tokens, Some(2));
         assert_eq!(r.error, None);

@@ -1,0 +1,276 @@
+//! claracore's own control and read endpoints, all under `/admin/`: loaded
+//! models, stop, request history, per-model figures and a live backup.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use serde_json::json;
+
+use super::{json_response, resolve, ApiError, AppState, Ctx};
+use crate::history::{self, store, Outcome};
+use crate::proxy::{self, BoxBody};
+
+pub(super) async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
+    let models = ctx.state.scheduler.status().await;
+    json_response(StatusCode::OK, &json!({ "models": models }))
+}
+
+pub(super) async fn stop_model(
+    ctx: &Ctx<'_>,
+    requested: &str,
+) -> Result<Response<BoxBody>, ApiError> {
+    let model = resolve(&ctx.config, requested)?;
+    let was_running = ctx.state.scheduler.stop(&model).await.unwrap_or(false);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"model": model, "stopping": was_running}),
+    ))
+}
+
+/// Query-string pairs, percent-decoding what the CLI and curl send.
+fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A point in time given as unix milliseconds or as a duration ago ("1h").
+fn time_param(key: &str, v: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    crate::config::parse_duration(v)
+        .map(|d| history::now_ms() - d.as_millis() as i64)
+        .map_err(|e| {
+            ApiError::BadRequest(format!(
+                "{key}: {e}; give unix milliseconds or a duration ago like 1h"
+            ))
+        })
+}
+
+/// Runs `f` on a read connection to the history file (and its path), off
+/// the async threads, once the queue is flushed (waiting up to `flush`):
+/// rows of requests already answered belong in the answer, even if the
+/// writer's batch window has not closed yet. `what` names it in the log.
+async fn on_history<T: Send + 'static>(
+    state: &AppState,
+    flush: Duration,
+    what: &'static str,
+    f: impl FnOnce(&Path, &rusqlite::Connection) -> Result<T, String> + Send + 'static,
+) -> Result<T, ApiError> {
+    let path = state
+        .recorder
+        .path()
+        .ok_or(ApiError::HistoryDisabled)?
+        .to_path_buf();
+    let recorder = state.recorder.clone();
+    tokio::task::spawn_blocking(move || {
+        recorder.flush_blocking(flush);
+        let conn = store::open_for_reading(&path).map_err(|e| e.to_string())?;
+        f(&path, &conn)
+    })
+    .await
+    .map_err(|_| ApiError::History)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "{what} failed");
+        ApiError::History
+    })
+}
+
+/// Runs a read on the history file.
+async fn read_history<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    on_history(state, Duration::from_secs(5), "history read", |_, conn| {
+        f(conn).map_err(|e| e.to_string())
+    })
+    .await
+}
+
+pub(super) async fn history_list(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let state = ctx.state;
+    let mut q = store::RequestQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "model" => q.model = Some(v),
+            "outcome" => {
+                Outcome::parse(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!("outcome: {v:?} is not one of ok, cancelled, upstream_error, timeout, rejected"))
+                })?;
+                q.outcome = Some(v);
+            }
+            "since" => q.since_ms = Some(time_param("since", &v)?),
+            "until" => q.until_ms = Some(time_param("until", &v)?),
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
+            }
+            "cursor" => {
+                q.cursor = Some(v.parse().map_err(|_| {
+                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
+                })?)
+            }
+            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let limit = q.limit;
+    let rows = read_history(state, move |c| store::list_requests(c, &q)).await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"requests": rows, "next_cursor": next}),
+    ))
+}
+
+pub(super) async fn history_get(ctx: &Ctx<'_>, id: &str) -> Result<Response<BoxBody>, ApiError> {
+    let state = ctx.state;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a history id")))?;
+    match read_history(state, move |c| store::get_request(c, id)).await? {
+        Some(row) => Ok(json_response(StatusCode::OK, &json!(row))),
+        None => Err(ApiError::NotFound {
+            method: Method::GET,
+            path: format!("/admin/history/{id}"),
+        }),
+    }
+}
+
+pub(super) async fn stats(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let state = ctx.state;
+    let mut window = Duration::from_secs(3600);
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "window" => {
+                window = crate::config::parse_duration(&v)
+                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?
+            }
+            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
+        }
+    }
+    let since = history::now_ms() - window.as_millis() as i64;
+    let models = read_history(state, move |c| store::stats(c, since)).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"window_s": window.as_secs(), "models": models, "history_rows_dropped": state.recorder.dropped()}),
+    ))
+}
+
+/// A consistent copy of the live history database, streamed back.
+pub(super) async fn backup(ctx: &Ctx<'_>) -> Result<Response<BoxBody>, ApiError> {
+    let state = ctx.state;
+    let copy = |path: &Path, conn: &rusqlite::Connection| {
+        let dest = path.with_file_name(format!(
+            ".backup-{}-{}.db",
+            std::process::id(),
+            history::now_ms()
+        ));
+        store::backup(conn, &dest).map_err(|e| e.to_string())?;
+        let file = std::fs::File::open(&dest).map_err(|e| e.to_string())?;
+        // Unlinked now, readable until closed: nothing is left behind.
+        let _ = std::fs::remove_file(&dest);
+        Ok(file)
+    };
+    let file = on_history(state, Duration::from_secs(10), "history backup", copy).await?;
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, proxy::BoxError>::new(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .send_data(Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tx.abort(e.into());
+                    break;
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(body.boxed_unsync());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.sqlite3"),
+    );
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            query_pairs(Some("model=tiny%2Dchat&since=1h&x")),
+            [
+                ("model".to_string(), "tiny-chat".to_string()),
+                ("since".into(), "1h".into()),
+                ("x".into(), "".into())
+            ]
+        );
+        assert_eq!(decode("a+b%20c%zz%4"), "a b c%zz%4");
+    }
+}

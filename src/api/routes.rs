@@ -1,0 +1,235 @@
+//! Every route the daemon answers, as data: [`parse`] maps (method, path) to
+//! a [`Route`] without side effects and without slicing strings, so no
+//! request can make it panic, and a new route is a new variant that every
+//! `match` on it must handle.
+//!
+//! | route                                   | what                                |
+//! |-----------------------------------------|-------------------------------------|
+//! | POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/rerank | proxied by the body's `model` |
+//! | GET  /v1/models                         | configured models with their state  |
+//! | ANY  /upstream/{model}/{path…}          | raw pass-through to a model's child |
+//! | GET  /health, /live, /ready             | daemon health                       |
+//! | GET  /metrics                           | Prometheus text format              |
+//! | GET  /admin/ps                          | loaded models (pid, port, idle…)    |
+//! | POST /admin/models/{name}/stop          | drain and stop a model              |
+//! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
+//! | POST /admin/backup                      | a consistent copy of the history DB |
+//!
+//! `/api/*` is left free for Ollama's API.
+
+use hyper::Method;
+
+/// An OpenAI-shaped endpoint whose JSON body names the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inference {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Rerank,
+}
+
+impl Inference {
+    /// The path, as recorded in history and metrics.
+    pub fn path(self) -> &'static str {
+        match self {
+            Inference::ChatCompletions => "/v1/chat/completions",
+            Inference::Completions => "/v1/completions",
+            Inference::Embeddings => "/v1/embeddings",
+            Inference::Rerank => "/v1/rerank",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Inference(Inference),
+    Models,
+    /// `/upstream/{model}/{tail}`: `tail` without its leading slash.
+    Upstream {
+        model: String,
+        tail: String,
+    },
+    Health,
+    Live,
+    Ready,
+    Metrics,
+    AdminPs,
+    AdminStop {
+        model: String,
+    },
+    AdminHistory,
+    /// `id` as given; the handler says when it is not a number.
+    AdminHistoryEntry {
+        id: String,
+    },
+    AdminStats,
+    AdminBackup,
+}
+
+/// Why no route matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    NotFound,
+    /// The path exists with other methods.
+    WrongMethod {
+        allow: &'static [Method],
+    },
+}
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+
+/// The route for a request line. Pure and total.
+pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
+    if let Some(rest) = path.strip_prefix("/upstream/") {
+        let (model, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        return Ok(Route::Upstream {
+            model: model.to_string(),
+            tail: tail.to_string(),
+        });
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(NoRoute::NotFound);
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (route, allow) = match segments.as_slice() {
+        ["v1", "chat", "completions"] => (Route::Inference(Inference::ChatCompletions), POST),
+        ["v1", "completions"] => (Route::Inference(Inference::Completions), POST),
+        ["v1", "embeddings"] => (Route::Inference(Inference::Embeddings), POST),
+        ["v1", "rerank"] => (Route::Inference(Inference::Rerank), POST),
+        ["v1", "models"] => (Route::Models, GET),
+        ["health"] => (Route::Health, GET),
+        ["live"] => (Route::Live, GET),
+        ["ready"] => (Route::Ready, GET),
+        ["metrics"] => (Route::Metrics, GET),
+        ["admin", "ps"] => (Route::AdminPs, GET),
+        ["admin", "models", model, "stop"] if !model.is_empty() => (
+            Route::AdminStop {
+                model: (*model).to_string(),
+            },
+            POST,
+        ),
+        ["admin", "history"] => (Route::AdminHistory, GET),
+        ["admin", "history", id] if !id.is_empty() => (
+            Route::AdminHistoryEntry {
+                id: (*id).to_string(),
+            },
+            GET,
+        ),
+        ["admin", "stats"] => (Route::AdminStats, GET),
+        ["admin", "backup"] => (Route::AdminBackup, POST),
+        _ => return Err(NoRoute::NotFound),
+    };
+    if allow.contains(method) {
+        Ok(route)
+    } else {
+        Err(NoRoute::WrongMethod { allow })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: Method, path: &str) -> Route {
+        match parse(&method, path) {
+            Ok(r) => r,
+            Err(e) => panic!("{method} {path}: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn every_route_parses_with_its_method() {
+        for e in [
+            Inference::ChatCompletions,
+            Inference::Completions,
+            Inference::Embeddings,
+            Inference::Rerank,
+        ] {
+            assert_eq!(ok(Method::POST, e.path()), Route::Inference(e));
+        }
+        assert_eq!(ok(Method::GET, "/v1/models"), Route::Models);
+        assert_eq!(ok(Method::GET, "/health"), Route::Health);
+        assert_eq!(ok(Method::GET, "/live"), Route::Live);
+        assert_eq!(ok(Method::GET, "/ready"), Route::Ready);
+        assert_eq!(ok(Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(ok(Method::GET, "/admin/ps"), Route::AdminPs);
+        assert_eq!(
+            ok(Method::POST, "/admin/models/tiny-chat/stop"),
+            Route::AdminStop {
+                model: "tiny-chat".into()
+            }
+        );
+        assert_eq!(ok(Method::GET, "/admin/history"), Route::AdminHistory);
+        assert_eq!(
+            ok(Method::GET, "/admin/history/42"),
+            Route::AdminHistoryEntry { id: "42".into() }
+        );
+        assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
+        assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
+    }
+
+    #[test]
+    fn upstream_takes_any_method_and_keeps_the_tail() {
+        for m in [Method::GET, Method::POST, Method::DELETE] {
+            assert_eq!(
+                ok(m, "/upstream/tiny/props/x"),
+                Route::Upstream {
+                    model: "tiny".into(),
+                    tail: "props/x".into()
+                }
+            );
+        }
+        assert_eq!(
+            ok(Method::GET, "/upstream/tiny"),
+            Route::Upstream {
+                model: "tiny".into(),
+                tail: String::new()
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/upstream/"),
+            Route::Upstream {
+                model: String::new(),
+                tail: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn a_known_path_with_another_method_says_which_are_allowed() {
+        assert_eq!(
+            parse(&Method::GET, "/v1/chat/completions"),
+            Err(NoRoute::WrongMethod { allow: POST })
+        );
+        assert_eq!(
+            parse(&Method::DELETE, "/admin/ps"),
+            Err(NoRoute::WrongMethod { allow: GET })
+        );
+    }
+
+    #[test]
+    fn near_misses_and_odd_paths_are_not_found_and_never_panic() {
+        for path in [
+            "",
+            "/",
+            "//",
+            "/admin/models/stop",
+            "/admin/models//stop",
+            "/admin/models/a/b/stop",
+            "/admin/history/",
+            "/admin/history/1/2",
+            "/v1/chat/completions/",
+            "/v1//models",
+            "/api/ps",
+            "/api/models/stop",
+            "health",
+            "/healthz",
+            "/\u{00e9}/\u{1F600}",
+        ] {
+            for m in [Method::GET, Method::POST] {
+                assert_eq!(parse(&m, path), Err(NoRoute::NotFound), "{m} {path:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The daemon's vocabulary of things that happened, and the one bus they
+//! travel on.
+//!
+//! Producers (the scheduler, the API, a response's tap) [`Bus::emit`] an
+//! [`Event`] and know nothing of who listens. Two kinds of listener:
+//!
+//! - [`Sink`]s, fixed when the bus is made (history, metrics), are called
+//!   inline by the emitter. A sink must never block: history puts the row on
+//!   its bounded queue with `try_send`, metrics bump atomics.
+//! - Live subscribers ([`Bus::subscribe`]: the STATUS= reporter, later the
+//!   SSE stream) read a bounded broadcast buffer per [`Topic`]. A subscriber
+//!   that falls behind loses the oldest events (`RecvError::Lagged`) and is
+//!   never waited for. Nothing is sent on a topic nobody subscribes to, and
+//!   a subscriber to model changes is not woken by every request.
+//!
+//! This module is a leaf: it imports nothing from the crate, so every layer
+//! may emit.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// Live events kept for a subscriber that has not read them yet.
+const LIVE_BUFFER: usize = 1024;
+
+/// Something that happened.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A model's lifecycle step (history's `model_events`).
+    Model(Arc<ModelEvent>),
+    /// A model's public state changed.
+    State { model: Arc<str>, state: ModelState },
+    /// A model left the config (reload) and is gone.
+    Removed { model: Arc<str> },
+    /// A request finished: answered, refused or cut short.
+    Request(Arc<RequestRecord>),
+}
+
+/// Which live events a subscriber gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    /// Lifecycle steps, state changes, removals: a few per model start.
+    Models,
+    /// Finished requests: one per request.
+    Requests,
+}
+
+impl Event {
+    pub fn topic(&self) -> Topic {
+        match self {
+            Event::Model(_) | Event::State { .. } | Event::Removed { .. } => Topic::Models,
+            Event::Request(_) => Topic::Requests,
+        }
+    }
+}
+
+/// A listener called inline by [`Bus::emit`]; must return at once.
+pub trait Sink: Send + Sync {
+    fn on_event(&self, event: &Event);
+}
+
+/// Where events go; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    sinks: Vec<Arc<dyn Sink>>,
+    models: broadcast::Sender<Event>,
+    requests: broadcast::Sender<Event>,
+}
+
+impl Inner {
+    fn live(&self, topic: Topic) -> &broadcast::Sender<Event> {
+        match topic {
+            Topic::Models => &self.models,
+            Topic::Requests => &self.requests,
+        }
+    }
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("sinks", &self.inner.sinks.len())
+            .field("model_subscribers", &self.inner.models.receiver_count())
+            .field("request_subscribers", &self.inner.requests.receiver_count())
+            .finish()
+    }
+}
+
+impl Bus {
+    pub fn new(sinks: Vec<Arc<dyn Sink>>) -> Bus {
+        let (models, _) = broadcast::channel(LIVE_BUFFER);
+        let (requests, _) = broadcast::channel(LIVE_BUFFER);
+        Bus {
+            inner: Arc::new(Inner {
+                sinks,
+                models,
+                requests,
+            }),
+        }
+    }
+
+    /// A bus with no sinks (tests, tools).
+    pub fn detached() -> Bus {
+        Bus::new(Vec::new())
+    }
+
+    pub fn emit(&self, event: Event) {
+        for sink in &self.inner.sinks {
+            sink.on_event(&event);
+        }
+        let live = self.inner.live(event.topic());
+        if live.receiver_count() > 0 {
+            let _ = live.send(event);
+        }
+    }
+
+    /// Events of `topic` from now on; a subscriber that lags loses the
+    /// oldest.
+    pub fn subscribe(&self, topic: Topic) -> broadcast::Receiver<Event> {
+        self.inner.live(topic).subscribe()
+    }
+}
+
+/// A model's state as operators see it (`ps`, `/health`, metrics, STATUS=).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    Stopped,
+    Starting,
+    Ready,
+    Stopping,
+    Failed,
+}
+
+impl ModelState {
+    pub const ALL: [ModelState; 5] = [
+        ModelState::Stopped,
+        ModelState::Starting,
+        ModelState::Ready,
+        ModelState::Stopping,
+        ModelState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Stopped => "stopped",
+            ModelState::Starting => "starting",
+            ModelState::Ready => "ready",
+            ModelState::Stopping => "stopping",
+            ModelState::Failed => "failed",
+        }
+    }
+
+    /// Holds a process (pid shown, counts as loaded).
+    pub fn is_loaded(self) -> bool {
+        matches!(
+            self,
+            ModelState::Starting | ModelState::Ready | ModelState::Stopping
+        )
+    }
+}
+
+/// What step of a model's lifecycle a [`ModelEvent`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelEventKind {
+    StartRequested,
+    Ready,
+    StartFailed,
+    Stopped,
+    Crashed,
+}
+
+impl ModelEventKind {
+    /// The `model_events.event` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelEventKind::StartRequested => "start_requested",
+            ModelEventKind::Ready => "ready",
+            ModelEventKind::StartFailed => "start_failed",
+            ModelEventKind::Stopped => "stopped",
+            ModelEventKind::Crashed => "crashed",
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// The client went away before the response was complete.
+    Cancelled,
+    UpstreamError,
+    Timeout,
+    /// Refused before reaching a model (bad request, unknown model, too
+    /// large, shutting down).
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Cancelled => "cancelled",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        [
+            Outcome::Ok,
+            Outcome::Cancelled,
+            Outcome::UpstreamError,
+            Outcome::Timeout,
+            Outcome::Rejected,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+    }
+}
+
+/// Token counts and llama.cpp timings of one response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub prompt_ms: Option<f64>,
+    pub predicted_ms: Option<f64>,
+    pub prompt_per_second: Option<f64>,
+    pub predicted_per_second: Option<f64>,
+}
+
+/// One `requests` row.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub client: String,
+    pub key_name: Option<String>,
+    pub endpoint: String,
+    pub model: Option<String>,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub latency_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub usage: Usage,
+    pub streamed: bool,
+    pub request_content: Option<String>,
+    pub response_content: Option<String>,
+    pub content_truncated: bool,
+}
+
+/// One `model_events` row.
+#[derive(Debug, Clone)]
+pub struct ModelEvent {
+    pub at_ms: i64,
+    pub model: String,
+    pub event: ModelEventKind,
+    pub reason: Option<String>,
+    pub load_ms: Option<f64>,
+    pub exit_status: Option<String>,
+    pub pid: Option<u32>,
+    pub rss_bytes: Option<i64>,
+}
+
+impl ModelEvent {
+    /// An event of `kind` for `model` now, with no details yet.
+    pub fn new(model: &str, event: ModelEventKind, at_ms: i64) -> ModelEvent {
+        ModelEvent {
+            at_ms,
+            model: model.to_string(),
+            event,
+            reason: None,
+            load_ms: None,
+            exit_status: None,
+            pid: None,
+            rss_bytes: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Count(AtomicUsize);
+    impl Sink for Count {
+        fn on_event(&self, _: &Event) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn state(s: ModelState) -> Event {
+        Event::State {
+            model: Arc::from("m"),
+            state: s,
+        }
+    }
+
+    #[test]
+    fn sinks_see_every_event_and_subscribers_only_later_ones() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let bus = Bus::new(vec![count.clone()]);
+        bus.emit(state(ModelState::Starting));
+        let mut live = bus.subscribe(Topic::Models);
+        let mut requests = bus.subscribe(Topic::Requests);
+        bus.emit(state(ModelState::Ready));
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        assert!(
+            requests.try_recv().is_err(),
+            "a state change is not a request"
+        );
+        match live.try_recv() {
+            Ok(Event::State { state, .. }) => assert_eq!(state, ModelState::Ready),
+            other => panic!("expected the Ready state, got {other:?}"),
+        }
+        assert!(live.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_slow_subscriber_loses_the_oldest_events_and_never_blocks_the_emitter() {
+        let bus = Bus::detached();
+        let mut live = bus.subscribe(Topic::Models);
+        for _ in 0..LIVE_BUFFER + 10 {
+            bus.emit(state(ModelState::Ready));
+        }
+        assert!(matches!(
+            live.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(10))
+        ));
+    }
+
+    #[test]
+    fn state_names_are_the_serialized_names() {
+        for s in ModelState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+}
