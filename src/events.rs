@@ -126,6 +126,13 @@ impl Bus {
     }
 }
 
+/// Wall-clock time in unix milliseconds, as history rows record it.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A model's state as operators see it (`ps`, `/health`, metrics, STATUS=).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use crate::config::{ContentPolicy, HistoryConfig};
-pub use crate::events::{ModelEvent, ModelEventKind, Outcome, RequestRecord, Usage};
+pub use crate::events::{now_ms, ModelEvent, ModelEventKind, Outcome, RequestRecord, Usage};
 pub use store::StoreError;
 
 use crate::events::{Event, Sink};
@@ -43,12 +43,6 @@ pub struct Sample {
     pub rss_bytes: Option<i64>,
     pub cpu_seconds: Option<f64>,
     pub inflight: Option<i64>,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Kept one pointer wide: the channel allocates (and touches) every slot

@@ -747,7 +747,7 @@ impl Actor {
 
 /// Records a lifecycle step of `model`.
 fn lifecycle(bus: &Bus, model: &str, kind: ModelEventKind, f: impl FnOnce(&mut ModelEvent)) {
-    let mut e = ModelEvent::new(model, kind, crate::history::now_ms());
+    let mut e = ModelEvent::new(model, kind, crate::events::now_ms());
     f(&mut e);
     bus.emit(Event::Model(Arc::new(e)));
 }
@@ -790,6 +790,244 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Scheduler;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    /// One child the fake spawner was asked for.
+    struct Spawned {
+        spec: ChildSpec,
+        events: mpsc::UnboundedSender<ChildEvent>,
+        stop: oneshot::Receiver<()>,
+    }
+
+    /// Records every start; the test plays the child's part.
+    #[derive(Default)]
+    struct Fake(Mutex<Vec<Spawned>>);
+
+    impl Spawner for Fake {
+        fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
+            let (tx, stop) = oneshot::channel();
+            self.0.lock().unwrap().push(Spawned { spec, events, stop });
+            ChildHandle::detached(tx)
+        }
+    }
+
+    impl Fake {
+        fn started(&self) -> Vec<String> {
+            let all = self.0.lock().unwrap();
+            all.iter().map(|s| s.spec.model.to_string()).collect()
+        }
+
+        fn with_last<T>(&self, model: &str, f: impl FnOnce(&mut Spawned) -> T) -> T {
+            let mut all = self.0.lock().unwrap();
+            let s = all
+                .iter_mut()
+                .rev()
+                .find(|s| &*s.spec.model == model)
+                .unwrap_or_else(|| panic!("{model} was never started"));
+            f(s)
+        }
+
+        fn ready(&self, model: &str) {
+            self.with_last(model, |s| {
+                let _ = s.events.send(ChildEvent::Ready {
+                    model: s.spec.model.clone(),
+                    instance: s.spec.instance,
+                    addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                    pid: 4242,
+                    load_time: Duration::from_millis(5),
+                });
+            });
+        }
+
+        fn exit(&self, model: &str, reason: ExitReason) {
+            self.with_last(model, |s| {
+                let _ = s.events.send(ChildEvent::Exited {
+                    model: s.spec.model.clone(),
+                    instance: s.spec.instance,
+                    reason,
+                });
+            });
+        }
+
+        /// Whether the scheduler asked the newest child of `model` to stop.
+        fn stop_asked(&self, model: &str) -> bool {
+            self.with_last(model, |s| s.stop.try_recv().is_ok())
+        }
+    }
+
+    const TWO_MODELS: &str =
+        "[models.a]\ncmd = [\"a\", \"{port}\"]\n[models.b]\ncmd = [\"b\", \"{port}\"]\n";
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(std::path::Path::new("test.toml"), text).unwrap()
+    }
+
+    fn start(text: &str) -> (Scheduler, Arc<Fake>) {
+        let fake = Arc::new(Fake::default());
+        let s = Scheduler::with_spawner(&config(text), Bus::detached(), fake.clone());
+        (s, fake)
+    }
+
+    /// Lets the actor (and any spawned requests) run until idle.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn state_of(s: &Scheduler, model: &str) -> ModelState {
+        settle().await;
+        let all = s.status().await;
+        all.into_iter().find(|m| m.name == model).unwrap().state
+    }
+
+    fn acquire(s: &Scheduler, model: &str) -> tokio::task::JoinHandle<Result<Lease, AcquireError>> {
+        let (s, model) = (s.clone(), model.to_string());
+        tokio::spawn(async move { s.acquire(&model).await })
+    }
+
+    /// Starts `model` through a request and returns that request's lease.
+    async fn lease(s: &Scheduler, fake: &Fake, model: &str) -> Lease {
+        let waiting = acquire(s, model);
+        settle().await;
+        fake.ready(model);
+        waiting.await.unwrap().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_model_is_drained_before_a_swap_and_the_other_starts_after() {
+        let (s, fake) = start(&format!("[scheduler]\nmax_loaded = 1\n{TWO_MODELS}"));
+        let a = lease(&s, &fake, "a").await;
+        let b = acquire(&s, "b");
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+        assert!(!fake.stop_asked("a"), "a busy model is not stopped");
+        assert_eq!(fake.started(), ["a"]);
+        drop(a);
+        settle().await;
+        assert!(fake.stop_asked("a"), "the last lease ends the drain");
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        assert_eq!(fake.started(), ["a", "b"], "b starts once a is gone");
+        fake.ready("b");
+        assert_eq!(b.await.unwrap().unwrap().model(), "b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_model_restarts_with_its_new_command_once_idle() {
+        let (s, fake) = start(TWO_MODELS);
+        let a = lease(&s, &fake, "a").await;
+        s.reconfigure(&config(
+            &TWO_MODELS.replace("\"a\", \"{port}\"", "\"a2\", \"{port}\""),
+        ))
+        .await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+        assert!(!fake.stop_asked("a"), "busy: waits for its request");
+        drop(a);
+        settle().await;
+        assert!(fake.stop_asked("a"));
+        fake.exit("a", ExitReason::Stopped);
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopped);
+        let again = acquire(&s, "a");
+        settle().await;
+        assert_eq!(fake.started(), ["a", "a"]);
+        assert_eq!(fake.with_last("a", |c| c.spec.argv[0].clone()), "a2");
+        fake.ready("a");
+        assert!(again.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_crashes_back_off_and_the_backoff_runs_out() {
+        let (s, fake) = start(TWO_MODELS);
+        drop(lease(&s, &fake, "a").await);
+        fake.exit("a", ExitReason::Crashed("signal 9".into()));
+        assert_eq!(state_of(&s, "a").await, ModelState::Failed);
+        // The first retry is immediate.
+        drop(lease(&s, &fake, "a").await);
+        fake.exit("a", ExitReason::Crashed("signal 9".into()));
+        assert_eq!(state_of(&s, "a").await, ModelState::Failed);
+        match s.acquire("a").await {
+            Err(AcquireError::BackingOff { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_secs(1))
+            }
+            other => panic!("expected a backoff, got {other:?}"),
+        }
+        assert_eq!(fake.started().len(), 2, "no start while backing off");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(lease(&s, &fake, "a").await);
+        assert_eq!(fake.started().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_racing_the_ttl_stop_waits_for_a_fresh_start() {
+        let (s, fake) = start(&TWO_MODELS.replace("[models.b]", "ttl = \"10s\"\n[models.b]"));
+        drop(lease(&s, &fake, "a").await);
+        // A use inside the TTL moves the deadline.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        drop(s.acquire("a").await.unwrap());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+        assert!(fake.stop_asked("a"));
+        let late = acquire(&s, "a");
+        settle().await;
+        assert!(!late.is_finished(), "waits for the restart, is not failed");
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        assert_eq!(fake.started(), ["a", "a"]);
+        fake.ready("a");
+        assert!(late.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_whose_client_left_starts_and_evicts_nothing() {
+        let (s, fake) = start(&format!("[scheduler]\nmax_loaded = 1\n{TWO_MODELS}"));
+        let a = acquire(&s, "a");
+        settle().await;
+        // b must wait: a is still starting and takes the only place.
+        let b = acquire(&s, "b");
+        assert_eq!(state_of(&s, "b").await, ModelState::Starting);
+        b.abort();
+        settle().await;
+        fake.ready("a");
+        let a = a.await.unwrap().unwrap();
+        assert_eq!(state_of(&s, "b").await, ModelState::Stopped);
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        assert!(
+            !fake.stop_asked("a"),
+            "a is not evicted for a request that left"
+        );
+        assert_eq!(fake.started(), ["a"], "b never starts");
+        let status = s.status().await;
+        assert!(status.iter().all(|m| m.waiting == 0), "{status:?}");
+        drop(a);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifecycle_and_state_changes_go_out_on_the_bus() {
+        let fake = Arc::new(Fake::default());
+        let bus = Bus::detached();
+        let mut models = bus.subscribe(crate::events::Topic::Models);
+        let s = Scheduler::with_spawner(&config(TWO_MODELS), bus, fake.clone());
+        drop(lease(&s, &fake, "a").await);
+        let mut seen = Vec::new();
+        while let Ok(e) = models.try_recv() {
+            match e {
+                Event::State { model, state } if &*model == "a" => {
+                    seen.push(state.as_str().to_string())
+                }
+                Event::Model(m) if m.model == "a" => seen.push(m.event.as_str().to_string()),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            seen,
+            ["stopped", "start_requested", "starting", "ready", "ready"],
+            "{seen:?}"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_bounded() {
