@@ -2,6 +2,7 @@
 //! TCP or a unix socket ([`call`], [`call_raw`]), and `backup`, which
 //! fetches a copy of the history database.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -155,6 +156,29 @@ where
         .map_err(|e| proto(e.to_string()))?
         .to_bytes();
     Ok((status, body))
+}
+
+/// Runs a client command's future on a runtime of its own: the binary has
+/// no other async work.
+pub fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?
+        .block_on(f)
+}
+
+/// [`call`] from synchronous code, the answer rendered with `render`.
+pub fn fetch(
+    host: &Host,
+    method: Method,
+    path: &str,
+    render: impl Fn(&serde_json::Value) -> String,
+) -> Result<String, String> {
+    block_on(async {
+        let value = call(host, method, path).await.map_err(|e| e.to_string())?;
+        Ok(render(&value))
+    })
 }
 
 /// `claracore backup FILE`: asks the daemon for a consistent copy, checks

@@ -1,219 +1,239 @@
-//! The command line: raw arguments → a validated [`Command`]. The client
-//! commands talk to a running daemon through [`client`] and print with
-//! [`render`]; [`restore`] is the offline half of backup and restore.
+//! The command line, declared for clap: [`Cli`] holds one [`Command`], and
+//! each command takes only its own flags. What can be checked without a
+//! daemon (hosts, log targets, durations, outcomes, limits) is checked at
+//! parse time, so a mistake is a usage error (exit 2) naming the flag.
+//!
+//! The client commands talk to a running daemon through [`client`] and
+//! print with [`render`]; [`restore`] is the offline half of backup and
+//! restore.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::history::Outcome;
 use crate::logging::LogTarget;
 
 pub mod client;
 pub mod render;
 pub mod restore;
 
-pub use client::{backup, call, call_raw, ClientError, Host};
+pub use client::{backup, block_on, call, call_raw, fetch, ClientError, Host};
 pub use render::{format_history, format_list, format_ps, format_stats};
 pub use restore::restore;
 
-/// Where `serve` looks when `--config` is not given.
+/// Where `serve` and `restore` look when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/claracore/config.toml";
 /// Where client commands connect when neither `--host` nor
 /// `CLARACORE_HOST` says otherwise.
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:5800";
 
-pub const USAGE: &str = "\
-usage: claracore <command> [options]
+const AFTER_HELP: &str = "\
+Client commands (ps, list, stop, history, stats, backup) talk to a running
+daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or unix:/path,
+default http://127.0.0.1:5800. `claracore COMMAND --help` shows a command's
+flags.";
 
-daemon:
-  serve [--config FILE] [--log-target auto|journald|stderr]
-                                   run the daemon (default config /etc/claracore/config.toml)
-  check-config [--strict] FILE     validate a config file; --strict also checks model files exist
-  version                          print the version
+#[derive(Debug, Parser)]
+#[command(
+    name = "claracore",
+    version,
+    about,
+    arg_required_else_help = true,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
 
-client (talks to a running daemon; --host URL or CLARACORE_HOST,
-        an http:// URL or unix:/path, default http://127.0.0.1:5800):
-  ps                               loaded models with pid, port, idle time and uptime
-  list                             configured models and their state
-  stop MODEL                       drain and stop a model
-  history [--model M] [--since 1h] [--outcome O] [--limit N] [--json]
-                                   recent requests, newest first
-  stats [--window 1h] [--json]     per-model requests, errors, latency, tokens/s, loads
-  backup FILE                      a consistent copy of the history database, taken live
-
-offline:
-  restore FILE [--config F]        verify FILE and make it the history database
-                                   (the daemon must be stopped)
-";
-
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Subcommand)]
 pub enum Command {
+    /// Run the daemon
     Serve {
+        /// The config file
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Where logs go; auto: the journal when stderr is connected to it, else stderr
+        #[arg(long, value_name = "TARGET", default_value = "auto", value_parser = log_target())]
         log_target: LogTarget,
     },
-    CheckConfig {
-        file: PathBuf,
-        strict: bool,
-    },
+    /// Validate a config file; --strict also checks model files exist
+    CheckConfig(CheckConfig),
+    /// Print the version
     Version,
-    Help,
-    Ps {
-        host: Host,
-    },
-    List {
-        host: Host,
-    },
+    /// Loaded models with pid, port, idle time and uptime
+    Ps(Daemon),
+    /// Configured models and their state
+    List(Daemon),
+    /// Drain and stop a model
     Stop {
-        host: Host,
+        #[command(flatten)]
+        daemon: Daemon,
+        /// The model's name or alias
         model: String,
     },
-    History {
-        host: Host,
-        query: String,
-        json: bool,
-    },
-    Stats {
-        host: Host,
-        window: String,
-        json: bool,
-    },
+    /// Recent requests, newest first
+    History(History),
+    /// Per-model requests, errors, latency, tokens/s, loads
+    Stats(Stats),
+    /// A consistent copy of the history database, taken live
     Backup {
-        host: Host,
+        #[command(flatten)]
+        daemon: Daemon,
+        /// Where the copy goes; must not exist yet
         file: PathBuf,
     },
+    /// Verify FILE and make it the history database (the daemon must be stopped)
     Restore {
+        /// A copy made by `claracore backup`
         file: PathBuf,
+        /// The config file, which names the history database
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
 
-/// Parses arguments (without the program name). `env_host` is
-/// `CLARACORE_HOST`, read by the caller.
-pub fn parse(args: &[String], env_host: Option<&str>) -> Result<Command, String> {
-    let mut rest: Vec<&str> = Vec::new();
-    let mut config = None;
-    let mut host = None;
-    let mut log_target = None;
-    let mut strict = false;
-    let mut json = false;
-    let mut query: Vec<(&str, String)> = Vec::new();
-    let mut window = None;
-    let mut it = args.iter().map(String::as_str);
-    let Some(command) = it.next() else {
-        return Ok(Command::Help);
-    };
-    while let Some(arg) = it.next() {
-        match arg {
-            "--config" | "-c" => config = Some(it.next().ok_or("--config needs a file")?),
-            "--host" => host = Some(it.next().ok_or("--host needs a URL")?),
-            "--log-target" => log_target = Some(it.next().ok_or("--log-target needs a value")?),
-            "--strict" => strict = true,
-            "--json" => json = true,
-            "--window" => window = Some(it.next().ok_or("--window needs a duration")?),
-            "--model" | "--since" | "--until" | "--outcome" | "--limit" => {
-                let value = it.next().ok_or_else(|| format!("{arg} needs a value"))?;
-                query.push((&arg[2..], value.to_string()));
-            }
-            "-h" | "--help" => return Ok(Command::Help),
-            flag if flag.starts_with("--") => {
-                if let Some((name, value)) = flag.split_once('=') {
-                    match name {
-                        "--config" => config = Some(value),
-                        "--host" => host = Some(value),
-                        "--log-target" => log_target = Some(value),
-                        _ => return Err(format!("unknown option {name}")),
-                    }
-                } else {
-                    return Err(format!("unknown option {flag}"));
-                }
-            }
-            other => rest.push(other),
-        }
+/// `check-config`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct CheckConfig {
+    /// Also check that every model file exists
+    #[arg(long)]
+    pub strict: bool,
+    /// The config file to validate
+    #[arg(value_name = "FILE", required_unless_present = "config")]
+    pub file: Option<PathBuf>,
+    /// The config file, spelled as for serve (instead of FILE)
+    #[arg(short, long, value_name = "FILE", conflicts_with = "file")]
+    pub config: Option<PathBuf>,
+}
+
+impl CheckConfig {
+    /// FILE or `--config`; clap has already made sure there is exactly one.
+    pub fn file(&self) -> Result<&Path, clap::Error> {
+        self.file
+            .as_deref()
+            .or(self.config.as_deref())
+            .ok_or_else(|| {
+                Cli::command().error(
+                    ErrorKind::MissingRequiredArgument,
+                    "check-config needs a FILE",
+                )
+            })
     }
-    let host = || Host::parse(host.or(env_host).unwrap_or(DEFAULT_HOST));
-    let no_extra = |n: usize| {
-        if rest.len() > n {
-            Err(format!("unexpected argument {:?}", rest[n]))
-        } else {
-            Ok(())
-        }
-    };
-    Ok(match command {
-        "serve" => {
-            no_extra(0)?;
-            Command::Serve {
-                config: PathBuf::from(config.unwrap_or(DEFAULT_CONFIG)),
-                log_target: log_target.map_or(Ok(LogTarget::Auto), LogTarget::parse)?,
-            }
-        }
-        "check-config" => {
-            no_extra(1)?;
-            let file = rest
-                .first()
-                .copied()
-                .or(config)
-                .ok_or("check-config needs a FILE")?;
-            Command::CheckConfig {
-                file: PathBuf::from(file),
-                strict,
-            }
-        }
-        "version" | "--version" | "-V" => Command::Version,
-        "help" | "--help" | "-h" => Command::Help,
-        "ps" => {
-            no_extra(0)?;
-            Command::Ps { host: host()? }
-        }
-        "list" => {
-            no_extra(0)?;
-            Command::List { host: host()? }
-        }
-        "stop" => {
-            no_extra(1)?;
-            let model = rest.first().ok_or("stop needs a MODEL")?.to_string();
-            Command::Stop {
-                host: host()?,
-                model,
-            }
-        }
-        "history" => {
-            no_extra(0)?;
-            let query = query
-                .iter()
-                .map(|(k, v)| format!("{k}={}", encode(v)))
-                .collect::<Vec<_>>()
-                .join("&");
-            Command::History {
-                host: host()?,
-                query,
-                json,
-            }
-        }
-        "stats" => {
-            no_extra(0)?;
-            Command::Stats {
-                host: host()?,
-                window: window.unwrap_or("1h").to_string(),
-                json,
-            }
-        }
-        "backup" => {
-            no_extra(1)?;
-            let file = rest.first().ok_or("backup needs a FILE")?;
-            Command::Backup {
-                host: host()?,
-                file: PathBuf::from(file),
-            }
-        }
-        "restore" => {
-            no_extra(1)?;
-            let file = rest.first().ok_or("restore needs a FILE")?;
-            Command::Restore {
-                file: PathBuf::from(file),
-                config: PathBuf::from(config.unwrap_or(DEFAULT_CONFIG)),
-            }
-        }
-        other => return Err(format!("unknown command {other:?}")),
-    })
+}
+
+/// The daemon a client command talks to.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct Daemon {
+    /// The daemon: an http://HOST:PORT URL or unix:/path
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CLARACORE_HOST",
+        default_value = DEFAULT_HOST,
+        value_parser = Host::parse
+    )]
+    pub host: Host,
+}
+
+/// `history`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct History {
+    #[command(flatten)]
+    pub daemon: Daemon,
+    /// Only requests for this model
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
+    /// Only requests since T: unix milliseconds, or a duration ago like 1h
+    #[arg(long, value_name = "T", value_parser = time)]
+    pub since: Option<String>,
+    /// Only requests until T: unix milliseconds, or a duration ago like 10m
+    #[arg(long, value_name = "T", value_parser = time)]
+    pub until: Option<String>,
+    /// Only requests with this outcome
+    #[arg(long, value_name = "O", value_parser = outcome())]
+    pub outcome: Option<String>,
+    /// At most N rows, 1 to 1000 [daemon's default: 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: Option<u16>,
+    /// The daemon's JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl History {
+    /// The `/admin/history` request for these filters.
+    pub fn path(&self) -> String {
+        let limit = self.limit.map(|n| n.to_string());
+        let query: Vec<String> = [
+            ("model", &self.model),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("outcome", &self.outcome),
+            ("limit", &limit),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+        format!("/admin/history?{}", query.join("&"))
+    }
+}
+
+/// `stats`' arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct Stats {
+    #[command(flatten)]
+    pub daemon: Daemon,
+    /// How far back to look, e.g. 1h, 24h, 7d
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub window: String,
+    /// The daemon's JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Stats {
+    /// The `/admin/stats` request for this window.
+    pub fn path(&self) -> String {
+        format!("/admin/stats?window={}", encode(&self.window))
+    }
+}
+
+fn log_target() -> impl TypedValueParser<Value = LogTarget> {
+    PossibleValuesParser::new(["auto", "journald", "stderr"]).try_map(|s| LogTarget::parse(&s))
+}
+
+fn outcome() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        [
+            Outcome::Ok,
+            Outcome::Cancelled,
+            Outcome::UpstreamError,
+            Outcome::Timeout,
+            Outcome::Rejected,
+        ]
+        .map(Outcome::as_str),
+    )
+}
+
+/// A duration as the daemon reads it; kept as text, which it is sent as.
+fn duration(text: &str) -> Result<String, String> {
+    crate::config::parse_duration(text).map(|_| text.to_string())
+}
+
+/// A point in time as `/admin/history` reads it: unix milliseconds, or a
+/// duration before the daemon's now.
+fn time(text: &str) -> Result<String, String> {
+    if text.parse::<i64>().is_ok() || crate::config::parse_duration(text).is_ok() {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is neither unix milliseconds nor a duration ago like 1h"
+        ))
+    }
 }
 
 /// Percent-encodes a query value.
@@ -232,56 +252,123 @@ fn encode(v: &str) -> String {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse(s: &str) -> Result<Command, String> {
+        Cli::try_parse_from(std::iter::once("claracore").chain(s.split_whitespace()))
+            .map(|cli| cli.command)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    // The environment's CLARACORE_HOST is covered by tests/cli.rs, which
+    // can set it on a child instead of on this process.
+    #[test]
     fn parses_commands_and_hosts() {
         assert_eq!(
-            parse(&args("serve"), None).unwrap(),
+            parse("serve").unwrap(),
             Command::Serve {
                 config: DEFAULT_CONFIG.into(),
                 log_target: LogTarget::Auto,
             }
         );
         assert_eq!(
-            parse(&args("serve --config /x.toml --log-target journald"), None).unwrap(),
+            parse("serve --config /x.toml --log-target journald").unwrap(),
             Command::Serve {
                 config: "/x.toml".into(),
                 log_target: LogTarget::Journald,
             }
         );
-        assert!(parse(&args("serve --log-target syslog"), None).is_err());
+        assert!(parse("serve --log-target syslog")
+            .unwrap_err()
+            .contains("--log-target"));
         assert_eq!(
-            parse(&args("check-config --strict a.toml"), None).unwrap(),
-            Command::CheckConfig {
-                file: "a.toml".into(),
-                strict: true
-            }
+            parse("check-config --strict a.toml").unwrap(),
+            Command::CheckConfig(CheckConfig {
+                strict: true,
+                file: Some("a.toml".into()),
+                config: None,
+            })
         );
         assert_eq!(
-            parse(&args("ps"), Some("unix:/run/c.sock")).unwrap(),
-            Command::Ps {
+            parse("ps --host unix:/run/c.sock").unwrap(),
+            Command::Ps(Daemon {
                 host: Host::Unix("/run/c.sock".into())
-            }
+            })
         );
         assert_eq!(
-            parse(
-                &args("stop tiny --host http://127.0.0.1:9"),
-                Some("unix:/x")
-            )
-            .unwrap(),
+            parse("stop tiny --host http://127.0.0.1:9").unwrap(),
             Command::Stop {
-                host: Host::Tcp("127.0.0.1:9".into()),
+                daemon: Daemon {
+                    host: Host::Tcp("127.0.0.1:9".into())
+                },
                 model: "tiny".into()
             }
         );
-        assert!(parse(&args("stop"), None).unwrap_err().contains("MODEL"));
-        assert!(parse(&args("ps --host ftp://x"), None).is_err());
-        assert!(parse(&args("serve --bogus"), None)
-            .unwrap_err()
-            .contains("--bogus"));
-        assert!(parse(&args("frobnicate"), None).is_err());
+        assert!(parse("stop").unwrap_err().contains("MODEL"));
+        assert!(parse("ps --host ftp://x").unwrap_err().contains("--host"));
+        assert!(parse("serve --bogus").unwrap_err().contains("--bogus"));
+        assert!(parse("frobnicate").is_err());
+    }
+
+    #[test]
+    fn check_config_takes_file_or_config_but_not_both() {
+        let Command::CheckConfig(args) = parse("check-config -c b.toml").unwrap() else {
+            panic!("not check-config");
+        };
+        assert_eq!(args.file().unwrap(), Path::new("b.toml"));
+        assert!(parse("check-config").unwrap_err().contains("FILE"));
+        assert!(parse("check-config a.toml --config b.toml").is_err());
+    }
+
+    // Before clap every command took every flag: `ps --strict` ran ps.
+    #[test]
+    fn commands_refuse_flags_that_are_not_theirs() {
+        for args in [
+            "ps --strict",
+            "list --json",
+            "serve --host http://127.0.0.1:9",
+            "stats --limit 5",
+            "backup --config c.toml f.db",
+            "restore --host http://127.0.0.1:9 f.db",
+        ] {
+            let flag = args.split_whitespace().nth(1).unwrap();
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(flag), "{args}: {err}");
+        }
+    }
+
+    #[test]
+    fn history_flags_are_checked_and_become_a_query() {
+        let Command::History(h) = parse(
+            "history --model tiny-chat --since 1h --until 1700000000000 --outcome upstream_error --limit 5",
+        )
+        .unwrap() else {
+            panic!("not history");
+        };
+        assert_eq!(
+            h.path(),
+            "/admin/history?model=tiny-chat&since=1h&until=1700000000000&outcome=upstream_error&limit=5"
+        );
+        let Command::History(h) = parse("history --model a/b").unwrap() else {
+            panic!("not history");
+        };
+        assert_eq!(h.path(), "/admin/history?model=a%2Fb");
+        for (args, flag) in [
+            ("history --limit 0", "--limit"),
+            ("history --limit 1001", "--limit"),
+            ("history --outcome fine", "--outcome"),
+            ("history --since yesterday", "--since"),
+            ("stats --window soon", "--window"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(flag), "{args}: {err}");
+        }
+        let Command::Stats(s) = parse("stats").unwrap() else {
+            panic!("not stats");
+        };
+        assert_eq!(s.path(), "/admin/stats?window=1h");
     }
 }

@@ -157,6 +157,33 @@ pub fn format_stats(value: &serde_json::Value) -> String {
     out
 }
 
+/// Renders the answer of `POST /admin/models/{name}/stop`.
+pub fn format_stop(value: &serde_json::Value) -> String {
+    format!(
+        "{}: {}\n",
+        value["model"].as_str().unwrap_or("?"),
+        if value["stopping"].as_bool() == Some(true) {
+            "stopping"
+        } else {
+            "not running"
+        }
+    )
+}
+
+/// `table`, or with `--json` the answer itself, pretty-printed.
+pub fn json_or(
+    json: bool,
+    table: fn(&serde_json::Value) -> String,
+) -> impl Fn(&serde_json::Value) -> String {
+    move |v| {
+        if json {
+            format!("{v:#}\n")
+        } else {
+            table(v)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
