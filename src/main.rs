@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use claracore::cli::{self, fetch, render, Cli, Command};
+use claracore::cli::{self, fetch, generate, render, Cli, Command};
 use claracore::config::Config;
 use claracore::{daemon, EXIT_CONFIG};
 use hyper::Method;
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Generate(what) => report(generate::run(&what)),
     }
 }
 

@@ -126,6 +126,55 @@ fn client_commands_take_the_host_from_claracore_host_unless_given() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--host"));
 }
 
+#[test]
+fn completions_and_man_pages_are_generated_from_the_commands() {
+    let commands = [
+        "serve",
+        "check-config",
+        "version",
+        "ps",
+        "list",
+        "stop",
+        "history",
+        "stats",
+        "backup",
+        "restore",
+    ];
+    let out = run(&["generate", "completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    for c in commands.iter().chain(&["--outcome", "--log-target"]) {
+        assert!(script.contains(c), "bash completion lacks {c}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = run(&["generate", "completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 100, "{shell}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let out = run(&["generate", "man", &man.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(man.join("claracore.1")).unwrap();
+    // roff's apostrophe preamble (.ie/.el) precedes the title.
+    let title = page
+        .lines()
+        .find(|l| !l.starts_with(".ie ") && !l.starts_with(".el "));
+    assert!(
+        title.is_some_and(|l| l.starts_with(".TH claracore 1")),
+        "{page}"
+    );
+    for c in commands {
+        let sub = std::fs::read_to_string(man.join(format!("claracore-{c}.1"))).unwrap();
+        assert!(sub.contains(".TH claracore-"), "{c}");
+    }
+    assert!(!man.join("claracore-generate.1").exists());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ps_list_and_stop_talk_to_the_daemon() {
     let d = Daemon::start(&format!(

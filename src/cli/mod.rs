@@ -5,7 +5,8 @@
 //!
 //! The client commands talk to a running daemon through [`client`] and
 //! print with [`render`]; [`restore`] is the offline half of backup and
-//! restore.
+//! restore; [`generate`] writes completions and man pages from these same
+//! definitions.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use crate::history::Outcome;
 use crate::logging::LogTarget;
 
 pub mod client;
+pub mod generate;
 pub mod render;
 pub mod restore;
 
@@ -94,6 +96,9 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Shell completions and man pages, for packages to install
+    #[command(subcommand, hide = true)]
+    Generate(generate::Generate),
 }
 
 /// `check-config`'s arguments.
