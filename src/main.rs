@@ -1,94 +1,69 @@
-//! The `claracore` binary: parse arguments, dispatch, map results to exit
-//! codes. Everything else lives in the library.
+//! The `claracore` binary: argv → [`Cli`] → one call into the library →
+//! exit code. Everything else lives in the library.
 
 use std::process::ExitCode;
 
-use claracore::cli::{self, Command, Host};
+use clap::{CommandFactory, Parser};
+use claracore::cli::{self, fetch, generate, render, Cli, Command};
 use claracore::config::Config;
-use claracore::daemon;
-use claracore::EXIT_CONFIG;
+use claracore::{daemon, EXIT_CONFIG};
 use hyper::Method;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let env_host = std::env::var("CLARACORE_HOST").ok();
-    let command = match cli::parse(&args, env_host.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("claracore: {e}\n\n{}", cli::USAGE);
-            return ExitCode::from(2);
-        }
+    let command = match Cli::try_parse() {
+        Ok(cli) => cli.command,
+        Err(e) => return clap_exit(&e),
     };
+    let get = Method::GET;
     match command {
-        Command::Help => {
-            print!("{}", cli::USAGE);
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("claracore {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Command::CheckConfig { file, strict } => daemon::check_config(&file, strict),
         Command::Serve { config, log_target } => daemon::serve(&config, log_target),
-        Command::Ps { host } => client(&host, Method::GET, "/admin/ps", cli::format_ps),
-        Command::List { host } => client(&host, Method::GET, "/v1/models", cli::format_list),
-        Command::History { host, query, json } => client(
-            &host,
-            Method::GET,
-            &format!("/admin/history?{query}"),
-            |v| {
-                if json {
-                    format!("{v:#}\n")
-                } else {
-                    cli::format_history(v)
-                }
-            },
-        ),
-        Command::Stats { host, window, json } => client(
-            &host,
-            Method::GET,
-            &format!("/admin/stats?window={window}"),
-            |v| {
-                if json {
-                    format!("{v:#}\n")
-                } else {
-                    cli::format_stats(v)
-                }
-            },
-        ),
-        Command::Backup { host, file } => {
-            let result = runtime()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(cli::backup(&host, &file)));
-            report(result, ExitCode::FAILURE)
+        Command::CheckConfig(args) => match args.file() {
+            Ok(file) => daemon::check_config(file, args.strict),
+            Err(e) => clap_exit(&e),
+        },
+        Command::Version => report(Ok(format!("claracore {}\n", env!("CARGO_PKG_VERSION")))),
+        Command::Ps(d) => report(fetch(&d.host, get, "/admin/ps", render::format_ps)),
+        Command::List(d) => report(fetch(&d.host, get, "/v1/models", render::format_list)),
+        Command::Stop { daemon: d, model } => {
+            let path = format!("/admin/models/{model}/stop");
+            report(fetch(&d.host, Method::POST, &path, render::format_stop))
         }
+        Command::History(h) => {
+            let render = render::json_or(h.json, render::format_history);
+            report(fetch(&h.daemon.host, get, &h.path(), render))
+        }
+        Command::Stats(s) => {
+            let render = render::json_or(s.json, render::format_stats);
+            report(fetch(&s.daemon.host, get, &s.path(), render))
+        }
+        Command::Backup { daemon, file } => report(cli::block_on(cli::backup(&daemon.host, &file))),
         Command::Restore { file, config } => match Config::load(&config) {
-            Ok(c) => report(cli::restore(&c, &file), ExitCode::FAILURE),
+            Ok(c) => report(cli::restore(&c, &file)),
             Err(e) => {
                 eprintln!("claracore: {e}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Stop { host, model } => client(
-            &host,
-            Method::POST,
-            &format!("/admin/models/{model}/stop"),
-            |v| {
-                format!(
-                    "{}: {}\n",
-                    v["model"].as_str().unwrap_or("?"),
-                    if v["stopping"].as_bool() == Some(true) {
-                        "stopping"
-                    } else {
-                        "not running"
-                    }
-                )
-            },
-        ),
+        Command::Generate(what) => report(generate::run(&what)),
     }
 }
 
-fn report(result: Result<String, String>, failure: ExitCode) -> ExitCode {
+/// clap's exit codes: 0 after --help and --version, 2 for usage errors.
+fn clap_exit(e: &clap::Error) -> ExitCode {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // A bare `claracore` has always printed its usage and succeeded.
+        return report(Ok(Cli::command().render_help().to_string()));
+    }
+    if e.use_stderr() {
+        // The lowercase heading predates clap; scripts look for `usage: claracore`.
+        eprint!("{}", e.render().to_string().replacen("Usage:", "usage:", 1));
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
+fn report(result: Result<String, String>) -> ExitCode {
     match result {
         Ok(text) => {
             print!("{text}");
@@ -96,27 +71,7 @@ fn report(result: Result<String, String>, failure: ExitCode) -> ExitCode {
         }
         Err(e) => {
             eprintln!("claracore: {e}");
-            failure
+            ExitCode::FAILURE
         }
     }
-}
-
-/// The runtime of the client commands.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-}
-
-fn client(
-    host: &Host,
-    method: Method,
-    path: &str,
-    render: impl Fn(&serde_json::Value) -> String,
-) -> ExitCode {
-    let result = runtime().map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(cli::call(host, method, path))
-            .map_err(|e| e.to_string())
-    });
-    report(result.map(|v| render(&v)), ExitCode::FAILURE)
 }

@@ -83,6 +83,98 @@ fn usage_errors_exit_2() {
     assert!(run(&["version"]).status.success());
 }
 
+// Before clap every command accepted every flag: `ps --strict` ran ps.
+#[test]
+fn each_command_takes_only_its_own_flags_and_arguments() {
+    for (args, named) in [
+        (&["ps", "--strict"][..], "--strict"),
+        (&["stop"], "MODEL"),
+        (&["history", "--limit", "0"], "--limit"),
+        (&["history", "--outcome", "fine"], "--outcome"),
+        (&["serve", "--log-target", "syslog"], "--log-target"),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{args:?}: {err}");
+    }
+    let out = run(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("check-config"));
+    let out = run(&["history", "--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--outcome"));
+}
+
+#[test]
+fn client_commands_take_the_host_from_claracore_host_unless_given() {
+    let cli = |args: &[&str], host: &str| {
+        Command::new(BIN)
+            .args(args)
+            .env("CLARACORE_HOST", host)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["ps"], "unix:/nonexistent/claracore.sock");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot reach claracore at unix:/nonexistent/claracore.sock"));
+    let out = cli(&["stop", "tiny", "--host", "http://127.0.0.1:1"], "unix:/x");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at http://127.0.0.1:1"));
+    let out = cli(&["list"], "ftp://x");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--host"));
+}
+
+#[test]
+fn completions_and_man_pages_are_generated_from_the_commands() {
+    let commands = [
+        "serve",
+        "check-config",
+        "version",
+        "ps",
+        "list",
+        "stop",
+        "history",
+        "stats",
+        "backup",
+        "restore",
+    ];
+    let out = run(&["generate", "completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    for c in commands.iter().chain(&["--outcome", "--log-target"]) {
+        assert!(script.contains(c), "bash completion lacks {c}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = run(&["generate", "completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 100, "{shell}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let man = dir.path().join("man1");
+    let out = run(&["generate", "man", &man.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(man.join("claracore.1")).unwrap();
+    // roff's apostrophe preamble (.ie/.el) precedes the title.
+    let title = page
+        .lines()
+        .find(|l| !l.starts_with(".ie ") && !l.starts_with(".el "));
+    assert!(
+        title.is_some_and(|l| l.starts_with(".TH claracore 1")),
+        "{page}"
+    );
+    for c in commands {
+        let sub = std::fs::read_to_string(man.join(format!("claracore-{c}.1"))).unwrap();
+        assert!(sub.contains(".TH claracore-"), "{c}");
+    }
+    assert!(!man.join("claracore-generate.1").exists());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ps_list_and_stop_talk_to_the_daemon() {
     let d = Daemon::start(&format!(

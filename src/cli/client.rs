@@ -1,0 +1,222 @@
+//! Talking to a running daemon: where it is ([`Host`]), one request over
+//! TCP or a unix socket ([`call`], [`call_raw`]), and `backup`, which
+//! fetches a copy of the history database.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A daemon address for client commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Host {
+    pub fn parse(text: &str) -> Result<Host, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(Host::Unix(PathBuf::from(path)));
+        }
+        let rest = text
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("host {text:?} must be an http:// URL or unix:/path"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!(
+                "host {text:?} must be http://HOST:PORT with no path"
+            ));
+        }
+        Ok(Host::Tcp(authority.to_string()))
+    }
+}
+
+/// A client command's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach claracore at {host}: {source}")]
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("talking to claracore at {host}: {message}")]
+    Protocol { host: String, message: String },
+    #[error("claracore answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+}
+
+impl Host {
+    fn describe(&self) -> String {
+        match self {
+            Host::Tcp(a) => format!("http://{a}"),
+            Host::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// One request to the daemon; returns its JSON body on a 2xx.
+pub async fn call(
+    host: &Host,
+    method: Method,
+    path: &str,
+) -> Result<serde_json::Value, ClientError> {
+    let (status, body) = call_raw(host, method, path, Duration::from_secs(30)).await?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| ClientError::Protocol {
+            host: host.describe(),
+            message: format!("answer is not JSON (status {status})"),
+        })?;
+    if !status.is_success() {
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
+        return Err(ClientError::Status { status, message });
+    }
+    Ok(value)
+}
+
+/// One request to the daemon; the status and raw body.
+pub async fn call_raw(
+    host: &Host,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ClientError> {
+    let connect_err = |source| ClientError::Connect {
+        host: host.describe(),
+        source,
+    };
+    let exchange = async {
+        match host {
+            Host::Tcp(addr) => {
+                let s = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .map_err(connect_err)?;
+                exchange(s, host, method, path).await
+            }
+            Host::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(connect_err)?;
+                exchange(s, host, method, path).await
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| ClientError::Protocol {
+            host: host.describe(),
+            message: format!("no answer within {}s", timeout.as_secs()),
+        })?
+}
+
+async fn exchange<S>(
+    stream: S,
+    host: &Host,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, Bytes), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let proto = |message: String| ClientError::Protocol {
+        host: host.describe(),
+        message,
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    tokio::spawn(conn);
+    let authority = match host {
+        Host::Tcp(a) => a.clone(),
+        Host::Unix(_) => "localhost".into(),
+    };
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| proto(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| proto(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// Runs a client command's future on a runtime of its own: the binary has
+/// no other async work.
+pub fn block_on<T>(f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?
+        .block_on(f)
+}
+
+/// [`call`] from synchronous code, the answer rendered with `render`.
+pub fn fetch(
+    host: &Host,
+    method: Method,
+    path: &str,
+    render: impl Fn(&serde_json::Value) -> String,
+) -> Result<String, String> {
+    block_on(async {
+        let value = call(host, method, path).await.map_err(|e| e.to_string())?;
+        Ok(render(&value))
+    })
+}
+
+/// `claracore backup FILE`: asks the daemon for a consistent copy, checks
+/// it, and only then puts it at `file` (never over an existing file).
+pub async fn backup(host: &Host, file: &Path) -> Result<String, String> {
+    if file.exists() {
+        return Err(format!("{} exists; choose a new file", file.display()));
+    }
+    let (status, body) = call_raw(
+        host,
+        Method::POST,
+        "/admin/backup",
+        Duration::from_secs(600),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        return Err(format!("claracore answered {status}: {message}"));
+    }
+    let tmp = file.with_extension("partial");
+    std::fs::write(&tmp, &body).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    match crate::history::store::verify(&tmp) {
+        Ok(version) => {
+            std::fs::rename(&tmp, file)
+                .map_err(|e| format!("renaming to {}: {e}", file.display()))?;
+            Ok(format!(
+                "{}: {} bytes, schema version {version}, integrity ok\n",
+                file.display(),
+                body.len()
+            ))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(format!("the copy failed its check: {e}"))
+        }
+    }
+}

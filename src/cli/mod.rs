@@ -1,0 +1,379 @@
+//! The command line, declared for clap: [`Cli`] holds one [`Command`], and
+//! each command takes only its own flags. What can be checked without a
+//! daemon (hosts, log targets, durations, outcomes, limits) is checked at
+//! parse time, so a mistake is a usage error (exit 2) naming the flag.
+//!
+//! The client commands talk to a running daemon through [`client`] and
+//! print with [`render`]; [`restore`] is the offline half of backup and
+//! restore; [`generate`] writes completions and man pages from these same
+//! definitions.
+
+use std::path::{Path, PathBuf};
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::history::Outcome;
+use crate::logging::LogTarget;
+
+pub mod client;
+pub mod generate;
+pub mod render;
+pub mod restore;
+
+pub use client::{backup, block_on, call, call_raw, fetch, ClientError, Host};
+pub use render::{format_history, format_list, format_ps, format_stats};
+pub use restore::restore;
+
+/// Where `serve` and `restore` look when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/claracore/config.toml";
+/// Where client commands connect when neither `--host` nor
+/// `CLARACORE_HOST` says otherwise.
+pub const DEFAULT_HOST: &str = "http://127.0.0.1:5800";
+
+const AFTER_HELP: &str = "\
+Client commands (ps, list, stop, history, stats, backup) talk to a running
+daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or unix:/path,
+default http://127.0.0.1:5800. `claracore COMMAND --help` shows a command's
+flags.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "claracore",
+    version,
+    about,
+    arg_required_else_help = true,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run the daemon
+    Serve {
+        /// The config file
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Where logs go; auto: the journal when stderr is connected to it, else stderr
+        #[arg(long, value_name = "TARGET", default_value = "auto", value_parser = log_target())]
+        log_target: LogTarget,
+    },
+    /// Validate a config file; --strict also checks model files exist
+    CheckConfig(CheckConfig),
+    /// Print the version
+    Version,
+    /// Loaded models with pid, port, idle time and uptime
+    Ps(Daemon),
+    /// Configured models and their state
+    List(Daemon),
+    /// Drain and stop a model
+    Stop {
+        #[command(flatten)]
+        daemon: Daemon,
+        /// The model's name or alias
+        model: String,
+    },
+    /// Recent requests, newest first
+    History(History),
+    /// Per-model requests, errors, latency, tokens/s, loads
+    Stats(Stats),
+    /// A consistent copy of the history database, taken live
+    Backup {
+        #[command(flatten)]
+        daemon: Daemon,
+        /// Where the copy goes; must not exist yet
+        file: PathBuf,
+    },
+    /// Verify FILE and make it the history database (the daemon must be stopped)
+    Restore {
+        /// A copy made by `claracore backup`
+        file: PathBuf,
+        /// The config file, which names the history database
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Shell completions and man pages, for packages to install
+    #[command(subcommand, hide = true)]
+    Generate(generate::Generate),
+}
+
+/// `check-config`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct CheckConfig {
+    /// Also check that every model file exists
+    #[arg(long)]
+    pub strict: bool,
+    /// The config file to validate
+    #[arg(value_name = "FILE", required_unless_present = "config")]
+    pub file: Option<PathBuf>,
+    /// The config file, spelled as for serve (instead of FILE)
+    #[arg(short, long, value_name = "FILE", conflicts_with = "file")]
+    pub config: Option<PathBuf>,
+}
+
+impl CheckConfig {
+    /// FILE or `--config`; clap has already made sure there is exactly one.
+    pub fn file(&self) -> Result<&Path, clap::Error> {
+        self.file
+            .as_deref()
+            .or(self.config.as_deref())
+            .ok_or_else(|| {
+                Cli::command().error(
+                    ErrorKind::MissingRequiredArgument,
+                    "check-config needs a FILE",
+                )
+            })
+    }
+}
+
+/// The daemon a client command talks to.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct Daemon {
+    /// The daemon: an http://HOST:PORT URL or unix:/path
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CLARACORE_HOST",
+        default_value = DEFAULT_HOST,
+        value_parser = Host::parse
+    )]
+    pub host: Host,
+}
+
+/// `history`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct History {
+    #[command(flatten)]
+    pub daemon: Daemon,
+    /// Only requests for this model
+    #[arg(long, value_name = "M")]
+    pub model: Option<String>,
+    /// Only requests since T: unix milliseconds, or a duration ago like 1h
+    #[arg(long, value_name = "T", value_parser = time)]
+    pub since: Option<String>,
+    /// Only requests until T: unix milliseconds, or a duration ago like 10m
+    #[arg(long, value_name = "T", value_parser = time)]
+    pub until: Option<String>,
+    /// Only requests with this outcome
+    #[arg(long, value_name = "O", value_parser = outcome())]
+    pub outcome: Option<String>,
+    /// At most N rows, 1 to 1000 [daemon's default: 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: Option<u16>,
+    /// The daemon's JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl History {
+    /// The `/admin/history` request for these filters.
+    pub fn path(&self) -> String {
+        let limit = self.limit.map(|n| n.to_string());
+        let query: Vec<String> = [
+            ("model", &self.model),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("outcome", &self.outcome),
+            ("limit", &limit),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+        format!("/admin/history?{}", query.join("&"))
+    }
+}
+
+/// `stats`' arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct Stats {
+    #[command(flatten)]
+    pub daemon: Daemon,
+    /// How far back to look, e.g. 1h, 24h, 7d
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = duration)]
+    pub window: String,
+    /// The daemon's JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Stats {
+    /// The `/admin/stats` request for this window.
+    pub fn path(&self) -> String {
+        format!("/admin/stats?window={}", encode(&self.window))
+    }
+}
+
+fn log_target() -> impl TypedValueParser<Value = LogTarget> {
+    PossibleValuesParser::new(["auto", "journald", "stderr"]).try_map(|s| LogTarget::parse(&s))
+}
+
+fn outcome() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        [
+            Outcome::Ok,
+            Outcome::Cancelled,
+            Outcome::UpstreamError,
+            Outcome::Timeout,
+            Outcome::Rejected,
+        ]
+        .map(Outcome::as_str),
+    )
+}
+
+/// A duration as the daemon reads it; kept as text, which it is sent as.
+fn duration(text: &str) -> Result<String, String> {
+    crate::config::parse_duration(text).map(|_| text.to_string())
+}
+
+/// A point in time as `/admin/history` reads it: unix milliseconds, or a
+/// duration before the daemon's now.
+fn time(text: &str) -> Result<String, String> {
+    if text.parse::<i64>().is_ok() || crate::config::parse_duration(text).is_ok() {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is neither unix milliseconds nor a duration ago like 1h"
+        ))
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Command, String> {
+        Cli::try_parse_from(std::iter::once("claracore").chain(s.split_whitespace()))
+            .map(|cli| cli.command)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    // The environment's CLARACORE_HOST is covered by tests/cli.rs, which
+    // can set it on a child instead of on this process.
+    #[test]
+    fn parses_commands_and_hosts() {
+        assert_eq!(
+            parse("serve").unwrap(),
+            Command::Serve {
+                config: DEFAULT_CONFIG.into(),
+                log_target: LogTarget::Auto,
+            }
+        );
+        assert_eq!(
+            parse("serve --config /x.toml --log-target journald").unwrap(),
+            Command::Serve {
+                config: "/x.toml".into(),
+                log_target: LogTarget::Journald,
+            }
+        );
+        assert!(parse("serve --log-target syslog")
+            .unwrap_err()
+            .contains("--log-target"));
+        assert_eq!(
+            parse("check-config --strict a.toml").unwrap(),
+            Command::CheckConfig(CheckConfig {
+                strict: true,
+                file: Some("a.toml".into()),
+                config: None,
+            })
+        );
+        assert_eq!(
+            parse("ps --host unix:/run/c.sock").unwrap(),
+            Command::Ps(Daemon {
+                host: Host::Unix("/run/c.sock".into())
+            })
+        );
+        assert_eq!(
+            parse("stop tiny --host http://127.0.0.1:9").unwrap(),
+            Command::Stop {
+                daemon: Daemon {
+                    host: Host::Tcp("127.0.0.1:9".into())
+                },
+                model: "tiny".into()
+            }
+        );
+        assert!(parse("stop").unwrap_err().contains("MODEL"));
+        assert!(parse("ps --host ftp://x").unwrap_err().contains("--host"));
+        assert!(parse("serve --bogus").unwrap_err().contains("--bogus"));
+        assert!(parse("frobnicate").is_err());
+    }
+
+    #[test]
+    fn check_config_takes_file_or_config_but_not_both() {
+        let Command::CheckConfig(args) = parse("check-config -c b.toml").unwrap() else {
+            panic!("not check-config");
+        };
+        assert_eq!(args.file().unwrap(), Path::new("b.toml"));
+        assert!(parse("check-config").unwrap_err().contains("FILE"));
+        assert!(parse("check-config a.toml --config b.toml").is_err());
+    }
+
+    // Before clap every command took every flag: `ps --strict` ran ps.
+    #[test]
+    fn commands_refuse_flags_that_are_not_theirs() {
+        for args in [
+            "ps --strict",
+            "list --json",
+            "serve --host http://127.0.0.1:9",
+            "stats --limit 5",
+            "backup --config c.toml f.db",
+            "restore --host http://127.0.0.1:9 f.db",
+        ] {
+            let flag = args.split_whitespace().nth(1).unwrap();
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(flag), "{args}: {err}");
+        }
+    }
+
+    #[test]
+    fn history_flags_are_checked_and_become_a_query() {
+        let Command::History(h) = parse(
+            "history --model tiny-chat --since 1h --until 1700000000000 --outcome upstream_error --limit 5",
+        )
+        .unwrap() else {
+            panic!("not history");
+        };
+        assert_eq!(
+            h.path(),
+            "/admin/history?model=tiny-chat&since=1h&until=1700000000000&outcome=upstream_error&limit=5"
+        );
+        let Command::History(h) = parse("history --model a/b").unwrap() else {
+            panic!("not history");
+        };
+        assert_eq!(h.path(), "/admin/history?model=a%2Fb");
+        for (args, flag) in [
+            ("history --limit 0", "--limit"),
+            ("history --limit 1001", "--limit"),
+            ("history --outcome fine", "--outcome"),
+            ("history --since yesterday", "--since"),
+            ("stats --window soon", "--window"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(flag), "{args}: {err}");
+        }
+        let Command::Stats(s) = parse("stats").unwrap() else {
+            panic!("not stats");
+        };
+        assert_eq!(s.path(), "/admin/stats?window=1h");
+    }
+}

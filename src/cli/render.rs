@@ -1,0 +1,204 @@
+//! Tables for the client commands' answers; pure functions of the JSON
+//! the daemon sends.
+
+use std::time::Duration;
+
+fn secs(v: &serde_json::Value) -> String {
+    v.as_f64().map_or_else(
+        || "-".into(),
+        |s| humantime::format_duration(Duration::from_secs(s as u64)).to_string(),
+    )
+}
+
+fn opt(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Renders `/admin/ps`: only models that hold a process.
+pub fn format_ps(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10}\n",
+        "NAME", "STATE", "PID", "PORT", "INFLIGHT", "IDLE", "UPTIME"
+    );
+    for m in value["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| !m["pid"].is_null())
+    {
+        out.push_str(&format!(
+            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10}\n",
+            m["name"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            opt(&m["pid"]),
+            opt(&m["port"]),
+            m["inflight"].as_u64().unwrap_or(0),
+            secs(&m["idle_s"]),
+            secs(&m["uptime_s"]),
+        ));
+    }
+    out
+}
+
+/// Renders `/v1/models`.
+pub fn format_list(value: &serde_json::Value) -> String {
+    let mut out = format!("{:<24} {:<10} {}\n", "NAME", "STATE", "ALIASES");
+    for m in value["data"].as_array().into_iter().flatten() {
+        let aliases: Vec<&str> = m["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        out.push_str(&format!(
+            "{:<24} {:<10} {}\n",
+            m["id"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            aliases.join(", ")
+        ));
+    }
+    out
+}
+
+fn ms(v: &serde_json::Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
+}
+
+fn rate(v: &serde_json::Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |r| format!("{r:.0}"))
+}
+
+/// Renders `/admin/history` as a table, newest first.
+pub fn format_history(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
+        "ID",
+        "STARTED (UTC)",
+        "MODEL",
+        "ENDPOINT",
+        "STATUS",
+        "OUTCOME",
+        "LATENCY",
+        "TTFT",
+        "TOKENS IN/OUT"
+    );
+    for r in value["requests"].as_array().into_iter().flatten() {
+        let started = r["started_at_ms"]
+            .as_u64()
+            .map(|t| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
+                    .to_string()
+            })
+            .map(|t| t.trim_end_matches('Z').replace('T', " "))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
+            r["id"].to_string(),
+            started,
+            r["model"].as_str().unwrap_or("-"),
+            r["endpoint"].as_str().unwrap_or("?"),
+            r["status"].to_string(),
+            r["outcome"].as_str().unwrap_or("?"),
+            ms(&r["latency_ms"]),
+            ms(&r["ttft_ms"]),
+            format!(
+                "{}/{}",
+                opt(&r["prompt_tokens"]),
+                opt(&r["completion_tokens"])
+            ),
+        ));
+        if let Some(e) = r["error"].as_str() {
+            out.push_str(&format!("{:>7} error: {e}\n", ""));
+        }
+    }
+    out
+}
+
+/// Renders `/admin/stats`.
+pub fn format_stats(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
+        "MODEL",
+        "REQUESTS",
+        "ERRORS",
+        "LAT P50",
+        "LAT P95",
+        "TTFT P50",
+        "TTFT P95",
+        "PROMPT t/s",
+        "GEN t/s",
+        "LOADS",
+        "LOAD P50"
+    );
+    for m in value["models"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
+            m["model"].as_str().unwrap_or("?"),
+            m["requests"].to_string(),
+            m["errors"].to_string(),
+            ms(&m["latency_p50_ms"]),
+            ms(&m["latency_p95_ms"]),
+            ms(&m["ttft_p50_ms"]),
+            ms(&m["ttft_p95_ms"]),
+            rate(&m["prompt_tokens_per_second"]),
+            rate(&m["generation_tokens_per_second"]),
+            m["loads"].to_string(),
+            ms(&m["load_p50_ms"]),
+        ));
+    }
+    if let Some(d) = value["history_rows_dropped"].as_u64().filter(|d| *d > 0) {
+        out.push_str(&format!("({d} history rows were dropped)\n"));
+    }
+    out
+}
+
+/// Renders the answer of `POST /admin/models/{name}/stop`.
+pub fn format_stop(value: &serde_json::Value) -> String {
+    format!(
+        "{}: {}\n",
+        value["model"].as_str().unwrap_or("?"),
+        if value["stopping"].as_bool() == Some(true) {
+            "stopping"
+        } else {
+            "not running"
+        }
+    )
+}
+
+/// `table`, or with `--json` the answer itself, pretty-printed.
+pub fn json_or(
+    json: bool,
+    table: fn(&serde_json::Value) -> String,
+) -> impl Fn(&serde_json::Value) -> String {
+    move |v| {
+        if json {
+            format!("{v:#}\n")
+        } else {
+            table(v)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ps_table_lists_only_models_with_a_process() {
+        let v = serde_json::json!({"models": [
+            {"name": "a", "state": "ready", "pid": 12, "port": 3456, "inflight": 1, "idle_s": null, "uptime_s": 75.0},
+            {"name": "b", "state": "stopped", "pid": null, "port": null, "inflight": 0, "idle_s": null, "uptime_s": null}
+        ]});
+        let t = format_ps(&v);
+        assert!(
+            t.contains("a ") && t.contains("3456") && t.contains("1m 15s"),
+            "{t}"
+        );
+        assert!(!t.contains("\nb "), "{t}");
+    }
+}
