@@ -172,6 +172,42 @@ impl ModelState {
     }
 }
 
+/// Why a lifecycle step happened, stored with its [`ModelEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// Stopped after its idle TTL.
+    Ttl,
+    /// Stopped to make room for another model.
+    Evicted,
+    /// Stopped through `/admin/models/{name}/stop`.
+    Admin,
+    Shutdown,
+    /// Removed or changed by a config reload.
+    Reload,
+    /// Exited on its own while ready.
+    Crash,
+    /// Stopped answering health pings.
+    Health,
+    /// Never became ready; the supervisor's words.
+    StartFailed(String),
+}
+
+impl Reason {
+    /// The `model_events.reason` column.
+    pub fn text(&self) -> &str {
+        match self {
+            Reason::Ttl => "ttl",
+            Reason::Evicted => "evicted",
+            Reason::Admin => "admin",
+            Reason::Shutdown => "shutdown",
+            Reason::Reload => "reload",
+            Reason::Crash => "crash",
+            Reason::Health => "health",
+            Reason::StartFailed(why) => why,
+        }
+    }
+}
+
 /// What step of a model's lifecycle a [`ModelEvent`] records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -275,7 +311,7 @@ pub struct ModelEvent {
     pub at_ms: i64,
     pub model: String,
     pub event: ModelEventKind,
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub load_ms: Option<f64>,
     pub exit_status: Option<String>,
     pub pid: Option<u32>,

@@ -240,7 +240,7 @@ pub fn write_batch(
                 e.at_ms,
                 e.model,
                 e.event.as_str(),
-                e.reason,
+                e.reason.as_ref().map(|r| r.text()),
                 e.load_ms,
                 e.exit_status,
                 e.pid,

@@ -18,7 +18,7 @@ use super::gate::{Gate, Gates};
 use super::planner::{plan, Plan, Resident};
 use super::{AcquireError, Lease, ModelState, ModelStatus, Msg, Waiter};
 use crate::config::{Config, ModelConfig, SchedulerConfig};
-use crate::events::{Bus, Event, ModelEvent, ModelEventKind};
+use crate::events::{Bus, Event, ModelEvent, ModelEventKind, Reason};
 use crate::supervisor::{ChildEvent, ChildHandle, ChildSpec, ExitReason, Spawner};
 use crate::upstream::Upstream;
 
@@ -68,6 +68,17 @@ impl StopReason {
             StopReason::Admin => "admin",
             StopReason::Shutdown => "shutdown",
             StopReason::Reload => "reload",
+        }
+    }
+
+    /// As stored with the `stopped` event.
+    fn reason(self) -> Reason {
+        match self {
+            StopReason::Ttl => Reason::Ttl,
+            StopReason::Evicted => Reason::Evicted,
+            StopReason::Admin => Reason::Admin,
+            StopReason::Shutdown => Reason::Shutdown,
+            StopReason::Reload => Reason::Reload,
         }
     }
 }
@@ -536,7 +547,7 @@ impl Actor {
                 slot.failures += 1;
                 slot.last_error = Some(reason.to_string());
                 lifecycle(&self.bus, &model, ModelEventKind::StartFailed, |e| {
-                    e.reason = Some(reason.to_string())
+                    e.reason = Some(Reason::StartFailed(reason.to_string()))
                 });
                 slot.retry_at = Some(Instant::now() + backoff(slot.failures));
                 slot.phase = Phase::Failed;
@@ -572,13 +583,9 @@ impl Actor {
                     |e| {
                         e.pid = pid;
                         (e.reason, e.exit_status) = match &reason {
-                            ExitReason::Stopped => {
-                                (stop_reason.map(|r| r.as_str().to_string()), None)
-                            }
-                            ExitReason::Crashed(why) => (Some("crash".into()), Some(why.clone())),
-                            ExitReason::Unhealthy(why) => {
-                                (Some("health".into()), Some(why.clone()))
-                            }
+                            ExitReason::Stopped => (stop_reason.map(StopReason::reason), None),
+                            ExitReason::Crashed(why) => (Some(Reason::Crash), Some(why.clone())),
+                            ExitReason::Unhealthy(why) => (Some(Reason::Health), Some(why.clone())),
                         };
                     },
                 );
