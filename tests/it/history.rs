@@ -2,12 +2,10 @@
 //! file, the real llama-server and the fake upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)] // tests fail loudly; row tuples read plainly
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use nix::sys::signal::Signal;
 use rusqlite::Connection;
