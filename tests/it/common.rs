@@ -1,6 +1,12 @@
 //! Test support: run the real `claracore` binary on a generated config, talk
 //! HTTP to it, and inspect its child processes through /proc.
 //!
+//! A daemon gets its TCP listener already bound and listening (socket
+//! activation, fd 3; see [`serve`]), so no other test can take its port
+//! between choosing and binding it. Tests of the daemon's own binding
+//! (unix socket mode, removal at exit) start it with [`Listen::Itself`]:
+//! it binds `127.0.0.1:0`, and the port is read from /proc.
+//!
 //! The real llama-server and the tiny model come from
 //! `tests/tools/setup-test-deps.sh` through `CLARACORE_TEST_*` variables;
 //! `tests/run.sh` sets them. Tests that need them fail (never skip) when
@@ -8,11 +14,13 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use command_fds::{CommandFdExt, FdMapping};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -62,6 +70,10 @@ pub fn fake_model_table(name: &str, flags: &[&str], extra: &str) -> String {
     format!("[models.{name}]\ncmd = [{}]\n{extra}\n", argv.join(", "))
 }
 
+/// A port that was free a moment ago. Racy (another process may take it
+/// before it is bound again), so only for `systemd-socket-activate`, which
+/// must be told an address to bind; the daemon under test gets a
+/// [`prebound`] listener or binds `127.0.0.1:0` itself.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -70,69 +82,149 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A listening socket on a port the kernel picked, and its address. It is
+/// listening before any daemon exists, so nothing can take the port
+/// between choosing it and serving on it.
+pub fn prebound() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (listener, addr)
+}
+
+/// Spawns `claracore serve --config CONFIG`, stderr to `log`.
+///
+/// With `listener`, the daemon is socket-activated the way systemd does it:
+/// the socket at fd 3 (`command-fds` does the dup2 between fork and exec,
+/// which safe std cannot), `LISTEN_FDS=1`, `LISTEN_FDNAMES=http`. No
+/// `LISTEN_PID`: the child's pid is unknown until after the spawn, and
+/// listenfd takes a missing one as "for this process" (systemfd's
+/// convention). The activated socket replaces the config's `listen`.
+///
+/// The `Command`, which owns the harness's copy of the socket, is dropped
+/// before this returns, so the daemon holds the only one: when it closes
+/// its listener (draining, exit), connecting is refused, as in production.
+/// `env` is applied last, over the stripped systemd variables.
+pub fn serve(
+    config: &Path,
+    log: &Path,
+    listener: Option<std::net::TcpListener>,
+    env: &[(&str, &str)],
+) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    // Whatever this process inherited is not for the daemon under test.
+    for var in [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_FDS_FIRST_FD",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(listener) = listener {
+        cmd.env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "http")
+            .fd_mappings(vec![FdMapping {
+                parent_fd: OwnedFd::from(listener),
+                child_fd: 3,
+            }])
+            .unwrap();
+    }
+    cmd.envs(env.iter().copied());
+    cmd.spawn().unwrap()
+}
+
+/// How the daemon under test gets its sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A [`prebound`] TCP listener, socket-activated (see [`serve`]).
+    Prebound,
+    /// The daemon binds its config's `listen` itself: `127.0.0.1:0` and a
+    /// unix socket in its directory (see [`Daemon::socket`]). For tests of
+    /// its own binding: socket mode, removal at exit. The harness reads the
+    /// port it got from /proc.
+    Itself,
+}
+
 /// A running daemon, killed (SIGKILL) on drop if still alive.
 pub struct Daemon {
     pub child: Child,
     pub addr: String,
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
+    listen: Listen,
 }
 
 impl Daemon {
-    /// Starts `claracore serve` with `body` appended to a config that
-    /// listens on a free port, and waits until `/live` answers.
+    /// Starts `claracore serve` with `body` appended to a generated config,
+    /// on a [`prebound`] listener, and waits until `/live` answers.
     pub fn start(body: &str) -> Daemon {
+        Daemon::start_with(Listen::Prebound, body)
+    }
+
+    /// [`Daemon::start`] with the sockets as `listen` says.
+    pub fn start_with(listen: Listen, body: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let (listener, listen_line) = match listen {
+            Listen::Prebound => {
+                // The config names the same address: a daemon that ignored
+                // the activated socket would fail to bind it, loudly.
+                let (listener, addr) = prebound();
+                (Some(listener), format!("listen = [\"{addr}\"]"))
+            }
+            Listen::Itself => (
+                None,
+                format!(
+                    "listen = [\"127.0.0.1:0\", \"unix:{}/claracore.sock\"]",
+                    dir.path().display()
+                ),
+            ),
+        };
         let config = format!(
-            "listen = [\"{addr}\", \"unix:{}/claracore.sock\"]\nllama_server = \"{}\"\nstate_dir = \"{}\"\n{body}",
-            dir.path().display(),
+            "{listen_line}\nllama_server = \"{}\"\nstate_dir = \"{}\"\n{body}",
             std::env::var("CLARACORE_TEST_LLAMA_SERVER").unwrap_or_else(|_| "llama-server".into()),
             dir.path().join("state").display(),
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("daemon.log");
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env("CLARACORE_LOG", "info,claracore=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
+        let addr = listener
+            .as_ref()
+            .map(|l| l.local_addr().unwrap().to_string());
+        let mut child = serve(
+            &config_path,
+            &log,
+            listener,
+            &[("CLARACORE_LOG", "info,claracore=debug"), ("NO_COLOR", "1")],
+        );
+        let addr = addr.unwrap_or_else(|| own_listener(&mut child, Some(&log)));
+        wait_live(&addr, &mut child, &log);
+        Daemon {
             child,
             addr,
             dir,
             log,
-        };
-        d.wait_live();
-        d
-    }
-
-    fn wait_live(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("daemon exited at start with {status}:\n{}", self.log_text());
-            }
-            if std::net::TcpStream::connect(&self.addr).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            listen,
         }
-        panic!("daemon did not listen within 10s:\n{}", self.log_text());
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The unix socket the daemon binds itself ([`Listen::Itself`] only).
     pub fn socket(&self) -> PathBuf {
+        assert_eq!(
+            self.listen,
+            Listen::Itself,
+            "a daemon on a prebound listener has no unix socket: start it with Listen::Itself"
+        );
         self.dir.path().join("claracore.sock")
     }
 
@@ -409,4 +501,95 @@ pub fn wait_listening(addr: &str, log: Option<&Path>) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits (up to 10 s) until `/live` on `addr` answers 200. On a prebound
+/// socket a connect succeeds at once (the kernel queues it), so only an
+/// answer shows the daemon is serving. Fails at once if `child` exits.
+pub fn wait_live(addr: &str, child: &mut Child, log: &Path) {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("daemon exited at start with {status}:\n{}", log_text());
+        }
+        let answer = std::net::TcpStream::connect(addr).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(b"GET /live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        if answer.is_ok_and(|text| text.starts_with("HTTP/1.1 200")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not answer /live on {addr} within 10s:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits (up to 10 s) until `child` itself listens on a TCP port (a daemon
+/// that binds `127.0.0.1:0`) and returns that address, read from /proc.
+/// Fails at once if `child` exits; the failure shows `log`, when given.
+pub fn own_listener(child: &mut Child, log: Option<&Path>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log_text = || {
+        log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("daemon exited at start with {status}:\n{}", log_text());
+        }
+        if let Some(addr) = tcp_listener_of(child.id()) {
+            return addr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pid {} did not listen on TCP within 10s:\n{}",
+            child.id(),
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The IPv4 address of the one TCP socket in LISTEN state among `pid`'s
+/// fds (None with none, or with more than one), from /proc.
+pub fn tcp_listener_of(pid: u32) -> Option<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let mut found = table.lines().skip(1).filter_map(|line| {
+        // sl local_address rem_address st ... uid timeout inode
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+        if *state != "0A" || !inodes.iter().any(|i| i == inode) {
+            return None;
+        }
+        let (ip, port) = local.split_once(':')?;
+        // The address is the in-memory (network order) word printed as a
+        // native integer; the port is in host order.
+        let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+        Some(format!("{ip}:{}", u16::from_str_radix(port, 16).ok()?))
+    });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }

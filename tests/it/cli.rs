@@ -2,12 +2,10 @@
 //! commands.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 
 fn run(args: &[&str]) -> std::process::Output {

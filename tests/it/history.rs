@@ -2,12 +2,10 @@
 //! file, the real llama-server and the fake upstream.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)] // tests fail loudly; row tuples read plainly
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use nix::sys::signal::Signal;
 use rusqlite::Connection;
@@ -269,12 +267,8 @@ async fn retention_deletes_old_rows_at_start() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}\n[history]\nretention = \"1d\"\n")).unwrap();
     let log = d.dir.path().join("daemon2.log");
-    let again = std::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // A listener of its own: the first closed with the first daemon.
+    let again = serve(&config, &log, Some(prebound().0), &[]);
     let mut again = KillOnDrop(again);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -390,26 +384,20 @@ async fn a_corrupt_database_is_moved_aside_and_replaced() {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("history.db"), vec![0x5a; 16384]).unwrap();
-    let port = free_port();
+    let (listener, addr) = prebound();
     let config = dir.path().join("c.toml");
     write_file(
         &config,
         &format!(
-            "listen = [\"127.0.0.1:{port}\"]\nstate_dir = \"{}\"\n{}",
+            "listen = [\"{addr}\"]\nstate_dir = \"{}\"\n{}",
             state.display(),
             fake_model_table("f", &[], "")
         ),
     );
     let log = dir.path().join("log");
-    let child = std::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = serve(&config, &log, Some(listener), &[]);
     let mut child = KillOnDrop(child);
-    let addr = format!("127.0.0.1:{port}");
-    wait_listening(&addr, Some(&log));
+    wait_live(&addr, &mut child.0, &log);
     let status = chat_status(&addr, "f").await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.0.id() as i32),

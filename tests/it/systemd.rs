@@ -4,21 +4,24 @@
 //! a real PID-1 systemd in tests/systemd/run-nspawn.sh.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use nix::sys::signal::Signal;
+
+/// The `listen` of a [`Notified`] daemon's config: it binds itself, so
+/// READY=1 can be checked against its own listener.
+const LISTEN: &str = "listen = [\"127.0.0.1:0\"]\n";
 
 /// A daemon started with a NOTIFY_SOCKET we listen on.
 struct Notified {
     child: Child,
-    addr: String,
+    /// The port it bound, read from /proc on first use (see [`Notified::addr`]).
+    addr: std::cell::OnceCell<String>,
     config: PathBuf,
     notify: UnixDatagram,
     log: PathBuf,
@@ -28,10 +31,8 @@ struct Notified {
 impl Notified {
     fn start(models: &str, env: &[(&str, &str)]) -> Notified {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.toml");
-        write_file(&config, &format!("listen = [\"{addr}\"]\n{models}"));
+        write_file(&config, &format!("{LISTEN}{models}"));
         let notify_path = dir.path().join("notify");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify
@@ -48,12 +49,21 @@ impl Notified {
             .unwrap();
         Notified {
             child,
-            addr,
+            addr: std::cell::OnceCell::new(),
             config,
             notify,
             log,
             _dir: dir,
         }
+    }
+
+    /// The address it listens on. It must be listening by then: the first
+    /// call comes after READY=1.
+    fn addr(&self) -> &str {
+        self.addr.get_or_init(|| {
+            tcp_listener_of(self.child.id())
+                .unwrap_or_else(|| panic!("not listening on TCP\n{}", self.log_text()))
+        })
     }
 
     /// The next datagram's lines.
@@ -106,12 +116,12 @@ async fn ready_comes_once_listening_and_status_says_what_runs() {
     let d = Notified::start(&fake_model_table("f", &[], ""), &[]);
     let msg = d.recv_until("READY=1");
     // The listener was live when READY=1 was sent.
-    std::net::TcpStream::connect(&d.addr).expect("READY=1 before the listener was live");
+    std::net::TcpStream::connect(d.addr()).expect("READY=1 before the listener was live");
     assert!(msg.contains(&"READY=1".to_string()));
     let status = d.recv_until("STATUS=");
     assert_eq!(status, ["STATUS=0/1 models loaded; 0 requests in flight"]);
 
-    let code = chat_status(&d.addr, "f").await;
+    let code = chat_status(d.addr(), "f").await;
     assert_eq!(code, StatusCode::OK);
     let status = d.recv_until("STATUS=1/1");
     assert_eq!(
@@ -124,16 +134,15 @@ async fn ready_comes_once_listening_and_status_says_what_runs() {
 async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
     let d = Notified::start(&fake_model_table("f", &[], ""), &[]);
     d.recv_until("READY=1");
-    let code = chat_status(&d.addr, "f").await;
+    let code = chat_status(d.addr(), "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
     let f_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
     // f removed (its child is stopped), g added.
-    let listen = format!("listen = [\"{}\"]\n", d.addr);
     write_file(
         &d.config,
-        &format!("{listen}{}", fake_model_table("g", &[], "")),
+        &format!("{LISTEN}{}", fake_model_table("g", &[], "")),
     );
     d.signal(Signal::SIGHUP);
     let reloading = d.recv_until("RELOADING=1");
@@ -150,7 +159,7 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
             .any(|l| l.starts_with("STATUS=") && l.contains("models loaded")),
         "{ready:?}"
     );
-    let (_, models) = request(&d.addr, hyper::Method::GET, "/v1/models", None).await;
+    let (_, models) = request(d.addr(), hyper::Method::GET, "/v1/models", None).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -162,13 +171,13 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
         wait_gone(&[f_pid], Duration::from_secs(3)),
         "removed model's child stopped"
     );
-    let code = chat_status(&d.addr, "g").await;
+    let code = chat_status(d.addr(), "g").await;
     assert_eq!(code, StatusCode::OK);
 
     // A broken file: still READY, old config in force, STATUS says why.
     write_file(
         &d.config,
-        &format!("{listen}{}bogus_key = 1\n", fake_model_table("h", &[], "")),
+        &format!("{LISTEN}{}bogus_key = 1\n", fake_model_table("h", &[], "")),
     );
     d.signal(Signal::SIGHUP);
     d.recv_until("RELOADING=1");
@@ -182,7 +191,7 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
         status.contains(&format!("{}:", d.config.display())),
         "names the file: {status}"
     );
-    let (_, models) = request(&d.addr, hyper::Method::GET, "/v1/models", None).await;
+    let (_, models) = request(d.addr(), hyper::Method::GET, "/v1/models", None).await;
     assert_eq!(models["data"][0]["id"], "g");
     assert!(d.log_text().contains("reload failed"));
 }
@@ -191,16 +200,15 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
 async fn reload_restarts_a_changed_model_once_idle() {
     let d = Notified::start(&fake_model_table("f", &[], ""), &[]);
     d.recv_until("READY=1");
-    let code = chat_status(&d.addr, "f").await;
+    let code = chat_status(d.addr(), "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
     let old_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
-    let listen = format!("listen = [\"{}\"]\n", d.addr);
     write_file(
         &d.config,
         &format!(
-            "{listen}{}",
+            "{LISTEN}{}",
             fake_model_table("f", &["--chunk-delay-ms", "1"], "aliases = [\"eff\"]")
         ),
     );
@@ -210,13 +218,13 @@ async fn reload_restarts_a_changed_model_once_idle() {
         wait_gone(&[old_pid], Duration::from_secs(3)),
         "changed model's old child stopped"
     );
-    let code = chat_status(&d.addr, "eff").await;
+    let code = chat_status(d.addr(), "eff").await;
     assert_eq!(
         code,
         StatusCode::OK,
         "new alias works and the model restarts with the new argv"
     );
-    let (_, ps) = request(&d.addr, hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
     let pid = ps["models"][0]["pid"].as_u64().unwrap();
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(cmdline.contains("--chunk-delay-ms"), "{cmdline:?}");
@@ -267,7 +275,7 @@ async fn sigterm_sends_stopping_and_extends_the_timeout_while_draining() {
         &[],
     );
     d.recv_until("READY=1");
-    let addr = d.addr.clone();
+    let addr = d.addr().to_string();
     let streamer =
         tokio::spawn(
             async move { stream(&addr, "/v1/chat/completions", &chat("f", 12, true)).await },

@@ -2,12 +2,10 @@
 //! llama-server cannot misbehave on demand.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -243,7 +241,11 @@ async fn a_port_taken_at_start_is_retried_on_another_port() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_stream_lets_it_finish_then_exits_0_with_no_child_left() {
-    let mut d = Daemon::start(&fake_model_table("f", &["--chunk-delay-ms", "100"], ""));
+    // The daemon's own sockets: it must close and remove them itself.
+    let mut d = Daemon::start_with(
+        Listen::Itself,
+        &fake_model_table("f", &["--chunk-delay-ms", "100"], ""),
+    );
     let addr = d.addr.clone();
     let streamer =
         tokio::spawn(
@@ -473,7 +475,7 @@ async fn health_live_ready_and_models_describe_the_daemon() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_unix_socket_serves_with_mode_0660() {
     use std::os::unix::fs::PermissionsExt;
-    let d = Daemon::start(&fake_model_table("f", &[], ""));
+    let d = Daemon::start_with(Listen::Itself, &fake_model_table("f", &[], ""));
     let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let out = std::process::Command::new(BIN)
@@ -502,12 +504,9 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         "[models.f]\ncmd = [\"/bin/sh\", \"-c\", {script:?}, \"sh\", \"{{port}}\"]\nenv = {{ MODEL_VAR = \"yes\" }}\n"
     );
     let dir2 = tempfile::tempdir().unwrap();
-    let port = free_port();
     let config = dir2.path().join("c.toml");
-    write_file(
-        &config,
-        &format!("listen = [\"127.0.0.1:{port}\"]\n{table}"),
-    );
+    // The bogus LISTEN_* (not for this pid) are ignored: it binds itself.
+    write_file(&config, &format!("listen = [\"127.0.0.1:0\"]\n{table}"));
     let child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
@@ -519,8 +518,7 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let addr = format!("127.0.0.1:{port}");
-    wait_listening(&addr, None);
+    let addr = own_listener(&mut child.0, None);
     let status = chat_status(&addr, "f").await;
     child.0.kill().unwrap();
     child.0.wait().unwrap();

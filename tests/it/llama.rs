@@ -1,11 +1,9 @@
 //! Behaviour against a real llama-server serving the generated tiny model.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hyper::StatusCode;
 use nix::sys::signal::Signal;
 use serde_json::json;
