@@ -632,8 +632,10 @@ async fn the_idle_ttl_never_stops_a_busy_model_and_counts_from_the_last_use() {
 
     // A short request 0.6 s later is a use: the TTL starts again from it.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK);
+    // Taken before the request: the daemon's last use (the lease's
+    // release) lies between this and the client having the answer.
     let used = Instant::now();
+    assert_eq!(chat_status(&d.addr, "f").await, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let m = d.model("f").await;
     assert_eq!(
