@@ -31,45 +31,12 @@ pub(super) async fn stop_model(
     ))
 }
 
-/// Query-string pairs, percent-decoding what the CLI and curl send.
+/// Query-string pairs, decoded as `application/x-www-form-urlencoded`
+/// (what the CLI and curl send).
 fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode(k), decode(v))
-        })
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
         .collect()
-}
-
-fn decode(s: &str) -> String {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A point in time given as unix milliseconds or as a duration ago ("1h").
@@ -271,6 +238,9 @@ mod tests {
                 ("x".into(), "".into())
             ]
         );
-        assert_eq!(decode("a+b%20c%zz%4"), "a b c%zz%4");
+        assert_eq!(
+            query_pairs(Some("model=a+b%20c%zz%4")),
+            [("model".to_string(), "a b c%zz%4".to_string())]
+        );
     }
 }

@@ -241,16 +241,9 @@ fn time(text: &str) -> Result<String, String> {
     }
 }
 
-/// Percent-encodes a query value.
+/// Encodes a query value (`application/x-www-form-urlencoded`).
 fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    form_urlencoded::byte_serialize(v.as_bytes()).collect()
 }
 
 #[cfg(test)]
