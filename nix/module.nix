@@ -478,6 +478,17 @@ in
                   description = "Largest request body accepted; larger bodies get 413.";
                 };
                 header_read_timeout = duration "30s" "Time a client has to send its request head.";
+                body_memory_bytes = mkOption {
+                  type = types.ints.positive;
+                  default = 268435456;
+                  example = 1073741824;
+                  description = ''
+                    Request-body bytes the whole daemon holds in memory at once while it reads
+                    inference requests for their model; beyond it new bodies wait up to 2 s, then
+                    get 503 with Retry-After. Must be at least `max_body_bytes`. Needs a restart.
+                  '';
+                };
+                body_read_timeout = duration "30s" "Time a client has to send its request body once the head is in; then 408.";
               };
             };
           };

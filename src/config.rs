@@ -114,10 +114,21 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
+    /// Request-body bytes the whole daemon holds in memory at once while
+    /// inference requests are read for their model; beyond it new bodies
+    /// wait briefly, then get 503.
+    pub body_memory_bytes: u64,
+    /// Time a client has to send a complete request body once its head is
+    /// in; then 408.
+    pub body_read_timeout: Duration,
     /// Threads of the async runtime (HTTP, proxying, scheduling); `None`:
     /// [`default_worker_threads`].
     pub worker_threads: Option<usize>,
 }
+
+/// Default of `http.body_memory_bytes` (raised to `max_body_bytes` if that
+/// is larger).
+pub const DEFAULT_BODY_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Half the CPUs this process may use, 1 to 4. Proxying is light next to
 /// inference: on a small machine the model processes need the cores, and
@@ -269,6 +280,8 @@ struct RawHistory {
 struct RawHttp {
     max_body_bytes: Option<Spanned<u64>>,
     header_read_timeout: Option<Spanned<String>>,
+    body_memory_bytes: Option<Spanned<u64>>,
+    body_read_timeout: Option<Spanned<String>>,
     worker_threads: Option<Spanned<i64>>,
 }
 
@@ -437,11 +450,22 @@ impl Config {
                 Some(v) if *v.get_ref() == 0 => {
                     return Err(src.error(v, "http.max_body_bytes: must be greater than 0"))
                 }
+                Some(v) if *v.get_ref() > u64::from(u32::MAX) => {
+                    return Err(src.error(
+                        v,
+                        "http.max_body_bytes: must be at most 4294967295 (4 GiB)",
+                    ))
+                }
                 Some(v) => *v.get_ref(),
             },
             header_read_timeout: match &raw.http.header_read_timeout {
                 None => Duration::from_secs(30),
                 Some(v) => nonzero(&src, "http.header_read_timeout", v)?,
+            },
+            body_memory_bytes: 0, // below: it depends on max_body_bytes
+            body_read_timeout: match &raw.http.body_read_timeout {
+                None => Duration::from_secs(30),
+                Some(v) => nonzero(&src, "http.body_read_timeout", v)?,
             },
             worker_threads: match &raw.http.worker_threads {
                 None => None,
@@ -455,6 +479,21 @@ impl Config {
                     }
                 },
             },
+        };
+
+        let mut http = http;
+        http.body_memory_bytes = match &raw.http.body_memory_bytes {
+            None => DEFAULT_BODY_MEMORY_BYTES.max(http.max_body_bytes),
+            Some(v) if *v.get_ref() < http.max_body_bytes => {
+                return Err(src.error(
+                    v,
+                    format!(
+                        "http.body_memory_bytes: must be at least http.max_body_bytes ({}), or a body of the largest allowed size could never be read",
+                        http.max_body_bytes
+                    ),
+                ))
+            }
+            Some(v) => *v.get_ref(),
         };
 
         let s = &raw.scheduler;
@@ -824,6 +863,35 @@ health = "/health"
         assert_eq!(cfg.socket_mode, 0o660);
         assert_eq!(cfg.scheduler.max_loaded, 1);
         assert_eq!(cfg.http.max_body_bytes, 32 * 1024 * 1024);
+        assert_eq!(cfg.http.body_memory_bytes, 256 * 1024 * 1024);
+        assert_eq!(cfg.http.body_read_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_body_budget_must_hold_the_largest_body() {
+        let cfg = parse(
+            "[http]\nmax_body_bytes = 1000\nbody_memory_bytes = 5000\nbody_read_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.http.body_memory_bytes, 5000);
+        assert_eq!(cfg.http.body_read_timeout, Duration::from_secs(5));
+        let big = parse("[http]\nmax_body_bytes = 300000000\n").unwrap();
+        assert_eq!(
+            big.http.body_memory_bytes, 300_000_000,
+            "raised to the largest body"
+        );
+        let e = err("[http]\nmax_body_bytes = 1000\nbody_memory_bytes = 999\n");
+        assert!(
+            e.starts_with("test.toml:3:21: http.body_memory_bytes: must be at least"),
+            "{e}"
+        );
+        let e = err("[http]\nbody_read_timeout = \"0\"\n");
+        assert!(
+            e.contains("http.body_read_timeout: must be greater than 0"),
+            "{e}"
+        );
+        let e = err("[http]\nmax_body_bytes = 5000000000\n");
+        assert!(e.contains("at most 4294967295"), "{e}");
     }
 
     #[test]

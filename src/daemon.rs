@@ -91,6 +91,7 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
         &filter,
         systemd::stderr_is_journal(env.journal_stream.as_deref()),
     );
+    logging::install_panic_hook();
     if let Some(note) = note {
         tracing::warn!("{note}");
     }

@@ -87,6 +87,9 @@ pub async fn serve(
         recorder,
         metrics,
         bus,
+        body_budget: api::body::BodyBudget::new(
+            usize::try_from(config.http.body_memory_bytes).unwrap_or(usize::MAX),
+        ),
         next_request: std::sync::atomic::AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -200,6 +203,13 @@ async fn reload(
                     old = ?old.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     new = ?new.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "listener changes take effect only after a restart"
+                );
+            }
+            if old.http.body_memory_bytes != new.http.body_memory_bytes {
+                tracing::warn!(
+                    old = old.http.body_memory_bytes,
+                    new = new.http.body_memory_bytes,
+                    "http.body_memory_bytes takes effect only after a restart"
                 );
             }
             if old.http.worker_threads != new.http.worker_threads {

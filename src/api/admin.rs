@@ -10,6 +10,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 use serde_json::json;
 
+use super::error::cut;
 use super::{json_response, resolve, ApiError, AppState, Ctx};
 use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
@@ -44,13 +45,74 @@ fn time_param(key: &str, v: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = v.parse::<i64>() {
         return Ok(ms);
     }
-    crate::config::parse_duration(v)
-        .map(|d| history::now_ms() - d.as_millis() as i64)
-        .map_err(|e| {
-            ApiError::BadRequest(format!(
-                "{key}: {e}; give unix milliseconds or a duration ago like 1h"
-            ))
-        })
+    crate::config::parse_duration(v).map(ago).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "{key}: {e}; give unix milliseconds or a duration ago like 1h"
+        ))
+    })
+}
+
+/// Unix milliseconds `d` before now; a longer time ago than i64 holds is
+/// the earliest time there is.
+fn ago(d: Duration) -> i64 {
+    history::now_ms().saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `/admin/history`'s query string as a store query.
+pub(super) fn history_query(query: Option<&str>) -> Result<store::RequestQuery, ApiError> {
+    let mut q = store::RequestQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "model" => q.model = Some(v),
+            "outcome" => {
+                Outcome::parse(&v).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "outcome: {:?} is not one of ok, cancelled, upstream_error, timeout, rejected",
+                        cut(&v, 64)
+                    ))
+                })?;
+                q.outcome = Some(v);
+            }
+            "since" => q.since_ms = Some(time_param("since", &v)?),
+            "until" => q.until_ms = Some(time_param("until", &v)?),
+            "limit" => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
+            }
+            "cursor" => {
+                q.cursor = Some(v.parse().map_err(|_| {
+                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
+                })?)
+            }
+            other => return Err(unknown_parameter(other)),
+        }
+    }
+    Ok(q)
+}
+
+/// `/admin/stats`' window, and when it began (unix ms).
+pub(super) fn stats_window(query: Option<&str>) -> Result<(Duration, i64), ApiError> {
+    let mut window = Duration::from_secs(3600);
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "window" => {
+                window = crate::config::parse_duration(&v)
+                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?
+            }
+            other => return Err(unknown_parameter(other)),
+        }
+    }
+    Ok((window, ago(window)))
+}
+
+fn unknown_parameter(name: &str) -> ApiError {
+    ApiError::BadRequest(format!("unknown parameter {:?}", cut(name, 64)))
 }
 
 /// Runs `f` on a read connection to the history file (and its path), off
@@ -98,36 +160,7 @@ pub(super) async fn history_list(
     query: Option<&str>,
 ) -> Result<Response<BoxBody>, ApiError> {
     let state = ctx.state;
-    let mut q = store::RequestQuery {
-        limit: 100,
-        ..Default::default()
-    };
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "model" => q.model = Some(v),
-            "outcome" => {
-                Outcome::parse(&v).ok_or_else(|| {
-                    ApiError::BadRequest(format!("outcome: {v:?} is not one of ok, cancelled, upstream_error, timeout, rejected"))
-                })?;
-                q.outcome = Some(v);
-            }
-            "since" => q.since_ms = Some(time_param("since", &v)?),
-            "until" => q.until_ms = Some(time_param("until", &v)?),
-            "limit" => {
-                q.limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
-            }
-            "cursor" => {
-                q.cursor = Some(v.parse().map_err(|_| {
-                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
-                })?)
-            }
-            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
-        }
-    }
+    let q = history_query(query)?;
     let limit = q.limit;
     let rows = read_history(state, move |c| store::list_requests(c, &q)).await?;
     let next = (rows.len() == limit)
@@ -158,17 +191,7 @@ pub(super) async fn stats(
     query: Option<&str>,
 ) -> Result<Response<BoxBody>, ApiError> {
     let state = ctx.state;
-    let mut window = Duration::from_secs(3600);
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "window" => {
-                window = crate::config::parse_duration(&v)
-                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?
-            }
-            other => return Err(ApiError::BadRequest(format!("unknown parameter {other:?}"))),
-        }
-    }
-    let since = history::now_ms() - window.as_millis() as i64;
+    let (window, since) = stats_window(query)?;
     let models = read_history(state, move |c| store::stats(c, since)).await?;
     Ok(json_response(
         StatusCode::OK,

@@ -20,15 +20,35 @@ use crate::supervisor::StartFailure;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("model '{requested}' not found; available models: {}", available.join(", "))]
+    #[error("model '{}' not found; available models: {}", cut(requested, NAME_ECHO), available.join(", "))]
     UnknownModel {
         requested: String,
         available: Vec<String>,
     },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: u64 },
-    #[error("no route for {method} {path}")]
+    #[error("no route for {method} {}", cut(path, PATH_ECHO))]
     NotFound { method: Method, path: String },
+    #[error(
+        "{method} is not allowed on {}; use {}",
+        cut(path, PATH_ECHO),
+        names(allow)
+    )]
+    MethodNotAllowed {
+        method: Method,
+        path: String,
+        allow: &'static [Method],
+    },
+    #[error("the request body did not arrive within {}", humantime::format_duration(*after))]
+    BodyTimeout { after: std::time::Duration },
+    /// The client closed the connection (or broke it) while sending the
+    /// body; nobody reads the answer, but the row says what happened.
+    #[error("client closed the connection while sending the request body")]
+    ClientGone,
+    /// The daemon-wide budget for request bodies in memory stayed
+    /// exhausted.
+    #[error("too many request bodies are being read right now; retry shortly")]
+    Busy,
     #[error("{0}")]
     Unavailable(AcquireError),
     #[error("the model process did not answer the request")]
@@ -44,6 +64,11 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnknownModel { .. } | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            // nginx's "client closed request"; the client never sees it.
+            ApiError::ClientGone => CLIENT_CLOSED,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(AcquireError::Unknown(_)) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +85,8 @@ impl ApiError {
             | ApiError::UnknownModel { .. }
             | ApiError::PayloadTooLarge { .. }
             | ApiError::NotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::Busy
             | ApiError::HistoryDisabled
             | ApiError::Unavailable(AcquireError::ShuttingDown | AcquireError::Unknown(_)) => {
                 Outcome::Rejected
@@ -67,7 +94,9 @@ impl ApiError {
             ApiError::Unavailable(AcquireError::StartFailed {
                 reason: StartFailure::Timeout { .. },
                 ..
-            }) => Outcome::Timeout,
+            })
+            | ApiError::BodyTimeout { .. } => Outcome::Timeout,
+            ApiError::ClientGone => Outcome::Cancelled,
             ApiError::Unavailable(_) | ApiError::Upstream | ApiError::History => {
                 Outcome::UpstreamError
             }
@@ -82,6 +111,10 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             ApiError::NotFound { .. } => ("invalid_request_error", "not_found"),
+            ApiError::MethodNotAllowed { .. } => ("invalid_request_error", "method_not_allowed"),
+            ApiError::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
+            ApiError::ClientGone => ("invalid_request_error", "client_closed"),
+            ApiError::Busy => ("server_error", "overloaded"),
             ApiError::Unavailable(AcquireError::ShuttingDown) => ("server_error", "shutting_down"),
             ApiError::Unavailable(_) => ("server_error", "model_unavailable"),
             ApiError::Upstream => ("server_error", "upstream_error"),
@@ -98,12 +131,95 @@ impl ApiError {
             body["error"]["available_models"] = json!(available);
         }
         let mut resp = json_response(status, &body);
-        if let ApiError::Unavailable(AcquireError::BackingOff { retry_after, .. }) = &self {
-            let secs = retry_after.as_secs().max(1).to_string();
-            if let Ok(v) = HeaderValue::from_str(&secs) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
+        let retry_after = match &self {
+            ApiError::Unavailable(AcquireError::BackingOff { retry_after, .. }) => {
+                Some(retry_after.as_secs().max(1))
+            }
+            ApiError::Busy => Some(1),
+            _ => None,
+        };
+        if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = &self {
+            if let Ok(v) = HeaderValue::from_str(&names(allow)) {
+                resp.headers_mut().insert(header::ALLOW, v);
             }
         }
+        if matches!(
+            self,
+            ApiError::BodyTimeout { .. } | ApiError::ClientGone | ApiError::Busy
+        ) {
+            // The rest of the body is not read: this connection is done.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
+    }
+}
+
+/// 499, nginx's "client closed request": what history records for a
+/// request whose client left before it could be answered.
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// Characters of a requested model name echoed in an error.
+const NAME_ECHO: usize = 64;
+/// Characters of a request path echoed in an error.
+const PATH_ECHO: usize = 200;
+
+/// `text` cut to `max` characters, marked when cut: errors echo what the
+/// client sent, and a client may send a lot.
+pub(super) fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_string(),
+    }
+}
+
+/// "GET, POST" for an `Allow` header.
+fn names(methods: &[Method]) -> String {
+    methods
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_names_and_paths_are_cut() {
+        let long = "m".repeat(100_000);
+        let e = ApiError::UnknownModel {
+            requested: long.clone(),
+            available: vec!["tiny".into()],
+        };
+        let text = e.to_string();
+        assert!(text.len() < 200, "{} bytes", text.len());
+        assert!(text.contains("… (100000 bytes)"), "{text}");
+        let e = ApiError::NotFound {
+            method: Method::GET,
+            path: format!("/{long}"),
+        };
+        assert!(e.to_string().len() < 300);
+        assert_eq!(cut("é".repeat(3).as_str(), 2), "éé… (6 bytes)");
+        assert_eq!(cut("short", 64), "short");
+    }
+
+    #[test]
+    fn a_wrong_method_is_405_with_allow() {
+        let e = ApiError::MethodNotAllowed {
+            method: Method::GET,
+            path: "/v1/chat/completions".into(),
+            allow: &[Method::POST],
+        };
+        let resp = e.into_response();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[header::ALLOW], "POST");
     }
 }

@@ -11,6 +11,7 @@
 //! row, whether it was answered, refused or cut short.
 
 mod admin;
+pub mod body;
 pub mod error;
 mod health;
 mod openai;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Where finished requests are reported.
     pub bus: Bus,
+    /// Request-body bytes all requests together may hold in memory.
+    pub body_budget: body::BodyBudget,
     /// Counter part of generated request ids.
     pub next_request: std::sync::atomic::AtomicU64,
 }
@@ -122,12 +125,17 @@ pub async fn handle(
 async fn dispatch(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
     let route = match routes::parse(req.method(), req.uri().path()) {
         Ok(route) => route,
-        // A known path with the wrong method is still answered 404 here,
-        // as before the route table existed.
-        Err(NoRoute::NotFound | NoRoute::WrongMethod { .. }) => {
+        Err(NoRoute::NotFound) => {
             return Err(ApiError::NotFound {
                 method: req.method().clone(),
                 path: req.uri().path().to_string(),
+            })
+        }
+        Err(NoRoute::WrongMethod { allow }) => {
+            return Err(ApiError::MethodNotAllowed {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                allow,
             })
         }
     };
@@ -159,4 +167,114 @@ fn resolve(config: &Config, requested: &str) -> Result<String, ApiError> {
             requested: requested.to_string(),
             available: config.models.iter().map(|m| m.name.clone()).collect(),
         })
+}
+
+/// Everything a request controls, thrown at the pure parsers: none may
+/// panic, and what they accept must be what was asked for.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use hyper::Method;
+    use proptest::prelude::*;
+
+    fn method() -> impl Strategy<Value = Method> {
+        prop_oneof![
+            Just(Method::GET),
+            Just(Method::POST),
+            Just(Method::PUT),
+            Just(Method::DELETE),
+            "[A-Z]{1,10}".prop_map(|m| Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET)),
+        ]
+    }
+
+    /// Paths built from the route table's own pieces, plus noise.
+    fn path() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("v1".to_string()),
+            Just("admin".to_string()),
+            Just("api".to_string()),
+            Just("models".to_string()),
+            Just("stop".to_string()),
+            Just("history".to_string()),
+            Just("upstream".to_string()),
+            Just("chat".to_string()),
+            Just("completions".to_string()),
+            Just(String::new()),
+            "\\PC{0,12}",
+        ];
+        prop_oneof![
+            proptest::collection::vec(piece, 0..6).prop_map(|p| format!("/{}", p.join("/"))),
+            "\\PC{0,64}",
+        ]
+    }
+
+    /// JSON-shaped bytes: a top level that may or may not be an object,
+    /// `model` keys of every type, and cut-off or garbage tails.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            "\\PC{0,16}".prop_map(|s| serde_json::Value::String(s).to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("null".to_string()),
+            Just("[\"tiny\"]".to_string()),
+            Just("{\"model\":\"x\"}".to_string()),
+        ];
+        let member = (
+            prop_oneof![Just("model".to_string()), "[a-z]{1,6}"],
+            value.clone(),
+        )
+            .prop_map(|(k, v)| format!("{}:{v}", serde_json::Value::String(k)));
+        prop_oneof![
+            proptest::collection::vec(member, 0..5)
+                .prop_map(|m| format!("{{{}}}", m.join(",")).into_bytes()),
+            value.prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            ("\\PC{0,40}", 0usize..40).prop_map(|(s, cut)| {
+                let text = format!("{{\"model\":\"{s}\"");
+                text.as_bytes()[..cut.min(text.len())].to_vec()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn route_parsing_is_total(m in method(), p in path()) {
+            match routes::parse(&m, &p) {
+                Ok(routes::Route::Upstream { .. }) => prop_assert!(p.starts_with("/upstream/")),
+                Ok(_) => prop_assert!(p.starts_with('/') && !p.starts_with("/api/")),
+                Err(routes::NoRoute::WrongMethod { allow }) => prop_assert!(!allow.contains(&m)),
+                Err(routes::NoRoute::NotFound) => {}
+            }
+        }
+
+        #[test]
+        fn model_sniffing_is_total_and_takes_only_a_top_level_string(b in body()) {
+            if let Ok(name) = openai::requested_model(&b) {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                prop_assert_eq!(v["model"].as_str(), Some(name.as_str()));
+            }
+        }
+
+        #[test]
+        fn content_length_values_never_panic(v in "\\PC{0,24}") {
+            if let Ok(h) = hyper::header::HeaderValue::from_str(&v) {
+                let n = openai::declared_length(Some(&h));
+                prop_assert_eq!(n, v.parse::<u64>().ok());
+            }
+        }
+
+        #[test]
+        fn query_strings_never_panic(q in "[a-z=&%+0-9A-Fa-f.~_-]{0,48}|\\PC{0,48}") {
+            let _ = admin::history_query(Some(&q));
+            let _ = admin::stats_window(Some(&q));
+        }
+
+        #[test]
+        fn durations_and_times_of_any_size_are_answered(n in any::<u64>(), unit in "s|m|h|d|y|ms") {
+            let q = format!("since={n}{unit}&until={n}&limit=5");
+            let _ = admin::history_query(Some(&q));
+            let _ = admin::stats_window(Some(&format!("window={n}{unit}")));
+        }
+    }
 }

@@ -5,8 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
@@ -15,45 +14,108 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::routes::Inference;
-use super::{full, json_response, resolve, ApiError, AppState, Ctx};
+use super::{body, json_response, resolve, ApiError, AppState, Ctx};
 use crate::events::Bus;
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, Outcome};
 use crate::proxy::{self, BoxBody};
 use crate::scheduler::ModelState;
 
-/// Reads a whole request body, refusing more than the configured limit.
-async fn read_body(
-    ctx: &Ctx<'_>,
-    body: Incoming,
-    declared: Option<u64>,
-) -> Result<Bytes, ApiError> {
-    let limit = ctx.config.http.max_body_bytes;
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit })
-        }
-        Err(_) => Err(ApiError::BadRequest(
-            "could not read the request body".into(),
-        )),
-    }
-}
-
 fn content_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    declared_length(req.headers().get(header::CONTENT_LENGTH))
 }
 
-#[derive(Deserialize)]
-struct ModelField {
-    model: Option<serde_json::Value>,
+/// A `Content-Length` value as a number, if it is one (hyper has already
+/// refused a request whose value is not).
+pub(super) fn declared_length(value: Option<&HeaderValue>) -> Option<u64> {
+    value.and_then(|v| v.to_str().ok())?.parse().ok()
+}
+
+/// What the top level of a request body says about `model`.
+#[derive(Debug, PartialEq, Eq)]
+enum Requested {
+    Missing,
+    NotString,
+    Twice,
+    Name(String),
+}
+
+/// A JSON object's keys, read only to know which one is `model`.
+struct IsModel(bool);
+
+impl<'de> Deserialize<'de> for IsModel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<IsModel, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = IsModel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<IsModel, E> {
+                Ok(IsModel(v == "model"))
+            }
+        }
+        d.deserialize_str(Key)
+    }
+}
+
+/// The body's top-level `model`; every other value is skipped unparsed.
+/// Only a JSON object is accepted (a derived struct would also take an
+/// array such as `["tiny"]` as its fields in order).
+struct TopLevel(Requested);
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TopLevel, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopLevel, A::Error> {
+                let mut found = Requested::Missing;
+                while let Some(IsModel(is_model)) = map.next_key()? {
+                    if !is_model {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    let value: serde_json::Value = map.next_value()?;
+                    found = match (found, value) {
+                        (Requested::Missing, serde_json::Value::String(s)) => Requested::Name(s),
+                        (Requested::Missing, _) => Requested::NotString,
+                        _ => Requested::Twice,
+                    };
+                }
+                Ok(TopLevel(found))
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+/// The model a request body names: only a JSON object's top-level string
+/// `model` counts.
+pub(super) fn requested_model(body: &[u8]) -> Result<String, ApiError> {
+    let expected = "the request body must be a JSON object with a string `model` field";
+    match serde_json::from_slice::<TopLevel>(body) {
+        Ok(TopLevel(Requested::Name(name))) => Ok(name),
+        Ok(TopLevel(Requested::Missing)) => Err(ApiError::BadRequest(format!(
+            "request body has no `model` field; {expected}"
+        ))),
+        Ok(TopLevel(Requested::NotString)) => Err(ApiError::BadRequest(format!(
+            "`model` must be a string; {expected}"
+        ))),
+        Ok(TopLevel(Requested::Twice)) => Err(ApiError::BadRequest(
+            "`model` appears more than once in the request body".into(),
+        )),
+        Err(e) if e.is_data() => Err(ApiError::BadRequest(format!("{expected} ({e})"))),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "request body is not valid JSON: {e}"
+        ))),
+    }
 }
 
 /// A request id: the client's `x-request-id` when it is short and plain,
@@ -142,22 +204,11 @@ async fn forward_model_request(
     let declared = content_length(&req);
     let (parts, body) = req.into_parts();
     let state = ctx.state;
-    let bytes = read_body(ctx, body, declared).await?;
+    let held = body::read(body, declared, &ctx.config.http, &state.body_budget).await?;
     if let Some(p) = pending.as_mut() {
-        p.set_request_content(state.recorder.content, &bytes);
+        p.set_request_content(state.recorder.content, &held.bytes);
     }
-    let field: ModelField = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::BadRequest(format!("request body is not valid JSON: {e}")))?;
-    let requested = match field.model {
-        Some(serde_json::Value::String(s)) => s,
-        Some(_) => return Err(ApiError::BadRequest("`model` must be a string".into())),
-        None => {
-            return Err(ApiError::BadRequest(
-                "request body has no `model` field".into(),
-            ))
-        }
-    };
-    let model = resolve(&ctx.config, &requested)?;
+    let model = resolve(&ctx.config, &requested_model(&held.bytes)?)?;
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(model.clone());
     }
@@ -171,7 +222,17 @@ async fn forward_model_request(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let req = Request::from_parts(parts, full(bytes));
+    // The budget comes back when the upstream request body is dropped,
+    // i.e. once it has been sent.
+    let permit = held.permit;
+    let body = Full::new(held.bytes)
+        .map_err(|never| match never {})
+        .map_frame(move |frame| {
+            let _held = &permit;
+            frame
+        })
+        .boxed_unsync();
+    let req = Request::from_parts(parts, body);
     let (bus, content) = (state.bus.clone(), state.recorder.content);
     // The row stays with the caller until a response head arrives, so a
     // request that fails or is cancelled before that is still recorded.
@@ -251,4 +312,38 @@ pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
         })
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(body: &str) -> Result<String, String> {
+        requested_model(body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn only_an_objects_top_level_string_model_counts() {
+        assert_eq!(model(r#"{"model":"tiny","messages":[]}"#).unwrap(), "tiny");
+        assert_eq!(
+            model(r#"{"x":{"model":"no"},"model":"t\u0069ny"}"#).unwrap(),
+            "tiny"
+        );
+        for (body, says) in [
+            (r#"["tiny"]"#, "must be a JSON object"),
+            (r#""tiny""#, "must be a JSON object"),
+            ("42", "must be a JSON object"),
+            ("null", "must be a JSON object"),
+            (r#"{"model":["tiny"]}"#, "`model` must be a string"),
+            (r#"{"model":null}"#, "`model` must be a string"),
+            (r#"{"messages":[{"model":"tiny"}]}"#, "no `model` field"),
+            (r#"{"model":"a","model":"b"}"#, "more than once"),
+            ("{not json", "not valid JSON"),
+            ("", "not valid JSON"),
+            (r#"{"model":"tiny"} trailing"#, "not valid JSON"),
+        ] {
+            let e = model(body).unwrap_err();
+            assert!(e.contains(says), "{body:?}: {e}");
+        }
+    }
 }

@@ -10,6 +10,8 @@
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `history`: request rows, model events, retention, recovery, metrics.
+//! - `hostile`: bodies that would hold memory or time, malformed requests,
+//!   wrong methods, oversized names.
 //! - `llama`: the real llama-server with the generated tiny model.
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
 //!   socket activation, capabilities, JSON logs).
@@ -18,5 +20,6 @@ mod cli;
 mod common;
 mod faults;
 mod history;
+mod hostile;
 mod llama;
 mod systemd;
