@@ -234,13 +234,7 @@ async fn reload(
     if let Ok(mut slot) = reload_error.lock() {
         *slot = outcome;
     }
-    let models: Models = state
-        .scheduler
-        .status()
-        .await
-        .into_iter()
-        .map(|m| (Arc::from(m.name.as_str()), m.state))
-        .collect();
+    let models = models_now(&state.scheduler).await;
     let text = status_text(
         &models,
         state.scheduler.inflight(),
@@ -252,6 +246,16 @@ async fn reload(
 
 /// Every model's state by name, as STATUS= sees it.
 type Models = BTreeMap<Arc<str>, ModelState>;
+
+/// Every model's state, asked of the scheduler (after a reload, or when
+/// the event stream lagged).
+async fn models_now(scheduler: &Scheduler) -> Models {
+    let status = scheduler.status().await;
+    status
+        .into_iter()
+        .map(|m| (Arc::from(m.name.as_str()), m.state))
+        .collect()
+}
 
 /// "2/5 models loaded (coder, tiny); 3 requests in flight", plus dropped
 /// history rows and the last reload error while they matter. A model
@@ -322,15 +326,7 @@ async fn report_status(
                     models.remove(&model);
                 }
                 Ok(_) => continue,
-                Err(RecvError::Lagged(_)) => {
-                    models = state
-                        .scheduler
-                        .status()
-                        .await
-                        .into_iter()
-                        .map(|m| (Arc::from(m.name.as_str()), m.state))
-                        .collect();
-                }
+                Err(RecvError::Lagged(_)) => models = models_now(&state.scheduler).await,
                 Err(RecvError::Closed) => return,
             },
             _ = ticker.tick() => {}
