@@ -9,6 +9,8 @@
 //! - `cli`: config errors and exit codes, the client commands.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
+//! - `files`: modes of the state files under a permissive umask; the demo
+//!   script's refusal of a directory it cannot write safely.
 //! - `history`: request rows, model events, retention, recovery, metrics.
 //! - `llama`: the real llama-server with the generated tiny model.
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
@@ -17,6 +19,7 @@
 mod cli;
 mod common;
 mod faults;
+mod files;
 mod history;
 mod llama;
 mod systemd;
