@@ -203,7 +203,7 @@ pub async fn backup(host: &Host, file: &Path) -> Result<String, String> {
         return Err(format!("claracore answered {status}: {message}"));
     }
     let tmp = file.with_extension("partial");
-    std::fs::write(&tmp, &body).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    write_private(&tmp, &body)?;
     match crate::history::store::verify(&tmp) {
         Ok(version) => {
             std::fs::rename(&tmp, file)
@@ -219,4 +219,29 @@ pub async fn backup(host: &Host, file: &Path) -> Result<String, String> {
             Err(format!("the copy failed its check: {e}"))
         }
     }
+}
+
+/// Writes `body` to a new file at `path`, 0600 whatever the umask: a
+/// backup holds every recorded prompt. The file must not exist, so a stale
+/// or planted name (a symlink, say) is never written through.
+fn write_private(path: &Path, body: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::history::store::FILE_MODE)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "{} exists (left by an interrupted backup?); remove it and try again",
+                path.display()
+            ),
+            _ => format!("creating {}: {e}", path.display()),
+        })?;
+    if let Err(e) = out.write_all(body).and_then(|()| out.sync_all()) {
+        let _ = std::fs::remove_file(path);
+        return Err(format!("writing {}: {e}", path.display()));
+    }
+    Ok(())
 }

@@ -1,7 +1,17 @@
 //! The SQLite file: opening (with corrupt-file recovery), migrations,
 //! writes, retention, reads and backups. Only the writer thread writes;
 //! readers open their own connections (WAL lets them run beside it).
+//!
+//! The file holds every recorded prompt and answer, so it is private to
+//! the daemon's user whatever the umask: the database is created 0600
+//! before SQLite opens it (SQLite then gives `-wal` and `-shm` the main
+//! file's mode, ignoring the umask), too-open files from an older run are
+//! tightened at start, a directory this module creates is 0700, and a
+//! backup is created 0600. The process umask is never changed: it is
+//! process-wide, and other threads create files too.
 
+use std::fs::{DirBuilder, OpenOptions, Permissions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +67,18 @@ pub enum StoreError {
     },
 }
 
+/// Mode of the database, its `-wal`/`-shm` and backups.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of a directory created for the database.
+pub const DIR_MODE: u32 = 0o700;
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite {
         path: path.to_path_buf(),
@@ -69,12 +91,11 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
 /// `<name>.corrupt-<unix time>` and a fresh one is created; the returned
 /// string says so.
 pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), StoreError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        prepare_dir(dir)?;
     }
+    // Before the first open, so a file moved aside below is private too.
+    make_private(path)?;
     let mut note = None;
     let conn = match open_checked(path) {
         Ok(conn) => conn,
@@ -108,6 +129,86 @@ pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), Sto
     conn.execute_batch("PRAGMA cache_size = -512;")
         .map_err(sqlite(path))?;
     Ok((conn, note))
+}
+
+/// Creates the database's directory 0700 when it is missing. An existing
+/// one keeps the mode it was given (systemd's `StateDirectoryMode=0750`
+/// lets the service's group in on purpose); when others may enter it, a
+/// warning says so, since the files in it are private but their names and
+/// sizes are not, and where others may write there they can replace them.
+fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o002 != 0 {
+                tracing::warn!(path = %dir.display(), mode = format!("{mode:04o}"),
+                    "the history database's directory is writable by every user, who can replace or remove the database; make it 0700 (or 0750 for a group)");
+            } else if mode & 0o007 != 0 {
+                tracing::warn!(path = %dir.display(), mode = format!("{mode:04o}"),
+                    "the history database's directory is open to every user: its files are 0600, but others see their names and sizes; make it 0700 (or 0750 for a group)");
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(io_error(dir))?;
+            // The umask may have taken bits off, never added them; this
+            // makes it exactly 0700 either way.
+            std::fs::set_permissions(dir, Permissions::from_mode(DIR_MODE)).map_err(io_error(dir))
+        }
+        Err(e) => Err(io_error(dir)(e)),
+    }
+}
+
+/// Creates the database file 0600 if missing, and takes group and other
+/// bits off it and off its `-wal`/`-shm` when an older run (or a copy)
+/// left them open. Tightening is best effort: a file the daemon does not
+/// own (say, restored by root) still opens as before, with a warning.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(io_error(path))?;
+    let mode = file
+        .metadata()
+        .map_err(io_error(path))?
+        .permissions()
+        .mode();
+    tighten(path, mode, |p| file.set_permissions(p));
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::metadata(&side) {
+            Ok(meta) => tighten(&side, meta.permissions().mode(), |p| {
+                std::fs::set_permissions(&side, p)
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&side)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Takes group and other bits off a file whose `mode` has any, saying so.
+fn tighten(path: &Path, mode: u32, set: impl FnOnce(Permissions) -> std::io::Result<()>) {
+    if mode & 0o077 == 0 {
+        return;
+    }
+    let (was, now) = (
+        format!("{:04o}", mode & 0o7777),
+        format!("{:04o}", mode & 0o700),
+    );
+    match set(Permissions::from_mode(mode & 0o700)) {
+        Ok(()) => tracing::warn!(path = %path.display(), was, now,
+            "history file was open to other users; took their access away"),
+        Err(e) => tracing::warn!(path = %path.display(), mode = was, error = %e,
+            "history file is open to other users and its mode cannot be changed; chmod 0600 it"),
+    }
 }
 
 /// Opens with the daemon's settings and checks the file is a sound
@@ -295,9 +396,22 @@ pub fn maintain(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// A consistent copy of the live database at `dest` (which must not
-/// exist), taken with `VACUUM INTO` while writers continue.
-pub fn backup(conn: &Connection, dest: &Path) -> rusqlite::Result<()> {
-    conn.execute("VACUUM INTO ?1", params![dest.display().to_string()])?;
+/// exist), taken with `VACUUM INTO` while writers continue. The file is
+/// created here first, empty and 0600 (`VACUUM INTO` accepts an empty
+/// file): SQLite would create it with the umask's mode, and it holds
+/// every recorded prompt. Creating it exclusively also means a name
+/// planted at `dest` is never written through.
+pub fn backup(conn: &Connection, dest: &Path) -> Result<(), StoreError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(dest)
+        .map_err(io_error(dest))?;
+    if let Err(e) = conn.execute("VACUUM INTO ?1", params![dest.display().to_string()]) {
+        let _ = std::fs::remove_file(dest);
+        return Err(sqlite(dest)(e));
+    }
     Ok(())
 }
 
@@ -640,6 +754,70 @@ mod tests {
             )
             .unwrap();
         assert_eq!(left, 2);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn side(path: &Path, suffix: &str) -> PathBuf {
+        PathBuf::from(format!("{}{suffix}", path.display()))
+    }
+
+    // Whatever this process's umask (usually 022, which would give 0644
+    // and 0755), the files are private; tests/it/files.rs checks the
+    // daemon under umask 000.
+    #[test]
+    fn a_new_database_its_wal_and_shm_and_its_directory_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/h.db");
+        let (mut conn, _) = open_for_writing(&path).unwrap();
+        let event = Arc::new(ModelEvent::new("m", ModelEventKind::Ready, 1));
+        write_batch(&mut conn, &[], &[event], &[]).unwrap();
+        assert_eq!(mode(&dir.path().join("state")), DIR_MODE);
+        for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+            assert_eq!(mode(&p), FILE_MODE, "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn too_open_files_from_an_older_run_are_made_private_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        drop(open_for_writing(&path).unwrap());
+        for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+            if !p.exists() {
+                std::fs::write(&p, b"").unwrap();
+            }
+            std::fs::set_permissions(&p, Permissions::from_mode(0o666)).unwrap();
+        }
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o755)).unwrap();
+        let (_conn, note) = open_for_writing(&path).unwrap();
+        assert!(note.is_none(), "{note:?}");
+        for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+            assert_eq!(mode(&p), FILE_MODE, "{}", p.display());
+        }
+        assert_eq!(
+            mode(dir.path()),
+            0o755,
+            "a directory it did not create keeps its mode (with a warning)"
+        );
+    }
+
+    #[test]
+    fn a_backup_is_private_and_never_written_over_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, _) = open_for_writing(&dir.path().join("h.db")).unwrap();
+        let dest = dir.path().join("copy.db");
+        backup(&conn, &dest).unwrap();
+        assert_eq!(mode(&dest), FILE_MODE);
+        assert_eq!(verify(&dest).unwrap(), SCHEMA_VERSION);
+
+        let planted = dir.path().join("planted.db");
+        std::fs::write(&planted, b"keep me").unwrap();
+        let e = backup(&conn, &planted).unwrap_err();
+        assert!(e.to_string().contains("planted.db"), "{e}");
+        assert_eq!(std::fs::read(&planted).unwrap(), b"keep me");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - `cli`: config errors and exit codes, the client commands.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
+//! - `files`: modes of the state files under a permissive umask; the demo
+//!   script's refusal of a directory it cannot write safely.
 //! - `history`: request rows, model events, retention, recovery, metrics.
 //! - `hostile`: bodies that would hold memory or time, malformed requests,
 //!   wrong methods, oversized names.
@@ -19,6 +21,7 @@
 mod cli;
 mod common;
 mod faults;
+mod files;
 mod history;
 mod hostile;
 mod llama;
