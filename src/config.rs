@@ -56,6 +56,15 @@ impl fmt::Display for ListenAddr {
 }
 
 impl ListenAddr {
+    /// Reachable only from this machine: a loopback address or a unix
+    /// socket.
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            ListenAddr::Tcp(addr) => addr.ip().is_loopback(),
+            ListenAddr::Unix(_) => true,
+        }
+    }
+
     /// Parses `host:port`, `[v6]:port` or `unix:/absolute/path`.
     pub fn parse(text: &str) -> Result<Self, String> {
         if let Some(path) = text.strip_prefix("unix:") {
@@ -240,6 +249,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub history: HistoryConfig,
     /// Sorted by name.
+    pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -258,6 +268,8 @@ struct RawConfig {
     scheduler: RawScheduler,
     #[serde(default)]
     history: RawHistory,
+    #[serde(default)]
+    auth: RawAuth,
     #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
 }
@@ -593,6 +605,8 @@ impl Config {
             models.push(config);
         }
 
+        let auth = validate_auth(&src, &raw.auth, &listen, &models)?;
+
         Ok(Config {
             source: path.to_path_buf(),
             listen,
@@ -604,6 +618,7 @@ impl Config {
             http,
             scheduler,
             history,
+            auth,
             models,
         })
     }
@@ -646,6 +661,238 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// What a principal may do. `Admin` implies `Read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// The model routes (`/v1/*`, later Ollama's).
+    Inference,
+    /// History, stats, ps, metrics.
+    Read,
+    /// Stop, backup, the raw `/upstream/` pass-through.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 3] = [Scope::Inference, Scope::Read, Scope::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Inference => "inference",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// `[auth.keys.NAME]`: one API key, by the SHA-256 of its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub name: String,
+    pub sha256: [u8; 32],
+    /// As configured; `admin` also grants `read` (see [`KeyConfig::allows`]).
+    pub scopes: Vec<Scope>,
+    /// Canonical names of the models it may use; `None`: all.
+    pub models: Option<Vec<String>>,
+    /// Requests per minute (a token bucket of that size); `None`: unlimited.
+    pub rate_per_minute: Option<u32>,
+    /// Unix milliseconds after which it is refused.
+    pub expires_at_ms: Option<i64>,
+}
+
+impl KeyConfig {
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+            || (scope == Scope::Read && self.scopes.contains(&Scope::Admin))
+    }
+
+    /// Whether it may use the model of this canonical name.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|n| n == model))
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// A listener beyond loopback without any key is meant (else a config
+    /// error).
+    pub open: bool,
+    /// `/metrics` without a key (Prometheus scrapers often have none).
+    pub metrics_public: bool,
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    open: Option<bool>,
+    metrics_public: Option<bool>,
+    #[serde(default)]
+    keys: BTreeMap<Spanned<String>, Spanned<RawKey>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    hash: Spanned<String>,
+    scopes: Spanned<Vec<Spanned<String>>>,
+    models: Option<Vec<Spanned<String>>>,
+    rate: Option<Spanned<i64>>,
+    expires: Option<Spanned<String>>,
+}
+
+/// The `hash` of a key: `sha256:` and 64 hex digits.
+pub fn parse_key_hash(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// An expiry: an RFC 3339 time, or a date (midnight UTC).
+fn parse_expiry(text: &str) -> Option<i64> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_string()
+    };
+    let t = humantime::parse_rfc3339_weak(&full).ok()?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
+}
+
+fn validate_auth(
+    src: &Source<'_>,
+    raw: &RawAuth,
+    listen: &[ListenAddr],
+    models: &[ModelConfig],
+) -> Result<AuthConfig, ConfigError> {
+    let mut keys: Vec<KeyConfig> = Vec::with_capacity(raw.keys.len());
+    for (name, key) in &raw.keys {
+        let k = key.get_ref();
+        let at = |what: &str| format!("auth.keys.{}.{what}", name.get_ref());
+        let sha256 = parse_key_hash(k.hash.get_ref()).ok_or_else(|| {
+            src.error(
+                &k.hash,
+                format!(
+                    "{}: must be \"sha256:\" and 64 hex digits (claracore key new prints it)",
+                    at("hash")
+                ),
+            )
+        })?;
+        if let Some(other) = keys.iter().find(|o| o.sha256 == sha256) {
+            return Err(src.error(
+                &k.hash,
+                format!("{}: the same key as auth.keys.{}", at("hash"), other.name),
+            ));
+        }
+        let mut scopes = Vec::new();
+        for s in k.scopes.get_ref() {
+            let scope = Scope::parse(s.get_ref()).ok_or_else(|| {
+                src.error(
+                    s,
+                    format!(
+                        "{}: {:?} is not one of inference, read, admin",
+                        at("scopes"),
+                        s.get_ref()
+                    ),
+                )
+            })?;
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+        if scopes.is_empty() {
+            return Err(src.error(
+                &k.scopes,
+                format!("{}: give at least one scope", at("scopes")),
+            ));
+        }
+        let allowed = match &k.models {
+            None => None,
+            Some(list) => {
+                let mut names = Vec::with_capacity(list.len());
+                for m in list {
+                    let Some(found) = models
+                        .iter()
+                        .find(|c| &c.name == m.get_ref() || c.aliases.contains(m.get_ref()))
+                    else {
+                        return Err(src.error(
+                            m,
+                            format!(
+                                "{}: no model or alias {:?} is configured",
+                                at("models"),
+                                m.get_ref()
+                            ),
+                        ));
+                    };
+                    names.push(found.name.clone());
+                }
+                Some(names)
+            }
+        };
+        let rate_per_minute = match &k.rate {
+            None => None,
+            Some(r) => Some(
+                u32::try_from(*r.get_ref())
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        src.error(r, format!("{}: requests per minute, 1 or more", at("rate")))
+                    })?,
+            ),
+        };
+        let expires_at_ms = match &k.expires {
+            None => None,
+            Some(e) => Some(parse_expiry(e.get_ref()).ok_or_else(|| {
+                src.error(
+                    e,
+                    format!(
+                        "{}: {:?} is not a date (2027-01-31) or an RFC 3339 time",
+                        at("expires"),
+                        e.get_ref()
+                    ),
+                )
+            })?),
+        };
+        keys.push(KeyConfig {
+            name: name.get_ref().clone(),
+            sha256,
+            scopes,
+            models: allowed,
+            rate_per_minute,
+            expires_at_ms,
+        });
+    }
+    let open = raw.open.unwrap_or(false);
+    if keys.is_empty() && !open {
+        if let Some(exposed) = listen.iter().find(|l| !l.is_loopback()) {
+            return Err(ConfigError::Unpositioned {
+                path: src.path.to_path_buf(),
+                message: format!(
+                    "listen: {exposed} is reachable beyond this machine and no API key is configured; add an [auth.keys.NAME] (claracore key new) or set auth.open = true if every client on the network may run inference"
+                ),
+            });
+        }
+    }
+    Ok(AuthConfig {
+        open,
+        metrics_public: raw.metrics_public.unwrap_or(false),
+        keys,
+    })
 }
 
 fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {

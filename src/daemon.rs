@@ -108,6 +108,23 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The config checks its own `listen`; sockets passed in by systemd are
+    // only known now.
+    let keys = config.auth.keys.len();
+    if keys == 0 && !config.auth.open {
+        if let Some(exposed) = listeners.iter().find(|b| !b.is_loopback()) {
+            let e = format!(
+                "{}: the listener {} is reachable beyond this machine and no API key is configured; add an [auth.keys.NAME] (claracore key new) or set auth.open = true",
+                path.display(),
+                exposed.describe()
+            );
+            eprintln!("claracore: {e}");
+            tracing::error!("{e}");
+            notifier.status(&format!("failed to start: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    tracing::info!("{}", access_notice(keys, &config.auth, &listeners));
     match systemd::drop_privileges() {
         Ok(d) if d.capabilities.is_empty() => {
             tracing::debug!("no capabilities held; no_new_privs set")
@@ -224,4 +241,28 @@ fn bind(
         .iter()
         .map(|addr| Bound::bind(addr, config.socket_mode))
         .collect()
+}
+
+/// One line at start saying who may do what.
+fn access_notice(keys: usize, auth: &crate::config::AuthConfig, listeners: &[Bound]) -> String {
+    let socket = listeners.iter().find(|b| b.is_unix()).map_or_else(
+        || "no local socket is configured".to_string(),
+        |b| format!("the local socket {} is admin", b.describe()),
+    );
+    let metrics = if auth.metrics_public {
+        ", /metrics"
+    } else {
+        ""
+    };
+    if keys == 0 {
+        format!(
+            "access: no API key configured: inference is open to every client that reaches a TCP listener{}; read and admin routes only through the local socket ({socket}); /health, /live, /ready{metrics} are open",
+            if auth.open { " (auth.open: beyond loopback too)" } else { "" },
+        )
+    } else {
+        format!(
+            "access: {keys} API key{} configured: every TCP request needs one, except /health, /live, /ready{metrics}; {socket}",
+            if keys == 1 { "" } else { "s" }
+        )
+    }
 }

@@ -9,6 +9,8 @@
 //! - [`daemon`]: bootstrap (env, config, logging, bind, privileges, runtime,
 //!   signals) before [`server::serve`].
 //! - [`api`]: the route table, handlers, error → status mapping.
+//! - [`auth`]: principals (local socket, API keys, anonymous), scopes,
+//!   rates and failure throttling.
 //! - [`proxy`]: streaming pass-through to a child, holding its lease.
 //! - [`upstream`]: the HTTP client to one child and its pool.
 //! - [`scheduler`]: the actor that owns every model's state (start, swap,
@@ -36,12 +38,13 @@
 //!   server, cli
 //!     api
 //!       proxy
-//!         scheduler, metrics
+//!         scheduler, metrics, auth
 //!           history, supervisor, upstream, listen, logging, systemd
 //!             config, events, procfs      (leaves)
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -68,7 +71,7 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 19] = [
+    const RANKS: [(&str, u8); 20] = [
         ("config", 0),
         ("events", 0),
         ("procfs", 0),
@@ -79,6 +82,7 @@ mod layout {
         ("logging", 1),
         ("systemd", 1),
         ("scheduler", 2),
+        ("auth", 2),
         ("metrics", 2),
         ("proxy", 3),
         ("api", 4),

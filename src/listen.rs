@@ -12,8 +12,10 @@
 //! wider mode in between.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -123,6 +125,19 @@ impl Bound {
         Ok(out)
     }
 
+    /// Reachable only from this machine: a unix socket, or TCP on a
+    /// loopback address.
+    pub fn is_loopback(&self) -> bool {
+        match &self.socket {
+            BoundSocket::Tcp(l) => l.local_addr().is_ok_and(|a| a.ip().is_loopback()),
+            BoundSocket::Unix { .. } => true,
+        }
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self.socket, BoundSocket::Unix { .. })
+    }
+
     /// The address as an operator would write it.
     pub fn describe(&self) -> String {
         match &self.socket {
@@ -179,6 +194,21 @@ pub enum Conn {
     Unix(UnixStream),
 }
 
+/// How a connection reached the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    Tcp { ip: IpAddr },
+    Unix { uid: Option<u32> },
+}
+
+/// A connection's peer, as the server accepted it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// For logs and history: `ip:port` or the socket's description.
+    pub addr: Arc<str>,
+    pub transport: Transport,
+}
+
 impl Listener {
     /// The address as an operator would write it (with the real port for
     /// `:0` binds).
@@ -195,22 +225,35 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection and names its peer for logs and history.
-    pub async fn accept(&self) -> io::Result<(Conn, String)> {
+    /// Accepts one connection and names its peer (for logs, history and
+    /// authentication: a unix peer's uid comes from SO_PEERCRED).
+    pub async fn accept(&self) -> io::Result<(Conn, Peer)> {
         match self {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 // Small request/response exchanges and SSE chunks must not
                 // wait for Nagle.
                 stream.set_nodelay(true)?;
-                Ok((Conn::Tcp(stream), peer.to_string()))
+                let addr = peer.to_string().into();
+                Ok((
+                    Conn::Tcp(stream),
+                    Peer {
+                        addr,
+                        transport: Transport::Tcp { ip: peer.ip() },
+                    },
+                ))
             }
             Listener::Unix { listener, .. } => {
                 let (stream, _) = listener.accept().await?;
-                let peer = stream
-                    .peer_cred()
-                    .map_or_else(|_| "unix".to_string(), |c| format!("unix:uid={}", c.uid()));
-                Ok((Conn::Unix(stream), peer))
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                let addr = uid.map_or_else(|| "unix".to_string(), |u| format!("unix:uid={u}"));
+                Ok((
+                    Conn::Unix(stream),
+                    Peer {
+                        addr: addr.into(),
+                        transport: Transport::Unix { uid },
+                    },
+                ))
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::api::{self, AppState};
 use crate::config::{Config, HttpConfig};
 use crate::events::{Bus, Event, ModelState, Topic};
 use crate::history::{now_ms, Recorder, Sample};
-use crate::listen::{Bound, Conn, Listener};
+use crate::listen::{Bound, Conn, Listener, Peer};
 use crate::metrics::Metrics;
 use crate::procfs::{pid_figures, process_figures};
 use crate::scheduler::Scheduler;
@@ -87,6 +87,7 @@ pub async fn serve(
         recorder,
         metrics,
         bus,
+        auth: std::sync::RwLock::new(Arc::new(crate::auth::Auth::new(&config.auth))),
         body_budget: api::body::BodyBudget::new(
             usize::try_from(config.http.body_memory_bytes).unwrap_or(usize::MAX),
         ),
@@ -461,7 +462,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let peer: Arc<str> = peer.into();
+        let peer = Arc::new(peer);
         let builder = builder(&state.config().http);
         let (done, stop, state) = (done.clone(), stop.clone(), state.clone());
         match conn {
@@ -485,7 +486,7 @@ async fn serve_conn<S>(
     builder: http1::Builder,
     stream: S,
     state: Arc<AppState>,
-    peer: Arc<str>,
+    peer: Arc<Peer>,
     _done: mpsc::Sender<()>,
     mut stop: watch::Receiver<bool>,
 ) where

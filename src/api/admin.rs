@@ -16,7 +16,8 @@ use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
 
 pub(super) async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
-    let models = ctx.state.scheduler.status().await;
+    let mut models = ctx.state.scheduler.status().await;
+    models.retain(|m| ctx.principal.may_use(&m.name));
     json_response(StatusCode::OK, &json!({ "models": models }))
 }
 
@@ -24,7 +25,7 @@ pub(super) async fn stop_model(
     ctx: &Ctx<'_>,
     requested: &str,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let model = resolve(&ctx.config, requested)?;
+    let model = resolve(ctx, requested)?;
     let was_running = ctx.state.scheduler.stop(&model).await.unwrap_or(false);
     Ok(json_response(
         StatusCode::OK,

@@ -9,6 +9,7 @@ use hyper::{Method, Response, StatusCode};
 use serde_json::json;
 
 use super::json_response;
+use crate::auth::Denied;
 use crate::history::Outcome;
 use crate::proxy::BoxBody;
 use crate::scheduler::AcquireError;
@@ -51,6 +52,8 @@ pub enum ApiError {
     Busy,
     #[error("{0}")]
     Unavailable(AcquireError),
+    #[error("{0}")]
+    Denied(Denied),
     #[error("the model process did not answer the request")]
     Upstream,
     #[error("history is not recorded on this server")]
@@ -69,6 +72,11 @@ impl ApiError {
             // nginx's "client closed request"; the client never sees it.
             ApiError::ClientGone => CLIENT_CLOSED,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Denied(Denied::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
+            ApiError::Denied(Denied::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            ApiError::Denied(Denied::Throttled { .. } | Denied::RateLimited { .. }) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(AcquireError::Unknown(_)) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -87,6 +95,7 @@ impl ApiError {
             | ApiError::NotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::Busy
+            | ApiError::Denied(_)
             | ApiError::HistoryDisabled
             | ApiError::Unavailable(AcquireError::ShuttingDown | AcquireError::Unknown(_)) => {
                 Outcome::Rejected
@@ -115,6 +124,14 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             ApiError::ClientGone => ("invalid_request_error", "client_closed"),
             ApiError::Busy => ("server_error", "overloaded"),
+            ApiError::Denied(Denied::Unauthenticated(_)) => {
+                ("authentication_error", "invalid_api_key")
+            }
+            ApiError::Denied(Denied::Forbidden { .. }) => {
+                ("permission_error", "insufficient_scope")
+            }
+            ApiError::Denied(Denied::Throttled { .. }) => ("rate_limit_error", "too_many_failures"),
+            ApiError::Denied(Denied::RateLimited { .. }) => ("rate_limit_error", "rate_limited"),
             ApiError::Unavailable(AcquireError::ShuttingDown) => ("server_error", "shutting_down"),
             ApiError::Unavailable(_) => ("server_error", "model_unavailable"),
             ApiError::Upstream => ("server_error", "upstream_error"),
@@ -136,10 +153,19 @@ impl ApiError {
                 Some(retry_after.as_secs().max(1))
             }
             ApiError::Busy => Some(1),
+            ApiError::Denied(
+                Denied::Throttled { retry_after } | Denied::RateLimited { retry_after },
+            ) => Some(retry_after.as_secs().max(1)),
             _ => None,
         };
         if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let ApiError::Denied(Denied::Unauthenticated(_)) = &self {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"claracore\""),
+            );
         }
         if let ApiError::MethodNotAllowed { allow, .. } = &self {
             if let Ok(v) = HeaderValue::from_str(&names(allow)) {

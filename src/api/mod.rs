@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use crate::auth::{Auth, Peer, Principal};
 use crate::config::Config;
 use crate::events::Bus;
 use crate::history::Recorder;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub bus: Bus,
     /// Request-body bytes all requests together may hold in memory.
     pub body_budget: body::BodyBudget,
+    /// Keys and throttling state; replaced with the config on reload.
+    pub auth: std::sync::RwLock<Arc<Auth>>,
     /// Counter part of generated request ids.
     pub next_request: std::sync::atomic::AtomicU64,
 }
@@ -65,10 +68,24 @@ impl AppState {
         }
     }
 
+    pub fn auth(&self) -> Arc<Auth> {
+        match self.auth.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Applies a reloaded config; its keys take effect at once (rates and
+    /// failure counts start over).
     pub fn set_config(&self, config: Arc<Config>) {
+        let auth = Arc::new(Auth::new(&config.auth));
         match self.config.write() {
             Ok(mut c) => *c = config,
             Err(poisoned) => *poisoned.into_inner() = config,
+        }
+        match self.auth.write() {
+            Ok(mut a) => *a = auth,
+            Err(poisoned) => *poisoned.into_inner() = auth,
         }
     }
 }
@@ -93,36 +110,37 @@ fn full(data: impl Into<Bytes>) -> BoxBody {
 pub struct Ctx<'a> {
     pub state: &'a Arc<AppState>,
     /// The client's address (`ip:port`, or the unix socket).
-    pub peer: &'a str,
+    pub peer: &'a Peer,
     /// The config as it was when the request arrived, for all of it.
     pub config: Arc<Config>,
+    /// Who is asking (authenticated; authorized for the route).
+    pub principal: Principal,
 }
 
 /// Entry point for every request.
 pub async fn handle(
     state: Arc<AppState>,
-    peer: Arc<str>,
+    peer: Arc<Peer>,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, std::convert::Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let ctx = Ctx {
-        state: &state,
-        peer: &peer,
-        config: state.config(),
-    };
-    let result = dispatch(&ctx, req).await;
+    let result = dispatch(&state, &peer, req).await;
     let resp = result.unwrap_or_else(|e| {
-        tracing::info!(peer = %peer, method = %method, path = %path, error = %e, "request failed");
+        tracing::info!(peer = %peer.addr, method = %method, path = %path, error = %e, "request failed");
         e.into_response()
     });
-    tracing::debug!(peer = %peer, method = %method, path = %path, status = resp.status().as_u16(),
+    tracing::debug!(peer = %peer.addr, method = %method, path = %path, status = resp.status().as_u16(),
         head_ms = started.elapsed().as_secs_f64() * 1000.0, "request");
     Ok(resp)
 }
 
-async fn dispatch(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<BoxBody>, ApiError> {
+async fn dispatch(
+    state: &Arc<AppState>,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, ApiError> {
     let route = match routes::parse(req.method(), req.uri().path()) {
         Ok(route) => route,
         Err(NoRoute::NotFound) => {
@@ -138,6 +156,34 @@ async fn dispatch(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<BoxB
                 allow,
             })
         }
+    };
+    let config = state.config();
+    let auth = state.auth();
+    let scopes = route.scopes(config.auth.metrics_public);
+    let checked = if scopes.is_empty() {
+        // Open routes ignore credentials: a probe with a stale key still
+        // works, and is no failed attempt.
+        Ok(Principal::Anonymous)
+    } else {
+        auth.authenticate(peer, req.headers(), crate::events::now_ms())
+            .and_then(|principal| auth.authorize(&principal, scopes).map(|()| principal))
+    };
+    let principal = match checked {
+        Ok(p) => p,
+        Err(denied) => {
+            let e = ApiError::Denied(denied);
+            return match route {
+                // Refused inference requests keep their history row.
+                Route::Inference(endpoint) => Ok(openai::refused(state, peer, endpoint, &req, e)),
+                _ => Err(e),
+            };
+        }
+    };
+    let ctx = &Ctx {
+        state,
+        peer,
+        config,
+        principal,
     };
     let query = req.uri().query().map(str::to_string);
     let query = query.as_deref();
@@ -158,15 +204,24 @@ async fn dispatch(ctx: &Ctx<'_>, req: Request<Incoming>) -> Result<Response<BoxB
     }
 }
 
-/// The canonical name of a configured model or alias.
-fn resolve(config: &Config, requested: &str) -> Result<String, ApiError> {
-    config
-        .model(requested)
-        .map(|m| m.name.clone())
-        .ok_or_else(|| ApiError::UnknownModel {
+/// The canonical name of a configured model or alias that `ctx`'s
+/// principal may use; any other is unknown, and the list of valid names
+/// holds only those it may use (a key cannot probe for names).
+fn resolve(ctx: &Ctx<'_>, requested: &str) -> Result<String, ApiError> {
+    let config = &ctx.config;
+    let p = &ctx.principal;
+    match config.model(requested) {
+        Some(m) if p.may_use(&m.name) => Ok(m.name.clone()),
+        _ => Err(ApiError::UnknownModel {
             requested: requested.to_string(),
-            available: config.models.iter().map(|m| m.name.clone()).collect(),
-        })
+            available: config
+                .models
+                .iter()
+                .filter(|m| p.may_use(&m.name))
+                .map(|m| m.name.clone())
+                .collect(),
+        }),
+    }
 }
 
 /// Everything a request controls, thrown at the pure parsers: none may

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::routes::Inference;
 use super::{body, json_response, resolve, ApiError, AppState, Ctx};
+use crate::auth::Peer;
 use crate::events::Bus;
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, Outcome};
@@ -147,13 +148,10 @@ pub(super) async fn model_request(
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let id = request_id(ctx.state, &req);
+    let mut pending = Pending::new(id.clone(), &ctx.peer.addr, endpoint.path(), Instant::now());
+    pending.record.key_name = ctx.principal.name();
     let mut row = Row {
-        pending: Some(Pending::new(
-            id.clone(),
-            ctx.peer,
-            endpoint.path(),
-            Instant::now(),
-        )),
+        pending: Some(pending),
         bus: &ctx.state.bus,
     };
     let mut resp = match forward_model_request(ctx, req, &mut row.pending).await {
@@ -163,6 +161,29 @@ pub(super) async fn model_request(
             e.into_response()
         }
     };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// An inference request refused before it was read (authentication,
+/// scope, rate): answered with `e`, and recorded.
+pub(super) fn refused(
+    state: &AppState,
+    peer: &Peer,
+    endpoint: Inference,
+    req: &Request<Incoming>,
+    e: ApiError,
+) -> Response<BoxBody> {
+    let id = request_id(state, req);
+    Pending::new(id.clone(), &peer.addr, endpoint.path(), Instant::now()).finish(
+        &state.bus,
+        e.status().as_u16(),
+        e.outcome(),
+        Some(e.to_string()),
+    );
+    let mut resp = e.into_response();
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -208,7 +229,7 @@ async fn forward_model_request(
     if let Some(p) = pending.as_mut() {
         p.set_request_content(state.recorder.content, &held.bytes);
     }
-    let model = resolve(&ctx.config, &requested_model(&held.bytes)?)?;
+    let model = resolve(ctx, &requested_model(&held.bytes)?)?;
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(model.clone());
     }
@@ -256,7 +277,7 @@ pub(super) async fn passthrough(
     tail: &str,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let model = resolve(&ctx.config, requested)?;
+    let model = resolve(ctx, requested)?;
     let mut path_and_query = format!("/{tail}");
     if let Some(q) = req.uri().query() {
         path_and_query.push('?');
@@ -296,6 +317,7 @@ pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
         .config
         .models
         .iter()
+        .filter(|m| ctx.principal.may_use(&m.name))
         .map(|m| {
             let st = status
                 .iter()

@@ -15,9 +15,14 @@
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //!
-//! `/api/*` is left free for Ollama's API.
+//! `/api/*` is left free for Ollama's API. [`Route::scopes`] says who may
+//! call each: `inference` for the model routes, `read` for the read-only
+//! admin routes and `/metrics`, `admin` for stop, backup and the raw
+//! pass-through; the probes are open.
 
 use hyper::Method;
+
+use crate::config::Scope;
 
 /// An OpenAI-shaped endpoint whose JSON body names the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +69,30 @@ pub enum Route {
     },
     AdminStats,
     AdminBackup,
+}
+
+impl Route {
+    /// The scopes of which a principal needs one; empty: open to all.
+    /// `/metrics` is open only when the config says so.
+    pub fn scopes(&self, metrics_public: bool) -> &'static [Scope] {
+        const INFERENCE: &[Scope] = &[Scope::Inference];
+        const LISTING: &[Scope] = &[Scope::Inference, Scope::Read];
+        const READ: &[Scope] = &[Scope::Read];
+        const ADMIN: &[Scope] = &[Scope::Admin];
+        match self {
+            Route::Inference(_) => INFERENCE,
+            Route::Models => LISTING,
+            Route::Health | Route::Live | Route::Ready => &[],
+            Route::Metrics if metrics_public => &[],
+            Route::Metrics
+            | Route::AdminPs
+            | Route::AdminHistory
+            | Route::AdminHistoryEntry { .. }
+            | Route::AdminStats => READ,
+            // The pass-through reaches every llama-server endpoint.
+            Route::Upstream { .. } | Route::AdminStop { .. } | Route::AdminBackup => ADMIN,
+        }
+    }
 }
 
 /// Why no route matched.
