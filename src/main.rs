@@ -22,21 +22,23 @@ fn main() -> ExitCode {
             Err(e) => clap_exit(&e),
         },
         Command::Version => report(Ok(format!("claracore {}\n", env!("CARGO_PKG_VERSION")))),
-        Command::Ps(d) => report(fetch(&d.host, get, "/admin/ps", render::format_ps)),
-        Command::List(d) => report(fetch(&d.host, get, "/v1/models", render::format_list)),
+        Command::Ps(d) => report(fetch(&d.target(), get, "/admin/ps", render::format_ps)),
+        Command::List(d) => report(fetch(&d.target(), get, "/v1/models", render::format_list)),
         Command::Stop { daemon: d, model } => {
             let path = format!("/admin/models/{model}/stop");
-            report(fetch(&d.host, Method::POST, &path, render::format_stop))
+            report(fetch(&d.target(), Method::POST, &path, render::format_stop))
         }
         Command::History(h) => {
             let render = render::json_or(h.json, render::format_history);
-            report(fetch(&h.daemon.host, get, &h.path(), render))
+            report(fetch(&h.daemon.target(), get, &h.path(), render))
         }
         Command::Stats(s) => {
             let render = render::json_or(s.json, render::format_stats);
-            report(fetch(&s.daemon.host, get, &s.path(), render))
+            report(fetch(&s.daemon.target(), get, &s.path(), render))
         }
-        Command::Backup { daemon, file } => report(cli::block_on(cli::backup(&daemon.host, &file))),
+        Command::Backup { daemon, file } => {
+            report(cli::block_on(cli::backup(&daemon.target(), &file)))
+        }
         Command::Restore { file, config } => match Config::load(&config) {
             Ok(c) => report(cli::restore(&c, &file)),
             Err(e) => {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Key(cli::KeyCommand::New(key)) => report(key.run()),
         Command::Generate(what) => report(generate::run(&what)),
     }
 }

@@ -12,11 +12,22 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// A daemon address for client commands.
+/// A daemon address for client commands. Over TCP it may carry an API key;
+/// the local socket needs none (its file mode is the authorization).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
-    Tcp(String),
+    Tcp { authority: String, key: Option<Key> },
     Unix(PathBuf),
+}
+
+/// An API key on its way to the daemon; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(pub String);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(…)")
+    }
 }
 
 impl Host {
@@ -33,7 +44,21 @@ impl Host {
                 "host {text:?} must be http://HOST:PORT with no path"
             ));
         }
-        Ok(Host::Tcp(authority.to_string()))
+        Ok(Host::Tcp {
+            authority: authority.to_string(),
+            key: None,
+        })
+    }
+
+    /// The same daemon, sending `key` (over TCP; the socket needs none).
+    pub fn with_key(self, key: Option<String>) -> Host {
+        match self {
+            Host::Tcp { authority, .. } => Host::Tcp {
+                authority,
+                key: key.map(Key),
+            },
+            unix @ Host::Unix(_) => unix,
+        }
     }
 }
 
@@ -54,7 +79,7 @@ pub enum ClientError {
 impl Host {
     fn describe(&self) -> String {
         match self {
-            Host::Tcp(a) => format!("http://{a}"),
+            Host::Tcp { authority, .. } => format!("http://{authority}"),
             Host::Unix(p) => format!("unix:{}", p.display()),
         }
     }
@@ -95,8 +120,8 @@ pub async fn call_raw(
     };
     let exchange = async {
         match host {
-            Host::Tcp(addr) => {
-                let s = tokio::net::TcpStream::connect(addr.as_str())
+            Host::Tcp { authority, .. } => {
+                let s = tokio::net::TcpStream::connect(authority.as_str())
                     .await
                     .map_err(connect_err)?;
                 exchange(s, host, method, path).await
@@ -134,14 +159,18 @@ where
         .await
         .map_err(|e| proto(e.to_string()))?;
     tokio::spawn(conn);
-    let authority = match host {
-        Host::Tcp(a) => a.clone(),
-        Host::Unix(_) => "localhost".into(),
+    let (authority, key) = match host {
+        Host::Tcp { authority, key } => (authority.clone(), key.as_ref()),
+        Host::Unix(_) => ("localhost".into(), None),
     };
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, authority)
+        .header(hyper::header::HOST, authority);
+    if let Some(Key(key)) = key {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| proto(e.to_string()))?;
     let resp = sender

@@ -22,21 +22,24 @@ pub mod generate;
 pub mod render;
 pub mod restore;
 
-pub use client::{backup, block_on, call, call_raw, fetch, ClientError, Host};
+pub use client::{backup, block_on, call, call_raw, fetch, ClientError, Host, Key};
 pub use render::{format_history, format_list, format_ps, format_stats};
 pub use restore::restore;
 
 /// Where `serve` and `restore` look when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/claracore/config.toml";
 /// Where client commands connect when neither `--host` nor
-/// `CLARACORE_HOST` says otherwise.
+/// `CLARACORE_HOST` says otherwise and [`LOCAL_SOCKET`] does not exist.
 pub const DEFAULT_HOST: &str = "http://127.0.0.1:5800";
+/// The units' local socket: tried first, since it needs no key.
+pub const LOCAL_SOCKET: &str = "/run/claracore/claracore.sock";
 
 const AFTER_HELP: &str = "\
 Client commands (ps, list, stop, history, stats, backup) talk to a running
 daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or unix:/path,
-default http://127.0.0.1:5800. `claracore COMMAND --help` shows a command's
-flags.";
+default the local socket /run/claracore/claracore.sock if it exists (no key
+needed), else http://127.0.0.1:5800. Over TCP, --key or CLARACORE_KEY is
+sent as the API key. `claracore COMMAND --help` shows a command's flags.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,9 +99,91 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// API keys: `key new NAME --scope …` makes one
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Shell completions and man pages, for packages to install
     #[command(subcommand, hide = true)]
     Generate(generate::Generate),
+}
+
+/// `claracore key …`.
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum KeyCommand {
+    /// A new key: prints the token once, and the config lines that hold
+    /// only its hash
+    New(NewKey),
+}
+
+/// `key new`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct NewKey {
+    /// The key's name (history rows and logs carry it)
+    #[arg(value_parser = key_name)]
+    pub name: String,
+    /// What it may do: inference, read, admin (admin includes read); repeat
+    /// for several
+    #[arg(long = "scope", value_name = "SCOPE", required = true,
+          value_parser = PossibleValuesParser::new(["inference", "read", "admin"]))]
+    pub scopes: Vec<String>,
+    /// A model (name or alias) it may use; repeat for several; default all
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
+    /// Requests per minute it may make
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: Option<u32>,
+    /// When it stops working: a date (2027-01-31) or an RFC 3339 time
+    #[arg(long, value_name = "WHEN")]
+    pub expires: Option<String>,
+}
+
+impl NewKey {
+    /// The token (shown once) and the TOML to add to the config.
+    pub fn run(&self) -> Result<String, String> {
+        let (token, hash) =
+            crate::auth::new_token().map_err(|e| format!("no randomness from the OS: {e}"))?;
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut toml = format!(
+            "[auth.keys.{}]\nhash = \"{hash}\"\nscopes = [{}]\n",
+            self.name,
+            list(&self.scopes)
+        );
+        if !self.models.is_empty() {
+            toml.push_str(&format!("models = [{}]\n", list(&self.models)));
+        }
+        if let Some(rate) = self.rate {
+            toml.push_str(&format!("rate = {rate}\n"));
+        }
+        if let Some(expires) = &self.expires {
+            toml.push_str(&format!("expires = {expires:?}\n"));
+        }
+        Ok(format!(
+            "The key (shown only now; claracore keeps only its hash):\n\n  {token}\n\n\
+             Clients send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.\n\
+             Add this to the config and reload (systemctl reload claracore):\n\n{toml}"
+        ))
+    }
+}
+
+/// A key's name: a TOML bare key, so the printed lines parse as they are.
+fn key_name(text: &str) -> Result<String, String> {
+    if !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?}: a key name is 1 to 64 letters, digits, '-' or '_'"
+        ))
+    }
 }
 
 /// `check-config`'s arguments.
@@ -133,15 +218,35 @@ impl CheckConfig {
 /// The daemon a client command talks to.
 #[derive(Debug, PartialEq, Eq, Args)]
 pub struct Daemon {
-    /// The daemon: an http://HOST:PORT URL or unix:/path
+    /// The daemon: an http://HOST:PORT URL or unix:/path [default: the local
+    /// socket if it exists, else http://127.0.0.1:5800]
+    #[arg(long, value_name = "URL", env = "CLARACORE_HOST", value_parser = Host::parse)]
+    pub host: Option<Host>,
+    /// The API key to send over TCP
     #[arg(
         long,
-        value_name = "URL",
-        env = "CLARACORE_HOST",
-        default_value = DEFAULT_HOST,
-        value_parser = Host::parse
+        value_name = "KEY",
+        env = "CLARACORE_KEY",
+        hide_env_values = true
     )]
-    pub host: Host,
+    pub key: Option<String>,
+}
+
+impl Daemon {
+    /// Where to connect, with the key.
+    pub fn target(&self) -> Host {
+        let host = self.host.clone().unwrap_or_else(|| {
+            if Path::new(LOCAL_SOCKET).exists() {
+                Host::Unix(LOCAL_SOCKET.into())
+            } else {
+                Host::Tcp {
+                    authority: DEFAULT_HOST.trim_start_matches("http://").into(),
+                    key: None,
+                }
+            }
+        });
+        host.with_key(self.key.clone())
+    }
 }
 
 /// `history`'s arguments.
@@ -293,14 +398,19 @@ mod tests {
         assert_eq!(
             parse("ps --host unix:/run/c.sock").unwrap(),
             Command::Ps(Daemon {
-                host: Host::Unix("/run/c.sock".into())
+                host: Some(Host::Unix("/run/c.sock".into())),
+                key: None
             })
         );
         assert_eq!(
             parse("stop tiny --host http://127.0.0.1:9").unwrap(),
             Command::Stop {
                 daemon: Daemon {
-                    host: Host::Tcp("127.0.0.1:9".into())
+                    host: Some(Host::Tcp {
+                        authority: "127.0.0.1:9".into(),
+                        key: None
+                    }),
+                    key: None
                 },
                 model: "tiny".into()
             }
