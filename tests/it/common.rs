@@ -110,6 +110,21 @@ pub fn serve(
     listener: Option<std::net::TcpListener>,
     env: &[(&str, &str)],
 ) -> Child {
+    let fds = listener
+        .map(|l| (OwnedFd::from(l), "http"))
+        .into_iter()
+        .collect();
+    serve_activated(config, log, fds, env)
+}
+
+/// [`serve`] with any number of activated sockets, each with its
+/// `LISTEN_FDNAMES` name (`http`, `local`), at fds 3, 4, …
+pub fn serve_activated(
+    config: &Path,
+    log: &Path,
+    fds: Vec<(OwnedFd, &str)>,
+    env: &[(&str, &str)],
+) -> Child {
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--config"])
         .arg(config)
@@ -127,14 +142,19 @@ pub fn serve(
     ] {
         cmd.env_remove(var);
     }
-    if let Some(listener) = listener {
-        cmd.env("LISTEN_FDS", "1")
-            .env("LISTEN_FDNAMES", "http")
-            .fd_mappings(vec![FdMapping {
-                parent_fd: OwnedFd::from(listener),
-                child_fd: 3,
-            }])
-            .unwrap();
+    if !fds.is_empty() {
+        let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
+        cmd.env("LISTEN_FDS", fds.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        let mappings = fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, (fd, _))| FdMapping {
+                parent_fd: fd,
+                child_fd: 3 + i as i32,
+            })
+            .collect();
+        cmd.fd_mappings(mappings).unwrap();
     }
     cmd.envs(env.iter().copied());
     cmd.spawn().unwrap()
@@ -143,7 +163,8 @@ pub fn serve(
 /// How the daemon under test gets its sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listen {
-    /// A [`prebound`] TCP listener, socket-activated (see [`serve`]).
+    /// A [`prebound`] TCP listener and a unix socket (`local`), both
+    /// socket-activated (see [`serve_activated`]).
     Prebound,
     /// The daemon binds its config's `listen` itself: `127.0.0.1:0` and a
     /// unix socket in its directory (see [`Daemon::socket`]). For tests of
@@ -171,12 +192,17 @@ impl Daemon {
     /// [`Daemon::start`] with the sockets as `listen` says.
     pub fn start_with(listen: Listen, body: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("claracore.sock");
         let (listener, listen_line) = match listen {
             Listen::Prebound => {
-                // The config names the same address: a daemon that ignored
-                // the activated socket would fail to bind it, loudly.
+                // The config names the same addresses: a daemon that
+                // ignored the activated sockets would fail to bind them,
+                // loudly.
                 let (listener, addr) = prebound();
-                (Some(listener), format!("listen = [\"{addr}\"]"))
+                (
+                    Some(listener),
+                    format!("listen = [\"{addr}\", \"unix:{}\"]", socket.display()),
+                )
             }
             Listen::Itself => (
                 None,
@@ -197,10 +223,16 @@ impl Daemon {
         let addr = listener
             .as_ref()
             .map(|l| l.local_addr().unwrap().to_string());
-        let mut child = serve(
+        let mut fds = Vec::new();
+        if let Some(l) = listener {
+            fds.push((OwnedFd::from(l), "http"));
+            let unix = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+            fds.push((OwnedFd::from(unix), "local"));
+        }
+        let mut child = serve_activated(
             &config_path,
             &log,
-            listener,
+            fds,
             &[("CLARACORE_LOG", "info,claracore=debug"), ("NO_COLOR", "1")],
         );
         let addr = addr.unwrap_or_else(|| own_listener(&mut child, Some(&log)));
@@ -218,14 +250,15 @@ impl Daemon {
         self.child.id()
     }
 
-    /// The unix socket the daemon binds itself ([`Listen::Itself`] only).
+    /// The daemon's unix socket (activated, or bound by the daemon with
+    /// [`Listen::Itself`]): the local principal, admin.
     pub fn socket(&self) -> PathBuf {
-        assert_eq!(
-            self.listen,
-            Listen::Itself,
-            "a daemon on a prebound listener has no unix socket: start it with Listen::Itself"
-        );
         self.dir.path().join("claracore.sock")
+    }
+
+    /// Whether the daemon bound its own sockets.
+    pub fn binds_itself(&self) -> bool {
+        self.listen == Listen::Itself
     }
 
     pub fn log_text(&self) -> String {
@@ -253,7 +286,13 @@ impl Daemon {
         }
     }
 
+    /// A GET on the local socket (admin: no key needed there).
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        request_unix(&self.socket(), Method::GET, path, None).await
+    }
+
+    /// A GET over TCP, as a client without a key.
+    pub async fn get_tcp(&self, path: &str) -> (StatusCode, Value) {
         request(&self.addr, Method::GET, path, None).await
     }
 
@@ -295,7 +334,10 @@ impl Daemon {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)
             .args(args)
-            .env("CLARACORE_HOST", format!("http://{}", self.addr))
+            .env(
+                "CLARACORE_HOST",
+                format!("unix:{}", self.socket().display()),
+            )
             .output()
             .unwrap()
     }
@@ -327,6 +369,45 @@ pub async fn request(
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
+}
+
+/// [`request`] on a unix socket.
+pub async fn request_unix(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> (StatusCode, Value) {
+    let resp = send_unix(socket, method, path, body).await;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+/// [`send`] on a unix socket.
+pub async fn send_unix(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    sender.send_request(req).await.unwrap()
 }
 
 pub async fn send(

@@ -421,7 +421,8 @@ async fn request_errors_have_the_openai_shape() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hop_by_hop_headers_are_stripped_and_others_forwarded() {
     let d = Daemon::start(&fake_model_table("f", &[], ""));
-    let stream = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
+    // The raw pass-through is admin: the local socket.
+    let stream = tokio::net::UnixStream::connect(d.socket()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();

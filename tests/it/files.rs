@@ -114,7 +114,13 @@ async fn state_files_backups_and_restores_are_private_under_umask_000() {
     .await;
     assert_eq!(status, StatusCode::OK);
     // The history endpoint flushes the writer first: the row is on disk.
-    let (status, rows) = request(&addr, Method::GET, "/admin/history", None).await;
+    let (status, rows) = request_unix(
+        &dir.path().join("claracore.sock"),
+        Method::GET,
+        "/admin/history",
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert!(rows["requests"][0]["request_content"]
         .as_str()
@@ -133,7 +139,10 @@ async fn state_files_backups_and_restores_are_private_under_umask_000() {
     // once; store's unit tests check its mode) and the CLI's file.
     let backup = dir.path().join("backup.db");
     let out = under_umask_000(&[BIN, "backup", &backup.display().to_string()])
-        .env("CLARACORE_HOST", format!("http://{addr}"))
+        .env(
+            "CLARACORE_HOST",
+            format!("unix:{}", dir.path().join("claracore.sock").display()),
+        )
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -610,7 +610,7 @@ async fn metrics_parse_as_prometheus_text_and_match_the_history() {
     );
     wait_count(&d, "SELECT count(*) FROM requests", 6);
 
-    let resp = send(&d.addr, hyper::Method::GET, "/metrics", None).await;
+    let resp = send_unix(&d.socket(), hyper::Method::GET, "/metrics", None).await;
     assert!(resp.headers()["content-type"]
         .to_str()
         .unwrap()

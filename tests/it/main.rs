@@ -6,6 +6,8 @@
 //! state: no environment writes (clippy.toml bans them), no cwd changes,
 //! no signal handlers. A daemon gets its environment on its own `Command`.
 //!
+//! - `access`: every route against every kind of key, over TCP and the
+//!   local socket; brute force, rates, the key leaking nowhere.
 //! - `cli`: config errors and exit codes, the client commands.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
@@ -18,6 +20,7 @@
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
 //!   socket activation, capabilities, JSON logs).
 
+mod access;
 mod cli;
 mod common;
 mod faults;

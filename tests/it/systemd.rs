@@ -14,8 +14,14 @@ use hyper::StatusCode;
 use nix::sys::signal::Signal;
 
 /// The `listen` of a [`Notified`] daemon's config: it binds itself, so
-/// READY=1 can be checked against its own listener.
-const LISTEN: &str = "listen = [\"127.0.0.1:0\"]\n";
+/// READY=1 can be checked against its own listener; admin calls go to its
+/// unix socket in `dir`.
+fn listen(dir: &Path) -> String {
+    format!(
+        "listen = [\"127.0.0.1:0\", \"unix:{}/claracore.sock\"]\n",
+        dir.display()
+    )
+}
 
 /// A daemon started with a NOTIFY_SOCKET we listen on.
 struct Notified {
@@ -32,7 +38,7 @@ impl Notified {
     fn start(models: &str, env: &[(&str, &str)]) -> Notified {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
-        write_file(&config, &format!("{LISTEN}{models}"));
+        write_file(&config, &format!("{}{models}", listen(dir.path())));
         let notify_path = dir.path().join("notify");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify
@@ -55,6 +61,16 @@ impl Notified {
             log,
             _dir: dir,
         }
+    }
+
+    /// Its unix socket (the local principal: admin).
+    fn socket(&self) -> PathBuf {
+        self._dir.path().join("claracore.sock")
+    }
+
+    /// The `listen` line its config starts with.
+    fn listen(&self) -> String {
+        listen(self._dir.path())
     }
 
     /// The address it listens on. It must be listening by then: the first
@@ -136,13 +152,13 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
     d.recv_until("READY=1");
     let code = chat_status(d.addr(), "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request_unix(&d.socket(), hyper::Method::GET, "/admin/ps", None).await;
     let f_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
     // f removed (its child is stopped), g added.
     write_file(
         &d.config,
-        &format!("{LISTEN}{}", fake_model_table("g", &[], "")),
+        &format!("{}{}", d.listen(), fake_model_table("g", &[], "")),
     );
     d.signal(Signal::SIGHUP);
     let reloading = d.recv_until("RELOADING=1");
@@ -177,7 +193,11 @@ async fn sighup_reloads_models_and_a_broken_file_keeps_the_old_config() {
     // A broken file: still READY, old config in force, STATUS says why.
     write_file(
         &d.config,
-        &format!("{LISTEN}{}bogus_key = 1\n", fake_model_table("h", &[], "")),
+        &format!(
+            "{}{}bogus_key = 1\n",
+            d.listen(),
+            fake_model_table("h", &[], "")
+        ),
     );
     d.signal(Signal::SIGHUP);
     d.recv_until("RELOADING=1");
@@ -202,13 +222,14 @@ async fn reload_restarts_a_changed_model_once_idle() {
     d.recv_until("READY=1");
     let code = chat_status(d.addr(), "f").await;
     assert_eq!(code, StatusCode::OK);
-    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request_unix(&d.socket(), hyper::Method::GET, "/admin/ps", None).await;
     let old_pid = ps["models"][0]["pid"].as_u64().unwrap() as u32;
 
     write_file(
         &d.config,
         &format!(
-            "{LISTEN}{}",
+            "{}{}",
+            d.listen(),
             fake_model_table("f", &["--chunk-delay-ms", "1"], "aliases = [\"eff\"]")
         ),
     );
@@ -224,7 +245,7 @@ async fn reload_restarts_a_changed_model_once_idle() {
         StatusCode::OK,
         "new alias works and the model restarts with the new argv"
     );
-    let (_, ps) = request(d.addr(), hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request_unix(&d.socket(), hyper::Method::GET, "/admin/ps", None).await;
     let pid = ps["models"][0]["pid"].as_u64().unwrap();
     let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(cmdline.contains("--chunk-delay-ms"), "{cmdline:?}");
@@ -366,7 +387,7 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
         "{text}"
     );
     // The child did not inherit LISTEN_* (checked through its environ).
-    let (_, ps) = request(&http, hyper::Method::GET, "/admin/ps", None).await;
+    let (_, ps) = request_unix(&sock, hyper::Method::GET, "/admin/ps", None).await;
     let pid = ps["models"][0]["pid"].as_u64().unwrap();
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("LISTEN_FDS="));

@@ -565,7 +565,7 @@ scenario_journal_fields() {
     check "chat completion answered 200" is_eq "$HTTP_CODE" 200
     local mainpid child
     mainpid="$(prop claracore.service MainPID)"
-    http http://127.0.0.1:5800/admin/ps
+    http --unix-socket /run/claracore/claracore.sock http://x/admin/ps
     child="$(printf '%s' "$HTTP_BODY" | jq_in '.models[] | select(.name == "tiny") | .pid // empty' 2>/dev/null)"
     info "MainPID $mainpid; /admin/ps llama-server pid for tiny: ${child:-none}"
 

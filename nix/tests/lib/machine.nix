@@ -38,7 +38,7 @@ let
       pkgs.jq
     ];
     text = ''
-      curl -sSf -m 30 http://127.0.0.1:5800/admin/ps \
+      curl -sSf -m 30 --unix-socket /run/claracore/claracore.sock http://x/admin/ps \
         | jq -r --arg m "$1" --arg f "$2" '.models[] | select(.name == $m) | .[$f] // empty'
     '';
   };

@@ -53,7 +53,7 @@ chat() {
 
 # ps_field MODEL FIELD: a field of MODEL in GET /admin/ps.
 ps_field() {
-    curl -sS -m 30 "$URL/admin/ps" 2>>"$R/curl.log" \
+    curl -sS -m 30 --unix-socket /run/claracore/claracore.sock http://x/admin/ps 2>>"$R/curl.log" \
         | jq -r --arg m "$1" --arg f "$2" '.models[] | select(.name == $m) | .[$f] // empty'
 }
 

@@ -1,0 +1,546 @@
+//! Access control as an attacker would try it: every route without a key,
+//! with a wrong, expired, under-scoped or wrong-model key, and with the
+//! right one, over TCP and over the local socket; brute force; rates; the
+//! key never leaking into logs, rows or metrics; bad auth config.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn hash(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+const FULL: &str = "ccsk_full000000000000000000000000000000000000000000000000000000000000";
+const OLD: &str = "ccsk_old0000000000000000000000000000000000000000000000000000000000000";
+const INF: &str = "ccsk_inf0000000000000000000000000000000000000000000000000000000000000";
+const READER: &str = "ccsk_reader0000000000000000000000000000000000000000000000000000000000";
+const G_ONLY: &str = "ccsk_gonly00000000000000000000000000000000000000000000000000000000000";
+const RATED: &str = "ccsk_rated00000000000000000000000000000000000000000000000000000000000";
+
+fn keys() -> String {
+    format!(
+        "[auth.keys.full]\nhash = \"{}\"\nscopes = [\"inference\", \"admin\"]\n\
+         [auth.keys.old]\nhash = \"{}\"\nscopes = [\"inference\", \"admin\"]\nexpires = \"2020-01-01\"\n\
+         [auth.keys.inf]\nhash = \"{}\"\nscopes = [\"inference\"]\n\
+         [auth.keys.reader]\nhash = \"{}\"\nscopes = [\"read\"]\n\
+         [auth.keys.gonly]\nhash = \"{}\"\nscopes = [\"inference\", \"admin\"]\nmodels = [\"g\"]\n\
+         [auth.keys.rated]\nhash = \"{}\"\nscopes = [\"inference\"]\nrate = 2\n",
+        hash(FULL),
+        hash(OLD),
+        hash(INF),
+        hash(READER),
+        hash(G_ONLY),
+        hash(RATED)
+    )
+}
+
+/// One request with an optional key, over TCP from `source` or over the
+/// unix socket; status and raw body.
+async fn call(
+    target: &Target<'_>,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    key: Option<&str>,
+) -> (StatusCode, String, hyper::HeaderMap) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "x")
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .unwrap();
+    let resp = match target {
+        Target::Tcp { addr, source } => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new((*source).into(), 0)).unwrap();
+            let stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        }
+        Target::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        }
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        String::from_utf8_lossy(&bytes).into_owned(),
+        headers,
+    )
+}
+
+enum Target<'a> {
+    Tcp { addr: &'a str, source: [u8; 4] },
+    Unix(&'a Path),
+}
+
+/// What a route needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Needs {
+    Open,
+    Inference,
+    Listing,
+    Read,
+    Admin,
+}
+
+/// Every route, with what it needs and whether it names model `f`.
+fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool)> {
+    let chat =
+        json!({"model": "f", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    vec![
+        (
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat),
+            Needs::Inference,
+            true,
+        ),
+        (
+            Method::POST,
+            "/v1/embeddings",
+            Some(json!({"model": "f", "input": "x"})),
+            Needs::Inference,
+            true,
+        ),
+        (Method::GET, "/v1/models", None, Needs::Listing, false),
+        (Method::GET, "/health", None, Needs::Open, false),
+        (Method::GET, "/live", None, Needs::Open, false),
+        (Method::GET, "/ready", None, Needs::Open, false),
+        (Method::GET, "/metrics", None, Needs::Read, false),
+        (Method::GET, "/admin/ps", None, Needs::Read, false),
+        (Method::GET, "/admin/history", None, Needs::Read, false),
+        (Method::GET, "/admin/history/1", None, Needs::Read, false),
+        (Method::GET, "/admin/stats", None, Needs::Read, false),
+        (Method::POST, "/admin/backup", None, Needs::Admin, false),
+        (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
+        (
+            Method::POST,
+            "/admin/models/f/stop",
+            None,
+            Needs::Admin,
+            true,
+        ),
+    ]
+}
+
+/// The columns of the matrix.
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    NoKey,
+    Wrong,
+    Expired,
+    LacksScope,
+    LacksModel,
+    Right,
+}
+
+/// The one table of expected statuses over TCP (the local socket: 200
+/// everywhere).
+fn expected(needs: Needs, names_f: bool, who: Who) -> u16 {
+    use Needs::*;
+    match (who, needs) {
+        (_, Open) => 200,
+        (Who::NoKey | Who::Wrong | Who::Expired, _) => 401,
+        // Both inference and read keys may list models: no key lacks it.
+        (Who::LacksScope, Listing) => 200,
+        (Who::LacksScope, _) => 403,
+        (Who::LacksModel, _) if names_f => 404,
+        (Who::LacksModel | Who::Right, _) => 200,
+    }
+}
+
+/// The key of a column for a route (the one lacking its scope differs).
+fn key_for(who: Who, needs: Needs) -> Option<&'static str> {
+    match who {
+        Who::NoKey => None,
+        Who::Wrong => Some("ccsk_wrong000000000000000000000000000000000000000000000000000000000"),
+        Who::Expired => Some(OLD),
+        Who::LacksScope => Some(match needs {
+            Needs::Inference => READER,
+            Needs::Read | Needs::Listing => INF,
+            Needs::Admin => READER,
+            Needs::Open => INF,
+        }),
+        Who::LacksModel => Some(G_ONLY),
+        Who::Right => Some(FULL),
+    }
+}
+
+fn models() -> String {
+    format!(
+        "{}{}",
+        fake_model_table("f", &[], ""),
+        fake_model_table("g", &[], "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_against_every_kind_of_key_over_tcp_and_the_local_socket() {
+    let d = Daemon::start(&format!("{}{}", models(), keys()));
+    // A first row, so /admin/history/1 exists.
+    let sock = d.socket();
+    let first = call(
+        &Target::Unix(&sock),
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "f", "messages": [], "max_tokens": 1})),
+        None,
+    )
+    .await;
+    assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+    let mut failures = Vec::new();
+    // Failed attempts count per IP: each failing cell comes from its own.
+    let mut next_ip = 1u8;
+    for (method, path, body, needs, names_f) in routes() {
+        for who in [
+            Who::NoKey,
+            Who::Wrong,
+            Who::Expired,
+            Who::LacksScope,
+            Who::LacksModel,
+            Who::Right,
+        ] {
+            next_ip = next_ip.wrapping_add(1).max(2);
+            let tcp = Target::Tcp {
+                addr: &d.addr,
+                source: [127, 0, 3, next_ip],
+            };
+            let key = key_for(who, needs);
+            let want = expected(needs, names_f, who);
+            let (got, text, headers) = call(&tcp, method.clone(), path, body.clone(), key).await;
+            if got.as_u16() != want {
+                failures.push(format!(
+                    "TCP {method} {path} {who:?}: {got}, want {want}: {}",
+                    &text[..text.len().min(200)]
+                ));
+            }
+            if got == StatusCode::UNAUTHORIZED && headers.get("www-authenticate").is_none() {
+                failures.push(format!(
+                    "TCP {method} {path} {who:?}: 401 without WWW-Authenticate"
+                ));
+            }
+            if let Some(k) = key {
+                if text.contains(k) {
+                    failures.push(format!("TCP {method} {path} {who:?}: the key is echoed"));
+                }
+            }
+            let (got, text, _) = call(
+                &Target::Unix(&sock),
+                method.clone(),
+                path,
+                body.clone(),
+                key,
+            )
+            .await;
+            if got != StatusCode::OK {
+                failures.push(format!(
+                    "unix {method} {path} {who:?}: {got}: {}",
+                    &text[..text.len().min(200)]
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cells wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+
+    // A key limited to g sees only g, also in the list of valid names.
+    let tcp = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 0, 1],
+    };
+    let (_, models, _) = call(&tcp, Method::GET, "/v1/models", None, Some(G_ONLY)).await;
+    let v: serde_json::Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["g"]);
+    let (_, body, _) = call(
+        &tcp,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(json!({"model": "f", "messages": []})),
+        Some(G_ONLY),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["available_models"], json!(["g"]), "{body}");
+    let (_, ps, _) = call(&tcp, Method::GET, "/admin/ps", None, Some(G_ONLY)).await;
+    assert!(!ps.contains("\"f\""), "{ps}");
+    // Rows carry the key's name; refused inference requests have rows too.
+    let (_, rows) = d.get("/admin/history?limit=1000").await;
+    let rows = rows["requests"].as_array().unwrap().clone();
+    assert!(rows
+        .iter()
+        .any(|r| r["key_name"] == "full" && r["status"] == 200));
+    assert!(rows
+        .iter()
+        .any(|r| r["key_name"].is_null() && r["status"] == 401));
+    assert!(rows.iter().any(|r| r["key_name"]
+        .as_str()
+        .is_some_and(|n| n.starts_with("local:uid="))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_keys_tcp_runs_inference_and_read_and_admin_need_the_local_socket() {
+    let d = Daemon::start(&models());
+    let sock = d.socket();
+    for (method, path, body, needs, _) in routes() {
+        let tcp = Target::Tcp {
+            addr: &d.addr,
+            source: [127, 0, 0, 1],
+        };
+        let (got, text, _) = call(&tcp, method.clone(), path, body.clone(), None).await;
+        let want = match needs {
+            Needs::Open | Needs::Inference | Needs::Listing => 200,
+            Needs::Read | Needs::Admin => 401,
+        };
+        assert_eq!(got.as_u16(), want, "TCP {method} {path}: {text}");
+        let (got, text, _) = call(&Target::Unix(&sock), method.clone(), path, body, None).await;
+        assert_eq!(got, StatusCode::OK, "unix {method} {path}: {text}");
+    }
+    assert!(
+        d.log_text().contains("access: no API key configured"),
+        "{}",
+        d.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn brute_force_from_one_ip_is_throttled_and_logged_and_another_ip_is_not() {
+    let d = Daemon::start(&format!("{}{}", models(), keys()));
+    let attacker = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 9, 1],
+    };
+    let chat = json!({"model": "f", "messages": [], "max_tokens": 1});
+    for i in 0..5 {
+        let token = format!("ccsk_guess{i:059}");
+        let (got, _, _) = call(
+            &attacker,
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat.clone()),
+            Some(&token),
+        )
+        .await;
+        assert_eq!(got, StatusCode::UNAUTHORIZED);
+    }
+    let (got, _, headers) = call(
+        &attacker,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(chat.clone()),
+        Some(FULL),
+    )
+    .await;
+    assert_eq!(
+        got,
+        StatusCode::TOO_MANY_REQUESTS,
+        "even the right key, from that IP"
+    );
+    assert!(headers.contains_key("retry-after"));
+    let other = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 9, 2],
+    };
+    let (got, _, _) = call(
+        &other,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(chat),
+        Some(FULL),
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    let log = d.log_text();
+    assert!(
+        log.contains("authentication failed") && log.contains("127.0.9.1"),
+        "{log}"
+    );
+    assert!(log.contains("too many failed attempts"), "{log}");
+    assert!(
+        !log.contains("ccsk_guess"),
+        "a presented token is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_beyond_a_keys_rate_gets_429_and_other_keys_are_unaffected() {
+    let d = Daemon::start(&format!("{}{}", models(), keys()));
+    let tcp = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 0, 1],
+    };
+    let chat = json!({"model": "f", "messages": [], "max_tokens": 1});
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            call(
+                &tcp,
+                Method::POST,
+                "/v1/chat/completions",
+                Some(chat.clone()),
+                Some(RATED),
+            )
+            .await,
+        );
+    }
+    assert_eq!(got[0].0, StatusCode::OK);
+    assert_eq!(got[1].0, StatusCode::OK);
+    assert_eq!(got[2].0, StatusCode::TOO_MANY_REQUESTS, "{}", got[2].1);
+    let retry: u64 = got[2].2["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+    let (ok, _, _) = call(
+        &tcp,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(chat),
+        Some(INF),
+    )
+    .await;
+    assert_eq!(ok, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_used_key_appears_in_no_log_row_metric_or_file() {
+    let d = Daemon::start(&format!("{}{}", models(), keys()));
+    let tcp = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 0, 1],
+    };
+    let chat =
+        json!({"model": "f", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    for path in [
+        "/v1/chat/completions",
+        "/admin/ps",
+        "/metrics",
+        "/admin/history",
+    ] {
+        let (method, body) = if path.starts_with("/v1") {
+            (Method::POST, Some(chat.clone()))
+        } else {
+            (Method::GET, None)
+        };
+        let (got, text, _) = call(&tcp, method, path, body, Some(FULL)).await;
+        assert_eq!(got, StatusCode::OK, "{path}: {text}");
+        assert!(!text.contains(FULL), "{path} echoes the key");
+    }
+    let (_, metrics, _) = call(&tcp, Method::GET, "/metrics", None, Some(FULL)).await;
+    assert!(!metrics.contains(FULL));
+    let (_, rows) = d.get("/admin/history?limit=100").await;
+    assert!(!rows.to_string().contains(FULL));
+    assert!(rows.to_string().contains("\"key_name\":\"full\""), "{rows}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!d.log_text().contains(FULL), "the log has the key");
+    let db = std::fs::read(d.dir.path().join("state/history.db")).unwrap_or_default();
+    let wal = std::fs::read(d.dir.path().join("state/history.db-wal")).unwrap_or_default();
+    let needle = FULL.as_bytes();
+    for (name, bytes) in [("db", db), ("wal", wal)] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "the {name} file has the key"
+        );
+    }
+}
+
+#[test]
+fn bad_auth_config_exits_78_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let cases = [
+        ("[auth.keys.a]\nhash = \"sha256:abc\"\nscopes = [\"read\"]\n", "c.toml:2:8: auth.keys.a.hash"),
+        (&*format!("[auth.keys.a]\nhash = \"{}\"\nscopes = [\"reed\"]\n", hash("x")), "c.toml:3:11: auth.keys.a.scopes"),
+        (&*format!("[auth.keys.a]\nhash = \"{0}\"\nscopes = [\"read\"]\n[auth.keys.a]\nhash = \"{0}\"\nscopes = [\"read\"]\n", hash("x")), "c.toml:4:"),
+        (&*format!("[auth.keys.a]\nhash = \"{0}\"\nscopes = [\"read\"]\n[auth.keys.b]\nhash = \"{0}\"\nscopes = [\"read\"]\n", hash("x")), "the same key as auth.keys.a"),
+        ("listen = [\"0.0.0.0:5800\"]\n", "no API key is configured"),
+    ];
+    for (text, says) in cases {
+        write_file(&cfg, text);
+        let out = std::process::Command::new(BIN)
+            .arg("check-config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text}: {err}");
+        assert!(err.contains(says), "{text}: wanted {says:?} in {err}");
+    }
+}
+
+#[test]
+fn key_new_prints_a_token_once_and_config_lines_with_only_its_hash() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "key",
+            "new",
+            "ci",
+            "--scope",
+            "inference",
+            "--model",
+            "f",
+            "--rate",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text
+        .split_whitespace()
+        .find(|w| w.starts_with("ccsk_"))
+        .unwrap();
+    assert_eq!(token.len(), 5 + 64);
+    let toml_start = text.find("[auth.keys.ci]").unwrap();
+    let lines = &text[toml_start..];
+    assert!(lines.contains(&hash(token)), "{lines}");
+    assert!(!lines.contains(token), "only the hash goes into the config");
+    // The printed lines are a valid config together with model f.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    write_file(&cfg, &format!("{}{lines}", fake_model_table("f", &[], "")));
+    let check = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+}
