@@ -549,6 +549,57 @@ in
       };
     };
 
+    apiKeys = mkOption {
+      type = types.attrsOf (
+        types.submodule {
+          options = {
+            hash = mkOption {
+              type = types.strMatching "sha256:[0-9a-f]{64}";
+              example = "sha256:18fdf5a0a968df83bcbe43255e56234f270b03b5e479f70adc4a8db3edb9fd58";
+              description = ''
+                The SHA-256 of the key's token, as `claracore key new NAME --scope …` prints it.
+                Only the hash is in the config (and the store); the token stays with the client.
+              '';
+            };
+            scopes = mkOption {
+              type = types.nonEmptyListOf (types.enum [ "inference" "read" "admin" ]);
+              example = [ "inference" ];
+              description = "What the key may do: `inference` (model routes), `read` (history, stats, ps, metrics), `admin` (stop, backup, the raw pass-through; includes read).";
+            };
+            models = mkOption {
+              type = types.nullOr (types.listOf types.str);
+              default = null;
+              description = "Models (names or aliases) the key may use; others answer 404 as if they did not exist. Null: all.";
+            };
+            rate = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              description = "Requests per minute (a token bucket); beyond it 429 with Retry-After.";
+            };
+            expires = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "2027-01-31";
+              description = "When the key stops working: a date or an RFC 3339 time.";
+            };
+          };
+        }
+      );
+      default = { };
+      example = literalExpression ''
+        {
+          ci = { hash = "sha256:…"; scopes = [ "inference" ]; models = [ "chat" ]; rate = 60; };
+          grafana = { hash = "sha256:…"; scopes = [ "read" ]; };
+        }
+      '';
+      description = ''
+        API keys by name, rendered into `settings.auth.keys`. With none, loopback TCP
+        serves inference to every local user and the read and admin routes are only
+        reachable through the local socket; with any, every TCP request but
+        /health, /live and /ready needs a key.
+      '';
+    };
+
     models = mkOption {
       type = types.attrsOf (types.submodule modelModule);
       default = { };
@@ -586,6 +637,13 @@ in
           message = "services.claracore.settings.listen is empty: give at least one address.";
         }
         {
+          assertion =
+            lib.all isLoopback tcpListen
+            || (cfg.settings.auth.keys or { }) != { }
+            || (cfg.settings.auth.open or false);
+          message = "services.claracore.settings.listen has an address beyond loopback and no API key is configured: add services.claracore.apiKeys (claracore key new prints one) or set services.claracore.settings.auth.open = true if every client on the network may run inference.";
+        }
+        {
           assertion = lib.all (a: tcpPort a != null) tcpListen;
           message = "services.claracore.settings.listen: every address that is not `unix:/path` must be `host:port` or `[v6]:port`.";
         }
@@ -594,6 +652,9 @@ in
     warnings = lib.optional (cfg.openFirewall && tcpListen != [ ] && lib.all isLoopback tcpListen) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
 
     services.claracore.settings.models = lib.mapAttrs renderModel cfg.models;
+    services.claracore.settings.auth.keys = lib.mapAttrs (
+      _: k: lib.filterAttrs (_: v: v != null) k
+    ) cfg.apiKeys;
 
     users.users = mkIf (cfg.user == "claracore") {
       claracore = {

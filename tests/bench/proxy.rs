@@ -196,9 +196,15 @@ fn start_claracore(env: &Env, name: &str, body: &str) -> Daemon {
         .llama
         .as_ref()
         .map_or("llama-server".into(), |l| l.0.display().to_string());
+    let socket = dir.join("cc.sock");
+    admin_sockets()
+        .lock()
+        .unwrap()
+        .insert(port, socket.clone());
     let config = format!(
-        "listen = [{}]\nstate_dir = {}\nllama_server = {}\nlog_format = \"json\"\n{body}",
+        "listen = [{}, {}]\nstate_dir = {}\nllama_server = {}\nlog_format = \"json\"\n{body}",
         q(format!("127.0.0.1:{port}")),
+        q(format!("unix:{}", socket.display())),
         q(dir.join("state").display().to_string()),
         q(llama)
     );
@@ -254,9 +260,27 @@ fn main_models(env: &Env) -> String {
     )
 }
 
+/// The local socket of the claracore listening on each TCP port: the
+/// read and admin routes need it when no key is configured.
+fn admin_sockets() -> &'static std::sync::Mutex<std::collections::HashMap<u16, PathBuf>> {
+    static SOCKETS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<u16, PathBuf>>> =
+        std::sync::OnceLock::new();
+    SOCKETS.get_or_init(Default::default)
+}
+
+/// One read or admin request to the claracore on TCP `port`, through its
+/// local socket.
+fn admin(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<client::Resp> {
+    let socket = admin_sockets().lock().unwrap().get(&port).cloned();
+    let socket = socket.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("no claracore on port {port}"))
+    })?;
+    client::once_unix(&socket, method, path, body)
+}
+
 /// Model `name`'s (pid, port, state) from `/admin/ps`.
 fn ps(port: u16, name: &str) -> (Option<u32>, Option<u16>, String) {
-    let v = once(port, "GET", "/admin/ps", b"")
+    let v = admin(port, "GET", "/admin/ps", b"")
         .expect("/admin/ps")
         .json();
     let m = v["models"]
@@ -749,7 +773,7 @@ fn cpu_ticks(pid: u32, children: bool) -> u64 {
 }
 
 fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = once(port, "GET", "/metrics", b"").ok()?.text();
+    let text = admin(port, "GET", "/metrics", b"").ok()?.text();
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().last())
@@ -1074,7 +1098,9 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
                     p.stop(Duration::from_secs(5));
                 }
                 1 => {
-                    post(cc_port, "/admin/models/cold/stop", b"");
+                    let stopped = admin(cc_port, "POST", "/admin/models/cold/stop", b"")
+                        .expect("stop cold");
+                    assert_eq!(stopped.status, 200, "{}", stopped.text());
                     wait_until(
                         "claracore's cold model to stop",
                         Duration::from_secs(20),

@@ -84,7 +84,8 @@ mv -T -- "$tmp" "$dir/config.toml"
 cat >&2 <<EOF
 demo: config  $dir/config.toml
 demo: state   $dir/state (history.db: every request, prompts and answers cut to 1000 characters; files 0600)
-demo: socket  $dir/claracore.sock (0660), and http://127.0.0.1:5800; nothing asks for a key
+demo: socket  $dir/claracore.sock (0660: admin, no key) and http://127.0.0.1:5800 (inference, no key)
+demo: for ps, stop, history from another shell: export CLARACORE_HOST=unix:$dir/claracore.sock
 EOF
 if [ -n "${fresh:-}" ]; then
     echo "demo: a fresh directory each run; remove it when done: rm -r $dir" >&2

@@ -209,6 +209,38 @@ pub fn once(port: u16, method: &str, path: &str, body: &[u8]) -> io::Result<Resp
         .send(&request(method, path, body, true))
 }
 
+/// One request on the daemon's local socket (the admin and read routes
+/// need it when no key is configured); read to EOF.
+pub fn once_unix(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> io::Result<Resp> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let sent = Instant::now();
+    s.write_all(&request(method, path, body, true))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let end = Instant::now();
+    let head_end = find(&raw, b"\r\n\r\n")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no response head"))?
+        + 4;
+    let status: u16 = std::str::from_utf8(&raw[..head_end])
+        .ok()
+        .and_then(|h| h.get(9..12))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad status line"))?;
+    Ok(Resp {
+        status,
+        body: raw[head_end..].to_vec(),
+        sent,
+        first_byte: end,
+        end,
+    })
+}
+
 /// Status of `GET path`, or None if nothing answers; short timeouts, for
 /// polling readiness.
 pub fn probe(port: u16, path: &str) -> Option<u16> {
