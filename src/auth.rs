@@ -79,8 +79,12 @@ impl Principal {
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
+    /// No credentials where the route needs some.
     #[error("{0}")]
     Unauthenticated(&'static str),
+    /// A presented key that is wrong or expired (audited).
+    #[error("{0}")]
+    Rejected(&'static str),
     #[error("too many failed attempts from this address; retry after {}s", .retry_after.as_secs().max(1))]
     Throttled { retry_after: Duration },
     #[error("this key lacks the `{}` scope this route needs", .needs.as_str())]
@@ -193,7 +197,7 @@ impl Auth {
         let key = found.map(|k| k.config.name.as_str());
         tracing::warn!(ip = %ip, key, reason = refused, "authentication failed");
         self.failed(ip);
-        Err(Denied::Unauthenticated(refused))
+        Err(Denied::Rejected(refused))
     }
 
     /// Whether `principal` may call a route that needs one of `scopes`
@@ -398,7 +402,7 @@ mod tests {
         for _ in 0..FAILURE_LIMIT {
             assert_eq!(
                 auth.authenticate(&bad, &bearer("wrong"), 0).unwrap_err(),
-                Denied::Unauthenticated("invalid API key")
+                Denied::Rejected("invalid API key")
             );
         }
         assert!(matches!(
@@ -424,7 +428,7 @@ mod tests {
         assert_eq!(
             auth.authenticate(&tcp([127, 0, 0, 1]), &h, 1000)
                 .unwrap_err(),
-            Denied::Unauthenticated("API key expired")
+            Denied::Rejected("API key expired")
         );
     }
 

@@ -35,6 +35,8 @@ pub enum Event {
     Removed { model: Arc<str> },
     /// A request finished: answered, refused or cut short.
     Request(Arc<RequestRecord>),
+    /// An admin action or a rejected key (history's `audit`).
+    Audit(Arc<AuditRecord>),
 }
 
 /// Which live events a subscriber gets.
@@ -49,7 +51,9 @@ pub enum Topic {
 impl Event {
     pub fn topic(&self) -> Topic {
         match self {
-            Event::Model(_) | Event::State { .. } | Event::Removed { .. } => Topic::Models,
+            Event::Model(_) | Event::State { .. } | Event::Removed { .. } | Event::Audit(_) => {
+                Topic::Models
+            }
             Event::Request(_) => Topic::Requests,
         }
     }
@@ -206,6 +210,45 @@ impl Reason {
             Reason::StartFailed(why) => why,
         }
     }
+}
+
+/// What an [`AuditRecord`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    Stop,
+    Backup,
+    /// A call through the raw `/upstream/{model}/…` pass-through.
+    Upstream,
+    Reload,
+    Restore,
+    /// A presented API key that was wrong or expired.
+    KeyRejected,
+}
+
+impl AuditAction {
+    /// The `audit.action` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Stop => "stop",
+            AuditAction::Backup => "backup",
+            AuditAction::Upstream => "upstream",
+            AuditAction::Reload => "reload",
+            AuditAction::Restore => "restore",
+            AuditAction::KeyRejected => "key_rejected",
+        }
+    }
+}
+
+/// One `audit` row: who did what to what, and how it went.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub at_ms: i64,
+    /// A key's name, `local:uid=N`, `ip:ADDR` or `signal:SIGHUP`.
+    pub principal: String,
+    pub action: AuditAction,
+    pub target: Option<String>,
+    pub result: String,
 }
 
 /// What step of a model's lifecycle a [`ModelEvent`] records.

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
-use claracore::cli::{self, fetch, generate, render, Cli, Command};
+use clap::Parser;
+use claracore::cli::{self, clap_exit, fetch, generate, render, report, Cli, Command};
 use claracore::config::Config;
 use claracore::{daemon, EXIT_CONFIG};
 use hyper::Method;
@@ -28,14 +28,9 @@ fn main() -> ExitCode {
             let path = format!("/admin/models/{model}/stop");
             report(fetch(&d.target(), Method::POST, &path, render::format_stop))
         }
-        Command::History(h) => {
-            let render = render::json_or(h.json, render::format_history);
-            report(fetch(&h.daemon.target(), get, &h.path(), render))
-        }
-        Command::Stats(s) => {
-            let render = render::json_or(s.json, render::format_stats);
-            report(fetch(&s.daemon.target(), get, &s.path(), render))
-        }
+        Command::History(h) => listing(&h.daemon, &h.path(), h.json, render::format_history),
+        Command::Stats(s) => listing(&s.daemon, &s.path(), s.json, render::format_stats),
+        Command::Audit(a) => listing(&a.daemon, &a.path(), a.json, render::format_audit),
         Command::Backup { daemon, file } => {
             report(cli::block_on(cli::backup(&daemon.target(), &file)))
         }
@@ -51,30 +46,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// clap's exit codes: 0 after --help and --version, 2 for usage errors.
-fn clap_exit(e: &clap::Error) -> ExitCode {
-    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        // A bare `claracore` has always printed its usage and succeeded.
-        return report(Ok(Cli::command().render_help().to_string()));
-    }
-    if e.use_stderr() {
-        // The lowercase heading predates clap; scripts look for `usage: claracore`.
-        eprint!("{}", e.render().to_string().replacen("Usage:", "usage:", 1));
-    } else {
-        let _ = e.print();
-    }
-    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
-}
-
-fn report(result: Result<String, String>) -> ExitCode {
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("claracore: {e}");
-            ExitCode::FAILURE
-        }
-    }
+/// A read command: the daemon's JSON, or a table of it.
+fn listing(d: &cli::Daemon, path: &str, json: bool, table: render::Table) -> ExitCode {
+    report(fetch(
+        &d.target(),
+        Method::GET,
+        path,
+        render::json_or(json, table),
+    ))
 }

@@ -313,7 +313,7 @@ impl Sink for Metrics {
             Event::Request(r) => self.observe_request(r),
             Event::Model(e) => self.observe_lifecycle(e),
             Event::State { model, state } => self.observe_state(model, *state),
-            Event::Removed { .. } => {}
+            Event::Removed { .. } | Event::Audit(_) => {}
         }
     }
 }

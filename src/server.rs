@@ -232,6 +232,13 @@ async fn reload(
             Some(e.to_string())
         }
     };
+    api::audit(
+        state,
+        "signal:SIGHUP".into(),
+        crate::events::AuditAction::Reload,
+        Some(&path.display().to_string()),
+        outcome.as_deref().unwrap_or("ok"),
+    );
     if let Ok(mut slot) = reload_error.lock() {
         *slot = outcome;
     }

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::error::cut;
 use super::{json_response, resolve, ApiError, AppState, Ctx};
+use crate::events::AuditAction;
 use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
 
@@ -25,8 +26,20 @@ pub(super) async fn stop_model(
     ctx: &Ctx<'_>,
     requested: &str,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let model = resolve(ctx, requested)?;
+    let model = match resolve(ctx, requested) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.audit(AuditAction::Stop, Some(requested), "unknown model");
+            return Err(e);
+        }
+    };
     let was_running = ctx.state.scheduler.stop(&model).await.unwrap_or(false);
+    let result = if was_running {
+        "stopping"
+    } else {
+        "not running"
+    };
+    ctx.audit(AuditAction::Stop, Some(&model), result);
     Ok(json_response(
         StatusCode::OK,
         &json!({"model": model, "stopping": was_running}),
@@ -200,6 +213,39 @@ pub(super) async fn stats(
     ))
 }
 
+/// `/admin/audit?limit=&cursor=`: the audit trail, newest first.
+pub(super) async fn audit_list(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let (mut limit, mut cursor) = (100usize, None);
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
+            }
+            "cursor" => {
+                cursor = Some(v.parse().map_err(|_| {
+                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
+                })?)
+            }
+            other => return Err(unknown_parameter(other)),
+        }
+    }
+    let rows = read_history(ctx.state, move |c| store::list_audit(c, limit, cursor)).await?;
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"audit": rows, "next_cursor": next}),
+    ))
+}
+
 /// A consistent copy of the live history database, streamed back.
 pub(super) async fn backup(ctx: &Ctx<'_>) -> Result<Response<BoxBody>, ApiError> {
     let state = ctx.state;
@@ -215,7 +261,13 @@ pub(super) async fn backup(ctx: &Ctx<'_>) -> Result<Response<BoxBody>, ApiError>
         let _ = std::fs::remove_file(&dest);
         Ok(file)
     };
-    let file = on_history(state, Duration::from_secs(10), "history backup", copy).await?;
+    let file = on_history(state, Duration::from_secs(10), "history backup", copy).await;
+    ctx.audit(
+        AuditAction::Backup,
+        None,
+        if file.is_ok() { "ok" } else { "failed" },
+    );
+    let file = file?;
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, proxy::BoxError>::new(4);
     tokio::spawn(async move {
         use tokio::io::AsyncReadExt;

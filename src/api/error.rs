@@ -72,7 +72,9 @@ impl ApiError {
             // nginx's "client closed request"; the client never sees it.
             ApiError::ClientGone => CLIENT_CLOSED,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Denied(Denied::Unauthenticated(_)) => StatusCode::UNAUTHORIZED,
+            ApiError::Denied(Denied::Unauthenticated(_) | Denied::Rejected(_)) => {
+                StatusCode::UNAUTHORIZED
+            }
             ApiError::Denied(Denied::Forbidden { .. }) => StatusCode::FORBIDDEN,
             ApiError::Denied(Denied::Throttled { .. } | Denied::RateLimited { .. }) => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -124,7 +126,7 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             ApiError::ClientGone => ("invalid_request_error", "client_closed"),
             ApiError::Busy => ("server_error", "overloaded"),
-            ApiError::Denied(Denied::Unauthenticated(_)) => {
+            ApiError::Denied(Denied::Unauthenticated(_) | Denied::Rejected(_)) => {
                 ("authentication_error", "invalid_api_key")
             }
             ApiError::Denied(Denied::Forbidden { .. }) => {
@@ -161,7 +163,7 @@ impl ApiError {
         if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        if let ApiError::Denied(Denied::Unauthenticated(_)) = &self {
+        if let ApiError::Denied(Denied::Unauthenticated(_) | Denied::Rejected(_)) = &self {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"claracore\""),

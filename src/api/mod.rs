@@ -29,7 +29,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Auth, Peer, Principal};
 use crate::config::Config;
-use crate::events::Bus;
+use crate::events::{AuditAction, AuditRecord, Bus, Event};
 use crate::history::Recorder;
 use crate::metrics::Metrics;
 use crate::proxy::BoxBody;
@@ -171,6 +171,15 @@ async fn dispatch(
     let principal = match checked {
         Ok(p) => p,
         Err(denied) => {
+            if let crate::auth::Denied::Rejected(why) = &denied {
+                audit(
+                    state,
+                    format!("ip:{}", peer.addr),
+                    AuditAction::KeyRejected,
+                    Some(req.uri().path()),
+                    why,
+                );
+            }
             let e = ApiError::Denied(denied);
             return match route {
                 // Refused inference requests keep their history row.
@@ -201,6 +210,37 @@ async fn dispatch(
         Route::AdminHistoryEntry { id } => admin::history_get(ctx, &id).await,
         Route::AdminStats => admin::stats(ctx, query).await,
         Route::AdminBackup => admin::backup(ctx).await,
+        Route::AdminAudit => admin::audit_list(ctx, query).await,
+    }
+}
+
+/// Records an admin action (or a rejected key) in the audit trail.
+pub fn audit(
+    state: &AppState,
+    principal: String,
+    action: AuditAction,
+    target: Option<&str>,
+    result: &str,
+) {
+    state.bus.emit(Event::Audit(Arc::new(AuditRecord {
+        at_ms: crate::events::now_ms(),
+        principal,
+        action,
+        target: target.map(str::to_string),
+        result: result.to_string(),
+    })));
+}
+
+impl Ctx<'_> {
+    /// Who this is, for the audit trail.
+    fn who(&self) -> String {
+        self.principal
+            .name()
+            .unwrap_or_else(|| format!("anonymous:{}", self.peer.addr))
+    }
+
+    fn audit(&self, action: AuditAction, target: Option<&str>, result: &str) {
+        audit(self.state, self.who(), action, target, result);
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::routes::Inference;
 use super::{body, json_response, resolve, ApiError, AppState, Ctx};
 use crate::auth::Peer;
-use crate::events::Bus;
+use crate::events::{AuditAction, Bus};
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, Outcome};
 use crate::proxy::{self, BoxBody};
@@ -270,8 +270,25 @@ async fn forward_model_request(
         })
 }
 
-/// `/upstream/{model}/{rest}`: the body streams through unread.
+/// `/upstream/{model}/{tail}`: the body streams through unread. It reaches
+/// every llama-server endpoint, so each call is an audit row.
 pub(super) async fn passthrough(
+    ctx: &Ctx<'_>,
+    requested: &str,
+    tail: &str,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let target = format!("{} {requested}/{tail}", req.method());
+    let result = forward_raw(ctx, requested, tail, req).await;
+    let outcome = match &result {
+        Ok(resp) => resp.status().as_u16().to_string(),
+        Err(e) => e.status().as_u16().to_string(),
+    };
+    ctx.audit(AuditAction::Upstream, Some(&target), &outcome);
+    result
+}
+
+async fn forward_raw(
     ctx: &Ctx<'_>,
     requested: &str,
     tail: &str,

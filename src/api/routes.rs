@@ -14,6 +14,7 @@
 //! | POST /admin/models/{name}/stop          | drain and stop a model              |
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
+//! | GET  /admin/audit                       | admin actions and rejected keys     |
 //!
 //! `/api/*` is left free for Ollama's API. [`Route::scopes`] says who may
 //! call each: `inference` for the model routes, `read` for the read-only
@@ -69,6 +70,7 @@ pub enum Route {
     },
     AdminStats,
     AdminBackup,
+    AdminAudit,
 }
 
 impl Route {
@@ -90,7 +92,10 @@ impl Route {
             | Route::AdminHistoryEntry { .. }
             | Route::AdminStats => READ,
             // The pass-through reaches every llama-server endpoint.
-            Route::Upstream { .. } | Route::AdminStop { .. } | Route::AdminBackup => ADMIN,
+            Route::Upstream { .. }
+            | Route::AdminStop { .. }
+            | Route::AdminBackup
+            | Route::AdminAudit => ADMIN,
         }
     }
 }
@@ -147,6 +152,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ),
         ["admin", "stats"] => (Route::AdminStats, GET),
         ["admin", "backup"] => (Route::AdminBackup, POST),
+        ["admin", "audit"] => (Route::AdminAudit, GET),
         _ => return Err(NoRoute::NotFound),
     };
     if allow.contains(method) {
@@ -196,6 +202,7 @@ mod tests {
         );
         assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
         assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
+        assert_eq!(ok(Method::GET, "/admin/audit"), Route::AdminAudit);
     }
 
     #[test]

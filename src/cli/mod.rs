@@ -84,6 +84,8 @@ pub enum Command {
     History(History),
     /// Per-model requests, errors, latency, tokens/s, loads
     Stats(Stats),
+    /// Admin actions and rejected keys, newest first
+    Audit(Audit),
     /// A consistent copy of the history database, taken live
     Backup {
         #[command(flatten)]
@@ -292,6 +294,26 @@ impl History {
     }
 }
 
+/// `audit`'s arguments.
+#[derive(Debug, PartialEq, Eq, Args)]
+pub struct Audit {
+    #[command(flatten)]
+    pub daemon: Daemon,
+    /// How many rows
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+    /// The daemon's JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Audit {
+    /// The `/admin/audit` request.
+    pub fn path(&self) -> String {
+        format!("/admin/audit?limit={}", self.limit)
+    }
+}
+
 /// `stats`' arguments.
 #[derive(Debug, PartialEq, Eq, Args)]
 pub struct Stats {
@@ -349,6 +371,34 @@ fn time(text: &str) -> Result<String, String> {
 /// Encodes a query value (`application/x-www-form-urlencoded`).
 fn encode(v: &str) -> String {
     form_urlencoded::byte_serialize(v.as_bytes()).collect()
+}
+
+/// clap's exit codes: 0 after --help and --version, 2 for usage errors.
+pub fn clap_exit(e: &clap::Error) -> std::process::ExitCode {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // A bare `claracore` has always printed its usage and succeeded.
+        return report(Ok(Cli::command().render_help().to_string()));
+    }
+    if e.use_stderr() {
+        // The lowercase heading predates clap; scripts look for `usage: claracore`.
+        eprint!("{}", e.render().to_string().replacen("Usage:", "usage:", 1));
+    } else {
+        let _ = e.print();
+    }
+    std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
+pub fn report(result: Result<String, String>) -> std::process::ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("claracore: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

@@ -88,14 +88,7 @@ pub fn format_history(value: &serde_json::Value) -> String {
         "TOKENS IN/OUT"
     );
     for r in value["requests"].as_array().into_iter().flatten() {
-        let started = r["started_at_ms"]
-            .as_u64()
-            .map(|t| {
-                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
-                    .to_string()
-            })
-            .map(|t| t.trim_end_matches('Z').replace('T', " "))
-            .unwrap_or_default();
+        let started = utc(&r["started_at_ms"]);
         out.push_str(&format!(
             "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
             r["id"].to_string(),
@@ -171,10 +164,41 @@ pub fn format_stop(value: &serde_json::Value) -> String {
 }
 
 /// `table`, or with `--json` the answer itself, pretty-printed.
-pub fn json_or(
-    json: bool,
-    table: fn(&serde_json::Value) -> String,
-) -> impl Fn(&serde_json::Value) -> String {
+/// Unix milliseconds as "2026-12-01 20:16:26" (UTC).
+fn utc(ms: &serde_json::Value) -> String {
+    ms.as_u64()
+        .map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
+                .to_string()
+        })
+        .map(|t| t.trim_end_matches('Z').replace('T', " "))
+        .unwrap_or_default()
+}
+
+/// `claracore audit`: admin actions and rejected keys, newest first.
+pub fn format_audit(value: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
+        "ID", "AT (UTC)", "PRINCIPAL", "ACTION", "TARGET", "RESULT"
+    );
+    for a in value["audit"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
+            a["id"].to_string(),
+            utc(&a["at_ms"]),
+            a["principal"].as_str().unwrap_or("?"),
+            a["action"].as_str().unwrap_or("?"),
+            a["target"].as_str().unwrap_or("-"),
+            a["result"].as_str().unwrap_or("?"),
+        ));
+    }
+    out
+}
+
+/// A table renderer.
+pub type Table = fn(&serde_json::Value) -> String;
+
+pub fn json_or(json: bool, table: Table) -> impl Fn(&serde_json::Value) -> String {
     move |v| {
         if json {
             format!("{v:#}\n")

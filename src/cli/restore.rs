@@ -28,6 +28,9 @@ pub fn restore(config: &Config, file: &Path) -> Result<String, String> {
     let db = &config.history.path;
     let tmp = db.with_extension("restoring");
     let mut note = copy_private(file, &tmp, db)?;
+    if let Err(e) = record_restore(&tmp, file) {
+        note.push_str(&format!(" (not recorded in its audit trail: {e})"));
+    }
     if db.exists() {
         let aside = db.with_extension(format!(
             "db.before-restore-{}",
@@ -49,6 +52,25 @@ pub fn restore(config: &Config, file: &Path) -> Result<String, String> {
         file.display(),
         db.display()
     ))
+}
+
+/// Puts the restore itself in the restored database's audit trail (after
+/// bringing an older copy's schema up to date, as the daemon would).
+fn record_restore(tmp: &Path, file: &Path) -> Result<(), String> {
+    use crate::history::{store, AuditAction, AuditRecord};
+    let conn = rusqlite::Connection::open(tmp).map_err(|e| e.to_string())?;
+    store::migrate(&conn, tmp).map_err(|e| e.to_string())?;
+    store::insert_audit(
+        &conn,
+        &AuditRecord {
+            at_ms: crate::history::now_ms(),
+            principal: format!("local:uid={}", nix::unistd::getuid()),
+            action: AuditAction::Restore,
+            target: Some(file.display().to_string()),
+            result: "ok".into(),
+        },
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Copies `file` to a new `tmp`, created 0600 whatever the umask

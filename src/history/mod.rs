@@ -23,7 +23,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use crate::config::{ContentPolicy, HistoryConfig};
-pub use crate::events::{now_ms, ModelEvent, ModelEventKind, Outcome, RequestRecord, Usage};
+pub use crate::events::{
+    now_ms, AuditAction, AuditRecord, ModelEvent, ModelEventKind, Outcome, RequestRecord, Usage,
+};
 pub use store::StoreError;
 
 use crate::events::{Event, Sink};
@@ -50,6 +52,7 @@ pub struct Sample {
 enum Item {
     Request(Arc<RequestRecord>),
     Event(Arc<ModelEvent>),
+    Audit(Arc<AuditRecord>),
     Sample(Box<Sample>),
     /// Commit everything before this, then answer; with `true`, then stop.
     Flush(mpsc::Sender<()>, bool),
@@ -234,6 +237,7 @@ impl Sink for Recorder {
         match event {
             Event::Request(r) => self.send(Item::Request(r.clone())),
             Event::Model(e) => self.send(Item::Event(e.clone())),
+            Event::Audit(a) => self.send(Item::Audit(a.clone())),
             Event::State { .. } | Event::Removed { .. } => {}
         }
     }
@@ -327,19 +331,20 @@ fn drain(rx: &mpsc::Receiver<Item>, batch: &mut Vec<Item>) -> bool {
 }
 
 fn commit(conn: &mut rusqlite::Connection, batch: Vec<Item>, shared: &Shared) {
-    let (mut requests, mut events, mut samples, mut acks) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut requests, mut events, mut samples, mut audits, mut acks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for item in batch {
         match item {
             Item::Request(r) => requests.push(r),
             Item::Event(e) => events.push(e),
+            Item::Audit(a) => audits.push(a),
             Item::Sample(s) => samples.push(*s),
             Item::Flush(ack, _) => acks.push(ack),
         }
     }
-    let rows = (requests.len() + events.len() + samples.len()) as u64;
+    let rows = (requests.len() + events.len() + samples.len() + audits.len()) as u64;
     if rows > 0 {
-        match store::write_batch(conn, &requests, &events, &samples) {
+        match store::write_batch(conn, &requests, &events, &samples, &audits) {
             Ok(()) => {
                 shared.written.fetch_add(rows, Ordering::Relaxed);
                 if shared.disk_failing.swap(false, Ordering::Relaxed) {

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 #[cfg(test)]
 use super::ModelEventKind;
-use super::{ModelEvent, RequestRecord, Sample};
+use super::{AuditRecord, ModelEvent, RequestRecord, Sample};
 
 /// Migrations, embedded in the binary and applied in order; the database's
 /// `user_version` is the number of the last one applied.
@@ -30,6 +30,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_drop_outcome_index",
         include_str!("../../migrations/0002_drop_outcome_index.sql"),
+    ),
+    (
+        "0003_audit",
+        include_str!("../../migrations/0003_audit.sql"),
     ),
 ];
 
@@ -293,6 +297,7 @@ pub fn write_batch(
     requests: &[Arc<RequestRecord>],
     events: &[Arc<ModelEvent>],
     samples: &[Sample],
+    audits: &[Arc<AuditRecord>],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
@@ -361,7 +366,60 @@ pub fn write_batch(
             ])?;
         }
     }
+    for a in audits {
+        insert_audit(&tx, a)?;
+    }
     tx.commit()
+}
+
+/// Writes one audit row (the writer's batches, and `claracore restore`,
+/// which records itself in the database it puts in place).
+pub fn insert_audit(conn: &Connection, a: &AuditRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO audit (at_ms, principal, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        a.at_ms,
+        a.principal,
+        a.action.as_str(),
+        a.target,
+        a.result
+    ])?;
+    Ok(())
+}
+
+/// One `audit` row as `/admin/audit` returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub principal: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub result: String,
+}
+
+/// Audit rows newest first, below `cursor` (an id) if given.
+pub fn list_audit(
+    conn: &Connection,
+    limit: usize,
+    cursor: Option<i64>,
+) -> rusqlite::Result<Vec<AuditRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, at_ms, principal, action, target, result FROM audit
+         WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![cursor.unwrap_or(i64::MAX), limit as i64], |r| {
+        Ok(AuditRow {
+            id: r.get(0)?,
+            at_ms: r.get(1)?,
+            principal: r.get(2)?,
+            action: r.get(3)?,
+            target: r.get(4)?,
+            result: r.get(5)?,
+        })
+    })?;
+    rows.collect()
 }
 
 /// Deletes rows older than the cut-offs in small batches, so the writer
@@ -377,6 +435,7 @@ pub fn apply_retention(
     for (sql, before) in [
         ("DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE started_at_ms < ?1 LIMIT ?2)", requests_before),
         ("DELETE FROM model_events WHERE id IN (SELECT id FROM model_events WHERE at_ms < ?1 LIMIT ?2)", events_before),
+        ("DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_ms < ?1 LIMIT ?2)", events_before),
         ("DELETE FROM samples WHERE (at_ms, model) IN (SELECT at_ms, model FROM samples WHERE at_ms < ?1 LIMIT ?2)", samples_before),
     ] {
         loop {
@@ -702,20 +761,21 @@ mod tests {
             "0002 applied to a version-1 file"
         );
 
-        let broken = [
-            MIGRATIONS[0],
-            MIGRATIONS[1],
-            (
-                "0003_broken",
-                "CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1);",
-            ),
-        ];
+        // A broken migration after every real one.
+        let mut broken = MIGRATIONS.to_vec();
+        broken.push((
+            "9999_broken",
+            "CREATE TABLE half_done (x); INSERT INTO no_such_table VALUES (1);",
+        ));
         let e = apply_migrations(&conn, &path, &broken).unwrap_err();
-        assert!(e.to_string().contains("0003_broken"), "{e}");
+        assert!(e.to_string().contains("9999_broken"), "{e}");
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2, "the failed migration is not recorded");
+        assert_eq!(
+            version, SCHEMA_VERSION,
+            "the failed migration is not recorded"
+        );
         let half: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'half_done'",
@@ -743,6 +803,7 @@ mod tests {
             &[],
             &[event(10), event(5000)],
             &[sample(10), sample(5000)],
+            &[],
         )
         .unwrap();
         assert_eq!(apply_retention(&conn, 100, 100, 100).unwrap(), 2);
@@ -773,7 +834,7 @@ mod tests {
         let path = dir.path().join("state/h.db");
         let (mut conn, _) = open_for_writing(&path).unwrap();
         let event = Arc::new(ModelEvent::new("m", ModelEventKind::Ready, 1));
-        write_batch(&mut conn, &[], &[event], &[]).unwrap();
+        write_batch(&mut conn, &[], &[event], &[], &[]).unwrap();
         assert_eq!(mode(&dir.path().join("state")), DIR_MODE);
         for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
             assert_eq!(mode(&p), FILE_MODE, "{}", p.display());

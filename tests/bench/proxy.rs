@@ -197,10 +197,7 @@ fn start_claracore(env: &Env, name: &str, body: &str) -> Daemon {
         .as_ref()
         .map_or("llama-server".into(), |l| l.0.display().to_string());
     let socket = dir.join("cc.sock");
-    admin_sockets()
-        .lock()
-        .unwrap()
-        .insert(port, socket.clone());
+    admin_sockets().lock().unwrap().insert(port, socket.clone());
     let config = format!(
         "listen = [{}, {}]\nstate_dir = {}\nllama_server = {}\nlog_format = \"json\"\n{body}",
         q(format!("127.0.0.1:{port}")),
@@ -273,7 +270,10 @@ fn admin_sockets() -> &'static std::sync::Mutex<std::collections::HashMap<u16, P
 fn admin(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<client::Resp> {
     let socket = admin_sockets().lock().unwrap().get(&port).cloned();
     let socket = socket.ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("no claracore on port {port}"))
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no claracore on port {port}"),
+        )
     })?;
     client::once_unix(&socket, method, path, body)
 }
@@ -1098,8 +1098,8 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
                     p.stop(Duration::from_secs(5));
                 }
                 1 => {
-                    let stopped = admin(cc_port, "POST", "/admin/models/cold/stop", b"")
-                        .expect("stop cold");
+                    let stopped =
+                        admin(cc_port, "POST", "/admin/models/cold/stop", b"").expect("stop cold");
                     assert_eq!(stopped.status, 200, "{}", stopped.text());
                     wait_until(
                         "claracore's cold model to stop",

@@ -144,6 +144,7 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::GET, "/admin/history/1", None, Needs::Read, false),
         (Method::GET, "/admin/stats", None, Needs::Read, false),
         (Method::POST, "/admin/backup", None, Needs::Admin, false),
+        (Method::GET, "/admin/audit", None, Needs::Admin, false),
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
         (
             Method::POST,
@@ -543,4 +544,95 @@ fn key_new_prints_a_token_once_and_config_lines_with_only_its_hash() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_actions_and_rejected_keys_are_in_the_audit_trail() {
+    let d = Daemon::start(&format!("{}{}", models(), keys()));
+    let sock = d.socket();
+    let local = Target::Unix(&sock);
+    let tcp = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 7, 1],
+    };
+    let chat = json!({"model": "f", "messages": [], "max_tokens": 1});
+    assert_eq!(
+        call(
+            &local,
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&local, Method::POST, "/admin/models/f/stop", None, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&tcp, Method::POST, "/admin/backup", None, Some(FULL))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&tcp, Method::GET, "/upstream/f/health", None, Some(FULL))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&tcp, Method::GET, "/admin/ps", None, Some(OLD))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let want = [
+        ("stop", "local:uid="),
+        ("backup", "full"),
+        ("upstream", "full"),
+        ("key_rejected", "ip:127.0.7.1"),
+        ("reload", "signal:SIGHUP"),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let (_, page) = d.get("/admin/audit").await;
+        let rows = page["audit"].as_array().cloned().unwrap_or_default();
+        let all = want.iter().all(|(action, who)| {
+            rows.iter().any(|r| {
+                r["action"] == *action && r["principal"].as_str().unwrap().starts_with(who)
+            })
+        });
+        if all || std::time::Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (action, who) in want {
+        assert!(
+            rows.iter().any(|r| r["action"] == action && r["principal"].as_str().unwrap().starts_with(who)),
+            "no {action} by {who}: {rows:?}"
+        );
+    }
+    let stop = rows.iter().find(|r| r["action"] == "stop").unwrap();
+    assert_eq!(stop["target"], "f");
+    let upstream = rows.iter().find(|r| r["action"] == "upstream").unwrap();
+    assert_eq!(upstream["target"], "GET f/health");
+    assert_eq!(upstream["result"], "200");
+    assert!(
+        !serde_json::to_string(&rows).unwrap().contains(OLD),
+        "the rejected key is not stored"
+    );
+    let out = d.cli(&["audit", "--limit", "10"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("key_rejected") && text.contains("PRINCIPAL"),
+        "{out:?}"
+    );
 }
