@@ -636,3 +636,74 @@ async fn admin_actions_and_rejected_keys_are_in_the_audit_trail() {
         "{out:?}"
     );
 }
+
+/// An interpreter `nobody` can run (a pyenv or venv one under /root is not).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// `argv` run as the unprivileged user `nobody` (util-linux's setpriv).
+fn as_nobody(argv: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .args(argv)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_local_user_can_read_neither_the_history_file_nor_the_admin_routes() {
+    if !nix::unistd::geteuid().is_root() || !Path::new(SYSTEM_PYTHON).exists() {
+        eprintln!("skipped: needs root (to act as nobody) and {SYSTEM_PYTHON}");
+        return;
+    }
+    let d = Daemon::start_with(Listen::Itself, &models());
+    let chat = json!({"model": "f", "messages": [{"role": "user", "content": "a secret"}], "max_tokens": 1});
+    assert_eq!(
+        d.post("/v1/chat/completions", &chat).await.0,
+        StatusCode::OK
+    );
+    let (status, _) = d.get("/admin/history").await; // flushes the row to disk
+    assert_eq!(status, StatusCode::OK);
+    // The state directory is the harness's; open it up so only the file's
+    // own mode stands in the way.
+    let state = d.dir.path().join("state");
+    for dir in [d.dir.path(), state.as_path()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let db = state.join("history.db");
+    let out = as_nobody(&["cat", &db.display().to_string()]);
+    assert!(
+        !out.status.success(),
+        "nobody read the history file: {out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // The local socket (0660, root's group) does not let them in.
+    let sock = d.socket().display().to_string();
+    let connect = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({sock:?})\n    print('connected')\nexcept PermissionError:\n    print('denied')"
+    );
+    let out = as_nobody(&[SYSTEM_PYTHON, "-c", &connect]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "denied",
+        "{out:?}"
+    );
+    // Over TCP they are anonymous: inference, but no history.
+    let url = format!("http://{}/admin/history", d.addr);
+    let out = as_nobody(&[
+        SYSTEM_PYTHON,
+        "-c",
+        &format!(
+            "import urllib.request, urllib.error\n\
+         try:\n    urllib.request.urlopen({url:?})\n    print('200')\n\
+         except urllib.error.HTTPError as e:\n    print(e.code)"
+        ),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "401",
+        "{out:?}"
+    );
+}
