@@ -19,6 +19,13 @@ use toml::Spanned;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5800";
 /// Placeholder replaced by the child's port in `cmd` argv entries.
 pub const PORT_PLACEHOLDER: &str = "{port}";
+/// Placeholder replaced by the child's unix socket path in argv entries: a
+/// child whose argv has it is reached over that socket, one with only
+/// [`PORT_PLACEHOLDER`] over loopback TCP.
+pub const SOCKET_PLACEHOLDER: &str = "{socket}";
+/// The `--port` of a llama-server on a unix socket: it ignores the port
+/// for a `--host` ending in `.sock` but refuses to start with none.
+const UNIX_LLAMA_PORT: &str = "8080";
 
 /// An error in a config file, positioned where possible.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +44,41 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Unpositioned { path: PathBuf, message: String },
+}
+
+/// Where a child listens: a unix socket in the daemon's private runtime
+/// directory, or (a `cmd` with only [`PORT_PLACEHOLDER`]) a loopback port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ChildAddr {
+    /// The loopback port of a TCP child.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            ChildAddr::Tcp(a) => Some(a.port()),
+            ChildAddr::Unix(_) => None,
+        }
+    }
+
+    /// The socket path of a unix child.
+    pub fn socket(&self) -> Option<&Path> {
+        match self {
+            ChildAddr::Tcp(_) => None,
+            ChildAddr::Unix(p) => Some(p),
+        }
+    }
+}
+
+impl fmt::Display for ChildAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChildAddr::Tcp(addr) => write!(f, "{addr}"),
+            ChildAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// Where the daemon accepts connections.
@@ -168,7 +210,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub name: String,
-    /// argv with [`PORT_PLACEHOLDER`] where the port goes.
+    /// argv with [`SOCKET_PLACEHOLDER`] where the unix socket's path goes
+    /// and/or [`PORT_PLACEHOLDER`] where a loopback port goes.
     pub argv: Vec<String>,
     /// The GGUF file, for models given by `model` (checked by `--strict`).
     pub model_path: Option<PathBuf>,
@@ -221,14 +264,32 @@ impl ModelConfig {
             || self.max_connections != other.max_connections
     }
 
-    /// The child's argv with the port filled in.
-    pub fn command(&self, port: u16) -> Vec<String> {
-        let port = port.to_string();
-        self.argv
-            .iter()
-            .map(|arg| arg.replace(PORT_PLACEHOLDER, &port))
-            .collect()
+    /// Whether the child listens on a unix socket (its argv names one).
+    pub fn uses_socket(&self) -> bool {
+        uses_socket(&self.argv)
     }
+
+    /// The child's argv with the port and socket path filled in.
+    pub fn command(&self, port: u16, socket: &Path) -> Vec<String> {
+        fill_placeholders(&self.argv, port, socket)
+    }
+}
+
+/// Whether an argv has [`SOCKET_PLACEHOLDER`].
+pub fn uses_socket(argv: &[String]) -> bool {
+    argv.iter().any(|a| a.contains(SOCKET_PLACEHOLDER))
+}
+
+/// `argv` with [`PORT_PLACEHOLDER`] and [`SOCKET_PLACEHOLDER`] replaced.
+pub fn fill_placeholders(argv: &[String], port: u16, socket: &Path) -> Vec<String> {
+    let port = port.to_string();
+    let socket = socket.display().to_string();
+    argv.iter()
+        .map(|arg| {
+            arg.replace(PORT_PLACEHOLDER, &port)
+                .replace(SOCKET_PLACEHOLDER, &socket)
+        })
+        .collect()
 }
 
 /// The validated configuration.
@@ -251,6 +312,10 @@ pub struct Config {
     /// Sorted by name.
     pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
+    /// The private (0700) directory for the children's unix sockets. Not a
+    /// key of the file: the daemon's bootstrap creates the directory and
+    /// sets this; `None` (a config only parsed) starts no socket child.
+    pub runtime_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -620,6 +685,7 @@ impl Config {
             history,
             auth,
             models,
+            runtime_dir: None,
         })
     }
 
@@ -963,10 +1029,13 @@ fn validate_model(
                 llama_server.display().to_string(),
                 "-m".into(),
                 path.clone(),
+                // A unix socket in the daemon's 0700 runtime directory:
+                // no other local user can reach the child, and no port
+                // can clash.
                 "--host".into(),
-                "127.0.0.1".into(),
+                SOCKET_PLACEHOLDER.into(),
                 "--port".into(),
-                PORT_PLACEHOLDER.into(),
+                UNIX_LLAMA_PORT.into(),
                 "--threads-http".into(),
                 llama_http_threads(limit).to_string(),
             ];
@@ -983,10 +1052,13 @@ fn validate_model(
             if cmd.is_empty() || cmd[0].is_empty() {
                 return Err(src.error(name, format!("{key}.cmd: must name a program")));
             }
-            if !cmd.iter().any(|a| a.contains(PORT_PLACEHOLDER)) {
+            if !cmd
+                .iter()
+                .any(|a| a.contains(PORT_PLACEHOLDER) || a.contains(SOCKET_PLACEHOLDER))
+            {
                 return Err(src.error(
                     name,
-                    format!("{key}.cmd: must contain {PORT_PLACEHOLDER} so the child listens where claracore expects"),
+                    format!("{key}.cmd: must contain {SOCKET_PLACEHOLDER} (a unix socket path, preferred) or {PORT_PLACEHOLDER} (a loopback port) so the child listens where claracore expects"),
                 ));
             }
             (cmd.clone(), None, max_connections)
@@ -1075,16 +1147,20 @@ health = "/health"
         let tiny = cfg.model("tiny-chat").unwrap();
         assert_eq!(tiny.name, "tiny");
         assert_eq!(tiny.ttl, Some(Duration::from_secs(300)));
+        assert!(
+            tiny.uses_socket(),
+            "llama-server children listen on a unix socket"
+        );
         assert_eq!(
-            tiny.command(4242),
+            tiny.command(4242, Path::new("/run/cc/models.x/tiny-1.sock")),
             [
                 "llama-server",
                 "-m",
                 "/models/tiny.gguf",
                 "--host",
-                "127.0.0.1",
+                "/run/cc/models.x/tiny-1.sock",
                 "--port",
-                "4242",
+                "8080",
                 "--threads-http",
                 "34",
                 "-c",
@@ -1092,7 +1168,11 @@ health = "/health"
             ]
         );
         let custom = cfg.model("custom").unwrap();
-        assert_eq!(custom.command(7), ["/opt/bin/server", "--port", "7"]);
+        assert!(!custom.uses_socket(), "only {{port}}: loopback TCP");
+        assert_eq!(
+            custom.command(7, Path::new("/unused.sock")),
+            ["/opt/bin/server", "--port", "7"]
+        );
         assert_eq!(
             custom.ttl,
             Some(Duration::from_secs(600)),
@@ -1255,8 +1335,14 @@ health = "/health"
     }
 
     #[test]
-    fn cmd_must_carry_the_port_placeholder() {
+    fn cmd_must_carry_the_port_or_socket_placeholder() {
         let e = err("[models.a]\ncmd = [\"/bin/server\", \"--port\", \"8080\"]\n");
-        assert!(e.contains("{port}"), "{e}");
+        assert!(e.contains("{port}") && e.contains("{socket}"), "{e}");
+        let cfg = parse("[models.a]\ncmd = [\"/bin/server\", \"--unix={socket}\"]\n").unwrap();
+        assert!(cfg.models[0].uses_socket());
+        assert_eq!(
+            cfg.models[0].command(1, Path::new("/d/a-3.sock")),
+            ["/bin/server", "--unix=/d/a-3.sock"]
+        );
     }
 }

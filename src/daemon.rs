@@ -1,13 +1,14 @@
 //! The daemon's bootstrap: read the environment once, load the config, set
 //! up logging, bind (or inherit) the listeners, drop privileges, open the
 //! history database, build the runtime, install signal handlers, then hand
-//! over to [`server::serve`]. Returns the process's exit status.
+//! over to [`server::serve`]. Returns the process's exit status. The
+//! children's private socket directory lives as long as `serve`.
 //!
 //! Order matters: LISTEN_* are read and capabilities dropped while the
 //! process is still single-threaded (listenfd unsets the variables and
 //! capabilities are per thread).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -17,6 +18,7 @@ use crate::history::Recorder;
 use crate::listen::{Bound, ListenError};
 use crate::logging::{self, LogTarget};
 use crate::server::{self, Control, Systemd};
+use crate::supervisor::RuntimeDir;
 use crate::systemd::{self, Notifier};
 use crate::EXIT_CONFIG;
 
@@ -55,6 +57,9 @@ struct ServeEnv {
     journal_stream: Option<String>,
     log_filter: Option<String>,
     fd_names: Option<String>,
+    /// systemd's `RuntimeDirectory=` (the first, if several).
+    runtime_directory: Option<PathBuf>,
+    xdg_runtime_dir: Option<PathBuf>,
 }
 
 impl ServeEnv {
@@ -67,14 +72,33 @@ impl ServeEnv {
             journal_stream: var("JOURNAL_STREAM"),
             log_filter: var("CLARACORE_LOG"),
             fd_names: var("LISTEN_FDNAMES"),
+            runtime_directory: var("RUNTIME_DIRECTORY")
+                .and_then(|v| v.split(':').next().map(PathBuf::from))
+                .filter(|p| p.is_absolute()),
+            xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute()),
         }
+    }
+
+    /// Where the children's socket directory may go, best first.
+    fn runtime_bases(&self, config: &Config) -> Vec<PathBuf> {
+        let mut bases: Vec<PathBuf> = self
+            .runtime_directory
+            .iter()
+            .chain(&self.xdg_runtime_dir)
+            .cloned()
+            .collect();
+        bases.push(config.state_dir.clone());
+        bases.push(PathBuf::from("/tmp"));
+        bases
     }
 }
 
 /// `claracore serve`: runs the daemon until SIGTERM/SIGINT.
 pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
     let env = ServeEnv::read();
-    let config = match Config::load(path) {
+    let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("claracore: {e}");
@@ -157,6 +181,17 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
         (Recorder::disabled(), None)
     };
 
+    let runtime_dir = match RuntimeDir::create(&env.runtime_bases(&config)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::error!("{e}");
+            notifier.status(&format!("failed to start: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::debug!(path = %runtime_dir.path().display(), "models' socket directory");
+    config.runtime_dir = Some(runtime_dir.path().to_path_buf());
+
     let threads = config.worker_threads();
     tracing::debug!(worker_threads = threads, "starting the async runtime");
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -218,6 +253,8 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
         writer.close();
         tracing::info!("history flushed");
     }
+    // The children are gone: their sockets with them.
+    drop(runtime_dir);
     tracing::info!("claracore stopped");
     code
 }

@@ -1,7 +1,9 @@
 //! One child process's lifecycle, from spawn to reaped exit.
 //!
-//! [`spawn`] starts a task that owns the child: it picks a loopback port,
-//! execs the argv (never a shell) in a new process group with
+//! [`spawn`] starts a task that owns the child: it gives it a unix socket
+//! in the daemon's private [`RuntimeDir`] (or, for a `cmd` that asks for a
+//! port only, picks a loopback port), execs the argv (never a shell) in a
+//! new process group with
 //! `PR_SET_PDEATHSIG=SIGKILL`, copies each output line into tracing with the
 //! model's name, polls the health path until it answers 200, then pings it
 //! periodically. It reports to the scheduler through [`ChildEvent`]s, exactly
@@ -9,10 +11,13 @@
 //! `Exited`), and stops the child when its [`ChildHandle`] asks or is dropped.
 //!
 //! Stop escalation: SIGTERM to the process group; after the grace period,
-//! SIGKILL to the group; then reap.
+//! SIGKILL to the group; then reap. A child's socket file is removed once
+//! it has exited, before the terminal event goes out.
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,10 +25,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
+
+use crate::config::ChildAddr;
 
 /// Variables that belong to the daemon's own systemd protocol and must not
 /// leak into children.
@@ -40,6 +47,12 @@ const TAIL_LINES: usize = 12;
 const PORT_ATTEMPTS: usize = 3;
 /// Consecutive failed health pings before a ready child is killed.
 const HEALTH_FAILURES: u32 = 3;
+/// The longest path a unix socket address holds: `sun_path` is 108 bytes,
+/// the terminating NUL included.
+const SUN_PATH_MAX: usize = 107;
+/// A child's socket file: only the daemon's user may connect (the
+/// directory is 0700 already; this holds if it is ever shared).
+const SOCKET_MODE: u32 = 0o600;
 
 /// What a child is started with.
 #[derive(Debug, Clone)]
@@ -86,7 +99,7 @@ pub enum ChildEvent {
     Ready {
         model: Arc<str>,
         instance: u64,
-        addr: SocketAddr,
+        addr: ChildAddr,
         pid: u32,
         load_time: Duration,
     },
@@ -142,20 +155,29 @@ pub trait Spawner: Send + Sync + 'static {
     fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle;
 }
 
-/// Real child processes, each supervised by its own task.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Processes;
+/// Real child processes, each supervised by its own task; their sockets
+/// go in `runtime_dir` (without one, a child that needs a socket fails to
+/// start).
+#[derive(Debug, Default, Clone)]
+pub struct Processes {
+    pub runtime_dir: Option<Arc<Path>>,
+}
 
 impl Spawner for Processes {
     fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
-        spawn(spec, events)
+        spawn(spec, self.runtime_dir.clone(), events)
     }
 }
 
-/// Starts supervising a new child.
-pub fn spawn(spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
+/// Starts supervising a new child, its socket (if it takes one) in
+/// `runtime_dir`.
+pub fn spawn(
+    spec: ChildSpec,
+    runtime_dir: Option<Arc<Path>>,
+    events: mpsc::UnboundedSender<ChildEvent>,
+) -> ChildHandle {
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(run(spec, events, stop_rx));
+    let task = tokio::spawn(run(spec, runtime_dir, events, stop_rx));
     ChildHandle {
         stop: Some(stop_tx),
         task: Some(task),
@@ -193,7 +215,7 @@ impl Tail {
 struct Running {
     child: Child,
     pid: u32,
-    addr: SocketAddr,
+    addr: ChildAddr,
     tail: Tail,
     readers: Vec<JoinHandle<()>>,
     /// Signalled when the child's output says it has finished loading, so
@@ -252,45 +274,92 @@ impl Running {
 
 async fn run(
     spec: ChildSpec,
+    runtime_dir: Option<Arc<Path>>,
     events: mpsc::UnboundedSender<ChildEvent>,
-    mut stop_rx: oneshot::Receiver<()>,
+    stop_rx: oneshot::Receiver<()>,
 ) {
-    let model = spec.model.clone();
-    let instance = spec.instance;
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + spec.start_timeout;
-
-    let mut attempt = 0;
-    let mut running = loop {
-        attempt += 1;
-        let mut running = match start_child(&spec) {
-            Ok(r) => r,
+    let socket = if crate::config::uses_socket(&spec.argv) {
+        let path = runtime_dir
+            .as_deref()
+            .ok_or_else(|| "no runtime directory for the model's unix socket".to_string())
+            .and_then(|dir| socket_path(dir, &spec.model, spec.instance));
+        match path {
+            Ok(path) => Some(path),
             Err(reason) => {
+                tracing::error!(model = %spec.model, "{reason}");
                 let _ = events.send(ChildEvent::StartFailed {
-                    model,
-                    instance,
+                    model: spec.model.clone(),
+                    instance: spec.instance,
                     reason: StartFailure::Spawn(reason),
                 });
                 return;
             }
+        }
+    } else {
+        None
+    };
+    let terminal = supervise(&spec, socket.as_deref(), &events, stop_rx).await;
+    // Gone before anyone hears the child has stopped.
+    if let Some(path) = &socket {
+        remove_socket(&spec.model, path);
+    }
+    let _ = events.send(terminal);
+}
+
+/// Removes a child's socket file (it does not do so itself).
+fn remove_socket(model: &str, path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(model, path = %path.display(), error = %e,
+            "cannot remove the child's socket file"),
+    }
+}
+
+/// Runs the child from start to exit; sends `Ready` on the way and
+/// returns the terminal event.
+async fn supervise(
+    spec: &ChildSpec,
+    socket: Option<&Path>,
+    events: &mpsc::UnboundedSender<ChildEvent>,
+    mut stop_rx: oneshot::Receiver<()>,
+) -> ChildEvent {
+    let model = spec.model.clone();
+    let instance = spec.instance;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + spec.start_timeout;
+    let start_failed = |reason| ChildEvent::StartFailed {
+        model: model.clone(),
+        instance,
+        reason,
+    };
+
+    let mut attempt = 0;
+    let mut running = loop {
+        attempt += 1;
+        let mut running = match start_child(spec, socket) {
+            Ok(r) => r,
+            Err(reason) => return start_failed(StartFailure::Spawn(reason)),
         };
-        tracing::info!(model = %model, pid = running.pid, port = running.addr.port(),
+        tracing::info!(model = %model, pid = running.pid, addr = %running.addr,
             argv = ?spec.argv, "started child");
-        match wait_ready(&spec, &mut running, deadline, &mut stop_rx).await {
+        match wait_ready(spec, &mut running, deadline, &mut stop_rx).await {
             Readiness::Ready => break running,
             Readiness::StopRequested => {
                 running.stop(&model, spec.stop_grace).await;
-                let _ = events.send(ChildEvent::Exited {
+                return ChildEvent::Exited {
                     model,
                     instance,
                     reason: ExitReason::Stopped,
-                });
-                return;
+                };
             }
             Readiness::Exited(status) => {
                 running.drain_output().await;
-                if running.tail.mentions_port_in_use() && attempt < PORT_ATTEMPTS {
-                    tracing::warn!(model = %model, port = running.addr.port(),
+                // A socket in the private directory cannot be taken by
+                // anyone else: only a loopback port is worth another try.
+                let tcp = matches!(running.addr, ChildAddr::Tcp(_));
+                if tcp && running.tail.mentions_port_in_use() && attempt < PORT_ATTEMPTS {
+                    tracing::warn!(model = %model, addr = %running.addr,
                         "child could not bind its port; retrying on another");
                     continue;
                 }
@@ -298,13 +367,7 @@ async fn run(
                 let status = running.exit_text(status);
                 tracing::error!(model = %model, status = %status, stderr_tail = %tail,
                     "child exited while starting");
-                let reason = StartFailure::Exited { status };
-                let _ = events.send(ChildEvent::StartFailed {
-                    model,
-                    instance,
-                    reason,
-                });
-                return;
+                return start_failed(StartFailure::Exited { status });
             }
             Readiness::TimedOut => {
                 running.stop(&model, spec.stop_grace).await;
@@ -312,32 +375,34 @@ async fn run(
                     after: spec.start_timeout,
                 };
                 tracing::error!(model = %model, stderr_tail = %running.tail.text(), "{reason}");
-                let _ = events.send(ChildEvent::StartFailed {
-                    model,
-                    instance,
-                    reason,
-                });
-                return;
+                return start_failed(reason);
             }
         }
     };
 
+    if let ChildAddr::Unix(path) = &running.addr {
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        {
+            tracing::warn!(model = %model, path = %path.display(), error = %e,
+                "cannot restrict the child's socket file");
+        }
+    }
     let load_time = started.elapsed();
     tracing::info!(model = %model, pid = running.pid, load_ms = load_time.as_millis() as u64, "child ready");
     let _ = events.send(ChildEvent::Ready {
         model: model.clone(),
         instance,
-        addr: running.addr,
+        addr: running.addr.clone(),
         pid: running.pid,
         load_time,
     });
 
-    let reason = supervise_ready(&spec, &mut running, &mut stop_rx).await;
-    let _ = events.send(ChildEvent::Exited {
+    let reason = supervise_ready(spec, &mut running, &mut stop_rx).await;
+    ChildEvent::Exited {
         model,
         instance,
         reason,
-    });
+    }
 }
 
 enum Readiness {
@@ -359,7 +424,7 @@ async fn wait_ready(
     let begun = Instant::now();
     let mut hinted: Option<Instant> = None;
     loop {
-        if probe(running.addr, &spec.health_path, Duration::from_millis(500)).await {
+        if probe(&running.addr, &spec.health_path, Duration::from_millis(500)).await {
             return Readiness::Ready;
         }
         let interval = if hinted.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
@@ -412,7 +477,7 @@ async fn supervise_ready(
                 return ExitReason::Stopped;
             }
             _ = ticker.tick() => {
-                if probe(running.addr, &spec.health_path, Duration::from_secs(5)).await {
+                if probe(&running.addr, &spec.health_path, Duration::from_secs(5)).await {
                     failures = 0;
                     continue;
                 }
@@ -430,13 +495,20 @@ async fn supervise_ready(
     }
 }
 
-fn start_child(spec: &ChildSpec) -> Result<Running, String> {
+/// Starts the child on `socket`, or on a fresh loopback port without one
+/// (a `{port}` beside a `{socket}` gets a free port too, unused by
+/// claracore).
+fn start_child(spec: &ChildSpec, socket: Option<&Path>) -> Result<Running, String> {
     let port = free_port().map_err(|e| format!("no free loopback port: {e}"))?;
-    let argv: Vec<String> = spec
-        .argv
-        .iter()
-        .map(|a| a.replace(crate::config::PORT_PLACEHOLDER, &port.to_string()))
-        .collect();
+    let addr = match socket {
+        Some(path) => {
+            // Left over only if a daemon before this one died uncleanly.
+            remove_socket(&spec.model, path);
+            ChildAddr::Unix(path.to_path_buf())
+        }
+        None => ChildAddr::Tcp(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))),
+    };
+    let argv = crate::config::fill_placeholders(&spec.argv, port, socket.unwrap_or(Path::new("")));
     let (program, args) = argv.split_first().ok_or("empty command")?;
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -488,7 +560,7 @@ fn start_child(spec: &ChildSpec) -> Result<Running, String> {
     Ok(Running {
         child,
         pid,
-        addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+        addr,
         tail,
         readers,
         loaded_hint,
@@ -618,18 +690,133 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// `GET path` on the child; true on a 200.
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
+pub async fn probe(addr: &ChildAddr, path: &str, timeout: Duration) -> bool {
     let attempt = async {
-        let mut stream = TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        Some(&head[..9] == b"HTTP/1.1 " || &head[..9] == b"HTTP/1.0 ")
-            .filter(|ok| *ok)
-            .map(|_| &head[9..12] == b"200")
+        match addr {
+            ChildAddr::Tcp(a) => {
+                let host = a.to_string();
+                probe_on(TcpStream::connect(a).await.ok()?, &host, path).await
+            }
+            // Any name will do: llama-server does not check it.
+            ChildAddr::Unix(p) => {
+                probe_on(UnixStream::connect(p).await.ok()?, "localhost", path).await
+            }
+        }
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+}
+
+async fn probe_on(
+    mut stream: impl AsyncRead + tokio::io::AsyncWrite + Unpin,
+    host: &str,
+    path: &str,
+) -> Option<bool> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.ok()?;
+    Some(&head[..9] == b"HTTP/1.1 " || &head[..9] == b"HTTP/1.0 ")
+        .filter(|ok| *ok)
+        .map(|_| &head[9..12] == b"200")
+}
+
+/// `<dir>/<model>-<instance>.sock`, or `<dir>/<instance>.sock` when a long
+/// model name would not fit a unix socket address (instances are unique
+/// within a daemon, so either name is).
+fn socket_path(dir: &Path, model: &str, instance: u64) -> Result<PathBuf, String> {
+    let named = dir.join(format!("{model}-{instance}.sock"));
+    if named.as_os_str().len() <= SUN_PATH_MAX {
+        return Ok(named);
+    }
+    let short = dir.join(format!("{instance}.sock"));
+    if short.as_os_str().len() <= SUN_PATH_MAX {
+        return Ok(short);
+    }
+    Err(format!(
+        "the runtime directory {} is too long for a unix socket path ({SUN_PATH_MAX} bytes at most)",
+        dir.display()
+    ))
+}
+
+/// The daemon's private directory for its children's unix sockets: a fresh
+/// name, mode 0700, owned by the daemon's user, so no other local user can
+/// reach a child. Removed, with anything left in it, on drop.
+#[derive(Debug)]
+pub struct RuntimeDir {
+    path: PathBuf,
+}
+
+/// `claracore.` plus this many hex digits names a runtime directory.
+const RUNTIME_DIR_SUFFIX: usize = 10;
+/// Names tried in one base before giving up on it.
+const RUNTIME_DIR_ATTEMPTS: usize = 16;
+
+impl RuntimeDir {
+    /// Creates the directory in the first of `bases` where it can be made
+    /// and where every child's socket path fits a unix socket address.
+    pub fn create(bases: &[PathBuf]) -> Result<RuntimeDir, String> {
+        let mut why = Vec::new();
+        for base in bases {
+            // The longest name a socket in it can get: `<instance>.sock`.
+            let longest = base.as_os_str().len()
+                + "/claracore.".len()
+                + RUNTIME_DIR_SUFFIX
+                + format!("/{}.sock", u64::MAX).len();
+            if longest > SUN_PATH_MAX {
+                why.push(format!(
+                    "{}: too long for unix socket paths",
+                    base.display()
+                ));
+                continue;
+            }
+            match create_private_dir(base) {
+                Ok(path) => return Ok(RuntimeDir { path }),
+                Err(e) => why.push(format!("{}: {e}", base.display())),
+            }
+        }
+        Err(format!(
+            "cannot create a private runtime directory for the models' sockets ({})",
+            why.join("; ")
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e,
+                "cannot remove the runtime directory");
+        }
+    }
+}
+
+/// `base/claracore.XXXXXXXXXX`, made with mode 0700 under a name nobody
+/// else took (mkdir fails on an existing one, symlinks included).
+fn create_private_dir(base: &Path) -> std::io::Result<PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut last = None;
+    for attempt in 0..RUNTIME_DIR_ATTEMPTS {
+        // RandomState is seeded from the OS's random source.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(attempt);
+        h.write_u32(std::process::id());
+        let suffix = format!("{:016x}", h.finish());
+        let path = base.join(format!("claracore.{}", &suffix[..RUNTIME_DIR_SUFFIX]));
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {
+                // Exactly 0700 whatever the umask.
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -655,6 +842,42 @@ fn io_kind(e: &std::io::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_paths_fit_a_unix_socket_address() {
+        let dir = Path::new("/run/claracore/claracore.0123456789");
+        assert_eq!(
+            socket_path(dir, "tiny", 3).unwrap(),
+            dir.join("tiny-3.sock")
+        );
+        let long = "m".repeat(100);
+        assert_eq!(
+            socket_path(dir, &long, 3).unwrap(),
+            dir.join("3.sock"),
+            "a long model name falls back to the instance alone"
+        );
+        let deep = PathBuf::from(format!("/{}", "d".repeat(110)));
+        let e = socket_path(&deep, "tiny", 3).unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+    }
+
+    #[test]
+    fn the_runtime_dir_is_private_fresh_and_removed_on_drop() {
+        let base = tempfile::tempdir().unwrap();
+        let too_long = PathBuf::from(format!("/{}", "x".repeat(100)));
+        let a = RuntimeDir::create(&[too_long, base.path().to_path_buf()]).unwrap();
+        let b = RuntimeDir::create(&[base.path().to_path_buf()]).unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(a.path().parent(), Some(base.path()));
+        let meta = std::fs::metadata(a.path()).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        std::fs::write(a.path().join("left-1.sock"), "").unwrap();
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "removed with what was left in it");
+        let e = RuntimeDir::create(&[base.path().join("missing")]).unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+    }
 
     #[test]
     fn oom_kills_are_read_from_memory_events() {

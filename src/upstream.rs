@@ -5,33 +5,42 @@
 //! it in the child's gate; the proxy reaches it through a lease. Nothing
 //! here knows about models' lifecycles or about the API.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
+use hyper::{Request, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::ChildAddr;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type used for requests and responses in both directions.
 pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type UpstreamClient = Client<HttpConnector, BoxBody>;
 
 /// Idle connections kept per child when its requests are not limited.
 const MAX_IDLE_UNLIMITED: usize = 64;
 /// How long an idle pooled connection to a child is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The request URI's authority and `Host` for a child on a unix socket:
+/// the socket is the address, and llama-server does not check the name.
+const UNIX_AUTHORITY: &str = "localhost";
 
 /// One ready child as an HTTP peer.
 #[derive(Debug)]
 pub struct Upstream {
-    addr: SocketAddr,
+    addr: ChildAddr,
     /// `addr` for the request URI and `Host`, made once.
     authority: Authority,
     host: HeaderValue,
@@ -42,29 +51,33 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, max_connections: Option<usize>) -> Upstream {
-        let text = addr.to_string();
+    pub fn new(addr: ChildAddr, max_connections: Option<usize>) -> Upstream {
+        let text = match &addr {
+            ChildAddr::Tcp(a) => a.to_string(),
+            ChildAddr::Unix(_) => UNIX_AUTHORITY.to_string(),
+        };
         Upstream {
-            addr,
             authority: Authority::try_from(text.as_str())
-                .unwrap_or_else(|_| Authority::from_static("127.0.0.1")),
+                .unwrap_or_else(|_| Authority::from_static(UNIX_AUTHORITY)),
             host: HeaderValue::try_from(text)
-                .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1")),
-            client: client(max_connections),
+                .unwrap_or_else(|_| HeaderValue::from_static(UNIX_AUTHORITY)),
+            client: UpstreamClient::new(&addr, max_connections),
             connections: max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            addr,
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &ChildAddr {
+        &self.addr
     }
 
-    /// The child's `host:port` for a request URI.
+    /// The child's `host:port` for a request URI (a fixed name for a unix
+    /// socket).
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
 
-    /// The child's `host:port` as a `Host` header.
+    /// The child's `host:port` as a `Host` header (likewise).
     pub fn host(&self) -> &HeaderValue {
         &self.host
     }
@@ -82,27 +95,131 @@ impl Upstream {
     }
 }
 
-/// An HTTP/1 client with a connection pool to one child. With a connection
-/// limit the pool keeps at most that many idle connections, so the child
-/// never sees more than twice the limit open (busy plus idle).
-fn client(max_connections: Option<usize>) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(max_connections.unwrap_or(MAX_IDLE_UNLIMITED))
-        .build(connector)
+/// An HTTP/1 client with a connection pool to one child, over TCP or its
+/// unix socket. With a connection limit the pool keeps at most that many
+/// idle connections, so the child never sees more than twice the limit
+/// open (busy plus idle).
+#[derive(Debug)]
+pub enum UpstreamClient {
+    Tcp(Client<HttpConnector, BoxBody>),
+    Unix(Client<UnixConnector, BoxBody>),
+}
+
+impl UpstreamClient {
+    fn new(addr: &ChildAddr, max_connections: Option<usize>) -> UpstreamClient {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(max_connections.unwrap_or(MAX_IDLE_UNLIMITED));
+        match addr {
+            ChildAddr::Tcp(_) => {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                UpstreamClient::Tcp(builder.build(connector))
+            }
+            ChildAddr::Unix(path) => {
+                UpstreamClient::Unix(builder.build(UnixConnector(Arc::from(path.as_path()))))
+            }
+        }
+    }
+
+    /// Sends a request on a pooled (or new) connection.
+    pub fn request(&self, req: Request<BoxBody>) -> ResponseFuture {
+        match self {
+            UpstreamClient::Tcp(c) => c.request(req),
+            UpstreamClient::Unix(c) => c.request(req),
+        }
+    }
+}
+
+/// Connects every request, whatever its URI, to one unix socket.
+#[derive(Debug, Clone)]
+pub struct UnixConnector(Arc<Path>);
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&*path).await?)) })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn the_address_is_formatted_once_for_uri_and_host() {
-        let u = Upstream::new(SocketAddr::from(([127, 0, 0, 1], 4321)), Some(2));
+        let u = Upstream::new(
+            ChildAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 4321))),
+            Some(2),
+        );
         assert_eq!(u.authority().as_str(), "127.0.0.1:4321");
         assert_eq!(u.host(), "127.0.0.1:4321");
-        assert_eq!(u.addr().port(), 4321);
+        assert!(matches!(u.client(), UpstreamClient::Tcp(_)));
+    }
+
+    #[test]
+    fn a_unix_child_gets_a_fixed_authority_and_its_own_connector() {
+        let u = Upstream::new(ChildAddr::Unix("/run/x/tiny-1.sock".into()), None);
+        assert_eq!(u.authority().as_str(), "localhost");
+        assert_eq!(u.host(), "localhost");
+        assert!(matches!(u.client(), UpstreamClient::Unix(_)));
+        assert_eq!(u.addr(), &ChildAddr::Unix("/run/x/tiny-1.sock".into()));
+    }
+
+    #[tokio::test]
+    async fn requests_reach_a_unix_socket_through_the_pool() {
+        use http_body_util::{BodyExt, Empty};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("child-1.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            // One connection serving two requests: the pool reuses it.
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while seen.windows(4).filter(|w| w == b"\r\n\r\n").count() < 2 {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(4).filter(|w| w == b"\r\n\r\n").count() == 1 {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        let u = Upstream::new(ChildAddr::Unix(path), Some(1));
+        for _ in 0..2 {
+            let req = Request::builder()
+                .uri(format!("http://{}/health", u.authority()))
+                .header(hyper::header::HOST, u.host().clone())
+                .body(BoxBody::new(Empty::new().map_err(|e| match e {})))
+                .unwrap();
+            let resp = u.client().request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        let seen = server.await.unwrap();
+        assert!(seen.contains("GET /health HTTP/1.1"), "{seen}");
+        assert!(
+            seen.to_ascii_lowercase().contains("host: localhost"),
+            "{seen}"
+        );
     }
 }

@@ -18,6 +18,16 @@ fn opt(v: &serde_json::Value) -> String {
     }
 }
 
+/// A child's port, or `unix` for one on a unix socket (the path is in
+/// `/admin/ps`'s `socket`).
+fn port_or_unix(m: &serde_json::Value) -> String {
+    if m["socket"].is_string() {
+        "unix".into()
+    } else {
+        opt(&m["port"])
+    }
+}
+
 /// Renders `/admin/ps`: only models that hold a process.
 pub fn format_ps(value: &serde_json::Value) -> String {
     let mut out = format!(
@@ -35,7 +45,7 @@ pub fn format_ps(value: &serde_json::Value) -> String {
             m["name"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             opt(&m["pid"]),
-            opt(&m["port"]),
+            port_or_unix(m),
             m["inflight"].as_u64().unwrap_or(0),
             secs(&m["idle_s"]),
             secs(&m["uptime_s"]),
@@ -215,8 +225,9 @@ mod tests {
     #[test]
     fn ps_table_lists_only_models_with_a_process() {
         let v = serde_json::json!({"models": [
-            {"name": "a", "state": "ready", "pid": 12, "port": 3456, "inflight": 1, "idle_s": null, "uptime_s": 75.0},
-            {"name": "b", "state": "stopped", "pid": null, "port": null, "inflight": 0, "idle_s": null, "uptime_s": null}
+            {"name": "a", "state": "ready", "pid": 12, "port": 3456, "socket": null, "inflight": 1, "idle_s": null, "uptime_s": 75.0},
+            {"name": "b", "state": "stopped", "pid": null, "port": null, "socket": null, "inflight": 0, "idle_s": null, "uptime_s": null},
+            {"name": "c", "state": "ready", "pid": 13, "port": null, "socket": "/run/claracore/claracore.x/c-2.sock", "inflight": 0, "idle_s": 3.0, "uptime_s": 5.0}
         ]});
         let t = format_ps(&v);
         assert!(
@@ -224,5 +235,10 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("\nb "), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with("c ") && l.contains(" unix ")),
+            "{t}"
+        );
     }
 }

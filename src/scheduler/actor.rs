@@ -227,7 +227,12 @@ impl Slot {
                 .gate
                 .as_ref()
                 .filter(|_| running)
-                .map(|g| g.upstream.addr().port()),
+                .and_then(|g| g.upstream.addr().port()),
+            socket: self
+                .gate
+                .as_ref()
+                .filter(|_| running)
+                .and_then(|g| g.upstream.addr().socket().map(Into::into)),
             inflight: self.inflight(),
             waiting: self.waiters.iter().filter(|w| !w.is_closed()).count(),
             uptime_s: self
@@ -797,8 +802,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ChildAddr;
     use crate::scheduler::Scheduler;
-    use std::net::SocketAddr;
     use std::sync::Mutex;
 
     /// One child the fake spawner was asked for.
@@ -841,7 +846,7 @@ mod tests {
                 let _ = s.events.send(ChildEvent::Ready {
                     model: s.spec.model.clone(),
                     instance: s.spec.instance,
-                    addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                    addr: ChildAddr::Unix("/run/test/model-1.sock".into()),
                     pid: 4242,
                     load_time: Duration::from_millis(5),
                 });

@@ -164,13 +164,14 @@ impl Gates {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ChildAddr;
     use crate::scheduler::Lease;
     use std::net::SocketAddr;
 
     fn gate() -> (Arc<Gate>, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let addr = SocketAddr::from(([127, 0, 0, 1], 4321));
-        let upstream = Upstream::new(addr, None);
+        let upstream = Upstream::new(ChildAddr::Tcp(addr), None);
         (Arc::new(Gate::new(Arc::from("m"), 7, upstream, tx)), rx)
     }
 

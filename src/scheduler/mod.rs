@@ -104,7 +104,11 @@ pub struct ModelStatus {
     pub aliases: Vec<String>,
     pub state: ModelState,
     pub pid: Option<u32>,
+    /// The loopback port of a ready child on TCP (a `cmd` with `{port}`
+    /// only).
     pub port: Option<u16>,
+    /// The unix socket of a ready child on one.
+    pub socket: Option<std::path::PathBuf>,
     pub inflight: usize,
     pub waiting: usize,
     pub uptime_s: Option<f64>,
@@ -152,9 +156,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the actor for a config's models, with real child processes.
+    /// Starts the actor for a config's models, with real child processes
+    /// whose sockets go in the config's runtime directory.
     pub fn start(config: &Config, bus: Bus) -> Scheduler {
-        Scheduler::with_spawner(config, bus, Arc::new(Processes))
+        let processes = Processes {
+            runtime_dir: config.runtime_dir.as_deref().map(Arc::from),
+        };
+        Scheduler::with_spawner(config, bus, Arc::new(processes))
     }
 
     /// Starts the actor with children made by `spawner`.

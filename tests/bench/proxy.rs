@@ -8,6 +8,12 @@
 //! cargo bench --bench proxy -- [--quick] [--only latency,rps,stream,cold,swap,rss,ready]
 //! ```
 //!
+//! claracore reaches a `cmd` child with only `{port}` (the fast fake) over
+//! loopback TCP and a llama-server child over its unix socket; "claracore,
+//! unix child" is a daemon whose fake is a `cmd` with `{socket}`, paired
+//! per round with the TCP one. "direct" connects to the child the way
+//! claracore does (the socket path comes from `/admin/ps`).
+//!
 //! Every comparison runs its contenders interleaved (round r runs them in
 //! the order rotated by r: A B C, B C A, C A B, …), so drift and position
 //! effects cancel; each row says how many rounds and samples it has.
@@ -38,7 +44,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client::{once, probe, request, Conn};
+use client::{once, probe, request, Addr, Conn};
 use procs::Proc;
 
 // ---------------------------------------------------------------------------
@@ -235,6 +241,17 @@ fn fake_cmd(env: &Env, extra: &[&str]) -> String {
     format!("[{}]", argv.iter().map(q).collect::<Vec<_>>().join(", "))
 }
 
+/// The fast fake as a `cmd` on a unix socket.
+fn fake_socket_cmd(env: &Env) -> String {
+    let argv = [
+        env.exe.display().to_string(),
+        "--upstream".into(),
+        "--socket".into(),
+        "{socket}".into(),
+    ];
+    format!("[{}]", argv.iter().map(q).collect::<Vec<_>>().join(", "))
+}
+
 fn tiny_table(env: &Env, name: &str) -> String {
     match &env.llama {
         Some((_, model)) => format!(
@@ -278,8 +295,9 @@ fn admin(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<cl
     client::once_unix(&socket, method, path, body)
 }
 
-/// Model `name`'s (pid, port, state) from `/admin/ps`.
-fn ps(port: u16, name: &str) -> (Option<u32>, Option<u16>, String) {
+/// Model `name`'s (pid, address, state) from `/admin/ps`: its loopback
+/// port or, for a child on a unix socket, the socket.
+fn ps(port: u16, name: &str) -> (Option<u32>, Option<Addr>, String) {
     let v = admin(port, "GET", "/admin/ps", b"")
         .expect("/admin/ps")
         .json();
@@ -290,7 +308,10 @@ fn ps(port: u16, name: &str) -> (Option<u32>, Option<u16>, String) {
         .unwrap_or_default();
     (
         m["pid"].as_u64().map(|p| p as u32),
-        m["port"].as_u64().map(|p| p as u16),
+        m["port"]
+            .as_u64()
+            .map(|p| Addr::Tcp(p as u16))
+            .or_else(|| m["socket"].as_str().map(|s| Addr::Unix(PathBuf::from(s)))),
         m["state"].as_str().unwrap_or("").to_string(),
     )
 }
@@ -330,7 +351,7 @@ struct Nginx {
     tiny_port: Option<u16>,
 }
 
-fn start_nginx(env: &Env, fake: u16, tiny: Option<u16>) -> Option<Nginx> {
+fn start_nginx(env: &Env, fake: u16, tiny: Option<Addr>) -> Option<Nginx> {
     let bin = env.nginx.as_ref()?;
     let dir = env.dir.join("nginx");
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
@@ -350,11 +371,12 @@ fn start_nginx(env: &Env, fake: u16, tiny: Option<u16>) -> Option<Nginx> {
         d = dir.display()
     );
     conf.push_str(&server(p1, "fake"));
-    if let Some(t) = tiny {
-        // llama-server closes idle keep-alive connections after 5 s.
+    if let Some(t) = &tiny {
+        // llama-server closes idle keep-alive connections after 5 s. `t`
+        // reads as nginx's `unix:/path` or `127.0.0.1:port`.
         let _ = writeln!(
             conf,
-            "  upstream tiny {{ server 127.0.0.1:{t}; keepalive 16; keepalive_timeout 3s; }}"
+            "  upstream tiny {{ server {t}; keepalive 16; keepalive_timeout 3s; }}"
         );
         conf.push_str(&server(p2, "tiny"));
     }
@@ -434,8 +456,8 @@ fn median(v: &[f64]) -> f64 {
 
 /// One keep-alive connection per contender, each warmed up with `n`
 /// requests that must all be answered 200.
-fn warmed_conns(contenders: &[(&str, u16)], req: &[u8], n: usize) -> Vec<Conn> {
-    let mut conns: Vec<Conn> = contenders.iter().map(|c| Conn::new(c.1)).collect();
+fn warmed_conns(contenders: &[(&str, Addr)], req: &[u8], n: usize) -> Vec<Conn> {
+    let mut conns: Vec<Conn> = contenders.iter().map(|c| Conn::new(c.1.clone())).collect();
     for (c, (name, _)) in conns.iter_mut().zip(contenders) {
         for _ in 0..n {
             let r = c.send(req).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -552,7 +574,8 @@ fn fig_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u1
     env.log("figure 1: added latency, one keep-alive connection each, non-streamed");
     let req = request("POST", "/v1/chat/completions", &chat_body("fake"), false);
     let k = contenders.len();
-    let mut conns = warmed_conns(contenders, &req, 300);
+    let addrs: Vec<(&str, Addr)> = contenders.iter().map(|c| (c.0, c.1.into())).collect();
+    let mut conns = warmed_conns(&addrs, &req, 300);
     // [contender][round] -> samples (ms)
     let mut samples = vec![vec![Vec::new(); plan.lat_rounds]; k];
     let mut errors = vec![0usize; k];
@@ -616,7 +639,23 @@ fn fig_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u1
         } else {
             Verdict::Info
         };
-        let vs = if is_cc && nginx.is_some() {
+        let tcp_child = contenders.iter().position(|c| c.0 == "claracore");
+        let vs = if let (Some(t), true) = (tcp_child, name == "claracore, unix child") {
+            let vs_tcp = |q: f64| {
+                median(
+                    &(0..rounds)
+                        .map(|r| p(c, r, q) - p(t, r, q))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            format!(
+                "abs {} / {}; paired − claracore (TCP child) {} / {}",
+                ms(abs(c, 50.0)),
+                ms(abs(c, 99.0)),
+                plus_ms(vs_tcp(50.0)),
+                plus_ms(vs_tcp(99.0))
+            )
+        } else if is_cc && nginx.is_some() {
             format!(
                 "abs {} / {}; nginx {} / {}; paired claracore − nginx {} / {}",
                 ms(abs(c, 50.0)),
@@ -870,6 +909,16 @@ fn fig_rps(
                 "≥ 0.9× direct, ≥ nginx",
                 met(d >= 0.9 && ng.is_none_or(|x| x >= 1.0)),
             )
+        } else if let (Some(t), "claracore, unix child") = (cc, name) {
+            (
+                format!(
+                    "{:.2}× direct; {:.3}× claracore (TCP child)",
+                    ratio(c, 0),
+                    ratio(c, t)
+                ),
+                "",
+                Verdict::Info,
+            )
         } else {
             (format!("{:.2}× direct", ratio(c, 0)), "", Verdict::Info)
         };
@@ -950,7 +999,7 @@ fn completion_tokens(body: &[u8]) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, u16)]) {
+fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, Addr)]) {
     let fig = "3 streamed tokens/s";
     env.log(&format!(
         "figure 3: streamed tokens/s, tiny model, {} tokens per request",
@@ -1578,10 +1627,30 @@ fn run(args: &[String]) -> i32 {
             fake_cmd(&env, &[])
         ),
     );
+    // The same fake as `cc`'s, as a `cmd` with `{socket}`: the proxy's hop
+    // to its child over a unix socket against `cc`'s over loopback TCP.
+    let cc_unix = start_claracore(
+        &env,
+        "claracore-unix-child",
+        &format!(
+            "[scheduler]\nmax_loaded = 8\nidle_ttl = \"0\"\n[models.fake]\ncmd = {}\n",
+            fake_socket_cmd(&env)
+        ),
+    );
     post(cc.port, "/v1/chat/completions", &chat_body("fake"));
     post(cc_off.port, "/v1/chat/completions", &chat_body("fake"));
-    let fake_port = ps(cc.port, "fake").1.expect("fake's port from /admin/ps");
-    let tiny_port = env.llama.as_ref().map(|_| {
+    post(cc_unix.port, "/v1/chat/completions", &chat_body("fake"));
+    let fake_port = match ps(cc.port, "fake").1 {
+        Some(Addr::Tcp(p)) => p,
+        other => panic!("fake's port from /admin/ps: {other:?}"),
+    };
+    assert!(
+        matches!(ps(cc_unix.port, "fake").1, Some(Addr::Unix(_))),
+        "the unix-child daemon's fake is on a socket"
+    );
+    // A llama-server child listens only on its unix socket: "direct" is
+    // a connection to that.
+    let tiny_addr = env.llama.as_ref().map(|_| {
         post(
             cc.port,
             "/v1/chat/completions",
@@ -1592,7 +1661,9 @@ fn run(args: &[String]) -> i32 {
             "/v1/chat/completions",
             &llama_body("cold", false, 4),
         );
-        ps(cc.port, "tiny").1.expect("tiny's port from /admin/ps")
+        ps(cc.port, "tiny")
+            .1
+            .expect("tiny's address from /admin/ps")
     });
     let router = start_router(&env);
     if let Some(r) = &router {
@@ -1602,7 +1673,7 @@ fn run(args: &[String]) -> i32 {
             &llama_body("tiny", false, 4),
         );
     }
-    let nginx = start_nginx(&env, fake_port, tiny_port);
+    let nginx = start_nginx(&env, fake_port, tiny_addr.clone());
     std::thread::sleep(Duration::from_millis(300));
     let idle_kb = rss_kb(cc.proc.pid()).0;
 
@@ -1614,16 +1685,19 @@ fn run(args: &[String]) -> i32 {
     if env.wants("latency") {
         let mut with_off = fast.clone();
         with_off.push(("claracore, history off", cc_off.port));
+        with_off.push(("claracore, unix child", cc_unix.port));
         fig_latency(&env, &plan, &mut rep, &with_off);
     }
     if env.wants("rps") {
         let mut with_off = fast.clone();
         with_off.push(("claracore, history off", cc_off.port));
+        with_off.push(("claracore, unix child", cc_unix.port));
         let cpu: Vec<Option<(u32, bool)>> = with_off
             .iter()
             .map(|c| match c.0 {
                 "claracore" => Some((cc.proc.pid(), false)),
                 "claracore, history off" => Some((cc_off.proc.pid(), false)),
+                "claracore, unix child" => Some((cc_unix.proc.pid(), false)),
                 "nginx" => nginx.as_ref().map(|n| (n.proc.pid(), true)),
                 _ => None,
             })
@@ -1631,17 +1705,18 @@ fn run(args: &[String]) -> i32 {
         fig_rps(&env, &plan, &mut rep, &with_off, &cpu, cc.port);
     }
     drop(cc_off);
+    drop(cc_unix);
 
     // 3, 4, 5: the real llama-server.
-    match (&env.llama, tiny_port) {
+    match (&env.llama, tiny_addr) {
         (Some(_), Some(tiny)) => {
             if env.wants("stream") {
-                let mut s = vec![("direct", tiny), ("claracore", cc.port)];
+                let mut s = vec![("direct", tiny), ("claracore", Addr::Tcp(cc.port))];
                 if let Some(r) = &router {
-                    s.push(("router", r.port));
+                    s.push(("router", Addr::Tcp(r.port)));
                 }
                 if let Some(p) = nginx.as_ref().and_then(|n| n.tiny_port) {
-                    s.push(("nginx", p));
+                    s.push(("nginx", Addr::Tcp(p)));
                 }
                 fig_stream(&env, &plan, &mut rep, &s);
             }

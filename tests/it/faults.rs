@@ -221,6 +221,8 @@ async fn a_ready_child_that_stops_answering_health_is_killed() {
     assert!(wait_gone(&[pid], Duration::from_secs(1)));
 }
 
+/// Only a `cmd` child with `{port}` alone still takes a loopback port
+/// (the fake upstream here); a socket child has nothing to retry.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_port_taken_at_start_is_retried_on_another_port() {
     let marker = tempfile::tempdir().unwrap();

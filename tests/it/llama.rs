@@ -125,9 +125,13 @@ async fn twenty_concurrent_requests_to_a_stopped_model_spawn_one_child() {
     );
     let m = d.model("tiny").await;
     assert_eq!(m["starts"], 1, "{m}");
+    // A llama-server child listens on a unix socket, not a port.
+    assert!(m["port"].is_null(), "no TCP port: {m}");
     assert!(
-        m["port"].as_u64().is_some_and(|p| p > 0),
-        "ps shows the port: {m}"
+        m["socket"].as_str().is_some_and(|p| p.contains("/tiny-")
+            && p.ends_with(".sock")
+            && std::path::Path::new(p).exists()),
+        "ps shows the socket: {m}"
     );
     assert_eq!(
         children_of(d.pid()),

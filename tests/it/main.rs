@@ -17,6 +17,8 @@
 //! - `hostile`: bodies that would hold memory or time, malformed requests,
 //!   wrong methods, oversized names.
 //! - `llama`: the real llama-server with the generated tiny model.
+//! - `sockets`: children on unix sockets in the private runtime directory
+//!   (no TCP listener, modes, removal), and `cmd` models on `{port}`.
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
 //!   socket activation, capabilities, JSON logs).
 
@@ -28,4 +30,5 @@ mod files;
 mod history;
 mod hostile;
 mod llama;
+mod sockets;
 mod systemd;

@@ -4,8 +4,10 @@
 The daemon spawns it like a real llama-server, e.g.
 
     python3 tests/tools/fake_upstream.py --port 12345 --mode ok
+    python3 tests/tools/fake_upstream.py --socket /run/x/f-1.sock
 
-and polls ``GET /health`` until it answers 200.
+and polls ``GET /health`` until it answers 200. With ``--socket`` it listens
+on that unix socket instead of 127.0.0.1:PORT (``--port`` is then ignored).
 
 Endpoints
     GET  /health                 200 {"status":"ok"} (subject to --mode)
@@ -54,6 +56,7 @@ import os
 import select
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -125,6 +128,10 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "fake-upstream"
 
     # --- plumbing -------------------------------------------------------
+
+    def address_string(self):
+        # A unix socket's peer has no address.
+        return self.client_address[0] if self.client_address else "unix"
 
     def log_message(self, format, *args):
         log(f"{self.address_string()} {format % args}")
@@ -355,9 +362,18 @@ class FakeServer(ThreadingHTTPServer):
         self.config = config
 
 
+class FakeUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, config):
+        super().__init__(config.socket, Handler)
+        self.config = config
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Fake llama-server for fault-injection tests.")
-    p.add_argument("--port", type=int, required=True, help="port to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (127.0.0.1)")
+    p.add_argument("--socket", help="unix socket to listen on instead of a port")
     p.add_argument("--mode", choices=MODES, default="ok", help="fault to inject (default: ok)")
     p.add_argument("--start-delay-ms", type=int, default=100,
                    help="exit-on-start: delay before exiting; slow-start: time until healthy (default: 100)")
@@ -374,6 +390,8 @@ def parse_args():
     args = p.parse_args()
     if args.port_in_use_first and not args.marker:
         p.error("--port-in-use-first requires --marker")
+    if args.port is None and args.socket is None:
+        p.error("give --port or --socket")
     return args
 
 
@@ -411,9 +429,9 @@ def main():
         fail_bind(args.port)
 
     try:
-        server = FakeServer(args)
+        server = FakeUnixServer(args) if args.socket else FakeServer(args)
     except OSError:
-        fail_bind(args.port)
+        fail_bind(args.socket or args.port)
 
     if args.pid_file:
         write_pid_file(args.pid_file)
@@ -423,7 +441,8 @@ def main():
         timer.daemon = True
         timer.start()
 
-    banner = f"listening on {HOST}:{args.port} mode={args.mode}"
+    where = f"unix:{args.socket}" if args.socket else f"{HOST}:{args.port}"
+    banner = f"listening on {where} mode={args.mode}"
     log(banner)
     print(f"fake-upstream: {banner}", flush=True)
     server.serve_forever()

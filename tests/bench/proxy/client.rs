@@ -1,11 +1,68 @@
-//! A minimal blocking HTTP/1.1 client over one keep-alive TCP connection:
-//! the request is pre-encoded bytes, the response is read with one buffer
-//! (Content-Length, chunked, or to EOF). It adds as little as possible to
-//! what is measured, and records when the first response byte arrived.
+//! A minimal blocking HTTP/1.1 client over one keep-alive connection (TCP
+//! on loopback, or a unix socket: a llama-server child of claracore has
+//! only that): the request is pre-encoded bytes, the response is read with
+//! one buffer (Content-Length, chunked, or to EOF). It adds as little as
+//! possible to what is measured, and records when the first response byte
+//! arrived.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// Where a contender listens.
+#[derive(Clone, Debug)]
+pub enum Addr {
+    /// A port on 127.0.0.1.
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+impl From<u16> for Addr {
+    fn from(port: u16) -> Addr {
+        Addr::Tcp(port)
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(p) => write!(f, "127.0.0.1:{p}"),
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
 
 pub struct Resp {
     pub status: u16,
@@ -48,16 +105,16 @@ pub fn request(method: &str, path: &str, body: &[u8], close: bool) -> Vec<u8> {
 }
 
 pub struct Conn {
-    port: u16,
-    stream: Option<TcpStream>,
+    addr: Addr,
+    stream: Option<Stream>,
     raw: Vec<u8>,
     timeout: Duration,
 }
 
 impl Conn {
-    pub fn new(port: u16) -> Conn {
+    pub fn new(addr: impl Into<Addr>) -> Conn {
         Conn {
-            port,
+            addr: addr.into(),
             stream: None,
             raw: Vec::with_capacity(64 * 1024),
             timeout: Duration::from_secs(60),
@@ -71,10 +128,19 @@ impl Conn {
 
     fn connect(&mut self) -> io::Result<()> {
         if self.stream.is_none() {
-            let s = TcpStream::connect(("127.0.0.1", self.port))?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(self.timeout))?;
-            self.stream = Some(s);
+            self.stream = Some(match &self.addr {
+                Addr::Tcp(port) => {
+                    let s = TcpStream::connect(("127.0.0.1", *port))?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(self.timeout))?;
+                    Stream::Tcp(s)
+                }
+                Addr::Unix(path) => {
+                    let s = UnixStream::connect(path)?;
+                    s.set_read_timeout(Some(self.timeout))?;
+                    Stream::Unix(s)
+                }
+            });
         }
         Ok(())
     }

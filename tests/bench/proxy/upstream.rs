@@ -1,5 +1,6 @@
 //! The fast fake upstream: the bench binary itself, run as
-//! `<bench-exe> --upstream --port N [--stream-chunks K] [--chunk-delay-ms D]`.
+//! `<bench-exe> --upstream --port N [--stream-chunks K] [--chunk-delay-ms D]`,
+//! or with `--socket PATH` instead of `--port N` on a unix socket.
 //!
 //! `GET /health` is 200. `POST /v1/chat/completions` (or `/v1/completions`)
 //! answers a small fixed JSON body at once, or, when the request body has
@@ -29,6 +30,8 @@ const HEALTH: &[u8] = br#"{"status":"ok"}"#;
 #[derive(Clone, Copy)]
 struct Opts {
     port: u16,
+    /// Leaked once at start: Opts stays Copy for every connection.
+    socket: Option<&'static str>,
     chunks: usize,
     delay: Duration,
 }
@@ -36,6 +39,7 @@ struct Opts {
 fn parse(args: &[String]) -> Opts {
     let mut o = Opts {
         port: 0,
+        socket: None,
         chunks: 8,
         delay: Duration::ZERO,
     };
@@ -48,13 +52,20 @@ fn parse(args: &[String]) -> Opts {
         };
         match a.as_str() {
             "--upstream" => {}
+            "--socket" => {
+                let path = it.next().expect("--socket needs a path").clone();
+                o.socket = Some(Box::leak(path.into_boxed_str()));
+            }
             "--port" => o.port = num() as u16,
             "--stream-chunks" => o.chunks = num() as usize,
             "--chunk-delay-ms" => o.delay = Duration::from_millis(num()),
             _ => {}
         }
     }
-    assert!(o.port != 0, "--upstream needs --port N");
+    assert!(
+        o.port != 0 || o.socket.is_some(),
+        "--upstream needs --port N or --socket PATH"
+    );
     o
 }
 
@@ -66,6 +77,19 @@ pub fn main(args: &[String]) -> ! {
         .build()
         .expect("runtime");
     rt.block_on(async move {
+        if let Some(path) = opts.socket {
+            let listener = tokio::net::UnixListener::bind(path).unwrap_or_else(|e| {
+                eprintln!("fake upstream: cannot bind {path}: {e}");
+                std::process::exit(1)
+            });
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                tokio::spawn(serve(stream, opts));
+            }
+        }
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port))
             .await
             .unwrap_or_else(|e| {
@@ -78,15 +102,17 @@ pub fn main(args: &[String]) -> ! {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(req, opts));
-                let _ = http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(serve(stream, opts));
         }
     })
+}
+
+async fn serve(stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin, opts: Opts) {
+    let svc = service_fn(move |req| handle(req, opts));
+    let _ = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 fn full(status: StatusCode, ctype: &'static str, data: &'static [u8]) -> Response<Body> {
