@@ -64,7 +64,14 @@ fn a_file_in_the_unix_socket_path_stops_the_start_with_a_clear_error() {
     let sock = dir.path().join("c.sock");
     write_file(&sock, "not a socket");
     let cfg = dir.path().join("c.toml");
-    write_file(&cfg, &format!("listen = [\"unix:{}\"]\n", sock.display()));
+    write_file(
+        &cfg,
+        &format!(
+            "listen = [\"unix:{}\"]\nstate_dir = \"{}/state\"\n",
+            sock.display(),
+            dir.path().display()
+        ),
+    );
     let out = run(&["serve", "--config", &cfg.display().to_string()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

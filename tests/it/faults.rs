@@ -509,7 +509,13 @@ async fn children_do_not_inherit_the_daemons_systemd_variables() {
     let dir2 = tempfile::tempdir().unwrap();
     let config = dir2.path().join("c.toml");
     // The bogus LISTEN_* (not for this pid) are ignored: it binds itself.
-    write_file(&config, &format!("listen = [\"127.0.0.1:0\"]\n{table}"));
+    write_file(
+        &config,
+        &format!(
+            "listen = [\"127.0.0.1:0\"]\nstate_dir = \"{}/state\"\n{table}",
+            dir2.path().display()
+        ),
+    );
     let child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)

@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 /// unix socket in `dir`.
 fn listen(dir: &Path) -> String {
     format!(
-        "listen = [\"127.0.0.1:0\", \"unix:{}/claracore.sock\"]\n",
+        "listen = [\"127.0.0.1:0\", \"unix:{0}/claracore.sock\"]\nstate_dir = \"{0}/state\"\n",
         dir.display()
     )
 }
@@ -346,7 +346,8 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
     write_file(
         &config,
         &format!(
-            "listen = [\"127.0.0.1:{config_port}\"]\n{}",
+            "listen = [\"127.0.0.1:{config_port}\"]\nstate_dir = \"{}/state\"\n{}",
+            dir.path().display(),
             fake_model_table("f", &[], "")
         ),
     );
@@ -408,7 +409,13 @@ async fn socket_activation_uses_the_named_inherited_sockets_instead_of_binding()
 fn unnamed_inherited_sockets_are_http() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
-    write_file(&config, "listen = [\"127.0.0.1:1\"]\n");
+    write_file(
+        &config,
+        &format!(
+            "listen = [\"127.0.0.1:1\"]\nstate_dir = \"{}/state\"\n",
+            dir.path().display()
+        ),
+    );
     let log = dir.path().join("log");
     let http = format!("127.0.0.1:{}", free_port());
     let child = socket_activate(&["-l", &http], &config, &log);
