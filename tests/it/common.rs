@@ -110,7 +110,26 @@ pub fn serve(
     listener: Option<std::net::TcpListener>,
     env: &[(&str, &str)],
 ) -> Child {
-    let mut cmd = Command::new(BIN);
+    serve_wrapped(&[], config, log, listener, env)
+}
+
+/// [`serve`] through `wrapper` (an argv that execs the rest, such as
+/// `prlimit --nofile=256:256`), so the daemon keeps the wrapper's pid.
+pub fn serve_wrapped(
+    wrapper: &[&str],
+    config: &Path,
+    log: &Path,
+    listener: Option<std::net::TcpListener>,
+    env: &[(&str, &str)],
+) -> Child {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(BIN);
+            cmd
+        }
+        None => Command::new(BIN),
+    };
     cmd.args(["serve", "--config"])
         .arg(config)
         .stdin(Stdio::null())
@@ -170,6 +189,11 @@ impl Daemon {
 
     /// [`Daemon::start`] with the sockets as `listen` says.
     pub fn start_with(listen: Listen, body: &str) -> Daemon {
+        Daemon::start_wrapped(listen, &[], body)
+    }
+
+    /// [`Daemon::start_with`], run through `wrapper` (see [`serve_wrapped`]).
+    pub fn start_wrapped(listen: Listen, wrapper: &[&str], body: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let (listener, listen_line) = match listen {
             Listen::Prebound => {
@@ -197,7 +221,8 @@ impl Daemon {
         let addr = listener
             .as_ref()
             .map(|l| l.local_addr().unwrap().to_string());
-        let mut child = serve(
+        let mut child = serve_wrapped(
+            wrapper,
             &config_path,
             &log,
             listener,

@@ -7,6 +7,8 @@
 //! no signal handlers. A daemon gets its environment on its own `Command`.
 //!
 //! - `cli`: config errors and exit codes, the client commands.
+//! - `connections`: the connection cap, idle connections past the fd
+//!   limit, memory after crowds of them.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `history`: request rows, model events, retention, recovery, metrics.
@@ -16,6 +18,7 @@
 
 mod cli;
 mod common;
+mod connections;
 mod faults;
 mod history;
 mod llama;
