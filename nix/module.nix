@@ -467,7 +467,13 @@ in
           };
           http = mkOption {
             default = { };
-            description = "HTTP front-end limits.";
+            description = ''
+              HTTP front-end limits. Keys without a default here pass through
+              as written, e.g. `max_open_connections` (client connections
+              open at once; left out, it is `LimitNOFILE=` less 64 for the
+              daemon and, per resident model, 4 plus its `max_connections`,
+              64 when unlimited; see config.example.toml).
+            '';
             type = types.submodule {
               freeformType = settingsFormat.type;
               options = {

@@ -175,6 +175,50 @@ pub struct HttpConfig {
     /// Threads of the async runtime (HTTP, proxying, scheduling); `None`:
     /// [`default_worker_threads`].
     pub worker_threads: Option<usize>,
+    /// Client connections open at once (TCP and unix together); `None`:
+    /// [`default_max_open_connections`] of the fd limit.
+    pub max_open_connections: Option<usize>,
+}
+
+/// Largest `http.max_open_connections`: Linux's default `fs.nr_open`, the
+/// most fds one process can be allowed.
+pub const MAX_OPEN_CONNECTIONS_LIMIT: usize = 1 << 20;
+/// File descriptors kept back from client connections for the daemon
+/// itself: stdio, the journal, epoll and the runtime's wake-ups, the
+/// listeners, the history database (file, WAL, shared memory, a backup),
+/// /proc reads and the blocking pool's files.
+pub const FD_RESERVE: u64 = 64;
+/// File descriptors kept back per resident model: its stdout and stderr
+/// pipes, a health-check connection and spare, plus its connection pool
+/// (`max_connections`, or [`FD_PER_UNLIMITED_MODEL`] when unlimited).
+pub const FD_PER_MODEL: u64 = 4;
+/// Pool allowance of a model without `max_connections` (the idle
+/// connections its pool keeps).
+pub const FD_PER_UNLIMITED_MODEL: u64 = 64;
+
+/// The default connection cap for an fd limit (`RLIMIT_NOFILE`): the limit
+/// less [`FD_RESERVE`] and, for the `max_loaded` models with the largest
+/// pools, [`FD_PER_MODEL`] plus each pool; never below a quarter of the
+/// limit, so a small limit still leaves clients room.
+pub fn default_max_open_connections(nofile: u64, config: &Config) -> usize {
+    let mut pools: Vec<u64> = config
+        .models
+        .iter()
+        .map(|m| {
+            FD_PER_MODEL
+                + m.max_connections
+                    .map_or(FD_PER_UNLIMITED_MODEL, |n| n as u64)
+        })
+        .collect();
+    pools.sort_unstable_by(|a, b| b.cmp(a));
+    let children: u64 = pools.iter().take(config.scheduler.max_loaded).sum();
+    let cap = nofile
+        .saturating_sub(FD_RESERVE + children)
+        .max(nofile / 4)
+        .max(1);
+    usize::try_from(cap)
+        .unwrap_or(MAX_OPEN_CONNECTIONS_LIMIT)
+        .min(MAX_OPEN_CONNECTIONS_LIMIT)
 }
 
 /// Default of `http.body_memory_bytes` (raised to `max_body_bytes` if that
@@ -360,6 +404,7 @@ struct RawHttp {
     body_memory_bytes: Option<Spanned<u64>>,
     body_read_timeout: Option<Spanned<String>>,
     worker_threads: Option<Spanned<i64>>,
+    max_open_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -556,6 +601,20 @@ impl Config {
                     }
                 },
             },
+            max_open_connections: match &raw.http.max_open_connections {
+                None => None,
+                Some(v) => Some(
+                    usize::try_from(*v.get_ref())
+                        .ok()
+                        .filter(|n| (1..=MAX_OPEN_CONNECTIONS_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            src.error(
+                                v,
+                                format!("http.max_open_connections: must be between 1 and {MAX_OPEN_CONNECTIONS_LIMIT} (leave it out to derive it from the fd limit)"),
+                            )
+                        })?,
+                ),
+            },
         };
 
         let mut http = http;
@@ -699,6 +758,13 @@ impl Config {
         self.http
             .worker_threads
             .unwrap_or_else(default_worker_threads)
+    }
+
+    /// The connection cap under an fd limit of `nofile`.
+    pub fn max_open_connections(&self, nofile: u64) -> usize {
+        self.http
+            .max_open_connections
+            .unwrap_or_else(|| default_max_open_connections(nofile, self))
     }
 
     /// Resolves a model name or alias.
@@ -1311,6 +1377,34 @@ health = "/health"
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(cfg.worker_threads(), (cpus / 2).clamp(1, 4));
         assert!((1..=4).contains(&cfg.worker_threads()));
+    }
+
+    #[test]
+    fn max_open_connections_defaults_to_the_fd_limit_less_a_reserve() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.http.max_open_connections, None);
+        assert_eq!(cfg.max_open_connections(65536), 65536 - 64);
+        assert_eq!(cfg.max_open_connections(256), 192);
+        assert_eq!(cfg.max_open_connections(64), 16, "a quarter at least");
+        // Only the max_loaded largest pools are reserved: c (16 + 4) and
+        // the unlimited cmd model (64 + 4).
+        let cfg = parse(
+            "[scheduler]\nmax_loaded = 2\n[models.a]\nmodel = \"/a\"\nmax_connections = 2\n\
+             [models.c]\nmodel = \"/c\"\n[models.d]\ncmd = [\"x\", \"{port}\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.max_open_connections(1024), 1024 - 64 - 20 - 68);
+        let cfg = parse("[http]\nmax_open_connections = 300\n").unwrap();
+        assert_eq!(cfg.max_open_connections(256), 300, "explicit wins");
+        for bad in ["0", "-1", "1048577"] {
+            let e = err(&format!("[http]\nmax_open_connections = {bad}\n"));
+            assert!(
+                e.starts_with(
+                    "test.toml:2:24: http.max_open_connections: must be between 1 and 1048576"
+                ),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -7,8 +7,16 @@
 //! are removed), let in-flight requests finish up to `shutdown_timeout`
 //! (extending systemd's stop timeout while that runs), stop every child,
 //! return.
+//!
+//! Connections are capped ([`connections`]): at the cap, or when accept
+//! runs out of fds, the connection idle longest is closed to make room;
+//! with every connection busy, accepting waits (the kernel's backlog holds
+//! new clients) instead of spinning on the error.
+
+mod connections;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,11 +26,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::api::{self, AppState};
-use crate::config::{Config, HttpConfig};
+use crate::config::{default_max_open_connections, Config, HttpConfig};
 use crate::events::{Bus, Event, ModelState, Topic};
 use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener, Peer};
@@ -30,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::procfs::{pid_figures, process_figures};
 use crate::scheduler::Scheduler;
 use crate::systemd::{Notifier, NotifyState};
+use connections::{Connections, Registered, Room, Tracked};
 
 /// Requests from outside the server, typically signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +103,8 @@ pub async fn serve(
         ),
         next_request: std::sync::atomic::AtomicU64::new(0),
     });
+    let fd_limit = fd_limit();
+    let conns = Connections::new(connection_cap(&config, fd_limit));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; `recv` returns None once all
     // are gone.
@@ -106,6 +118,7 @@ pub async fn serve(
                 accept_tasks.push(tokio::spawn(accept_loop(
                     listener,
                     state.clone(),
+                    conns.clone(),
                     done_tx.clone(),
                     stop_rx.clone(),
                 )));
@@ -127,10 +140,11 @@ pub async fn serve(
         .watchdog
         .map(|interval| tokio::spawn(watchdog(state.clone(), notifier.clone(), interval)));
     let sample_task = tokio::spawn(sample(state.clone()));
-    let trim_task = tokio::spawn(trim_when_idle(state.clone()));
+    let trim_task = tokio::spawn(trim_when_idle(state.clone(), conns.clone()));
 
     while let Some(Control::Reload) = control.recv().await {
         reload(&state, &notifier, &systemd.config_path, &reload_error).await;
+        conns.set_cap(connection_cap(&state.config(), fd_limit));
     }
 
     status_task.abort();
@@ -183,6 +197,38 @@ pub async fn serve(
     }
     tracing::info!("all model processes stopped");
     drained
+}
+
+/// Read when the limit is unlimited or unreadable: what the units set.
+const FD_LIMIT_FALLBACK: u64 = 65536;
+
+/// The soft `RLIMIT_NOFILE`: the most fds this process may hold.
+fn fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) if soft != RLIM_INFINITY => soft,
+        _ => FD_LIMIT_FALLBACK,
+    }
+}
+
+/// `http.max_open_connections` or its default for `fd_limit`, said in the
+/// log, with a warning when a configured cap eats into the fds kept for
+/// models and the database.
+fn connection_cap(config: &Config, fd_limit: u64) -> usize {
+    let cap = config.max_open_connections(fd_limit);
+    let fits = default_max_open_connections(fd_limit, config);
+    if cap > fits {
+        tracing::warn!(
+            max_open_connections = cap,
+            fd_limit,
+            fits,
+            "http.max_open_connections leaves fewer fds than models and the database may need; \
+             running out closes idle connections"
+        );
+    } else {
+        tracing::info!(max_open_connections = cap, fd_limit, "connection cap");
+    }
+    cap
 }
 
 /// Re-reads the config and applies it; a bad file leaves the old config in
@@ -378,12 +424,20 @@ async fn watchdog(state: Arc<AppState>, notifier: Arc<Notifier>, interval: Durat
 const TRIM_PERIOD: Duration = Duration::from_secs(2);
 /// Growth of the resident set since the last trim that makes one worth it.
 const TRIM_GROWTH_BYTES: i64 = 1 << 20;
+/// Connections gone since the peak that make a trim worth it: about 1 MiB
+/// of their buffers (some 13 KiB each) lies free.
+const TRIM_CONNECTIONS_GONE: usize = 64;
 
 /// Gives freed heap memory back to the system once the daemon is idle: a
 /// burst of requests leaves glibc holding megabytes of free chunks in its
 /// per-thread arenas, which an operator would read as a leak. Runs only when
-/// no request is in flight and the resident set grew since the last trim.
-async fn trim_when_idle(state: Arc<AppState>) {
+/// no model request is in flight (idle connections do not count), and only
+/// when the resident set grew since the last trim or many connections
+/// closed since the most were open: their memory is freed without the
+/// resident set growing, so growth alone misses a burst of idle
+/// connections that came and went, and trimming on every close would run
+/// it all the time under connection churn.
+async fn trim_when_idle(state: Arc<AppState>, conns: Arc<Connections>) {
     let mut ticker = tokio::time::interval(TRIM_PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut floor = process_figures().map_or(0, |f| f.0);
@@ -392,11 +446,15 @@ async fn trim_when_idle(state: Arc<AppState>) {
         let Some((rss, _)) = process_figures() else {
             return;
         };
-        if rss < floor + TRIM_GROWTH_BYTES {
+        let (open, peak) = conns.open_and_peak();
+        if rss < floor + TRIM_GROWTH_BYTES && open + TRIM_CONNECTIONS_GONE > peak {
             floor = floor.min(rss);
             continue;
         }
         if state.scheduler.inflight() == 0 {
+            // Before the trim: connections that close while it runs leave
+            // the peak above the count, so the next look trims again.
+            conns.reset_peak();
             let released = tokio::task::spawn_blocking(release_free_heap).await;
             floor = process_figures().map_or(rss, |f| f.0);
             tracing::debug!(before = rss, after = floor, trimmed = ?released.ok(), "returned free heap memory");
@@ -449,33 +507,119 @@ async fn sample(state: Arc<AppState>) {
     }
 }
 
+/// How long a wait for room lasts before looking again: fds held outside
+/// the connection table (children, the database) free up without a wake-up.
+const ROOM_RECHECK: Duration = Duration::from_secs(1);
+/// At most one warning per this long from each accept loop about having no
+/// room, with the number held back.
+const ROOM_WARN_PERIOD: Duration = Duration::from_secs(10);
+
 async fn accept_loop(
     listener: Listener,
     state: Arc<AppState>,
+    conns: Arc<Connections>,
     done: mpsc::Sender<()>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut throttle = Throttle::default();
+    let describe = listener.describe();
     loop {
+        // Room first: a connection accepted past the cap would take fds
+        // kept for the models and the database.
+        let room = conns.make_room();
+        if room != Room::Free {
+            if room == Room::AllBusy {
+                if let Some(held_back) = throttle.ready() {
+                    tracing::warn!(listen = %describe, open = conns.open(), max_open_connections = conns.cap(), held_back,
+                        "every connection has a request in flight; not accepting until one ends (http.max_open_connections)");
+                }
+            }
+            let (all_busy, recheck) = match room {
+                Room::Young(wait) => (true, wait),
+                _ => (room == Room::AllBusy, ROOM_RECHECK),
+            };
+            tokio::select! {
+                _ = conns.wait(all_busy, recheck) => continue,
+                _ = stopped(&mut stop) => return,
+            }
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stopped(&mut stop) => return,
         };
         let (conn, peer) = match accepted {
             Ok(c) => c,
+            Err(e) if out_of_fds(&e) => {
+                // The client stays in the backlog and the listener stays
+                // readable: accepting again before an fd is free would
+                // fail the same way at once.
+                let room = conns.close_idle_longest();
+                if let Some(held_back) = throttle.ready() {
+                    tracing::warn!(listen = %describe, error = %e, open = conns.open(), held_back,
+                        "out of file descriptors; closing the connection idle longest or waiting for one to close");
+                }
+                let (all_busy, recheck) = match room {
+                    Room::Young(wait) => (true, wait),
+                    _ => (room == Room::AllBusy, ROOM_RECHECK),
+                };
+                tokio::select! {
+                    _ = conns.wait(all_busy, recheck) => continue,
+                    _ = stopped(&mut stop) => return,
+                }
+            }
             Err(e) => {
-                // Out of fds or similar: back off briefly instead of spinning.
-                tracing::warn!(listen = %listener.describe(), error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A client that reset before it was accepted, or similar:
+                // about that client only. The pause keeps an error that
+                // does repeat from spinning.
+                if let Some(held_back) = throttle.ready() {
+                    tracing::warn!(listen = %describe, error = %e, held_back, "accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         let peer = Arc::new(peer);
-        let builder = builder(&state.config().http);
+        let http = state.config().http.clone();
+        let registered = conns.register();
+        conns.admitted(&registered);
         let (done, stop, state) = (done.clone(), stop.clone(), state.clone());
         match conn {
-            Conn::Tcp(s) => tokio::spawn(serve_conn(builder, s, state, peer, done, stop)),
-            Conn::Unix(s) => tokio::spawn(serve_conn(builder, s, state, peer, done, stop)),
+            Conn::Tcp(s) => tokio::spawn(serve_conn(http, s, state, peer, registered, done, stop)),
+            Conn::Unix(s) => tokio::spawn(serve_conn(http, s, state, peer, registered, done, stop)),
         };
+    }
+}
+
+/// Accept errors that mean the process (or system) has no fd or buffer
+/// for the next connection, rather than anything about the client.
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Lets one warning through per [`ROOM_WARN_PERIOD`].
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    /// `Some(warnings held back since the last one)` when one may be
+    /// logged now.
+    fn ready(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < ROOM_WARN_PERIOD)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
     }
 }
 
@@ -487,24 +631,83 @@ fn builder(http: &HttpConfig) -> http1::Builder {
     b
 }
 
+/// An accepted stream, which can be waited on for its first byte.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Resolves once the client sent something (or closed).
+    fn first_byte(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
+}
+
+impl Stream for TcpStream {
+    async fn first_byte(&self) -> std::io::Result<()> {
+        // A peek, not `readable()`: tokio takes a freshly accepted stream
+        // as readable without asking the kernel.
+        self.peek(&mut [0u8; 1]).await.map(drop)
+    }
+}
+
+impl Stream for UnixStream {
+    async fn first_byte(&self) -> std::io::Result<()> {
+        // tokio has no peek here; the unix socket is local (mode 0660), not
+        // where idle connections pile up, so hyper just starts.
+        Ok(())
+    }
+}
+
 /// Serves one connection; on shutdown, finishes the request in flight and
-/// closes instead of waiting for the next one.
-async fn serve_conn<S>(
-    builder: http1::Builder,
+/// closes instead of waiting for the next one. Chosen to make room, it
+/// closes at once when idle (a half-sent head included) and after its
+/// request otherwise.
+async fn serve_conn<S: Stream>(
+    http: HttpConfig,
     stream: S,
     state: Arc<AppState>,
     peer: Arc<Peer>,
+    registered: Registered,
     _done: mpsc::Sender<()>,
     mut stop: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = service_fn(move |req| api::handle(state.clone(), peer.clone(), req));
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+) {
+    let slot = registered.slot().clone();
+    // hyper allocates its buffers (8 KiB each way) when it starts; a client
+    // that has sent nothing yet gets none, so idle connections cost little.
+    // The wait is bounded like a slow head: a client that never sends
+    // anything is cut off after `header_read_timeout`, as hyper would.
+    tokio::select! {
+        // First: a connection chosen to make room before its task first ran
+        // may have its request waiting already; that one is served.
+        biased;
+        first = tokio::time::timeout(http.header_read_timeout, stream.first_byte()) => {
+            if !matches!(first, Ok(Ok(()))) {
+                return;
+            }
+        }
+        _ = slot.evicted() => return,
+        _ = stopped(&mut stop) => return,
+    }
+    slot.reading();
+    let requests = slot.clone();
+    let service = service_fn(move |req| {
+        let busy = requests.begin();
+        let handled = api::handle(state.clone(), peer.clone(), req);
+        async move {
+            let resp = match handled.await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, busy)))
+        }
+    });
+    let conn = builder(&http).serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = slot.evicted() => {
+            if slot.is_idle() {
+                return;
+            }
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -110,22 +110,42 @@ pub fn serve(
     listener: Option<std::net::TcpListener>,
     env: &[(&str, &str)],
 ) -> Child {
+    serve_wrapped(&[], config, log, listener, env)
+}
+
+/// [`serve`] through `wrapper` (an argv that execs the rest, such as
+/// `prlimit --nofile=256:256`), so the daemon keeps the wrapper's pid.
+pub fn serve_wrapped(
+    wrapper: &[&str],
+    config: &Path,
+    log: &Path,
+    listener: Option<std::net::TcpListener>,
+    env: &[(&str, &str)],
+) -> Child {
     let fds = listener
         .map(|l| (OwnedFd::from(l), "http"))
         .into_iter()
         .collect();
-    serve_activated(config, log, fds, env)
+    serve_activated(wrapper, config, log, fds, env)
 }
 
-/// [`serve`] with any number of activated sockets, each with its
+/// [`serve_wrapped`] with any number of activated sockets, each with its
 /// `LISTEN_FDNAMES` name (`http`, `local`), at fds 3, 4, …
 pub fn serve_activated(
+    wrapper: &[&str],
     config: &Path,
     log: &Path,
     fds: Vec<(OwnedFd, &str)>,
     env: &[(&str, &str)],
 ) -> Child {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(BIN);
+            cmd
+        }
+        None => Command::new(BIN),
+    };
     cmd.args(["serve", "--config"])
         .arg(config)
         .stdin(Stdio::null())
@@ -191,6 +211,11 @@ impl Daemon {
 
     /// [`Daemon::start`] with the sockets as `listen` says.
     pub fn start_with(listen: Listen, body: &str) -> Daemon {
+        Daemon::start_wrapped(listen, &[], body)
+    }
+
+    /// [`Daemon::start_with`], run through `wrapper` (see [`serve_wrapped`]).
+    pub fn start_wrapped(listen: Listen, wrapper: &[&str], body: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("claracore.sock");
         let (listener, listen_line) = match listen {
@@ -230,6 +255,7 @@ impl Daemon {
             fds.push((OwnedFd::from(unix), "local"));
         }
         let mut child = serve_activated(
+            wrapper,
             &config_path,
             &log,
             fds,

@@ -9,6 +9,8 @@
 //! - `access`: every route against every kind of key, over TCP and the
 //!   local socket; brute force, rates, the key leaking nowhere.
 //! - `cli`: config errors and exit codes, the client commands.
+//! - `connections`: the connection cap, idle connections past the fd
+//!   limit, memory after crowds of them.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `files`: modes of the state files under a permissive umask; the demo
@@ -25,6 +27,7 @@
 mod access;
 mod cli;
 mod common;
+mod connections;
 mod faults;
 mod files;
 mod history;
