@@ -225,6 +225,10 @@ impl Listener {
         }
     }
 
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Listener::Unix { .. })
+    }
+
     /// Accepts one connection and names its peer (for logs, history and
     /// authentication: a unix peer's uid comes from SO_PEERCRED).
     pub async fn accept(&self) -> io::Result<(Conn, Peer)> {

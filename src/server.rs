@@ -523,10 +523,15 @@ async fn accept_loop(
 ) {
     let mut throttle = Throttle::default();
     let describe = listener.describe();
+    // The local socket is admin: like a database's reserved superuser
+    // connections, it is never held back at the cap, so an operator can
+    // always get in. Its connections still count, and an idle one can be
+    // closed to make room.
+    let local = listener.is_unix();
     loop {
         // Room first: a connection accepted past the cap would take fds
         // kept for the models and the database.
-        let room = conns.make_room();
+        let room = if local { Room::Free } else { conns.make_room() };
         if room != Room::Free {
             if room == Room::AllBusy {
                 if let Some(held_back) = throttle.ready() {

@@ -136,9 +136,13 @@ async fn a_llama_child_listens_only_on_a_private_unix_socket_removed_when_it_sto
     );
     assert_eq!(unix_listeners_of(pid), vec![socket.clone()]);
 
-    let (status, body) = d
-        .post("/admin/models/tiny/stop", &serde_json::json!({}))
-        .await;
+    let (status, body) = request_unix(
+        &d.socket(),
+        hyper::Method::POST,
+        "/admin/models/tiny/stop",
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let m = d
         .wait_state("tiny", "stopped", Duration::from_secs(10))
