@@ -769,6 +769,10 @@ in
         DeviceAllow = deviceAllow;
         PrivateDevices = acceleration == null;
         PrivateTmp = true;
+        # Listeners come from the socket units and model processes listen
+        # on unix sockets: no network of its own (loopback only). Without
+        # socket activation the daemon binds itself and needs the host's.
+        PrivateNetwork = cfg.socketActivation;
         PrivateMounts = true;
         ProtectSystem = "strict";
         ProtectHome = true;

@@ -650,13 +650,16 @@ fn as_nobody(argv: &[&str]) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn another_local_user_can_read_neither_the_history_file_nor_the_admin_routes() {
+async fn another_local_user_can_reach_neither_the_history_file_nor_the_admin_routes_nor_a_model() {
     if !nix::unistd::geteuid().is_root() || !Path::new(SYSTEM_PYTHON).exists() {
         eprintln!("skipped: needs root (to act as nobody) and {SYSTEM_PYTHON}");
         return;
     }
-    let d = Daemon::start_with(Listen::Itself, &models());
-    let chat = json!({"model": "f", "messages": [{"role": "user", "content": "a secret"}], "max_tokens": 1});
+    let d = Daemon::start_with(
+        Listen::Itself,
+        &format!("{}{}", models(), tiny_model_table("tiny", "")),
+    );
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "a secret"}], "max_tokens": 1});
     assert_eq!(
         d.post("/v1/chat/completions", &chat).await.0,
         StatusCode::OK
@@ -683,6 +686,19 @@ async fn another_local_user_can_read_neither_the_history_file_nor_the_admin_rout
     let sock = d.socket().display().to_string();
     let connect = format!(
         "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({sock:?})\n    print('connected')\nexcept PermissionError:\n    print('denied')"
+    );
+    let out = as_nobody(&[SYSTEM_PYTHON, "-c", &connect]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "denied",
+        "{out:?}"
+    );
+    // Nor the model process: llama-server listens on a unix socket in the
+    // daemon's private runtime directory.
+    let ps = d.model("tiny").await;
+    let child = ps["socket"].as_str().unwrap_or_else(|| panic!("{ps}"));
+    let connect = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({child:?})\n    print('connected')\nexcept PermissionError:\n    print('denied')"
     );
     let out = as_nobody(&[SYSTEM_PYTHON, "-c", &connect]);
     assert_eq!(

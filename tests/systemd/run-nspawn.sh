@@ -53,7 +53,8 @@ ROOTFS_LAYOUT=1
 SECURITY_MAX=2.5
 
 ALL_SCENARIOS=(unit-files socket-activation ready-and-status reload watchdog
-    journal-fields stop-with-stream bad-config-at-start restart-keeps-sockets)
+    journal-fields stop-with-stream bad-config-at-start restart-keeps-sockets
+    private-network)
 
 say() { printf '%s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -443,6 +444,50 @@ scenario_socket_activation() {
     check "journal: socket-activated listener named local" wait_for 5 socket_activated_with local
     info "journal lines about listeners:"
     cx journalctl -u claracore.service --no-pager -o cat | grep -iE 'socket-activated|listen' | head -5 | sed 's/^/      /'
+}
+
+# From PID $1's network namespace: "ok" if 127.0.0.1:$2 accepts, else the error.
+connect_from() {
+    cx nsenter -t "$1" -n python3 -c "
+import socket, sys
+try:
+    socket.create_connection(('127.0.0.1', $2), 2); print('ok')
+except OSError as e:
+    print(type(e).__name__)"
+}
+
+control_listener_up() { [ "$(connect_from 1 9099)" = ok ]; }
+
+scenario_private_network() {
+    local rc=0
+    cx systemctl start claracore.socket claracore-local.socket || rc=$?
+    check "systemctl start the sockets" is_eq "$rc" 0
+    chat tiny
+    check "chat through the activated TCP socket answered 200" is_eq "$HTTP_CODE" 200
+    local mainpid child
+    mainpid="$(prop claracore.service MainPID)"
+    http --unix-socket /run/claracore/claracore.sock http://x/admin/ps
+    child="$(printf '%s' "$HTTP_BODY" | jq_in '.models[] | select(.name == "tiny") | .pid // empty' 2>/dev/null)"
+    info "MainPID $mainpid, llama-server $child"
+    local own theirs
+    own="$(cx readlink /proc/1/ns/net)"
+    theirs="$(cx readlink "/proc/$mainpid/ns/net")"
+    check "the service has a network namespace of its own ($theirs, not $own)" test -n "$theirs" -a "$theirs" != "$own"
+    check "llama-server shares it" is_eq "$(cx readlink "/proc/${child:-0}/ns/net")" "$theirs"
+    local ifaces
+    ifaces="$(cx sh -c "tail -n +3 /proc/${child:-0}/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ' '")"
+    check "only a loopback device in it (${ifaces})" is_eq "$ifaces" "lo "
+    # A listener in the container's own namespace: reachable from there,
+    # not from the model process's.
+    local server
+    server="$(cx sh -c 'python3 -m http.server 9099 --bind 127.0.0.1 >/dev/null 2>&1 & echo $!')"
+    check "control: the container reaches its listener" wait_for 5 control_listener_up
+    local out
+    out="$(connect_from "${child:-0}" 9099)"
+    check "llama-server cannot connect to it ($out)" is_eq "$out" ConnectionRefusedError
+    [ -n "$server" ] && cx kill "$server" 2>/dev/null
+    chat tiny
+    check "requests are still served through the sockets" is_eq "$HTTP_CODE" 200
 }
 
 status_has_tiny() { contains "$(prop claracore.service StatusText)" tiny; }
