@@ -10,7 +10,7 @@
 //! | ANY  /upstream/{model}/{path…}          | raw pass-through to a model's child |
 //! | GET  /health, /live, /ready             | daemon health                       |
 //! | GET  /metrics                           | Prometheus text format              |
-//! | GET  /admin/ps                          | loaded models (pid, port, idle…)    |
+//! | GET  /admin/ps                          | loaded models (pid, socket, idle…)  |
 //! | POST /admin/models/{name}/stop          | drain and stop a model              |
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
