@@ -539,14 +539,10 @@ async fn accept_loop(
                         "every connection has a request in flight; not accepting until one ends (http.max_open_connections)");
                 }
             }
-            let (all_busy, recheck) = match room {
-                Room::Young(wait) => (true, wait),
-                _ => (room == Room::AllBusy, ROOM_RECHECK),
-            };
-            tokio::select! {
-                _ = conns.wait(all_busy, recheck) => continue,
-                _ = stopped(&mut stop) => return,
+            if wait_for_room(&conns, room, &mut stop).await {
+                continue;
             }
+            return;
         }
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -563,14 +559,10 @@ async fn accept_loop(
                     tracing::warn!(listen = %describe, error = %e, open = conns.open(), held_back,
                         "out of file descriptors; closing the connection idle longest or waiting for one to close");
                 }
-                let (all_busy, recheck) = match room {
-                    Room::Young(wait) => (true, wait),
-                    _ => (room == Room::AllBusy, ROOM_RECHECK),
-                };
-                tokio::select! {
-                    _ = conns.wait(all_busy, recheck) => continue,
-                    _ = stopped(&mut stop) => return,
+                if wait_for_room(&conns, room, &mut stop).await {
+                    continue;
                 }
+                return;
             }
             Err(e) => {
                 // A client that reset before it was accepted, or similar:
@@ -625,6 +617,19 @@ impl Throttle {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// Waits until a connection may be accepted (`room` says why not now):
+/// false if shutdown began meanwhile.
+async fn wait_for_room(conns: &Connections, room: Room, stop: &mut watch::Receiver<bool>) -> bool {
+    let (all_busy, recheck) = match room {
+        Room::Young(wait) => (true, wait),
+        _ => (room == Room::AllBusy, ROOM_RECHECK),
+    };
+    tokio::select! {
+        _ = conns.wait(all_busy, recheck) => true,
+        _ = stopped(stop) => false,
     }
 }
 

@@ -7,8 +7,9 @@
 //! Budget is taken before the bytes are: up front for a declared
 //! `Content-Length`, frame by frame for a chunked body. The permit travels
 //! with the bytes into the request sent upstream and is returned when that
-//! body is dropped, i.e. once the child has it. One buffer is filled; the
-//! body is never collected twice.
+//! body is dropped, i.e. once the child has it. A body that arrives in one
+//! frame is kept as it came; a longer one fills one buffer. The body is
+//! never collected twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,9 +43,13 @@ impl BodyBudget {
         self.0.available_permits()
     }
 
-    /// `n` bytes of budget, waiting until `deadline` at most.
+    /// `n` bytes of budget, waiting until `deadline` at most (no timer is
+    /// armed when the budget has room: the common case).
     async fn take(&self, n: usize, deadline: Instant) -> Result<OwnedSemaphorePermit, ApiError> {
         let n = u32::try_from(n).map_err(|_| ApiError::Busy)?;
+        if let Ok(permit) = self.0.clone().try_acquire_many_owned(n) {
+            return Ok(permit);
+        }
         let wait = tokio::time::timeout_at(deadline, self.0.clone().acquire_many_owned(n));
         match wait.await {
             Ok(Ok(permit)) => Ok(permit),
@@ -95,13 +100,17 @@ async fn fill(
 ) -> Result<Held, ApiError> {
     let declared = declared.and_then(|n| usize::try_from(n).ok());
     let mut permit = budget.take(declared.unwrap_or(0), budget_deadline).await?;
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    // A body in one frame (most are) is kept as it came; only a second
+    // frame starts a buffer.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::ClientGone)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
-        let len = buf.len() + data.len();
+        let held_len = first.as_ref().map_or(buf.len(), Bytes::len);
+        let len = held_len + data.len();
         if len > limit || declared.is_some_and(|d| len > d) {
             // More than declared is hyper's to refuse; more than the limit
             // is ours.
@@ -114,10 +123,21 @@ async fn fill(
             let more = (len - held).max(BUDGET_STEP).min(limit - held);
             permit.merge(budget.take(more, budget_deadline).await?);
         }
-        buf.extend_from_slice(&data);
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if buf.is_empty() {
+                    buf.reserve(declared.unwrap_or(len).max(len));
+                }
+                if let Some(earlier) = earlier {
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
     }
     Ok(Held {
-        bytes: buf.freeze(),
+        bytes: first.unwrap_or_else(|| buf.freeze()),
         permit,
     })
 }

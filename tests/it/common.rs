@@ -389,12 +389,7 @@ pub async fn request(
     path: &str,
     body: Option<String>,
 ) -> (StatusCode, Value) {
-    let resp = send(addr, method, path, body).await;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
+    json_of(send(addr, method, path, body).await).await
 }
 
 /// [`request`] on a unix socket.
@@ -404,7 +399,11 @@ pub async fn request_unix(
     path: &str,
     body: Option<String>,
 ) -> (StatusCode, Value) {
-    let resp = send_unix(socket, method, path, body).await;
+    json_of(send_unix(socket, method, path, body).await).await
+}
+
+/// A response's status and its body as JSON (or a JSON string of the text).
+async fn json_of(resp: hyper::Response<hyper::body::Incoming>) -> (StatusCode, Value) {
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let value = serde_json::from_slice(&bytes)
@@ -422,18 +421,7 @@ pub async fn send_unix(
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .unwrap();
-    sender.send_request(req).await.unwrap()
+    exchange(stream, "localhost", method, path, body).await
 }
 
 pub async fn send(
@@ -443,6 +431,20 @@ pub async fn send(
     body: Option<String>,
 ) -> hyper::Response<hyper::body::Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(stream, addr, method, path, body).await
+}
+
+/// One JSON request on `stream`, which is then done.
+async fn exchange<S>(
+    stream: S,
+    host: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> hyper::Response<hyper::body::Incoming>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
@@ -450,7 +452,7 @@ pub async fn send(
     let req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", addr)
+        .header("host", host)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .unwrap();
