@@ -175,6 +175,12 @@ impl Auth {
             Transport::Unix { uid } => return Ok(Principal::Local { uid }),
             Transport::Tcp { ip } => ip,
         };
+        // With no key configured there is nothing to check a token
+        // against, and clients send one anyway (the OpenAI client always
+        // does): it is ignored, as Ollama does, and is no failed attempt.
+        if !self.has_keys() {
+            return Ok(Principal::Anonymous);
+        }
         if let Some(retry_after) = self.throttled(ip) {
             return Err(Denied::Throttled { retry_after });
         }
@@ -390,6 +396,16 @@ mod tests {
             })
         );
         assert!(auth.authorize(&admin, &[]).is_ok(), "open routes");
+    }
+
+    #[test]
+    fn without_keys_a_presented_token_is_ignored_and_never_a_failure() {
+        let auth = Auth::new(&AuthConfig::default());
+        for _ in 0..(FAILURE_LIMIT * 2) {
+            let p = auth.authenticate(&tcp([127, 0, 0, 1]), &bearer("sk-from-an-openai-client"), 0);
+            assert!(matches!(p, Ok(Principal::Anonymous)), "{p:?}");
+        }
+        assert!(auth.throttled(IpAddr::from([127, 0, 0, 1])).is_none());
     }
 
     #[test]

@@ -338,6 +338,24 @@ async fn without_keys_tcp_runs_inference_and_read_and_admin_need_the_local_socke
         let (got, text, _) = call(&Target::Unix(&sock), method.clone(), path, body, None).await;
         assert_eq!(got, StatusCode::OK, "unix {method} {path}: {text}");
     }
+    // Clients that always send a key (the OpenAI client does) are served
+    // as anyone else, however often.
+    let tcp = Target::Tcp {
+        addr: &d.addr,
+        source: [127, 0, 0, 1],
+    };
+    let chat = json!({"model": "f", "messages": [], "max_tokens": 1});
+    for _ in 0..8 {
+        let (got, text, _) = call(
+            &tcp,
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat.clone()),
+            Some("sk-anything"),
+        )
+        .await;
+        assert_eq!(got, StatusCode::OK, "{text}");
+    }
     assert!(
         d.log_text().contains("access: no API key configured"),
         "{}",
