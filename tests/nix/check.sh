@@ -106,7 +106,7 @@ else
         skip "claracore check-config of the rendered configs: no binary (set CLARACORE_BIN or cargo build)"
     else
         # Scenarios whose settings claracore must reject (the build would fail).
-        rejected=" typo model-and-cmd "
+        rejected=" typo model-and-cmd exposed-no-key "
         while IFS= read -r scenario; do
             rc=0
             out="$("$bin" check-config "$tmp/toml/$scenario.toml" 2>&1)" || rc=$?

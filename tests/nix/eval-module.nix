@@ -314,7 +314,14 @@ let
         "[::]:5801"
         "unix:/run/claracore/claracore.sock"
       ];
+      # Beyond loopback a key is required (or settings.auth.open).
+      apiKeys.lan = {
+        hash = "sha256:18fdf5a0a968df83bcbe43255e56234f270b03b5e479f70adc4a8db3edb9fd58";
+        scopes = [ "inference" ];
+        rate = 60;
+      };
     };
+    exposed-no-key.config.services.claracore.settings.listen = [ "0.0.0.0:5800" ];
     firewall-loopback.config.services.claracore.openFirewall = true;
     secrets.config.services.claracore = {
       environmentFile = "/run/secrets/claracore.env";

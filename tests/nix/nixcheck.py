@@ -392,7 +392,11 @@ def scenario_checks(data: dict) -> None:
     def cfg(name):
         return data[name]["service"]["serviceConfig"]
 
-    expected_failures = {"model-and-cmd": ["models.bad"], "secrets-in-store": ["environmentFile", "credentials.api-keys"]}
+    expected_failures = {
+        "model-and-cmd": ["models.bad"],
+        "secrets-in-store": ["environmentFile", "credentials.api-keys"],
+        "exposed-no-key": ["beyond loopback and no API key"],
+    }
     for name, result in sorted(data.items()):
         want = expected_failures.get(name)
         if want:
@@ -439,6 +443,8 @@ def scenario_checks(data: dict) -> None:
     check(sorted(tcp["sockets"]) == ["claracore"] and tcp["service"]["serviceConfig"]["Sockets"] == ["claracore.socket"],
           "eval tcp-only: only claracore.socket", str(sorted(tcp["sockets"])))
     fw = data["firewall"]
+    check(fw["settings"].get("auth", {}).get("keys") == {"lan": {"hash": "sha256:18fdf5a0a968df83bcbe43255e56234f270b03b5e479f70adc4a8db3edb9fd58", "scopes": ["inference"], "rate": 60}},
+          "eval firewall: apiKeys render into settings.auth.keys without empty fields", json.dumps(fw["settings"].get("auth")))
     check(fw["firewall"] == [5800, 5801] and fw["sockets"]["claracore"]["listenStreams"] == ["0.0.0.0:5800", "[::]:5801"] and fw["warnings"] == [],
           "eval firewall: TCP ports of listen opened, v6 included", str(fw["firewall"]))
     check(d["firewall"] == [], "eval default: firewall closed unless openFirewall", str(d["firewall"]))
