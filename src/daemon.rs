@@ -22,6 +22,10 @@ use crate::supervisor::RuntimeDir;
 use crate::systemd::{self, Notifier};
 use crate::EXIT_CONFIG;
 
+/// How long a forced exit (the second SIGTERM/SIGINT) waits for the history
+/// writer to commit what is queued.
+const FORCED_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `claracore check-config`: validates a file without starting anything.
 pub fn check_config(file: &Path, strict: bool) -> ExitCode {
     let result = Config::load(file).and_then(|c| {
@@ -224,6 +228,10 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // What a forced exit still does: commit the rows already queued
+        // (within FORCED_FLUSH) and remove the models' socket directory.
+        let forced_flush = recorder.clone();
+        let forced_dir = runtime_dir.path().to_path_buf();
         tokio::spawn(async move {
             let name = loop {
                 tokio::select! {
@@ -235,7 +243,21 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             tracing::info!(signal = name, "shutting down; a second signal forces exit");
             let _ = control_tx.send(Control::Shutdown);
             let code = tokio::select! { _ = term.recv() => 143, _ = int.recv() => 130 };
-            tracing::warn!(code, "second signal: exiting now");
+            tracing::warn!(
+                code,
+                "second signal: committing queued history rows, then exiting"
+            );
+            let committed =
+                tokio::task::spawn_blocking(move || forced_flush.flush_blocking(FORCED_FLUSH))
+                    .await
+                    .unwrap_or(false);
+            if !committed {
+                tracing::error!(
+                    within_s = FORCED_FLUSH.as_secs(),
+                    "history rows still queued were not committed"
+                );
+            }
+            let _ = std::fs::remove_dir_all(&forced_dir);
             // Children die with us through PR_SET_PDEATHSIG.
             std::process::exit(code);
         });

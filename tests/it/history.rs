@@ -707,3 +707,37 @@ print(json.dumps(out))
     assert_eq!(get("claracore_history_rows_dropped_total", json!({})), 0.0);
     assert!(get("claracore_process_resident_memory_bytes", json!({})) > 1e6);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_still_commits_the_rows_already_queued() {
+    // A long batch window keeps answered requests' rows in the queue; a
+    // hung stream keeps the first SIGTERM draining.
+    let mut d = Daemon::start(&format!(
+        "[history]\nbatch_window = \"10s\"\n{}{}",
+        fake_model_table("quick", &[], ""),
+        fake_model_table("hung", &["--mode", "hang-mid-stream"], "")
+    ));
+    for _ in 0..5 {
+        assert_eq!(chat_status(&d.addr, "quick").await, StatusCode::OK);
+    }
+    let addr = d.addr.clone();
+    let _hung = tokio::spawn(async move {
+        stream(&addr, "/v1/chat/completions", &chat("hung", 15, true)).await
+    });
+    d.wait_state("hung", "ready", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(d.child.try_wait().unwrap().is_none(), "still draining");
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(5)).code(), Some(143));
+    assert_eq!(
+        count(
+            &db(&d),
+            "SELECT count(*) FROM requests WHERE model = 'quick'"
+        ),
+        5,
+        "every answered request's row is in the file after a forced exit"
+    );
+    assert!(d.log_text().contains("committing queued history rows"));
+}
