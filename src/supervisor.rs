@@ -740,7 +740,8 @@ fn socket_path(dir: &Path, model: &str, instance: u64) -> Result<PathBuf, String
 
 /// The daemon's private directory for its children's unix sockets: a fresh
 /// name, mode 0700, owned by the daemon's user, so no other local user can
-/// reach a child. Removed, with anything left in it, on drop.
+/// reach a child. Removed, with anything left in it, on drop; one left
+/// behind by a daemon that died is removed by the next start.
 #[derive(Debug)]
 pub struct RuntimeDir {
     path: PathBuf,
@@ -769,8 +770,17 @@ impl RuntimeDir {
                 ));
                 continue;
             }
+            sweep_leftovers(base);
             match create_private_dir(base) {
-                Ok(path) => return Ok(RuntimeDir { path }),
+                Ok(path) => {
+                    // Marks whose it is, for the sweep of a later start.
+                    if let Err(e) =
+                        std::fs::write(path.join(OWNER_FILE), std::process::id().to_string())
+                    {
+                        tracing::debug!(error = %e, "cannot write the runtime directory's owner file");
+                    }
+                    return Ok(RuntimeDir { path });
+                }
                 Err(e) => why.push(format!("{}: {e}", base.display())),
             }
         }
@@ -790,6 +800,51 @@ impl Drop for RuntimeDir {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e,
                 "cannot remove the runtime directory");
+        }
+    }
+}
+
+/// The file in a runtime directory that names the pid of the daemon that
+/// made it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes runtime directories in `base` that an earlier daemon left behind
+/// (killed, or a forced exit): ours by name (`claracore.` + hex), by owner
+/// (this user) and by kind (a directory, not a symlink), whose owner file
+/// names a process that no longer exists. Anything else is left alone.
+fn sweep_leftovers(base: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(suffix) = name.to_str().and_then(|n| n.strip_prefix("claracore.")) else {
+            continue;
+        };
+        if suffix.len() != RUNTIME_DIR_SUFFIX || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != me {
+            continue;
+        }
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        let Some(pid) = owner else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), pid,
+                "removed a runtime directory an earlier daemon left behind"),
+            Err(e) => tracing::debug!(path = %path.display(), error = %e,
+                "cannot remove a left-behind runtime directory"),
         }
     }
 }
@@ -912,5 +967,38 @@ mod tests {
             child_level("fake-upstream: listening"),
             tracing::Level::INFO
         );
+    }
+
+    #[test]
+    fn a_start_sweeps_runtime_dirs_whose_daemon_is_gone_and_nothing_else() {
+        let base = tempfile::tempdir().unwrap();
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            let pid = c.id();
+            c.wait().unwrap();
+            pid
+        };
+        let dir = |name: &str, owner: Option<u32>| {
+            let p = base.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            if let Some(pid) = owner {
+                std::fs::write(p.join(OWNER_FILE), pid.to_string()).unwrap();
+            }
+            p
+        };
+        let gone = dir("claracore.0123456789", Some(dead));
+        let alive = dir("claracore.abcdefabcd", Some(std::process::id()));
+        let unmarked = dir("claracore.1111111111", None);
+        let other = dir("claracore-not-ours", Some(dead));
+        let target = dir("elsewhere", Some(dead));
+        let link = base.path().join("claracore.2222222222");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let made = RuntimeDir::create(&[base.path().to_path_buf()]).unwrap();
+        assert!(!gone.exists(), "its daemon is gone");
+        for kept in [&alive, &unmarked, &other, &target, &link] {
+            assert!(kept.exists(), "{} must stay", kept.display());
+        }
+        let owner = std::fs::read_to_string(made.path().join(OWNER_FILE)).unwrap();
+        assert_eq!(owner, std::process::id().to_string());
     }
 }
