@@ -51,7 +51,7 @@ const MAX_TRACKED: usize = 10_000;
 #[derive(Debug, Clone)]
 pub enum Principal {
     Local { uid: Option<u32> },
-    Key(Arc<KeyConfig>),
+    Key(Arc<ApiKey>),
     Anonymous,
 }
 
@@ -59,7 +59,7 @@ impl Principal {
     /// The history row's `key_name`: the key's name, or `local:uid=…`.
     pub fn name(&self) -> Option<String> {
         match self {
-            Principal::Key(k) => Some(k.name.clone()),
+            Principal::Key(k) => Some(k.config.name.clone()),
             Principal::Local { uid: Some(uid) } => Some(format!("local:uid={uid}")),
             Principal::Local { uid: None } => Some("local".into()),
             Principal::Anonymous => None,
@@ -70,7 +70,7 @@ impl Principal {
     /// model list sees only those; for the others every model exists).
     pub fn may_use(&self, model: &str) -> bool {
         match self {
-            Principal::Key(k) => k.may_use(model),
+            Principal::Key(k) => k.config.may_use(model),
             Principal::Local { .. } | Principal::Anonymous => true,
         }
     }
@@ -93,13 +93,39 @@ pub enum Denied {
     RateLimited { retry_after: Duration },
 }
 
-/// A key with its request bucket.
-struct Key {
-    config: Arc<KeyConfig>,
+/// A configured key with its request bucket; a request authenticated by
+/// it carries it, so its rate is taken without looking the key up again.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub config: KeyConfig,
     bucket: Option<Mutex<Bucket>>,
 }
 
+impl ApiKey {
+    pub fn new(config: KeyConfig) -> ApiKey {
+        ApiKey {
+            bucket: config.rate_per_minute.map(|r| Mutex::new(Bucket::new(r))),
+            config,
+        }
+    }
+
+    /// One request against the key's rate, if it has one.
+    fn take_rate(&self) -> Result<(), Denied> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        let mut bucket = match bucket.lock() {
+            Ok(b) => b,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        bucket
+            .take(Instant::now())
+            .map_err(|retry_after| Denied::RateLimited { retry_after })
+    }
+}
+
 /// A token bucket: `capacity` requests, refilled over a minute.
+#[derive(Debug)]
 struct Bucket {
     tokens: f64,
     capacity: f64,
@@ -139,7 +165,7 @@ struct Failures {
 
 /// The keys and the throttling state; rebuilt on reload.
 pub struct Auth {
-    keys: Vec<Key>,
+    keys: Vec<Arc<ApiKey>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
 }
 
@@ -149,10 +175,7 @@ impl Auth {
             keys: config
                 .keys
                 .iter()
-                .map(|k| Key {
-                    bucket: k.rate_per_minute.map(|r| Mutex::new(Bucket::new(r))),
-                    config: Arc::new(k.clone()),
-                })
+                .map(|k| Arc::new(ApiKey::new(k.clone())))
                 .collect(),
             failures: Mutex::default(),
         }
@@ -198,7 +221,7 @@ impl Auth {
         let refused = match found {
             None => "invalid API key",
             Some(k) if k.config.expires_at_ms.is_some_and(|t| now_ms >= t) => "API key expired",
-            Some(k) => return Ok(Principal::Key(k.config.clone())),
+            Some(k) => return Ok(Principal::Key(k.clone())),
         };
         let key = found.map(|k| k.config.name.as_str());
         tracing::warn!(ip = %ip, key, reason = refused, "authentication failed");
@@ -226,28 +249,12 @@ impl Auth {
                 }
             }
             Principal::Key(k) => match scopes.first() {
-                Some(&needs) if !scopes.iter().any(|s| k.allows(*s)) => {
+                Some(&needs) if !scopes.iter().any(|s| k.config.allows(*s)) => {
                     Err(Denied::Forbidden { needs })
                 }
-                _ => self.take_rate(k),
+                _ => k.take_rate(),
             },
         }
-    }
-
-    fn take_rate(&self, key: &KeyConfig) -> Result<(), Denied> {
-        let Some(state) = self.keys.iter().find(|k| k.config.name == key.name) else {
-            return Ok(());
-        };
-        let Some(bucket) = &state.bucket else {
-            return Ok(());
-        };
-        let mut bucket = match bucket.lock() {
-            Ok(b) => b,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        bucket
-            .take(Instant::now())
-            .map_err(|retry_after| Denied::RateLimited { retry_after })
     }
 
     fn throttled(&self, ip: IpAddr) -> Option<Duration> {
@@ -387,7 +394,7 @@ mod tests {
         assert!(auth
             .authorize(&Principal::Anonymous, &[Scope::Inference])
             .is_err());
-        let admin = Principal::Key(Arc::new(key("a", "t", &[Scope::Admin])));
+        let admin = Principal::Key(Arc::new(ApiKey::new(key("a", "t", &[Scope::Admin]))));
         assert!(auth.authorize(&admin, &[Scope::Read]).is_ok());
         assert_eq!(
             auth.authorize(&admin, &[Scope::Inference]),
@@ -456,7 +463,7 @@ mod tests {
             keys: vec![k.clone()],
             ..AuthConfig::default()
         });
-        let p = Principal::Key(Arc::new(k));
+        let p = Principal::Key(Arc::new(ApiKey::new(k)));
         assert!(auth.authorize(&p, &[Scope::Inference]).is_ok());
         assert!(auth.authorize(&p, &[Scope::Inference]).is_ok());
         match auth.authorize(&p, &[Scope::Inference]) {
