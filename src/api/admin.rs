@@ -92,18 +92,8 @@ pub(super) fn history_query(query: Option<&str>) -> Result<store::RequestQuery, 
             }
             "since" => q.since_ms = Some(time_param("since", &v)?),
             "until" => q.until_ms = Some(time_param("until", &v)?),
-            "limit" => {
-                q.limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
-            }
-            "cursor" => {
-                q.cursor = Some(v.parse().map_err(|_| {
-                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
-                })?)
-            }
+            "limit" => q.limit = page_limit(&v)?,
+            "cursor" => q.cursor = Some(page_cursor(&v)?),
             other => return Err(unknown_parameter(other)),
         }
     }
@@ -123,6 +113,20 @@ pub(super) fn stats_window(query: Option<&str>) -> Result<(Duration, i64), ApiEr
         }
     }
     Ok((window, ago(window)))
+}
+
+/// A page size: 1 to 1000 rows.
+fn page_limit(v: &str) -> Result<usize, ApiError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=1000).contains(n))
+        .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))
+}
+
+/// Where the next page starts: an id from `next_cursor`.
+fn page_cursor(v: &str) -> Result<i64, ApiError> {
+    v.parse()
+        .map_err(|_| ApiError::BadRequest("cursor: must be an id from next_cursor".into()))
 }
 
 fn unknown_parameter(name: &str) -> ApiError {
@@ -221,18 +225,8 @@ pub(super) async fn audit_list(
     let (mut limit, mut cursor) = (100usize, None);
     for (k, v) in query_pairs(query) {
         match k.as_str() {
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))?
-            }
-            "cursor" => {
-                cursor = Some(v.parse().map_err(|_| {
-                    ApiError::BadRequest("cursor: must be an id from next_cursor".into())
-                })?)
-            }
+            "limit" => limit = page_limit(&v)?,
+            "cursor" => cursor = Some(page_cursor(&v)?),
             other => return Err(unknown_parameter(other)),
         }
     }
