@@ -18,6 +18,8 @@
 //! - [`events`]: what happened (records, lifecycle, states) and the bus
 //!   that carries it to history, metrics and live subscribers.
 //! - [`procfs`]: process figures from /proc.
+//! - [`gguf`]: GGUF model headers (metadata, tensor infos) and the file
+//!   digest and header caches behind the Ollama routes.
 //! - [`supervisor`]: one child process's lifecycle.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
@@ -40,7 +42,7 @@
 //!       proxy
 //!         scheduler, metrics, auth
 //!           history, supervisor, upstream, listen, logging, systemd
-//!             config, events, procfs      (leaves)
+//!             config, events, procfs, gguf   (leaves)
 //! ```
 
 pub mod api;
@@ -49,6 +51,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod gguf;
 pub mod history;
 pub mod listen;
 pub mod logging;
@@ -71,9 +74,10 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 20] = [
+    const RANKS: [(&str, u8); 21] = [
         ("config", 0),
         ("events", 0),
+        ("gguf", 0),
         ("procfs", 0),
         ("history", 1),
         ("supervisor", 1),
