@@ -1520,6 +1520,78 @@ mod tests {
         assert!(!info.contains_key("tokenizer.chat_template"));
     }
 
+    /// What the official `gguf` Python package (llama.cpp's gguf-py, in the
+    /// test venv) reads from the same file: every key with its value, or
+    /// `[element type, length]` for arrays, and every tensor's name, ne[]
+    /// and type.
+    const GGUF_PY_DUMP: &str = r#"
+import json, sys
+import gguf
+r = gguf.GGUFReader(sys.argv[1])
+out = {"kv": {}, "tensors": []}
+for key, f in r.fields.items():
+    if key.startswith("GGUF."):
+        continue
+    t = gguf.GGUFValueType(f.types[0])
+    if t == gguf.GGUFValueType.ARRAY:
+        out["kv"][key] = [int(f.types[-1]), len(f.data)]
+    else:
+        v = f.contents()
+        out["kv"][key] = v if not isinstance(v, float) else repr(v)
+for t in r.tensors:
+    out["tensors"].append([t.name, [int(d) for d in t.shape], int(t.tensor_type)])
+print(json.dumps(out))
+"#;
+
+    #[test]
+    fn the_tiny_model_reads_as_gguf_py_reads_it() {
+        let Some(path) = tiny_model() else { return };
+        let Some(python) = std::env::var_os("CLARACORE_TEST_PYTHON") else {
+            eprintln!("CLARACORE_TEST_PYTHON is unset: skipping");
+            return;
+        };
+        let out = std::process::Command::new(python)
+            .arg("-c")
+            .arg(GGUF_PY_DUMP)
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Json = serde_json::from_slice(&out.stdout).unwrap();
+        let h = read(&path).unwrap();
+
+        let kv = theirs["kv"].as_object().unwrap();
+        assert_eq!(kv.len(), h.metadata().len());
+        for (key, expected) in kv {
+            let ours = h.get(key).unwrap_or_else(|| panic!("{key} missing"));
+            match ours {
+                Value::Array(a) => {
+                    assert_eq!(
+                        *expected,
+                        serde_json::json!([a.element as u32, a.len]),
+                        "{key}"
+                    )
+                }
+                Value::F32(f) => assert_eq!(
+                    expected.as_str().unwrap().parse::<f64>().unwrap(),
+                    f64::from(*f),
+                    "{key}"
+                ),
+                other => assert_eq!(other.to_json(), *expected, "{key}"),
+            }
+        }
+        let tensors: Vec<Json> = h
+            .tensors()
+            .iter()
+            .map(|t| serde_json::json!([t.name, t.dims, t.ggml_type]))
+            .collect();
+        assert_eq!(theirs["tensors"], Json::Array(tensors));
+    }
+
     fn assert_send_sync<T: Send + Sync>() {}
 
     #[test]
