@@ -14,7 +14,7 @@
 //! | phase    | acquire                 | leaves on                                      |
 //! |----------|-------------------------|------------------------------------------------|
 //! | Stopped  | wait; → Pending         |                                                |
-//! | Pending  | wait                    | capacity free → Starting (see [`planner`]); every waiter gone → Stopped |
+//! | Pending  | wait                    | capacity free → Starting (see [`planner`]); every waiter gone and no preload → Stopped; only a pinned model's place would do → Stopped, waiters failed |
 //! | Starting | wait                    | Ready → Ready (waiters served); StartFailed → Failed |
 //! | Ready    | served at once          | evicted → Draining; TTL → Stopping; crash → Failed |
 //! | Draining | wait (for the restart)  | last lease released → Stopping                 |
