@@ -263,6 +263,13 @@ pub struct ModelConfig {
     /// Idle unload time; `None` = never.
     pub ttl: Option<Duration>,
     pub group: Option<String>,
+    /// Started when the daemon starts (after READY=1), and when a reload
+    /// turns it on, without waiting for a request.
+    pub preload: bool,
+    /// Never evicted to make room for another model; it still stops on an
+    /// admin stop, its TTL, a reload that removes or changes it, and
+    /// shutdown.
+    pub pin: bool,
     /// Readiness and liveness path on the child.
     pub health: String,
     pub env: Vec<(String, String)>,
@@ -428,6 +435,10 @@ struct RawModel {
     aliases: Vec<Spanned<String>>,
     ttl: Option<Spanned<String>>,
     group: Option<String>,
+    #[serde(default)]
+    preload: bool,
+    #[serde(default)]
+    pin: bool,
     health: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
@@ -1153,6 +1164,8 @@ fn validate_model(
         aliases: raw.aliases.iter().map(|a| a.get_ref().clone()).collect(),
         ttl,
         group: raw.group.clone(),
+        preload: raw.preload,
+        pin: raw.pin,
         health,
         max_connections,
         env: raw
@@ -1418,6 +1431,25 @@ health = "/health"
         let e = err("[history]\nretention = \"0\"\n");
         assert!(
             e.contains("history.retention: must be greater than 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn preload_and_pin_are_booleans_off_by_default() {
+        let cfg = parse(
+            "[models.a]\nmodel = \"/a\"\npreload = true\npin = true\n[models.b]\nmodel = \"/b\"\n",
+        )
+        .unwrap();
+        let (a, b) = (cfg.model("a").unwrap(), cfg.model("b").unwrap());
+        assert!(a.preload && a.pin);
+        assert!(!b.preload && !b.pin);
+        let e = err("[models.a]\nmodel = \"/a\"\npin = \"yes\"\n");
+        assert!(e.starts_with("test.toml:3:7: "), "{e}");
+        assert!(e.contains("boolean"), "{e}");
+        let e = err("[models.a]\nmodel = \"/a\"\npinned = true\n");
+        assert!(
+            e.starts_with("test.toml:3:1: ") && e.contains("pinned"),
             "{e}"
         );
     }

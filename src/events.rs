@@ -217,6 +217,8 @@ impl Reason {
 #[serde(rename_all = "snake_case")]
 pub enum AuditAction {
     Stop,
+    /// `POST /admin/models/{name}/load`.
+    Load,
     Backup,
     /// A call through the raw `/upstream/{model}/…` pass-through.
     Upstream,
@@ -231,6 +233,7 @@ impl AuditAction {
     pub fn as_str(self) -> &'static str {
         match self {
             AuditAction::Stop => "stop",
+            AuditAction::Load => "load",
             AuditAction::Backup => "backup",
             AuditAction::Upstream => "upstream",
             AuditAction::Reload => "reload",

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
             let path = format!("/admin/models/{model}/stop");
             report(fetch(&d.target(), Method::POST, &path, render::format_stop))
         }
+        Command::Load { daemon: d, model } => {
+            report(cli::block_on(cli::client::load(&d.target(), &model)))
+        }
         Command::History(h) => listing(&h.daemon, &h.path(), h.json, render::format_history),
         Command::Stats(s) => listing(&s.daemon, &s.path(), s.json, render::format_stats),
         Command::Audit(a) => listing(&a.daemon, &a.path(), a.json, render::format_audit),

@@ -130,6 +130,8 @@ pub async fn serve(
     let notifier = Arc::new(systemd.notifier);
     let reload_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     notifier.notify(&[NotifyState::Ready]);
+    // After READY=1, so a model load never delays the daemon's start.
+    state.scheduler.preload();
     let status_task = tokio::spawn(report_status(
         state.clone(),
         notifier.clone(),

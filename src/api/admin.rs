@@ -1,5 +1,6 @@
 //! claracore's own control and read endpoints, all under `/admin/`: loaded
-//! models, stop, request history, per-model figures and a live backup.
+//! models, stop, load, request history, per-model figures and a live
+//! backup.
 
 use std::path::Path;
 use std::time::Duration;
@@ -44,6 +45,36 @@ pub(super) async fn stop_model(
         StatusCode::OK,
         &json!({"model": model, "stopping": was_running}),
     ))
+}
+
+/// Starts a model if needed and answers once it is ready, with how long
+/// that took; it holds no lease afterwards. A failed start is the
+/// scheduler's error in the usual shape.
+pub(super) async fn load_model(
+    ctx: &Ctx<'_>,
+    requested: &str,
+) -> Result<Response<BoxBody>, ApiError> {
+    let model = match resolve(ctx, requested) {
+        Ok(m) => m,
+        Err(e) => {
+            ctx.audit(AuditAction::Load, Some(requested), "unknown model");
+            return Err(e);
+        }
+    };
+    match ctx.state.scheduler.load(&model).await {
+        Ok(took) => {
+            let load_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+            ctx.audit(AuditAction::Load, Some(&model), "ready");
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"model": model, "state": "ready", "load_ms": load_ms}),
+            ))
+        }
+        Err(e) => {
+            ctx.audit(AuditAction::Load, Some(&model), &e.to_string());
+            Err(ApiError::Unavailable(e))
+        }
+    }
 }
 
 /// Query-string pairs, decoded as `application/x-www-form-urlencoded`

@@ -206,6 +206,7 @@ async fn dispatch(
         Route::Metrics => Ok(health::metrics(ctx)),
         Route::AdminPs => Ok(admin::ps(ctx).await),
         Route::AdminStop { model } => admin::stop_model(ctx, &model).await,
+        Route::AdminLoad { model } => admin::load_model(ctx, &model).await,
         Route::AdminHistory => admin::history_list(ctx, query).await,
         Route::AdminHistoryEntry { id } => admin::history_get(ctx, &id).await,
         Route::AdminStats => admin::stats(ctx, query).await,

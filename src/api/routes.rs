@@ -12,14 +12,15 @@
 //! | GET  /metrics                           | Prometheus text format              |
 //! | GET  /admin/ps                          | loaded models (pid, socket, idle…)  |
 //! | POST /admin/models/{name}/stop          | drain and stop a model              |
+//! | POST /admin/models/{name}/load          | start a model, answer once ready    |
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //! | GET  /admin/audit                       | admin actions and rejected keys     |
 //!
 //! `/api/*` is left free for Ollama's API. [`Route::scopes`] says who may
 //! call each: `inference` for the model routes, `read` for the read-only
-//! admin routes and `/metrics`, `admin` for stop, backup and the raw
-//! pass-through; the probes are open.
+//! admin routes and `/metrics`, `admin` for stop, load, backup and the
+//! raw pass-through; the probes are open.
 
 use hyper::Method;
 
@@ -63,6 +64,9 @@ pub enum Route {
     AdminStop {
         model: String,
     },
+    AdminLoad {
+        model: String,
+    },
     AdminHistory,
     /// `id` as given; the handler says when it is not a number.
     AdminHistoryEntry {
@@ -94,6 +98,7 @@ impl Route {
             // The pass-through reaches every llama-server endpoint.
             Route::Upstream { .. }
             | Route::AdminStop { .. }
+            | Route::AdminLoad { .. }
             | Route::AdminBackup
             | Route::AdminAudit => ADMIN,
         }
@@ -139,6 +144,12 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["admin", "ps"] => (Route::AdminPs, GET),
         ["admin", "models", model, "stop"] if !model.is_empty() => (
             Route::AdminStop {
+                model: (*model).to_string(),
+            },
+            POST,
+        ),
+        ["admin", "models", model, "load"] if !model.is_empty() => (
+            Route::AdminLoad {
                 model: (*model).to_string(),
             },
             POST,
@@ -194,6 +205,16 @@ mod tests {
             Route::AdminStop {
                 model: "tiny-chat".into()
             }
+        );
+        assert_eq!(
+            ok(Method::POST, "/admin/models/tiny/load"),
+            Route::AdminLoad {
+                model: "tiny".into()
+            }
+        );
+        assert_eq!(
+            parse(&Method::GET, "/admin/models/tiny/load"),
+            Err(NoRoute::WrongMethod { allow: POST })
         );
         assert_eq!(ok(Method::GET, "/admin/history"), Route::AdminHistory);
         assert_eq!(
@@ -252,6 +273,8 @@ mod tests {
             "//",
             "/admin/models/stop",
             "/admin/models//stop",
+            "/admin/models//load",
+            "/admin/models/a/b/load",
             "/admin/models/a/b/stop",
             "/admin/history/",
             "/admin/history/1/2",

@@ -91,7 +91,30 @@ pub async fn call(
     method: Method,
     path: &str,
 ) -> Result<serde_json::Value, ClientError> {
-    let (status, body) = call_raw(host, method, path, Duration::from_secs(30)).await?;
+    call_within(host, method, path, Duration::from_secs(30)).await
+}
+
+/// How long `claracore load` waits: a start is bounded by the daemon's
+/// `start_timeout` (default 5 min), plus an eviction's drain before it.
+pub const LOAD_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// `claracore load MODEL`: starts the model and waits until it is ready.
+pub async fn load(host: &Host, model: &str) -> Result<String, String> {
+    let path = format!("/admin/models/{model}/load");
+    call_within(host, Method::POST, &path, LOAD_WAIT)
+        .await
+        .map(|v| super::render::format_load(&v))
+        .map_err(|e| e.to_string())
+}
+
+/// [`call`] with its own limit on the whole exchange.
+pub async fn call_within(
+    host: &Host,
+    method: Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, ClientError> {
+    let (status, body) = call_raw(host, method, path, timeout).await?;
     let value: serde_json::Value =
         serde_json::from_slice(&body).map_err(|_| ClientError::Protocol {
             host: host.describe(),

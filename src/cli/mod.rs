@@ -35,10 +35,10 @@ pub const DEFAULT_HOST: &str = "http://127.0.0.1:5800";
 pub const LOCAL_SOCKET: &str = "/run/claracore/claracore.sock";
 
 const AFTER_HELP: &str = "\
-Client commands (ps, list, stop, history, stats, backup) talk to a running
-daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or unix:/path,
-default the local socket /run/claracore/claracore.sock if it exists (no key
-needed), else http://127.0.0.1:5800. Over TCP, --key or CLARACORE_KEY is
+Client commands (ps, list, stop, load, history, stats, backup) talk to a
+running daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or
+unix:/path, default the local socket /run/claracore/claracore.sock if it
+exists (no key needed), else http://127.0.0.1:5800. Over TCP, --key or CLARACORE_KEY is
 sent as the API key. `claracore COMMAND --help` shows a command's flags.";
 
 #[derive(Debug, Parser)]
@@ -75,6 +75,13 @@ pub enum Command {
     List(Daemon),
     /// Drain and stop a model
     Stop {
+        #[command(flatten)]
+        daemon: Daemon,
+        /// The model's name or alias
+        model: String,
+    },
+    /// Start a model and wait until it is ready
+    Load {
         #[command(flatten)]
         daemon: Daemon,
         /// The model's name or alias
@@ -466,6 +473,17 @@ mod tests {
             }
         );
         assert!(parse("stop").unwrap_err().contains("MODEL"));
+        assert_eq!(
+            parse("load tiny --host unix:/run/c.sock").unwrap(),
+            Command::Load {
+                daemon: Daemon {
+                    host: Some(Host::Unix("/run/c.sock".into())),
+                    key: None
+                },
+                model: "tiny".into()
+            }
+        );
+        assert!(parse("load").unwrap_err().contains("MODEL"));
         assert!(parse("ps --host ftp://x").unwrap_err().contains("--host"));
         assert!(parse("serve --bogus").unwrap_err().contains("--bogus"));
         assert!(parse("frobnicate").is_err());

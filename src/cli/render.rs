@@ -173,6 +173,17 @@ pub fn format_stop(value: &serde_json::Value) -> String {
     )
 }
 
+/// Renders the answer of `POST /admin/models/{name}/load`: `tiny ready in
+/// 412 ms`.
+pub fn format_load(value: &serde_json::Value) -> String {
+    format!(
+        "{} {} in {} ms\n",
+        value["model"].as_str().unwrap_or("?"),
+        value["state"].as_str().unwrap_or("?"),
+        value["load_ms"].as_u64().unwrap_or(0)
+    )
+}
+
 /// `table`, or with `--json` the answer itself, pretty-printed.
 /// Unix milliseconds as "2026-12-01 20:16:26" (UTC).
 fn utc(ms: &serde_json::Value) -> String {
@@ -221,6 +232,12 @@ pub fn json_or(json: bool, table: Table) -> impl Fn(&serde_json::Value) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_answer_reads_as_a_sentence() {
+        let v = serde_json::json!({"model": "tiny", "state": "ready", "load_ms": 412});
+        assert_eq!(format_load(&v), "tiny ready in 412 ms\n");
+    }
 
     #[test]
     fn ps_table_lists_only_models_with_a_process() {

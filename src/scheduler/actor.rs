@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::gate::{Gate, Gates};
-use super::planner::{plan, Plan, Resident};
-use super::{AcquireError, Lease, ModelState, ModelStatus, Msg, Waiter};
+use super::planner::{plan, Plan, Resident, Rule};
+use super::{AcquireError, KeepAlive, Lease, ModelState, ModelStatus, Msg, Waiter};
 use crate::config::{Config, ModelConfig, SchedulerConfig};
 use crate::events::{Bus, Event, ModelEvent, ModelEventKind, Reason};
 use crate::supervisor::{ChildEvent, ChildHandle, ChildSpec, ExitReason, Spawner};
@@ -88,6 +88,10 @@ impl StopReason {
 const STABLE_UPTIME: Duration = Duration::from_secs(60);
 /// Upper bound of the restart backoff after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// An idle TTL shorter than this is not polled while the model is busy:
+/// its gate reports the last lease instead (`Msg::Idle`), so a zero TTL
+/// stops the model the moment it goes idle without a timer spinning.
+const WATCH_IDLE_BELOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -144,6 +148,13 @@ struct Slot {
     starts: u64,
     /// Removed from the config: goes away once its child has stopped.
     removed: bool,
+    /// A start without a waiter is wanted (preload): Pending is not pruned
+    /// back to Stopped. Cleared at Ready, a failed start, a crash, an
+    /// admin stop and shutdown.
+    preloading: bool,
+    /// The idle TTL set at run time, over `config.ttl`; dropped when a
+    /// reload changes `config.ttl`.
+    keep_alive: Option<KeepAlive>,
     /// Why the current stop was asked for.
     stop_reason: Option<StopReason>,
     /// The state last published on the bus.
@@ -169,8 +180,41 @@ impl Slot {
             last_error: None,
             starts: 0,
             removed: false,
+            preloading: false,
+            keep_alive: None,
             stop_reason: None,
             shown: None,
+        }
+    }
+
+    /// The idle TTL in force; `None` = never.
+    fn ttl(&self) -> Option<Duration> {
+        match self.keep_alive {
+            Some(keep) => keep.ttl(),
+            None => self.config.ttl,
+        }
+    }
+
+    /// Whether the TTL is too short to poll (see [`WATCH_IDLE_BELOW`]).
+    fn watches_idle(&self) -> bool {
+        self.ttl().is_some_and(|t| t < WATCH_IDLE_BELOW)
+    }
+
+    /// Tells the current gate whether to report its last lease.
+    fn sync_idle_watch(&self) {
+        if let Some(g) = &self.gate {
+            g.watch_idle(self.watches_idle());
+        }
+    }
+
+    /// Asks for a start with no one waiting (a preload), unless the model
+    /// is already on its way up or running.
+    fn begin_preload(&mut self) {
+        self.preloading = true;
+        if matches!(self.phase, Phase::Stopped | Phase::Failed) {
+            tracing::info!(model = %self.config.name, "preloading model");
+            self.phase = Phase::Pending;
+            self.pending_since = Instant::now();
         }
     }
 
@@ -243,6 +287,8 @@ impl Slot {
                 now.saturating_duration_since(self.last_used())
                     .as_secs_f64()
             }),
+            ttl_s: self.ttl().map(|t| t.as_secs_f64()),
+            pinned: self.config.pin,
             starts: self.starts,
             last_error: self.last_error.clone(),
         }
@@ -324,8 +370,17 @@ impl Actor {
         match msg {
             Msg::Acquire { model, reply } => self.acquire(&model, reply),
             Msg::Drained { model, instance } => self.drained(&model, instance),
+            Msg::Idle { model, instance } => {
+                if current(&mut self.slots, &model, instance).is_some() {
+                    self.expire_idle();
+                }
+            }
             Msg::Stop { model, reply } => {
                 let _ = reply.send(self.stop(&model));
+            }
+            Msg::Preload => self.preload(),
+            Msg::SetKeepAlive { model, keep, reply } => {
+                let _ = reply.send(self.set_keep_alive(&model, keep));
             }
             Msg::Status { reply } => {
                 let now = Instant::now();
@@ -409,8 +464,31 @@ impl Actor {
         }
     }
 
+    fn preload(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        for slot in self.slots.values_mut().filter(|s| s.config.preload) {
+            slot.begin_preload();
+        }
+        self.reconcile();
+    }
+
+    fn set_keep_alive(&mut self, model: &str, keep: KeepAlive) -> bool {
+        let Some(slot) = self.slots.get_mut(model) else {
+            return false;
+        };
+        tracing::info!(model, keep_alive = ?keep, "idle TTL set at run time");
+        slot.keep_alive = Some(keep);
+        slot.sync_idle_watch();
+        // A TTL that has already run out stops the model now.
+        self.expire_idle();
+        true
+    }
+
     fn stop(&mut self, model: &str) -> Option<bool> {
         let slot = self.slots.get_mut(model)?;
+        slot.preloading = false;
         Some(match slot.phase {
             Phase::Ready | Phase::Starting => {
                 retire(slot, StopReason::Admin);
@@ -438,15 +516,31 @@ impl Actor {
             match self.slots.get_mut(&name) {
                 None => {
                     tracing::info!(model = %name, "model added by reload");
-                    self.slots.insert(name, Slot::new(config));
+                    let mut slot = Slot::new(config);
+                    if slot.config.preload && self.shutdown.is_none() {
+                        slot.begin_preload();
+                    }
+                    self.slots.insert(name, slot);
                 }
                 Some(slot) => {
                     let restart = slot.config.launch_differs(&config) && slot.child.is_some();
+                    let newly_preloaded = config.preload && !slot.config.preload;
+                    if slot.config.ttl != config.ttl {
+                        slot.keep_alive = None;
+                    }
                     slot.config = config;
                     slot.removed = false;
+                    slot.sync_idle_watch();
                     if restart {
                         tracing::info!(model = %name, "model changed by reload; restarting it once idle");
                         retire(slot, StopReason::Reload);
+                    }
+                    // A preloaded model that restarts comes back by itself.
+                    if self.shutdown.is_none()
+                        && slot.config.preload
+                        && (newly_preloaded || restart)
+                    {
+                        slot.begin_preload();
                     }
                 }
             }
@@ -486,6 +580,7 @@ impl Actor {
         }
         self.shutdown = Some(Vec::new());
         for slot in self.slots.values_mut() {
+            slot.preloading = false;
             slot.fail_waiters(&AcquireError::ShuttingDown);
             match slot.phase {
                 Phase::Starting | Phase::Ready | Phase::Draining => {
@@ -514,6 +609,7 @@ impl Actor {
                 tracing::info!(model = %model, load_ms = load_time.as_millis() as u64,
                     waiting = slot.waiters.len(), "model ready");
                 slot.phase = Phase::Ready;
+                slot.preloading = false;
                 slot.pid = Some(pid);
                 slot.ready_since = Some(Instant::now());
                 slot.last_error = None;
@@ -525,6 +621,7 @@ impl Actor {
                     self.self_tx.clone(),
                 ));
                 slot.gate = Some(gate.clone());
+                slot.sync_idle_watch();
                 self.gates.insert(model.clone(), gate);
                 let load_ms = load_time.as_secs_f64() * 1000.0;
                 lifecycle(&self.bus, &model, ModelEventKind::Ready, |e| {
@@ -549,6 +646,9 @@ impl Actor {
                 };
                 slot.child = None;
                 slot.pid = None;
+                if std::mem::take(&mut slot.preloading) {
+                    tracing::warn!(model = %model, reason = %reason, "preload failed");
+                }
                 slot.failures += 1;
                 slot.last_error = Some(reason.to_string());
                 lifecycle(&self.bus, &model, ModelEventKind::StartFailed, |e| {
@@ -607,7 +707,7 @@ impl Actor {
                         if ran.is_some() {
                             slot.failures = 0;
                         }
-                        slot.phase = if !slot.prune_waiters() {
+                        slot.phase = if !slot.prune_waiters() && !slot.preloading {
                             Phase::Stopped
                         } else {
                             slot.pending_since = Instant::now();
@@ -618,6 +718,7 @@ impl Actor {
                         if ran.is_some_and(|r| r >= STABLE_UPTIME) {
                             slot.failures = 0;
                         }
+                        slot.preloading = false;
                         slot.failures += 1;
                         slot.retry_at = Some(Instant::now() + backoff(slot.failures));
                         slot.last_error = Some(why.clone());
@@ -654,7 +755,7 @@ impl Actor {
         for (_, name) in pending {
             // A request whose client left starts and evicts nothing.
             if let Some(slot) = self.slots.get_mut(&name) {
-                if !slot.prune_waiters() {
+                if !slot.prune_waiters() && !slot.preloading {
                     tracing::debug!(model = %name, "every request waiting for the model has gone; not starting it");
                     slot.phase = Phase::Stopped;
                     continue;
@@ -672,18 +773,42 @@ impl Actor {
                         ready: s.phase == Phase::Ready,
                         leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
                         busy: s.inflight() > 0,
+                        pinned: s.config.pin,
                         last_used: s.last_used(),
                     })
                     .collect();
                 match plan(group.as_deref(), &loaded, self.limits.max_loaded) {
-                    Plan::Start => None,
-                    Plan::Wait => Some(Vec::new()),
-                    Plan::Evict(names) => Some(names.into_iter().map(Arc::<str>::from).collect()),
+                    Plan::Start => Decision::Start,
+                    Plan::Wait => Decision::Evict(Vec::new()),
+                    Plan::Evict(names) => {
+                        Decision::Evict(names.into_iter().map(Arc::<str>::from).collect())
+                    }
+                    Plan::Blocked { pinned, rule } => {
+                        let mut pinned: Vec<String> =
+                            pinned.into_iter().map(str::to_string).collect();
+                        pinned.sort();
+                        Decision::Blocked(AcquireError::Pinned {
+                            model: name.to_string(),
+                            pinned,
+                            why: match rule {
+                                Rule::Group(g) => format!("group {g}"),
+                                Rule::MaxLoaded(n) => format!("max_loaded = {n}"),
+                            },
+                        })
+                    }
                 }
             };
             match decision {
-                None => self.start_child(&name),
-                Some(victims) => {
+                Decision::Start => self.start_child(&name),
+                Decision::Blocked(err) => {
+                    if let Some(slot) = self.slots.get_mut(&name) {
+                        tracing::warn!(model = %name, error = %err, "cannot start model");
+                        slot.preloading = false;
+                        slot.phase = Phase::Stopped;
+                        slot.fail_waiters(&err);
+                    }
+                }
+                Decision::Evict(victims) => {
                     for victim in victims {
                         if let Some(v) = self.slots.get_mut(&victim) {
                             tracing::info!(model = %victim, for_model = %name, inflight = v.inflight(),
@@ -725,18 +850,20 @@ impl Actor {
     /// actor, so this is a time to look again: a model busy now is looked
     /// at one TTL later (by then its last use has moved on, or it is still
     /// busy).
+    /// A model whose gate watches for idleness is not looked at while busy:
+    /// its last lease says when.
     fn next_ttl_deadline(&self) -> Option<Instant> {
         let now = Instant::now();
         self.slots
             .values()
             .filter(|s| s.phase == Phase::Ready)
             .filter_map(|s| {
-                let ttl = s.config.ttl?;
-                Some(if s.inflight() > 0 {
-                    now + ttl
-                } else {
-                    s.last_used() + ttl
-                })
+                let ttl = s.ttl()?;
+                match (s.inflight() > 0, s.watches_idle()) {
+                    (true, true) => None,
+                    (true, false) => Some(now + ttl),
+                    (false, _) => Some(s.last_used() + ttl),
+                }
             })
             .min()
     }
@@ -745,7 +872,7 @@ impl Actor {
         let now = Instant::now();
         for slot in self.slots.values_mut() {
             let expired = slot.phase == Phase::Ready
-                && slot.config.ttl.is_some_and(|ttl| {
+                && slot.ttl().is_some_and(|ttl| {
                     slot.gate
                         .as_ref()
                         .is_some_and(|g| g.close_if_idle(ttl, now))
@@ -755,6 +882,15 @@ impl Actor {
             }
         }
     }
+}
+
+/// What [`Actor::reconcile`] does for one pending model.
+enum Decision {
+    Start,
+    /// Retire these first (none: wait).
+    Evict(Vec<Arc<str>>),
+    /// Fail its waiters: only evicting pinned models would make room.
+    Blocked(AcquireError),
 }
 
 /// Records a lifecycle step of `model`.
@@ -1039,6 +1175,253 @@ mod tests {
             ["stopped", "start_requested", "starting", "ready", "ready"],
             "{seen:?}"
         );
+    }
+
+    const PINNED_A: &str = "[scheduler]\nmax_loaded = 1\n[models.a]\ncmd = [\"a\", \"{port}\"]\npin = true\n[models.b]\ncmd = [\"b\", \"{port}\"]\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_model_is_not_evicted_and_the_other_start_fails_at_once() {
+        let (s, fake) = start(PINNED_A);
+        drop(lease(&s, &fake, "a").await);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let b = tokio::time::timeout(Duration::from_secs(1), s.acquire("b"))
+            .await
+            .expect("fails at once, does not wait");
+        match b {
+            Err(e @ AcquireError::Pinned { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("pinned model a") && text.contains("max_loaded = 1"),
+                    "{text}"
+                );
+            }
+            other => panic!("expected Pinned, got {other:?}"),
+        }
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        assert_eq!(state_of(&s, "b").await, ModelState::Stopped);
+        assert!(!fake.stop_asked("a"));
+        assert_eq!(fake.started(), ["a"]);
+        let status = s.status().await;
+        assert!(
+            status.iter().any(|m| m.name == "a" && m.pinned),
+            "{status:?}"
+        );
+        assert!(
+            status.iter().any(|m| m.name == "b" && !m.pinned),
+            "{status:?}"
+        );
+        // An admin stop still stops it; then b may start.
+        assert_eq!(s.stop("a").await, Some(true));
+        settle().await;
+        assert!(fake.stop_asked("a"));
+        fake.exit("a", ExitReason::Stopped);
+        drop(lease(&s, &fake, "b").await);
+        assert_eq!(fake.started(), ["a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_group_member_blocks_its_group_at_once() {
+        let (s, fake) = start(
+            "[models.a]\ncmd = [\"a\", \"{port}\"]\ngroup = \"g\"\npin = true\n\
+             [models.b]\ncmd = [\"b\", \"{port}\"]\ngroup = \"g\"\n",
+        );
+        drop(lease(&s, &fake, "a").await);
+        match s.acquire("b").await {
+            Err(AcquireError::Pinned { pinned, why, .. }) => {
+                assert_eq!((pinned, why.as_str()), (vec!["a".to_string()], "group g"))
+            }
+            other => panic!("expected Pinned, got {other:?}"),
+        }
+        assert_eq!(fake.started(), ["a"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unpinned_model_is_evicted_instead_of_an_older_pinned_one() {
+        let (s, fake) = start(
+            "[scheduler]\nmax_loaded = 2\n[models.a]\ncmd = [\"a\", \"{port}\"]\npin = true\n\
+             [models.b]\ncmd = [\"b\", \"{port}\"]\n[models.c]\ncmd = [\"c\", \"{port}\"]\n",
+        );
+        drop(lease(&s, &fake, "a").await);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(lease(&s, &fake, "b").await);
+        let c = acquire(&s, "c");
+        settle().await;
+        assert!(fake.stop_asked("b"), "b goes, though a was used longer ago");
+        assert!(!fake.stop_asked("a"));
+        fake.exit("b", ExitReason::Stopped);
+        settle().await;
+        fake.ready("c");
+        assert!(c.await.unwrap().is_ok());
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_zero_unloads_once_idle_and_not_while_busy() {
+        let (s, fake) = start(&TWO_MODELS.replace("[models.b]", "ttl = \"1h\"\n[models.b]"));
+        let held = lease(&s, &fake, "a").await;
+        assert!(s.set_keep_alive("a", KeepAlive::For(Duration::ZERO)).await);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready, "busy");
+        assert!(!fake.stop_asked("a"));
+        let status = s.status().await;
+        assert_eq!(status[0].ttl_s, Some(0.0), "{status:?}");
+        // A second request in and out while the first is held: not idle yet.
+        drop(s.acquire("a").await.unwrap());
+        settle().await;
+        assert!(!fake.stop_asked("a"), "one lease is still out");
+        drop(held);
+        // No time passes: the last lease itself ends it.
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+        assert!(fake.stop_asked("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_never_keeps_a_model_past_its_ttl() {
+        let (s, fake) = start(&TWO_MODELS.replace("[models.b]", "ttl = \"10s\"\n[models.b]"));
+        drop(lease(&s, &fake, "a").await);
+        assert!(s.set_keep_alive("a", KeepAlive::Never).await);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        assert_eq!(s.status().await[0].ttl_s, None);
+        assert!(
+            !s.set_keep_alive("nope", KeepAlive::Never).await,
+            "unknown model"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_for_counts_from_the_last_use() {
+        let (s, fake) = start(&TWO_MODELS.replace("[models.b]", "ttl = \"1h\"\n[models.b]"));
+        drop(lease(&s, &fake, "a").await);
+        assert!(
+            s.set_keep_alive("a", KeepAlive::For(Duration::from_secs(30)))
+                .await
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        drop(s.acquire("a").await.unwrap());
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(
+            state_of(&s, "a").await,
+            ModelState::Ready,
+            "45 s in, 25 s idle"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_that_already_ran_out_stops_an_idle_model_now() {
+        let (s, fake) = start(&TWO_MODELS.replace("[models.b]", "ttl = \"1h\"\n[models.b]"));
+        drop(lease(&s, &fake, "a").await);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(
+            s.set_keep_alive("a", KeepAlive::For(Duration::from_secs(10)))
+                .await
+        );
+        // Asked right after the call, with no time passing.
+        let a = s
+            .status()
+            .await
+            .into_iter()
+            .find(|m| m.name == "a")
+            .unwrap();
+        assert_eq!(a.state, ModelState::Stopping);
+        assert!(fake.stop_asked("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_outlives_a_restart_until_a_reload_changes_the_ttl() {
+        let text = TWO_MODELS.replace("[models.b]", "ttl = \"1h\"\n[models.b]");
+        let (s, fake) = start(&text);
+        // Set while stopped; applies to the child started later.
+        assert!(s.set_keep_alive("a", KeepAlive::For(Duration::ZERO)).await);
+        for _ in 0..2 {
+            drop(lease(&s, &fake, "a").await);
+            assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+            fake.exit("a", ExitReason::Stopped);
+            assert_eq!(state_of(&s, "a").await, ModelState::Stopped);
+        }
+        // A reload that leaves the ttl alone keeps the override…
+        s.reconfigure(&config(&text)).await;
+        assert_eq!(s.status().await[0].ttl_s, Some(0.0));
+        // …one that changes it ends it.
+        s.reconfigure(&config(&text.replace("\"1h\"", "\"2h\"")))
+            .await;
+        assert_eq!(s.status().await[0].ttl_s, Some(7200.0));
+        drop(lease(&s, &fake, "a").await);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn preload_starts_a_model_with_no_request_and_a_failure_shows_as_failed() {
+        let text = "[models.a]\ncmd = [\"a\", \"{port}\"]\npreload = true\n\
+                    [models.b]\ncmd = [\"b\", \"{port}\"]\n[models.c]\ncmd = [\"c\", \"{port}\"]\n";
+        let (s, fake) = start(&format!("[scheduler]\nmax_loaded = 3\n{text}"));
+        settle().await;
+        assert!(fake.started().is_empty(), "nothing before the daemon asks");
+        s.preload();
+        assert_eq!(state_of(&s, "a").await, ModelState::Starting);
+        assert_eq!(fake.started(), ["a"], "only the model with preload = true");
+        tokio::time::advance(Duration::from_secs(30)).await;
+        fake.ready("a");
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        let a = s
+            .status()
+            .await
+            .into_iter()
+            .find(|m| m.name == "a")
+            .unwrap();
+        assert_eq!((a.inflight, a.waiting), (0, 0));
+        // A reload that turns preload on for b (and adds d with it) starts them.
+        let reloaded = format!(
+            "[scheduler]\nmax_loaded = 3\n{}[models.d]\ncmd = [\"d\", \"{{port}}\"]\npreload = true\n",
+            text.replace("[models.c]", "preload = true\n[models.c]")
+        );
+        s.reconfigure(&config(&reloaded)).await;
+        settle().await;
+        let mut started = fake.started();
+        started.sort();
+        assert_eq!(started, ["a", "b", "d"]);
+        fake.with_last("b", |c| {
+            let _ = c.events.send(ChildEvent::StartFailed {
+                model: c.spec.model.clone(),
+                instance: c.spec.instance,
+                reason: crate::supervisor::StartFailure::Exited {
+                    status: "exit status: 1".into(),
+                },
+            });
+        });
+        assert_eq!(state_of(&s, "b").await, ModelState::Failed);
+        assert_eq!(
+            state_of(&s, "a").await,
+            ModelState::Ready,
+            "others unaffected"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_waits_for_ready_holds_no_lease_and_is_instant_when_ready() {
+        let (s, fake) = start(TWO_MODELS);
+        let loading = {
+            let s = s.clone();
+            tokio::spawn(async move { s.load("a").await })
+        };
+        settle().await;
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        fake.ready("a");
+        let took = loading.await.unwrap().unwrap();
+        assert!(took >= Duration::from_millis(1500), "{took:?}");
+        let a = s
+            .status()
+            .await
+            .into_iter()
+            .find(|m| m.name == "a")
+            .unwrap();
+        assert_eq!((a.state, a.inflight), (ModelState::Ready, 0));
+        assert_eq!(s.load("a").await.unwrap(), Duration::ZERO);
+        assert!(matches!(s.load("zz").await, Err(AcquireError::Unknown(_))));
+        assert_eq!(fake.started(), ["a"]);
     }
 
     #[test]

@@ -7,9 +7,16 @@
 //! that step and holds a lease the stop waits for, or finds the gate closed
 //! and queues with the actor. While a gate is closed, the lease that brings
 //! its count to zero tells the actor (`Drained`), which ends a drain.
+//!
+//! A gate may also watch for idleness (for a TTL too short to poll, such as
+//! zero): then the lease that brings an open gate's count to zero tells the
+//! actor (`Idle`). The flag and the count are both sequentially consistent,
+//! so of "the actor turns watching on, then reads the count" and "a lease
+//! drops the count, then reads the flag", at least one sees the other: no
+//! last lease goes unseen.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,6 +38,8 @@ pub(crate) struct Gate {
     /// `epoch`.
     last_used: AtomicU64,
     epoch: Instant,
+    /// Whether the last lease of an open gate sends `Idle`.
+    watch_idle: AtomicBool,
     pub(crate) model: Arc<str>,
     pub(crate) instance: u64,
     /// Where `Drained` goes.
@@ -49,6 +58,7 @@ impl Gate {
             state: AtomicUsize::new(OPEN),
             last_used: AtomicU64::new(0),
             epoch: Instant::now(),
+            watch_idle: AtomicBool::new(false),
             model,
             instance,
             actor,
@@ -94,12 +104,25 @@ impl Gate {
     pub(crate) fn leave(&self) {
         // Touched first: whoever sees the count drop sees the new time.
         self.touch();
-        if self.state.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.state.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 {
             let _ = self.actor.send(Msg::Drained {
                 model: self.model.clone(),
                 instance: self.instance,
             });
+        } else if before == OPEN | 1 && self.watch_idle.load(Ordering::SeqCst) {
+            let _ = self.actor.send(Msg::Idle {
+                model: self.model.clone(),
+                instance: self.instance,
+            });
         }
+    }
+
+    /// Turns the `Idle` notice on or off; returns the leases out after the
+    /// change (when on, a lease returned later is reported).
+    pub(crate) fn watch_idle(&self, on: bool) -> usize {
+        self.watch_idle.store(on, Ordering::SeqCst);
+        self.state.load(Ordering::SeqCst) & !OPEN
     }
 
     /// Closes the gate; returns the number of leases still out.
@@ -204,6 +227,29 @@ mod tests {
         }
         assert!(rx.try_recv().is_err());
         assert_eq!(g.close(), 0);
+    }
+
+    #[test]
+    fn a_watched_gate_reports_its_last_lease_and_an_unwatched_one_does_not() {
+        let (g, mut rx) = gate();
+        assert!(g.enter());
+        drop(Lease { gate: g.clone() });
+        assert!(rx.try_recv().is_err(), "not watched");
+        assert!(g.enter());
+        let a = Lease { gate: g.clone() };
+        assert_eq!(g.watch_idle(true), 1);
+        assert!(g.enter());
+        drop(Lease { gate: g.clone() });
+        assert!(rx.try_recv().is_err(), "one lease is still out");
+        drop(a);
+        match rx.try_recv() {
+            Ok(Msg::Idle { model, instance }) => assert_eq!((&*model, instance), ("m", 7)),
+            other => panic!("expected Idle, got {other:?}"),
+        }
+        assert_eq!(g.watch_idle(false), 0);
+        assert!(g.enter());
+        drop(Lease { gate: g.clone() });
+        assert!(rx.try_recv().is_err(), "no longer watched");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! | phase    | acquire                 | leaves on                                      |
 //! |----------|-------------------------|------------------------------------------------|
 //! | Stopped  | wait; → Pending         |                                                |
-//! | Pending  | wait                    | capacity free → Starting (see [`planner`]); every waiter gone → Stopped |
+//! | Pending  | wait                    | capacity free → Starting (see [`planner`]); every waiter gone and no preload → Stopped; only a pinned model's place would do → Stopped, waiters failed |
 //! | Starting | wait                    | Ready → Ready (waiters served); StartFailed → Failed |
 //! | Ready    | served at once          | evicted → Draining; TTL → Stopping; crash → Failed |
 //! | Draining | wait (for the restart)  | last lease released → Stopping                 |
@@ -28,6 +28,24 @@
 //!
 //! Requests for a Ready model do not wait for the actor: they enter the
 //! child's [`gate`] on their own threads.
+//!
+//! Besides requests, a model starts by preload ([`Scheduler::preload`],
+//! once READY=1 is out, for models with `preload = true`, and on a reload
+//! that turns it on) or by [`Scheduler::load`]; a preload is a Pending
+//! with no waiter that is not pruned, and it ends at Ready or at a failed
+//! start (shown as Failed, logged, never fatal).
+//!
+//! A pinned model (`pin = true`) is never chosen for eviction: when the
+//! only way to start a model is to evict a pinned one, its requests fail
+//! at once with [`AcquireError::Pinned`] instead of waiting. A pinned model
+//! still stops on an admin stop, its idle TTL (a pin is about room for
+//! other models, not idleness: set `ttl = "0"` to keep it up), a reload
+//! that removes or changes it, and shutdown.
+//!
+//! The idle TTL is the model's `ttl` unless [`Scheduler::set_keep_alive`]
+//! replaced it (Ollama's `keep_alive`); the override lives in the model's
+//! slot, so it outlasts the child's stop and start, and ends when a reload
+//! changes that model's `ttl` (or the daemon restarts).
 //!
 //! The scheduler reports through the event bus (lifecycle steps and state
 //! changes); it never calls metrics, history or the API. Its clock is
@@ -71,6 +89,35 @@ pub enum AcquireError {
     ShuttingDown,
     #[error("unknown model {0}")]
     Unknown(String),
+    #[error("model {model} cannot start without evicting pinned model {} ({why}); stop it first or remove its `pin`", pinned.join(", "))]
+    Pinned {
+        model: String,
+        /// The pinned models holding the places it needs.
+        pinned: Vec<String>,
+        /// The rule that needs them gone: `group NAME` or `max_loaded = N`.
+        why: String,
+    },
+}
+
+/// An idle TTL set at run time (Ollama's `keep_alive`), replacing the
+/// model's configured `ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Never unloaded for being idle.
+    Never,
+    /// Unloaded once idle this long; `Duration::ZERO`: as soon as the last
+    /// lease is returned.
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// As an idle TTL (`None` = never).
+    pub fn ttl(self) -> Option<Duration> {
+        match self {
+            KeepAlive::Never => None,
+            KeepAlive::For(d) => Some(d),
+        }
+    }
 }
 
 /// Permission to send requests to a ready child. While any lease on a child
@@ -113,6 +160,12 @@ pub struct ModelStatus {
     pub waiting: usize,
     pub uptime_s: Option<f64>,
     pub idle_s: Option<f64>,
+    /// The idle TTL in force (configured or set by
+    /// [`Scheduler::set_keep_alive`]); `None` = never unloaded for idleness.
+    /// A ready model with `idle_s` unloads once `idle_s` reaches it.
+    pub ttl_s: Option<f64>,
+    /// `pin = true`: never evicted for another model.
+    pub pinned: bool,
     pub starts: u64,
     pub last_error: Option<String>,
 }
@@ -131,9 +184,22 @@ enum Msg {
         model: Arc<str>,
         instance: u64,
     },
+    /// The last lease of an open gate that watches for idleness (a TTL
+    /// too short to poll for) was returned.
+    Idle {
+        model: Arc<str>,
+        instance: u64,
+    },
     Stop {
         model: String,
         reply: oneshot::Sender<Option<bool>>,
+    },
+    /// Start every model with `preload = true` that is not running.
+    Preload,
+    SetKeepAlive {
+        model: String,
+        keep: KeepAlive,
+        reply: oneshot::Sender<bool>,
     },
     Status {
         reply: oneshot::Sender<Vec<ModelStatus>>,
@@ -190,6 +256,41 @@ impl Scheduler {
             })
             .map_err(|_| AcquireError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AcquireError::ShuttingDown))
+    }
+
+    /// Starts `model` (a canonical name) if needed and returns once it is
+    /// ready, with how long that took (about zero if it already was). It
+    /// holds no lease afterwards; like a request, it counts as a use for
+    /// the idle TTL. Dropping the future withdraws it, as for
+    /// [`Scheduler::acquire`].
+    pub async fn load(&self, model: &str) -> Result<Duration, AcquireError> {
+        let began = tokio::time::Instant::now();
+        drop(self.acquire(model).await?);
+        Ok(began.elapsed())
+    }
+
+    /// Starts every model with `preload = true` (without waiting for any).
+    /// The daemon calls it once READY=1 is sent; a reload starts models
+    /// that newly have it by itself.
+    pub fn preload(&self) {
+        let _ = self.tx.send(Msg::Preload);
+    }
+
+    /// Replaces `model`'s idle TTL (a canonical name) from now on, running
+    /// or not, until a reload changes its `ttl`. A ready, idle model whose
+    /// new TTL has already passed starts stopping before this returns.
+    /// False: no such model.
+    pub async fn set_keep_alive(&self, model: &str, keep: KeepAlive) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let msg = Msg::SetKeepAlive {
+            model: model.to_string(),
+            keep,
+            reply,
+        };
+        if self.tx.send(msg).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Stops a model (after draining). `None`: no such model;

@@ -1,6 +1,11 @@
 //! Eviction as a pure function: given the models that hold a place and the
 //! limits, which must go before a pending model may start. The actor applies
 //! the answer; nothing here has effects, so every rule is a unit test.
+//!
+//! Pinned residents are never chosen. When the start needs a pinned one
+//! gone (it shares the group, or too few unpinned places can be freed
+//! under `max_loaded`), the answer is [`Plan::Blocked`]: waiting would not
+//! help, because nothing but an operator frees that place.
 
 use tokio::time::Instant;
 
@@ -14,7 +19,16 @@ pub struct Resident<'a> {
     /// Already draining or stopping.
     pub leaving: bool,
     pub busy: bool,
+    /// `pin = true`: never evicted.
+    pub pinned: bool,
     pub last_used: Instant,
+}
+
+/// Which rule a [`Plan::Blocked`] start runs into.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rule<'a> {
+    Group(&'a str),
+    MaxLoaded(usize),
 }
 
 /// What a pending model needs before it can start.
@@ -25,16 +39,35 @@ pub enum Plan<'a> {
     Evict(Vec<&'a str>),
     /// Nothing can be evicted yet (models still starting or leaving).
     Wait,
+    /// Only evicting these pinned models would make room.
+    Blocked {
+        pinned: Vec<&'a str>,
+        rule: Rule<'a>,
+    },
 }
 
 /// Decides whether a model of `group` can start beside `loaded`, or which
 /// residents must go first: every ready model of the same group, and then
 /// as many least recently used ready models as `max_loaded` requires, idle
-/// ones before busy ones.
-pub fn plan<'a>(group: Option<&str>, loaded: &[Resident<'a>], max_loaded: usize) -> Plan<'a> {
+/// ones before busy ones; pinned ones never.
+pub fn plan<'a>(group: Option<&'a str>, loaded: &[Resident<'a>], max_loaded: usize) -> Plan<'a> {
     let same_group = |r: &Resident<'_>| group.is_some() && r.group == group;
     if loaded.len() < max_loaded && !loaded.iter().any(same_group) {
         return Plan::Start;
+    }
+    // A pinned resident that is not already leaving stays.
+    let pinned_staying = |r: &&Resident<'a>| r.pinned && !r.leaving;
+    let pinned_peers: Vec<&'a str> = loaded
+        .iter()
+        .filter(|r| same_group(r))
+        .filter(pinned_staying)
+        .map(|r| r.name)
+        .collect();
+    if let (false, Some(g)) = (pinned_peers.is_empty(), group) {
+        return Plan::Blocked {
+            pinned: pinned_peers,
+            rule: Rule::Group(g),
+        };
     }
     let mut evict: Vec<&Resident<'a>> = loaded
         .iter()
@@ -45,9 +78,21 @@ pub fn plan<'a>(group: Option<&str>, loaded: &[Resident<'a>], max_loaded: usize)
         .filter(|r| !r.leaving && !same_group(r))
         .count();
     let excess = (staying + 1).saturating_sub(max_loaded);
+    let pinned_others: Vec<&'a str> = loaded
+        .iter()
+        .filter(|r| !same_group(r))
+        .filter(pinned_staying)
+        .map(|r| r.name)
+        .collect();
+    if staying.saturating_sub(pinned_others.len()) < excess {
+        return Plan::Blocked {
+            pinned: pinned_others,
+            rule: Rule::MaxLoaded(max_loaded),
+        };
+    }
     let mut candidates: Vec<&Resident<'a>> = loaded
         .iter()
-        .filter(|r| r.ready && !r.leaving && !same_group(r))
+        .filter(|r| r.ready && !r.leaving && !r.pinned && !same_group(r))
         .collect();
     candidates.sort_by_key(|r| (r.busy, r.last_used));
     evict.extend(candidates.into_iter().take(excess));
@@ -70,8 +115,69 @@ mod tests {
             ready: true,
             leaving: false,
             busy,
+            pinned: false,
             last_used: Instant::now() - Duration::from_secs(age_s),
         }
+    }
+
+    fn pinned(mut r: Resident<'_>) -> Resident<'_> {
+        r.pinned = true;
+        r
+    }
+
+    #[test]
+    fn a_pinned_model_is_never_chosen_and_an_unpinned_one_goes_instead() {
+        let loaded = [
+            pinned(r("old-pinned", None, false, 100)),
+            r("new", None, true, 1),
+        ];
+        assert_eq!(plan(None, &loaded, 2), Plan::Evict(vec!["new"]));
+    }
+
+    #[test]
+    fn a_start_that_needs_a_pinned_model_gone_is_blocked_not_waiting() {
+        let loaded = [pinned(r("p", None, false, 100))];
+        assert_eq!(
+            plan(None, &loaded, 1),
+            Plan::Blocked {
+                pinned: vec!["p"],
+                rule: Rule::MaxLoaded(1)
+            }
+        );
+        // Also while the pinned one is still starting: it will stay.
+        let mut starting = pinned(r("p", None, false, 1));
+        starting.ready = false;
+        assert!(matches!(plan(None, &[starting], 1), Plan::Blocked { .. }));
+        // One unpinned place is enough; two places needed is not.
+        let loaded = [pinned(r("p", None, false, 5)), r("u", None, false, 5)];
+        assert_eq!(plan(None, &loaded, 2), Plan::Evict(vec!["u"]));
+        assert_eq!(
+            plan(None, &loaded, 1),
+            Plan::Blocked {
+                pinned: vec!["p"],
+                rule: Rule::MaxLoaded(1)
+            }
+        );
+        // A pinned model already leaving (admin stop) is waited for.
+        let mut leaving = pinned(r("p", None, false, 5));
+        leaving.leaving = true;
+        assert_eq!(plan(None, &[leaving], 1), Plan::Wait);
+    }
+
+    #[test]
+    fn a_pinned_model_of_the_same_group_blocks_regardless_of_room() {
+        let loaded = [
+            pinned(r("a", Some("g"), false, 1)),
+            r("b", Some("g"), false, 9),
+        ];
+        assert_eq!(
+            plan(Some("g"), &loaded, 10),
+            Plan::Blocked {
+                pinned: vec!["a"],
+                rule: Rule::Group("g")
+            }
+        );
+        assert_eq!(plan(Some("other"), &loaded, 10), Plan::Start);
     }
 
     #[test]

@@ -148,6 +148,13 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
         (
             Method::POST,
+            "/admin/models/f/load",
+            None,
+            Needs::Admin,
+            true,
+        ),
+        (
+            Method::POST,
             "/admin/models/f/stop",
             None,
             Needs::Admin,
