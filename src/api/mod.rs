@@ -5,6 +5,7 @@
 //! - [`openai`]: `/v1/*` (routed by the body's `model`) and `/upstream/*`.
 //! - [`admin`]: claracore's own control and read endpoints, `/admin/*`.
 //! - [`health`]: `/health`, `/live`, `/ready`, `/metrics`.
+//! - [`ollama`]: Ollama's API, `/api/*` and `GET /`, translated.
 //! - [`error`]: error → status, outcome and body.
 //!
 //! Every request on an inference route gets an `x-request-id` and a history
@@ -14,6 +15,7 @@ mod admin;
 pub mod body;
 pub mod error;
 mod health;
+pub mod ollama;
 mod openai;
 pub mod routes;
 
@@ -58,6 +60,8 @@ pub struct AppState {
     pub auth: std::sync::RwLock<Arc<Auth>>,
     /// Counter part of generated request ids.
     pub next_request: std::sync::atomic::AtomicU64,
+    /// Model files' headers and digests, for Ollama's model lists.
+    pub model_files: ollama::meta::ModelFiles,
 }
 
 impl AppState {
@@ -129,7 +133,12 @@ pub async fn handle(
     let result = dispatch(&state, &peer, req).await;
     let resp = result.unwrap_or_else(|e| {
         tracing::info!(peer = %peer.addr, method = %method, path = %path, error = %e, "request failed");
-        e.into_response()
+        // Ollama clients read `{"error": "…"}` on their routes.
+        if path == "/" || path.starts_with("/api/") {
+            ollama::error(e)
+        } else {
+            e.into_response()
+        }
     });
     tracing::debug!(peer = %peer.addr, method = %method, path = %path, status = resp.status().as_u16(),
         head_ms = started.elapsed().as_secs_f64() * 1000.0, "request");
@@ -181,11 +190,24 @@ async fn dispatch(
                 );
             }
             let e = ApiError::Denied(denied);
-            return match route {
-                // Refused inference requests keep their history row.
-                Route::Inference(endpoint) => Ok(openai::refused(state, peer, endpoint, &req, e)),
-                _ => Err(e),
+            // Refused inference requests keep their history row.
+            let endpoint = match &route {
+                Route::Inference(endpoint) => Some(endpoint.path()),
+                Route::Ollama(o) => o.endpoint(),
+                _ => None,
             };
+            let Some(endpoint) = endpoint else {
+                return Err(e);
+            };
+            let id = openai::refused(state, peer, endpoint, &req, &e);
+            let mut resp = match route {
+                Route::Ollama(_) => ollama::error(e),
+                _ => e.into_response(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            return Ok(resp);
         }
     };
     let ctx = &Ctx {
@@ -200,6 +222,8 @@ async fn dispatch(
         Route::Inference(endpoint) => Ok(openai::model_request(ctx, endpoint, req).await),
         Route::Upstream { model, tail } => openai::passthrough(ctx, &model, &tail, req).await,
         Route::Models => Ok(openai::list_models(ctx).await),
+        Route::OllamaRoot => Ok(ollama::root(req.method())),
+        Route::Ollama(o) => Ok(ollama_route(ctx, o, req).await),
         Route::Health => Ok(health::health(ctx).await),
         Route::Live => Ok(health::live()),
         Route::Ready => Ok(health::ready(ctx)),
@@ -212,6 +236,26 @@ async fn dispatch(
         Route::AdminStats => admin::stats(ctx, query).await,
         Route::AdminBackup => admin::backup(ctx).await,
         Route::AdminAudit => admin::audit_list(ctx, query).await,
+    }
+}
+
+async fn ollama_route(
+    ctx: &Ctx<'_>,
+    route: routes::Ollama,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    use ollama::Endpoint;
+    use routes::Ollama;
+    match route {
+        Ollama::Version => ollama::version(),
+        Ollama::Tags => ollama::meta::tags(ctx).await,
+        Ollama::Ps => ollama::meta::ps(ctx).await,
+        Ollama::Show => ollama::meta::show(ctx, req).await,
+        Ollama::Chat => ollama::inference(ctx, Endpoint::Chat, req).await,
+        Ollama::Generate => ollama::inference(ctx, Endpoint::Generate, req).await,
+        Ollama::Embed => ollama::inference(ctx, Endpoint::Embed, req).await,
+        Ollama::Embeddings => ollama::inference(ctx, Endpoint::Embeddings, req).await,
+        Ollama::Unsupported(what) => ollama::declared_in_config(what),
     }
 }
 
@@ -338,6 +382,8 @@ mod props {
         fn route_parsing_is_total(m in method(), p in path()) {
             match routes::parse(&m, &p) {
                 Ok(routes::Route::Upstream { .. }) => prop_assert!(p.starts_with("/upstream/")),
+                Ok(routes::Route::Ollama(_)) => prop_assert!(p.starts_with("/api/")),
+                Ok(routes::Route::OllamaRoot) => prop_assert_eq!(p.as_str(), "/"),
                 Ok(_) => prop_assert!(p.starts_with('/') && !p.starts_with("/api/")),
                 Err(routes::NoRoute::WrongMethod { allow }) => prop_assert!(!allow.contains(&m)),
                 Err(routes::NoRoute::NotFound) => {}

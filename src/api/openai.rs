@@ -121,7 +121,7 @@ pub(super) fn requested_model(body: &[u8]) -> Result<String, ApiError> {
 
 /// A request id: the client's `x-request-id` when it is short and plain,
 /// else a new one.
-fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
+pub(super) fn request_id(state: &AppState, req: &Request<Incoming>) -> String {
     if let Some(id) = req
         .headers()
         .get("x-request-id")
@@ -167,40 +167,36 @@ pub(super) async fn model_request(
     resp
 }
 
-/// An inference request refused before it was read (authentication,
-/// scope, rate): answered with `e`, and recorded.
+/// Records an inference request refused before it was read
+/// (authentication, scope, rate) with `e`; returns its request id.
 pub(super) fn refused(
     state: &AppState,
     peer: &Peer,
-    endpoint: Inference,
+    endpoint: &str,
     req: &Request<Incoming>,
-    e: ApiError,
-) -> Response<BoxBody> {
+    e: &ApiError,
+) -> String {
     let id = request_id(state, req);
-    Pending::new(id.clone(), &peer.addr, endpoint.path(), Instant::now()).finish(
+    Pending::new(id.clone(), &peer.addr, endpoint, Instant::now()).finish(
         &state.bus,
         e.status().as_u16(),
         e.outcome(),
         Some(e.to_string()),
     );
-    let mut resp = e.into_response();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    resp
+    id
 }
 
 /// A request's history row until a response body's tap takes it. hyper
 /// drops the handler when the client closes the connection while the
 /// request waits for a model or for its first byte; the row is then
 /// recorded as cancelled (status 499, nginx's "client closed request").
-struct Row<'a> {
-    pending: Option<Pending>,
-    bus: &'a Bus,
+pub(super) struct Row<'a> {
+    pub(super) pending: Option<Pending>,
+    pub(super) bus: &'a Bus,
 }
 
 impl Row<'_> {
-    fn finish(&mut self, status: u16, outcome: Outcome, error: String) {
+    pub(super) fn finish(&mut self, status: u16, outcome: Outcome, error: String) {
         if let Some(p) = self.pending.take() {
             p.finish(self.bus, status, outcome, Some(error));
         }

@@ -16,11 +16,17 @@
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //! | GET  /admin/audit                       | admin actions and rejected keys     |
+//! | GET, HEAD /                             | Ollama's "Ollama is running" probe  |
+//! | GET  /api/version                       | Ollama's version answer             |
+//! | POST /api/chat, /api/generate, /api/embed, /api/embeddings | Ollama, translated to the child's OpenAI endpoints |
+//! | GET  /api/tags, /api/ps; POST /api/show | Ollama's model lists and details    |
+//! | /api/pull, push, create, copy, delete, blobs | an Ollama-shaped "declared in the config" error |
 //!
-//! `/api/*` is left free for Ollama's API. [`Route::scopes`] says who may
-//! call each: `inference` for the model routes, `read` for the read-only
-//! admin routes and `/metrics`, `admin` for stop, load, backup and the
-//! raw pass-through; the probes are open.
+//! `/api/*` is Ollama's ([`Ollama`]). [`Route::scopes`] says who may call
+//! each: `inference` for the model routes, `read` for the read-only admin
+//! routes and `/metrics`, `read` or `inference` for the model lists,
+//! `admin` for stop, load, backup and the raw pass-through; the probes (and
+//! Ollama's `/` and `/api/version`) are open.
 
 use hyper::Method;
 
@@ -47,9 +53,40 @@ impl Inference {
     }
 }
 
+/// An Ollama route (`/api/*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ollama {
+    Version,
+    Tags,
+    Ps,
+    Show,
+    Chat,
+    Generate,
+    Embed,
+    Embeddings,
+    /// pull, push, create, copy, delete, blobs: what the client asked for.
+    Unsupported(&'static str),
+}
+
+impl Ollama {
+    /// The inference endpoint (with a history row), if it is one.
+    pub fn endpoint(self) -> Option<&'static str> {
+        match self {
+            Ollama::Chat => Some("/api/chat"),
+            Ollama::Generate => Some("/api/generate"),
+            Ollama::Embed => Some("/api/embed"),
+            Ollama::Embeddings => Some("/api/embeddings"),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Inference(Inference),
+    /// `GET /` and `HEAD /`, which Ollama clients probe.
+    OllamaRoot,
+    Ollama(Ollama),
     Models,
     /// `/upstream/{model}/{tail}`: `tail` without its leading slash.
     Upstream {
@@ -89,6 +126,13 @@ impl Route {
             Route::Inference(_) => INFERENCE,
             Route::Models => LISTING,
             Route::Health | Route::Live | Route::Ready => &[],
+            Route::OllamaRoot | Route::Ollama(Ollama::Version) => &[],
+            Route::Ollama(Ollama::Chat | Ollama::Generate | Ollama::Embed | Ollama::Embeddings) => {
+                INFERENCE
+            }
+            Route::Ollama(Ollama::Tags | Ollama::Ps | Ollama::Show | Ollama::Unsupported(_)) => {
+                LISTING
+            }
             Route::Metrics if metrics_public => &[],
             Route::Metrics
             | Route::AdminPs
@@ -117,6 +161,9 @@ pub enum NoRoute {
 
 const GET: &[Method] = &[Method::GET];
 const POST: &[Method] = &[Method::POST];
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+const HEAD_POST: &[Method] = &[Method::HEAD, Method::POST];
+const DELETE: &[Method] = &[Method::DELETE];
 
 /// The route for a request line. Pure and total.
 pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
@@ -132,6 +179,23 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
     };
     let segments: Vec<&str> = rest.split('/').collect();
     let (route, allow) = match segments.as_slice() {
+        [""] => (Route::OllamaRoot, GET_HEAD),
+        ["api", "version"] => (Route::Ollama(Ollama::Version), GET),
+        ["api", "tags"] => (Route::Ollama(Ollama::Tags), GET),
+        ["api", "ps"] => (Route::Ollama(Ollama::Ps), GET),
+        ["api", "show"] => (Route::Ollama(Ollama::Show), POST),
+        ["api", "chat"] => (Route::Ollama(Ollama::Chat), POST),
+        ["api", "generate"] => (Route::Ollama(Ollama::Generate), POST),
+        ["api", "embed"] => (Route::Ollama(Ollama::Embed), POST),
+        ["api", "embeddings"] => (Route::Ollama(Ollama::Embeddings), POST),
+        ["api", "pull"] => (Route::Ollama(Ollama::Unsupported("pull")), POST),
+        ["api", "push"] => (Route::Ollama(Ollama::Unsupported("push")), POST),
+        ["api", "create"] => (Route::Ollama(Ollama::Unsupported("create")), POST),
+        ["api", "copy"] => (Route::Ollama(Ollama::Unsupported("copy")), POST),
+        ["api", "delete"] => (Route::Ollama(Ollama::Unsupported("delete")), DELETE),
+        ["api", "blobs", digest] if !digest.is_empty() => {
+            (Route::Ollama(Ollama::Unsupported("blobs")), HEAD_POST)
+        }
         ["v1", "chat", "completions"] => (Route::Inference(Inference::ChatCompletions), POST),
         ["v1", "completions"] => (Route::Inference(Inference::Completions), POST),
         ["v1", "embeddings"] => (Route::Inference(Inference::Embeddings), POST),
@@ -224,6 +288,29 @@ mod tests {
         assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
         assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
         assert_eq!(ok(Method::GET, "/admin/audit"), Route::AdminAudit);
+        assert_eq!(ok(Method::GET, "/"), Route::OllamaRoot);
+        assert_eq!(ok(Method::HEAD, "/"), Route::OllamaRoot);
+        for (m, path, r) in [
+            (Method::GET, "/api/version", Ollama::Version),
+            (Method::GET, "/api/tags", Ollama::Tags),
+            (Method::GET, "/api/ps", Ollama::Ps),
+            (Method::POST, "/api/show", Ollama::Show),
+            (Method::POST, "/api/chat", Ollama::Chat),
+            (Method::POST, "/api/generate", Ollama::Generate),
+            (Method::POST, "/api/embed", Ollama::Embed),
+            (Method::POST, "/api/embeddings", Ollama::Embeddings),
+            (Method::POST, "/api/pull", Ollama::Unsupported("pull")),
+            (Method::DELETE, "/api/delete", Ollama::Unsupported("delete")),
+            (
+                Method::HEAD,
+                "/api/blobs/sha256:ab",
+                Ollama::Unsupported("blobs"),
+            ),
+        ] {
+            assert_eq!(ok(m, path), Route::Ollama(r), "{path}");
+        }
+        assert_eq!(Ollama::Chat.endpoint(), Some("/api/chat"));
+        assert_eq!(Ollama::Tags.endpoint(), None);
     }
 
     #[test]
@@ -269,7 +356,6 @@ mod tests {
     fn near_misses_and_odd_paths_are_not_found_and_never_panic() {
         for path in [
             "",
-            "/",
             "//",
             "/admin/models/stop",
             "/admin/models//stop",
@@ -280,8 +366,10 @@ mod tests {
             "/admin/history/1/2",
             "/v1/chat/completions/",
             "/v1//models",
-            "/api/ps",
             "/api/models/stop",
+            "/api/chat/",
+            "/api/blobs/",
+            "/api",
             "health",
             "/healthz",
             "/\u{00e9}/\u{1F600}",

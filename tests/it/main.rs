@@ -36,5 +36,6 @@ mod history;
 mod hostile;
 mod llama;
 mod models;
+mod ollama;
 mod sockets;
 mod systemd;
