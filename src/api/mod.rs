@@ -2,7 +2,9 @@
 //! ([`routes`]), takes one snapshot of the config for the whole request,
 //! and dispatches to the handlers of each family:
 //!
-//! - [`openai`]: `/v1/*` (routed by the body's `model`) and `/upstream/*`.
+//! - [`openai`]: `/v1/*` and `/infill` (routed by the body's `model`;
+//!   errors in the route's shape, Anthropic's on `/v1/messages*`) and
+//!   `/upstream/*`.
 //! - [`admin`]: claracore's own control and read endpoints, `/admin/*`.
 //! - [`health`]: `/health`, `/live`, `/ready`, `/metrics`.
 //! - [`error`]: error → status, outcome and body.
@@ -200,6 +202,7 @@ async fn dispatch(
         Route::Inference(endpoint) => Ok(openai::model_request(ctx, endpoint, req).await),
         Route::Upstream { model, tail } => openai::passthrough(ctx, &model, &tail, req).await,
         Route::Models => Ok(openai::list_models(ctx).await),
+        Route::Model { id } => openai::get_model(ctx, &id).await,
         Route::Health => Ok(health::health(ctx).await),
         Route::Live => Ok(health::live()),
         Route::Ready => Ok(health::ready(ctx)),
