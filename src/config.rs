@@ -331,6 +331,12 @@ pub fn uses_socket(argv: &[String]) -> bool {
     argv.iter().any(|a| a.contains(SOCKET_PLACEHOLDER))
 }
 
+/// Whether llama-server arguments set the model's alias themselves.
+fn alias_arg(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "-a" || a == "--alias" || a.starts_with("--alias="))
+}
+
 /// `argv` with [`PORT_PLACEHOLDER`] and [`SOCKET_PLACEHOLDER`] replaced.
 pub fn fill_placeholders(argv: &[String], port: u16, socket: &Path) -> Vec<String> {
     let port = port.to_string();
@@ -1116,6 +1122,14 @@ fn validate_model(
                 "--threads-http".into(),
                 llama_http_threads(limit).to_string(),
             ];
+            // Without an alias llama-server names its GGUF path in every
+            // response's `model`; with the configured name, clients see
+            // the name they asked for. llama-server takes every `--alias`
+            // it is given as one more alias (a set), so a user's own is
+            // not merely appended after ours: ours is left out.
+            if !alias_arg(&args) {
+                argv.extend(["--alias".into(), name.get_ref().clone()]);
+            }
             argv.extend(args);
             (argv, Some(PathBuf::from(path)), Some(limit))
         }
@@ -1242,6 +1256,8 @@ health = "/health"
                 "8080",
                 "--threads-http",
                 "34",
+                "--alias",
+                "tiny",
                 "-c",
                 "512"
             ]
@@ -1348,6 +1364,31 @@ health = "/health"
             e.starts_with("test.toml:2:18: http.worker_threads: must be between 1 and 256"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn llama_models_are_named_by_alias_unless_their_args_name_one() {
+        let cfg = parse(
+            "[models.a]\nmodel = \"/a\"\n[models.b]\nmodel = \"/b\"\nargs = [\"-a\", \"mine\"]\n\
+             [models.c]\nmodel = \"/c\"\nargs = [\"--alias=x,y\"]\n\
+             [models.d]\ncmd = [\"x\", \"{port}\"]\n",
+        )
+        .unwrap();
+        let aliases = |n: &str| {
+            let argv = &cfg.model(n).unwrap().argv;
+            argv.iter()
+                .enumerate()
+                .filter(|(_, a)| *a == "-a" || a.starts_with("--alias"))
+                .map(|(i, a)| match a.as_str() {
+                    "-a" | "--alias" => format!("{a} {}", argv[i + 1]),
+                    _ => a.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(aliases("a"), ["--alias a"]);
+        assert_eq!(aliases("b"), ["-a mine"], "the user's own wins");
+        assert_eq!(aliases("c"), ["--alias=x,y"]);
+        assert!(aliases("d").is_empty(), "cmd argv is the user's alone");
     }
 
     #[test]

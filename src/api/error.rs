@@ -1,8 +1,12 @@
 //! The one place where an error becomes a status code, a history outcome
-//! and an OpenAI-shaped body. Adding a variant forces a decision on each.
+//! and a body. Adding a variant forces a decision on each.
 //!
-//! Every error body has OpenAI's `{"error":{"message","type","code"}}`
-//! shape and never carries a path or an OS error string.
+//! A body has the shape its route's clients parse ([`ErrorShape`]):
+//! OpenAI's `{"error":{"message","type","code"}}` everywhere but the
+//! Anthropic routes, which get `{"type":"error","error":{"type","message"}}`,
+//! and Ollama's (`/api/*`), which get `{"error": "message"}`.
+//! The status and headers come from one mapping whatever the shape. No
+//! body carries a path or an OS error string.
 
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
@@ -142,14 +146,54 @@ impl ApiError {
         }
     }
 
-    pub fn into_response(self) -> Response<BoxBody> {
-        let status = self.status();
-        let (kind, code) = self.kind();
-        let mut body = json!({"error": {"message": self.to_string(), "type": kind, "code": code}});
-        if let ApiError::UnknownModel { available, .. } = &self {
+    /// Anthropic's error `type` for this error: by status, except that a
+    /// server with no room now is `overloaded_error`.
+    fn anthropic_kind(&self) -> &'static str {
+        match self {
+            ApiError::Busy | ApiError::Unavailable(AcquireError::BackingOff { .. }) => {
+                "overloaded_error"
+            }
+            _ => match self.status().as_u16() {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                400..=499 => "invalid_request_error",
+                _ => "api_error",
+            },
+        }
+    }
+
+    /// The body in `shape`.
+    fn body(&self, shape: ErrorShape) -> serde_json::Value {
+        let mut body = match shape {
+            ErrorShape::OpenAi => {
+                let (kind, code) = self.kind();
+                json!({"error": {"message": self.to_string(), "type": kind, "code": code}})
+            }
+            ErrorShape::Anthropic => json!({
+                "type": "error",
+                "error": {"type": self.anthropic_kind(), "message": self.to_string()},
+            }),
+            ErrorShape::Ollama => return json!({ "error": self.to_string() }),
+        };
+        if let ApiError::UnknownModel { available, .. } = self {
             body["error"]["available_models"] = json!(available);
         }
-        let mut resp = json_response(status, &body);
+        body
+    }
+
+    /// The response in OpenAI's shape.
+    pub fn into_response(self) -> Response<BoxBody> {
+        self.into_response_shaped(ErrorShape::OpenAi)
+    }
+
+    /// The response with its body in `shape`; status and headers are the
+    /// same in every shape.
+    pub fn into_response_shaped(self, shape: ErrorShape) -> Response<BoxBody> {
+        let status = self.status();
+        let mut resp = json_response(status, &self.body(shape));
         let retry_after = match &self {
             ApiError::Unavailable(AcquireError::BackingOff { retry_after, .. }) => {
                 Some(retry_after.as_secs().max(1))
@@ -183,6 +227,29 @@ impl ApiError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+}
+
+/// Which API's error body a route answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    OpenAi,
+    Anthropic,
+    Ollama,
+}
+
+impl ErrorShape {
+    /// The shape for a request path, for errors raised before (or
+    /// without) a route: Ollama's on `/` and `/api/*`, Anthropic's on
+    /// `/v1/messages*`, else OpenAI's.
+    pub fn for_path(path: &str) -> ErrorShape {
+        if path == "/" || path.starts_with("/api/") {
+            ErrorShape::Ollama
+        } else if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            ErrorShape::Anthropic
+        } else {
+            ErrorShape::OpenAi
+        }
     }
 }
 
@@ -237,6 +304,58 @@ mod tests {
         assert!(e.to_string().len() < 300);
         assert_eq!(cut("é".repeat(3).as_str(), 2), "éé… (6 bytes)");
         assert_eq!(cut("short", 64), "short");
+    }
+
+    #[test]
+    fn anthropic_shape_keeps_status_and_headers_and_names_anthropics_types() {
+        use std::time::Duration;
+        let cases = [
+            (
+                ApiError::BadRequest("no model".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ApiError::UnknownModel {
+                    requested: "x".into(),
+                    available: vec!["tiny".into()],
+                },
+                404,
+                "not_found_error",
+            ),
+            (
+                ApiError::Denied(Denied::Unauthenticated("no key")),
+                401,
+                "authentication_error",
+            ),
+            (
+                ApiError::Denied(Denied::RateLimited {
+                    retry_after: Duration::from_secs(3),
+                }),
+                429,
+                "rate_limit_error",
+            ),
+            (ApiError::Busy, 503, "overloaded_error"),
+            (ApiError::Upstream, 502, "api_error"),
+        ];
+        for (e, status, kind) in cases {
+            let text = e.to_string();
+            let openai = e.body(ErrorShape::OpenAi);
+            assert_eq!(openai["error"]["message"], text.as_str());
+            assert!(openai["error"]["code"].is_string() && openai.get("type").is_none());
+            let body = e.body(ErrorShape::Anthropic);
+            assert_eq!(body["type"], "error", "{body}");
+            assert_eq!(body["error"]["type"], kind, "{body}");
+            assert_eq!(body["error"]["message"], text.as_str());
+            let resp = e.into_response_shaped(ErrorShape::Anthropic);
+            assert_eq!(resp.status().as_u16(), status, "{text}");
+            if status == 401 {
+                assert!(resp.headers().contains_key(header::WWW_AUTHENTICATE));
+            }
+            if status == 429 || status == 503 {
+                assert!(resp.headers().contains_key(header::RETRY_AFTER), "{text}");
+            }
+        }
     }
 
     #[test]

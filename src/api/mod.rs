@@ -2,7 +2,9 @@
 //! ([`routes`]), takes one snapshot of the config for the whole request,
 //! and dispatches to the handlers of each family:
 //!
-//! - [`openai`]: `/v1/*` (routed by the body's `model`) and `/upstream/*`.
+//! - [`openai`]: `/v1/*` and `/infill` (routed by the body's `model`;
+//!   errors in the route's shape, Anthropic's on `/v1/messages*`) and
+//!   `/upstream/*`.
 //! - [`admin`]: claracore's own control and read endpoints, `/admin/*`.
 //! - [`health`]: `/health`, `/live`, `/ready`, `/metrics`.
 //! - [`ollama`]: Ollama's API, `/api/*` and `GET /`, translated.
@@ -133,12 +135,7 @@ pub async fn handle(
     let result = dispatch(&state, &peer, req).await;
     let resp = result.unwrap_or_else(|e| {
         tracing::info!(peer = %peer.addr, method = %method, path = %path, error = %e, "request failed");
-        // Ollama clients read `{"error": "…"}` on their routes.
-        if path == "/" || path.starts_with("/api/") {
-            ollama::error(e)
-        } else {
-            e.into_response()
-        }
+        e.into_response_shaped(error::ErrorShape::for_path(&path))
     });
     tracing::debug!(peer = %peer.addr, method = %method, path = %path, status = resp.status().as_u16(),
         head_ms = started.elapsed().as_secs_f64() * 1000.0, "request");
@@ -200,10 +197,7 @@ async fn dispatch(
                 return Err(e);
             };
             let id = openai::refused(state, peer, endpoint, &req, &e);
-            let mut resp = match route {
-                Route::Ollama(_) => ollama::error(e),
-                _ => e.into_response(),
-            };
+            let mut resp = e.into_response_shaped(error::ErrorShape::for_path(req.uri().path()));
             if let Ok(v) = HeaderValue::from_str(&id) {
                 resp.headers_mut().insert("x-request-id", v);
             }
@@ -224,6 +218,7 @@ async fn dispatch(
         Route::Models => Ok(openai::list_models(ctx).await),
         Route::OllamaRoot => Ok(ollama::root(req.method())),
         Route::Ollama(o) => Ok(ollama_route(ctx, o, req).await),
+        Route::Model { id } => openai::get_model(ctx, &id).await,
         Route::Health => Ok(health::health(ctx).await),
         Route::Live => Ok(health::live()),
         Route::Ready => Ok(health::ready(ctx)),

@@ -1,6 +1,12 @@
-//! The OpenAI-shaped inference routes (`/v1/*`, routed by the body's
-//! `model` and forwarded unchanged) and the raw `/upstream/{model}/…`
-//! pass-through.
+//! The inference routes (`/v1/*` and `/infill`, OpenAI's and Anthropic's,
+//! routed by the body's `model` and forwarded unchanged), the model list
+//! and the raw `/upstream/{model}/…` pass-through.
+//!
+//! The model comes from a JSON body's top-level `model`, or for the one
+//! multipart route (`/v1/audio/transcriptions`) from the form's `model`
+//! field, found by [`form_model`] in the body already held in memory.
+//! Errors on a route are answered in its
+//! [`ErrorShape`](super::routes::ErrorShape).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -154,11 +160,11 @@ pub(super) async fn model_request(
         pending: Some(pending),
         bus: &ctx.state.bus,
     };
-    let mut resp = match forward_model_request(ctx, req, &mut row.pending).await {
+    let mut resp = match forward_model_request(ctx, endpoint, req, &mut row.pending).await {
         Ok(resp) => resp,
         Err(e) => {
             row.finish(e.status().as_u16(), e.outcome(), e.to_string());
-            e.into_response()
+            e.into_response_shaped(endpoint.error_shape())
         }
     };
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -215,6 +221,7 @@ impl Drop for Row<'_> {
 
 async fn forward_model_request(
     ctx: &Ctx<'_>,
+    endpoint: Inference,
     req: Request<Incoming>,
     pending: &mut Option<Pending>,
 ) -> Result<Response<BoxBody>, ApiError> {
@@ -225,7 +232,12 @@ async fn forward_model_request(
     if let Some(p) = pending.as_mut() {
         p.set_request_content(state.recorder.content, &held.bytes);
     }
-    let model = resolve(ctx, &requested_model(&held.bytes)?)?;
+    let requested = if endpoint.is_form() {
+        form_model(parts.headers.get(header::CONTENT_TYPE), &held.bytes)?
+    } else {
+        requested_model(&held.bytes)?
+    };
+    let model = resolve(ctx, &requested)?;
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(model.clone());
     }
@@ -318,11 +330,23 @@ async fn forward_raw(
         })
 }
 
-pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
+/// One model as `GET /v1/models` lists it.
+fn model_object(m: &crate::config::ModelConfig, state: ModelState) -> serde_json::Value {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs();
+    json!({
+        "id": m.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "claracore",
+        "aliases": m.aliases,
+        "state": state,
+    })
+}
+
+pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
     // The config says what is offered; a model removed by a reload may
     // still be stopping, but it is no longer offered.
     let status = ctx.state.scheduler.status().await;
@@ -336,22 +360,221 @@ pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
                 .iter()
                 .find(|s| s.name == m.name)
                 .map_or(ModelState::Stopped, |s| s.state);
-            json!({
-                "id": m.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "claracore",
-                "aliases": m.aliases,
-                "state": st,
-            })
+            model_object(m, st)
         })
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
 
+/// `GET /v1/models/{id}`: the model named `id` (a name or an alias) as the
+/// list shows it, under its configured name; unknown, or not for this
+/// key: 404 in OpenAI's shape.
+pub(super) async fn get_model(ctx: &Ctx<'_>, id: &str) -> Result<Response<BoxBody>, ApiError> {
+    let name = resolve(ctx, id)?;
+    let Some(m) = ctx.config.models.iter().find(|m| m.name == name) else {
+        return Err(ApiError::UnknownModel {
+            requested: id.to_string(),
+            available: Vec::new(),
+        });
+    };
+    let state = ctx
+        .state
+        .scheduler
+        .status()
+        .await
+        .iter()
+        .find(|s| s.name == m.name)
+        .map_or(ModelState::Stopped, |s| s.state);
+    Ok(json_response(StatusCode::OK, &model_object(m, state)))
+}
+
+/// The `boundary` parameter of a `multipart/form-data` content type.
+fn form_boundary(content_type: Option<&HeaderValue>) -> Result<String, ApiError> {
+    let expected = "this route takes a multipart/form-data body with a `model` field";
+    let value = content_type
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest(format!("no Content-Type; {expected}")))?;
+    let mut params = value.split(';');
+    let mime = params.next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("multipart/form-data") {
+        return Err(ApiError::BadRequest(format!(
+            "Content-Type is {:?}; {expected}",
+            super::error::cut(mime, 64)
+        )));
+    }
+    let boundary = params
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+        .unwrap_or_default();
+    // RFC 2046 §5.1.1: 1 to 70 characters.
+    if boundary.is_empty() || boundary.len() > 70 {
+        return Err(ApiError::BadRequest(format!(
+            "the multipart Content-Type has no valid boundary; {expected}"
+        )));
+    }
+    Ok(boundary)
+}
+
+/// The `model` field of a multipart/form-data `body` (RFC 7578): the part
+/// whose Content-Disposition names it, its value up to the next delimiter.
+/// Other parts (the audio file) are skipped, not copied.
+pub(super) fn form_model(
+    content_type: Option<&HeaderValue>,
+    body: &[u8],
+) -> Result<String, ApiError> {
+    let boundary = form_boundary(content_type)?;
+    let delimiter = format!("--{boundary}");
+    let delimiter = delimiter.as_bytes();
+    let mut found: Option<String> = None;
+    // Each part starts after a delimiter line and ends at "\r\n--boundary".
+    let Some(mut at) = find(body, delimiter, 0) else {
+        return Err(ApiError::BadRequest(
+            "the multipart body has no part with the Content-Type's boundary".into(),
+        ));
+    };
+    loop {
+        let after = at + delimiter.len();
+        if body.get(after..after + 2) == Some(b"--") {
+            break; // the close delimiter
+        }
+        let Some(head_start) = find(body, b"\r\n", after).map(|i| i + 2) else {
+            break;
+        };
+        let Some(head_end) = find(body, b"\r\n\r\n", head_start) else {
+            return Err(ApiError::BadRequest(
+                "a multipart part's headers do not end".into(),
+            ));
+        };
+        let mut close = b"\r\n".to_vec();
+        close.extend_from_slice(delimiter);
+        let value_start = head_end + 4;
+        let Some(value_end) = find(body, &close, value_start) else {
+            return Err(ApiError::BadRequest(
+                "the multipart body ends inside a part (no closing boundary)".into(),
+            ));
+        };
+        let head = &body[head_start..head_end];
+        if part_name(head).as_deref() == Some("model") {
+            if found.is_some() {
+                return Err(ApiError::BadRequest(
+                    "the form has more than one `model` field".into(),
+                ));
+            }
+            let value = std::str::from_utf8(&body[value_start..value_end]).map_err(|_| {
+                ApiError::BadRequest("the form's `model` field is not UTF-8 text".into())
+            })?;
+            found = Some(value.to_string());
+        }
+        at = value_end + 2;
+    }
+    found.ok_or_else(|| {
+        ApiError::BadRequest(
+            "the multipart form has no `model` field; this route takes a multipart/form-data \
+             body with a `model` field"
+                .into(),
+        )
+    })
+}
+
+/// The `name` of a part whose headers are `head`, from its
+/// `Content-Disposition: form-data; name="…"`.
+fn part_name(head: &[u8]) -> Option<String> {
+    let head = std::str::from_utf8(head).ok()?;
+    let disposition = head.split("\r\n").find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-disposition")
+            .then_some(v)
+    })?;
+    let mut params = disposition.split(';');
+    if !params.next()?.trim().eq_ignore_ascii_case("form-data") {
+        return None;
+    }
+    params
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("name"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+}
+
+/// The first index of `needle` in `hay` at or after `from`.
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn form(content_type: &str, body: &str) -> Result<String, String> {
+        let ct = HeaderValue::from_str(content_type).unwrap();
+        form_model(Some(&ct), body.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    /// What the openai client (httpx) sends for `audio.transcriptions.create`.
+    const CT: &str = "multipart/form-data; boundary=0f1e2d";
+    const BODY: &str =
+        "--0f1e2d\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+        Content-Type: audio/wav\r\n\r\nRIFF\r\n--0f1e2\x00data\r\n--0f1e2d\r\n\
+        Content-Disposition: form-data; name=\"model\"\r\n\r\ntiny\r\n--0f1e2d--\r\n";
+
+    #[test]
+    fn the_forms_model_field_is_found_past_a_file_part() {
+        assert_eq!(form(CT, BODY).unwrap(), "tiny");
+        assert_eq!(
+            form(
+                "Multipart/Form-Data; charset=utf-8; boundary=\"0f1e2d\"",
+                BODY
+            )
+            .unwrap(),
+            "tiny"
+        );
+    }
+
+    #[test]
+    fn bad_forms_are_clear_400s_and_never_panic() {
+        let no_model = "--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b--\r\n";
+        let twice = "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--b\r\n\
+                     Content-Disposition: form-data; name=\"model\"\r\n\r\nb\r\n--b--\r\n";
+        for (ct, body, says) in [
+            (
+                "multipart/form-data; boundary=b",
+                no_model,
+                "no `model` field",
+            ),
+            ("multipart/form-data; boundary=b", twice, "more than one"),
+            (
+                "application/json",
+                "{\"model\":\"tiny\"}",
+                "multipart/form-data",
+            ),
+            ("multipart/form-data", no_model, "no valid boundary"),
+            ("multipart/form-data; boundary=zz", no_model, "no part with"),
+            (
+                "multipart/form-data; boundary=b",
+                "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny",
+                "ends inside a part",
+            ),
+            (
+                "multipart/form-data; boundary=b",
+                "--b\r\nContent-Disposition: form-data",
+                "do not end",
+            ),
+            ("multipart/form-data; boundary=b", "", "no part with"),
+            ("multipart/form-data; boundary=b", "--b", "no `model` field"),
+        ] {
+            let e = form(ct, body).unwrap_err();
+            assert!(e.contains(says), "{ct} {body:?}: {e}");
+        }
+        assert!(form_model(None, BODY.as_bytes()).is_err());
+        // Every prefix of a good body: an answer, never a panic.
+        for cut in 0..BODY.len() {
+            let _ = form(CT, &BODY[..cut]);
+        }
+    }
 
     fn model(body: &str) -> Result<String, String> {
         requested_model(body.as_bytes()).map_err(|e| e.to_string())

@@ -6,7 +6,13 @@
 //! | route                                   | what                                |
 //! |-----------------------------------------|-------------------------------------|
 //! | POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/rerank | proxied by the body's `model` |
+//! | POST /v1/messages, /v1/messages/count_tokens | Anthropic's, proxied by the body's `model`; errors in Anthropic's shape |
+//! | POST /v1/responses                      | OpenAI Responses, by the body's `model` |
+//! | POST /v1/audio/speech, /v1/images/generations | by the body's `model` (`cmd` models that serve them) |
+//! | POST /v1/audio/transcriptions           | by the multipart form's `model` field |
+//! | POST /infill                            | llama.cpp code infill, by the body's `model` |
 //! | GET  /v1/models                         | configured models with their state  |
+//! | GET  /v1/models/{id}                    | one of them, by name or alias       |
 //! | ANY  /upstream/{model}/{path…}          | raw pass-through to a model's child |
 //! | GET  /health, /live, /ready             | daemon health                       |
 //! | GET  /metrics                           | Prometheus text format              |
@@ -30,15 +36,28 @@
 
 use hyper::Method;
 
+pub use super::error::ErrorShape;
 use crate::config::Scope;
 
-/// An OpenAI-shaped endpoint whose JSON body names the model.
+/// An inference endpoint whose body names the model: a JSON body's
+/// top-level `model`, or the `model` field of a multipart form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inference {
     ChatCompletions,
     Completions,
     Embeddings,
     Rerank,
+    /// Anthropic's Messages API.
+    Messages,
+    CountTokens,
+    /// OpenAI's Responses API.
+    Responses,
+    Speech,
+    /// multipart/form-data.
+    Transcriptions,
+    ImageGenerations,
+    /// llama.cpp's code infill (editor plugins).
+    Infill,
 }
 
 impl Inference {
@@ -49,6 +68,41 @@ impl Inference {
             Inference::Completions => "/v1/completions",
             Inference::Embeddings => "/v1/embeddings",
             Inference::Rerank => "/v1/rerank",
+            Inference::Messages => "/v1/messages",
+            Inference::CountTokens => "/v1/messages/count_tokens",
+            Inference::Responses => "/v1/responses",
+            Inference::Speech => "/v1/audio/speech",
+            Inference::Transcriptions => "/v1/audio/transcriptions",
+            Inference::ImageGenerations => "/v1/images/generations",
+            Inference::Infill => "/infill",
+        }
+    }
+
+    /// Every endpoint, for tests and tables.
+    pub const ALL: [Inference; 11] = [
+        Inference::ChatCompletions,
+        Inference::Completions,
+        Inference::Embeddings,
+        Inference::Rerank,
+        Inference::Messages,
+        Inference::CountTokens,
+        Inference::Responses,
+        Inference::Speech,
+        Inference::Transcriptions,
+        Inference::ImageGenerations,
+        Inference::Infill,
+    ];
+
+    /// Whether the body is a multipart form (else JSON).
+    pub fn is_form(self) -> bool {
+        self == Inference::Transcriptions
+    }
+
+    /// The shape this endpoint's clients expect errors in.
+    pub fn error_shape(self) -> ErrorShape {
+        match self {
+            Inference::Messages | Inference::CountTokens => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
         }
     }
 }
@@ -88,6 +142,10 @@ pub enum Route {
     OllamaRoot,
     Ollama(Ollama),
     Models,
+    /// `GET /v1/models/{id}`: `id` percent-decoded, any slashes kept.
+    Model {
+        id: String,
+    },
     /// `/upstream/{model}/{tail}`: `tail` without its leading slash.
     Upstream {
         model: String,
@@ -124,7 +182,7 @@ impl Route {
         const ADMIN: &[Scope] = &[Scope::Admin];
         match self {
             Route::Inference(_) => INFERENCE,
-            Route::Models => LISTING,
+            Route::Models | Route::Model { .. } => LISTING,
             Route::Health | Route::Live | Route::Ready => &[],
             Route::OllamaRoot | Route::Ollama(Ollama::Version) => &[],
             Route::Ollama(Ollama::Chat | Ollama::Generate | Ollama::Embed | Ollama::Embeddings) => {
@@ -200,7 +258,18 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["v1", "completions"] => (Route::Inference(Inference::Completions), POST),
         ["v1", "embeddings"] => (Route::Inference(Inference::Embeddings), POST),
         ["v1", "rerank"] => (Route::Inference(Inference::Rerank), POST),
+        ["v1", "messages"] => (Route::Inference(Inference::Messages), POST),
+        ["v1", "messages", "count_tokens"] => (Route::Inference(Inference::CountTokens), POST),
+        ["v1", "responses"] => (Route::Inference(Inference::Responses), POST),
+        ["v1", "audio", "speech"] => (Route::Inference(Inference::Speech), POST),
+        ["v1", "audio", "transcriptions"] => (Route::Inference(Inference::Transcriptions), POST),
+        ["v1", "images", "generations"] => (Route::Inference(Inference::ImageGenerations), POST),
+        ["infill"] => (Route::Inference(Inference::Infill), POST),
         ["v1", "models"] => (Route::Models, GET),
+        ["v1", "models", id @ ..] => match model_id(id) {
+            Some(id) => (Route::Model { id }, GET),
+            None => return Err(NoRoute::NotFound),
+        },
         ["health"] => (Route::Health, GET),
         ["live"] => (Route::Live, GET),
         ["ready"] => (Route::Ready, GET),
@@ -237,6 +306,17 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
     }
 }
 
+/// A model id from the path segments after `/v1/models/`: rejoined (names
+/// may hold slashes), percent-decoded; none when empty or not UTF-8.
+fn model_id(segments: &[&str]) -> Option<String> {
+    let joined = segments.join("/");
+    let id = percent_encoding::percent_decode_str(&joined)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    (!id.is_empty() && segments.iter().all(|s| !s.is_empty())).then_some(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,15 +330,19 @@ mod tests {
 
     #[test]
     fn every_route_parses_with_its_method() {
-        for e in [
-            Inference::ChatCompletions,
-            Inference::Completions,
-            Inference::Embeddings,
-            Inference::Rerank,
-        ] {
+        for e in Inference::ALL {
             assert_eq!(ok(Method::POST, e.path()), Route::Inference(e));
+            assert_eq!(Route::Inference(e).scopes(false), [Scope::Inference]);
         }
         assert_eq!(ok(Method::GET, "/v1/models"), Route::Models);
+        assert_eq!(
+            ok(Method::GET, "/v1/models/tiny"),
+            Route::Model { id: "tiny".into() }
+        );
+        assert_eq!(
+            Route::Model { id: "x".into() }.scopes(false),
+            [Scope::Inference, Scope::Read]
+        );
         assert_eq!(ok(Method::GET, "/health"), Route::Health);
         assert_eq!(ok(Method::GET, "/live"), Route::Live);
         assert_eq!(ok(Method::GET, "/ready"), Route::Ready);
@@ -337,6 +421,41 @@ mod tests {
                 model: String::new(),
                 tail: String::new()
             }
+        );
+    }
+
+    #[test]
+    fn only_the_anthropic_routes_answer_errors_in_anthropics_shape_and_one_takes_a_form() {
+        for e in Inference::ALL {
+            let anthropic = e.path().starts_with("/v1/messages");
+            assert_eq!(e.error_shape() == ErrorShape::Anthropic, anthropic, "{e:?}");
+            assert_eq!(e.is_form(), e == Inference::Transcriptions, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn model_ids_are_decoded_and_may_hold_slashes() {
+        assert_eq!(
+            ok(Method::GET, "/v1/models/org/m%20q"),
+            Route::Model {
+                id: "org/m q".into()
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/v1/models/org%2Fm"),
+            Route::Model { id: "org/m".into() }
+        );
+        for path in [
+            "/v1/models/",
+            "/v1/models/a//b",
+            "/v1/models/%ff",
+            "/v1/models/a/",
+        ] {
+            assert_eq!(parse(&Method::GET, path), Err(NoRoute::NotFound), "{path}");
+        }
+        assert_eq!(
+            parse(&Method::POST, "/v1/models/tiny"),
+            Err(NoRoute::WrongMethod { allow: GET })
         );
     }
 

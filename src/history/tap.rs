@@ -9,6 +9,20 @@
 //! counts come from there (prompt = prompt_n + cache_n) and the client's
 //! request and response stay exactly as sent. Non-streamed bodies are kept
 //! up to [`MAX_JSON_BODY`] and parsed once at the end.
+//!
+//! Three families of shapes are read, told apart by their fields (an SSE
+//! `event:` line repeats the payload's `type`, so only `data:` is read):
+//!
+//! | API | text | counts |
+//! |---|---|---|
+//! | OpenAI chat/completions | `choices[0].message.content` / `.delta.content` / `.text` | `usage.prompt_tokens`, `completion_tokens` |
+//! | Anthropic messages | `content[].text`; stream: `content_block_delta` `delta.text` | `usage.input_tokens` (+ cache reads and writes), `output_tokens`; stream: `message_start` `message.usage`, `message_delta` `usage` |
+//! | OpenAI Responses | `output[].content[]` `output_text`; stream: `response.output_text.delta` `delta` | `usage.input_tokens` (cached included), `output_tokens`; stream: `response.completed` `response.usage` |
+//!
+//! plus `count_tokens`' top-level `input_tokens`, and llama.cpp's
+//! `timings` wherever they are. A successful response whose counts could
+//! not be read says so in its row's `error` (outcome stays `ok`): no
+//! usage or timings, not JSON, or too large to parse.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -104,6 +118,9 @@ pub struct Tap {
     text: String,
     text_full: bool,
     saw_usage: bool,
+    saw_timings: bool,
+    /// A non-streamed body that was not JSON of a known shape.
+    unreadable: bool,
 }
 
 impl Tap {
@@ -135,6 +152,8 @@ impl Tap {
             text: String::new(),
             text_full: false,
             saw_usage: false,
+            saw_timings: false,
+            unreadable: false,
         }
     }
 
@@ -182,14 +201,16 @@ impl Tap {
             .as_ref()
             .is_some_and(|p| p.record.ttft_ms.is_none());
         let has_figures = contains(payload, b"\"usage\"") || contains(payload, b"\"timings\"");
-        let has_content = contains(payload, b"\"content\"") || contains(payload, b"\"text\"");
+        let has_content = contains(payload, b"\"content\"")
+            || contains(payload, b"\"text\"")
+            || contains(payload, b"\"delta\"");
         if !(has_figures || (has_content && (first_token || wants_text))) {
             return;
         }
         let Ok(v) = serde_json::from_slice::<Reply<'_>>(payload) else {
             return;
         };
-        let delta = v.text(|c| c.delta.as_ref()).unwrap_or("");
+        let delta = v.stream_text().unwrap_or("");
         if !delta.is_empty() {
             if let Some(p) = &mut self.pending {
                 if p.record.ttft_ms.is_none() {
@@ -224,17 +245,40 @@ impl Tap {
     fn take_figures(&mut self, v: &Reply<'_>) {
         let Some(p) = &mut self.pending else { return };
         let u = &mut p.record.usage;
-        if let Some(usage) = &v.usage {
+        let nested = [&v.message, &v.response];
+        let usages = std::iter::once(&v.usage)
+            .chain(nested.into_iter().flatten().map(|n| &n.usage))
+            .flatten();
+        for usage in usages {
             self.saw_usage = true;
-            u.prompt_tokens = usage.prompt_tokens.or(u.prompt_tokens);
-            u.completion_tokens = usage.completion_tokens.or(u.completion_tokens);
-            u.cached_tokens = usage
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens)
+            let cache_read = usage.cache_read_input_tokens;
+            // Anthropic counts cache reads and writes apart from
+            // input_tokens; OpenAI's prompt_tokens and the Responses
+            // API's input_tokens include them.
+            let prompt = usage.prompt_tokens.or_else(|| {
+                usage.input_tokens.map(|n| {
+                    n + cache_read.unwrap_or(0) + usage.cache_creation_input_tokens.unwrap_or(0)
+                })
+            });
+            u.prompt_tokens = prompt.or(u.prompt_tokens);
+            u.completion_tokens = usage
+                .completion_tokens
+                .or(usage.output_tokens)
+                .or(u.completion_tokens);
+            u.cached_tokens = [&usage.prompt_tokens_details, &usage.input_tokens_details]
+                .into_iter()
+                .flatten()
+                .find_map(|d| d.cached_tokens)
+                .or(cache_read)
                 .or(u.cached_tokens);
         }
+        if let Some(n) = v.input_tokens {
+            // count_tokens: only a prompt.
+            self.saw_usage = true;
+            u.prompt_tokens = Some(n);
+        }
         if let Some(t) = &v.timings {
+            self.saw_timings = true;
             u.prompt_ms = t.prompt_ms;
             u.predicted_ms = t.predicted_ms;
             u.prompt_per_second = t.prompt_per_second;
@@ -250,22 +294,43 @@ impl Tap {
 
     /// The body ended: cleanly (`error` None) or with an upstream failure.
     pub fn on_end(&mut self, error: Option<String>) {
+        let had_body = !self.body.is_empty() || self.body_overflow;
         if !self.sse && !self.body_overflow && !self.body.is_empty() {
             let body = std::mem::take(&mut self.body);
-            if let Ok(v) = serde_json::from_slice::<Reply<'_>>(&body) {
-                self.take_figures(&v);
-                if let Some(text) = v.text(|c| c.message.as_ref()) {
-                    self.push_text(text);
+            match serde_json::from_slice::<Reply<'_>>(&body) {
+                Ok(v) => {
+                    self.take_figures(&v);
+                    for text in v.texts() {
+                        self.push_text(text);
+                    }
+                    if let Some(p) = self.pending.as_mut().filter(|p| p.record.status >= 400) {
+                        p.record.error = v.error.and_then(|e| e.message).map(Cow::into_owned);
+                    }
                 }
-                if let Some(p) = self.pending.as_mut().filter(|p| p.record.status >= 400) {
-                    p.record.error = v.error.and_then(|e| e.message).map(Cow::into_owned);
-                }
+                Err(_) => self.unreadable = true,
             }
         }
-        if let Some(e) = error {
-            if let Some(p) = &mut self.pending {
-                p.record.outcome = Outcome::UpstreamError;
-                p.record.error = Some(e);
+        let note = if self.saw_usage || self.saw_timings {
+            None
+        } else if self.body_overflow {
+            Some("usage not recorded: the response was too large to read")
+        } else if self.unreadable {
+            Some("usage not recorded: the response is not JSON of a known shape")
+        } else if self.sse || had_body {
+            Some("usage not recorded: the response carried no usage or timings")
+        } else {
+            None
+        };
+        if let Some(p) = &mut self.pending {
+            match error {
+                Some(e) => {
+                    p.record.outcome = Outcome::UpstreamError;
+                    p.record.error = Some(e);
+                }
+                None if p.record.status < 400 && p.record.error.is_none() => {
+                    p.record.error = note.map(str::to_string);
+                }
+                None => {}
             }
         }
         self.record();
@@ -296,9 +361,10 @@ impl Drop for Tap {
     }
 }
 
-/// The fields of an OpenAI-style response or stream chunk that history
-/// keeps; everything else is skipped unparsed. Strings borrow from the body
-/// unless they contain escapes.
+/// The fields of a response or stream event (OpenAI, Anthropic or
+/// Responses; see the table above) that history keeps; everything else is
+/// skipped unparsed. Strings borrow from the body unless they contain
+/// escapes.
 #[derive(Deserialize)]
 struct Reply<'a> {
     #[serde(default, borrow)]
@@ -307,6 +373,25 @@ struct Reply<'a> {
     timings: Option<Timings>,
     #[serde(borrow)]
     error: Option<ErrorFields<'a>>,
+    /// A stream event's type (Anthropic, Responses).
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    /// Anthropic's content blocks, or llama.cpp's own `/completion` and
+    /// `/infill` text (whole, or a stream event's piece).
+    #[serde(borrow)]
+    content: Option<Content<'a>>,
+    /// The Responses API's output items.
+    #[serde(default, borrow)]
+    output: Vec<OutputItem<'a>>,
+    /// A stream delta: Anthropic's object, the Responses API's string.
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    /// Anthropic's `message_start` message.
+    message: Option<Nested>,
+    /// The Responses API's `response.completed` response.
+    response: Option<Nested>,
+    /// count_tokens' answer.
+    input_tokens: Option<i64>,
 }
 
 impl<'a> Reply<'a> {
@@ -318,6 +403,78 @@ impl<'a> Reply<'a> {
             .and_then(|m| m.content.as_deref())
             .or(first.text.as_deref())
     }
+
+    /// The text a stream event adds.
+    fn stream_text(&self) -> Option<&str> {
+        match (self.kind.as_deref(), &self.delta) {
+            (Some("content_block_delta"), Some(Delta::Block { text })) => text.as_deref(),
+            (Some("response.output_text.delta"), Some(Delta::Text(text))) => Some(text),
+            _ => match &self.content {
+                Some(Content::Text(text)) => Some(text),
+                _ => self.text(|c| c.delta.as_ref()),
+            },
+        }
+    }
+
+    /// A whole response's text, in pieces.
+    fn texts(&self) -> Vec<&str> {
+        if let Some(text) = self.text(|c| c.message.as_ref()) {
+            return vec![text];
+        }
+        let blocks = match &self.content {
+            Some(Content::Text(text)) => return vec![text],
+            Some(Content::Blocks(blocks)) => blocks.as_slice(),
+            None => &[],
+        };
+        let blocks = blocks.iter().filter(|b| b.kind.as_deref() == Some("text"));
+        let outputs = self
+            .output
+            .iter()
+            .flat_map(|o| &o.content)
+            .filter(|b| b.kind.as_deref() == Some("output_text"));
+        blocks
+            .chain(outputs)
+            .filter_map(|b| b.text.as_deref())
+            .collect()
+    }
+}
+
+/// An Anthropic content block or a Responses content part.
+#[derive(Deserialize)]
+struct Block<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Blocks(#[serde(borrow)] Vec<Block<'a>>),
+}
+
+#[derive(Deserialize)]
+struct OutputItem<'a> {
+    #[serde(default, borrow)]
+    content: Vec<Block<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Delta<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Block {
+        #[serde(borrow)]
+        text: Option<Cow<'a, str>>,
+    },
+}
+
+/// An object that carries `usage` one level down.
+#[derive(Deserialize)]
+struct Nested {
+    usage: Option<UsageFields>,
 }
 
 #[derive(Deserialize)]
@@ -341,6 +498,12 @@ struct UsageFields {
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
     prompt_tokens_details: Option<PromptDetails>,
+    /// Anthropic's and the Responses API's names.
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    input_tokens_details: Option<PromptDetails>,
+    cache_read_input_tokens: Option<i64>,
+    cache_creation_input_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -481,6 +644,120 @@ mod tests {
         assert_eq!(r.response_content.as_deref(), Some("a\nb"));
         assert_eq!(r.usage.completion_tokens, Some(2));
         assert_eq!(r.error, None);
+    }
+
+    fn row(sse: bool, parts: &[&str]) -> RequestRecord {
+        let (mut t, seen) = tap(sse, ContentPolicy::Full);
+        for part in parts {
+            t.on_data(part.as_bytes());
+        }
+        t.on_end(None);
+        let row = seen.0.lock().unwrap().clone();
+        row.unwrap()
+    }
+
+    // Captured from llama-server (llama.cpp b11434) with the tiny test model.
+    const ANTHROPIC: &str = r#"{"id":"chatcmpl-CS7Q","type":"message","role":"assistant","content":[{"type":"text","text":" instantiate августаmannschaft"}],"model":"tiny","stop_reason":"max_tokens","stop_sequence":null,"usage":{"cache_read_input_tokens":28,"input_tokens":1,"output_tokens":3}}"#;
+    const ANTHROPIC_STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"chatcmpl-1S14\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"tiny\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"cache_read_input_tokens\":28,\"input_tokens\":1,\"output_tokens\":0}}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"ด\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\" sports\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    const RESPONSES: &str = r#"{"completed_at":1796162312,"created_at":1796162312,"id":"resp_1gDD","model":"tiny","object":"response","output":[{"content":[{"type":"output_text","annotations":[],"logprobs":[],"text":" bufDownloadtern"}],"id":"msg_mNJ3","role":"assistant","status":"completed","type":"message"}],"status":"completed","usage":{"input_tokens":29,"output_tokens":3,"total_tokens":32,"input_tokens_details":{"cached_tokens":28}}}"#;
+    const RESPONSES_STREAM: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_fYYe\",\"object\":\"response\",\"status\":\"in_progress\"}}\n\nevent: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":{\"content\":[],\"id\":\"msg_7sGS\",\"role\":\"assistant\",\"status\":\"in_progress\",\"type\":\"message\"}}\n\nevent: response.content_part.added\ndata: {\"type\":\"response.content_part.added\",\"item_id\":\"msg_7sGS\",\"part\":{\"type\":\"output_text\",\"text\":\"\"}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_7sGS\",\"delta\":\" rough\"}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_7sGS\",\"delta\":\" Altri\"}\n\nevent: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"item_id\":\"msg_7sGS\",\"text\":\" rough Altri\"}\n\nevent: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"message\",\"status\":\"completed\",\"id\":\"msg_7sGS\",\"content\":[{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\" rough Altri\"}],\"role\":\"assistant\"}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_fYYe\",\"object\":\"response\",\"created_at\":1796162312,\"status\":\"completed\",\"model\":\"tiny\",\"output\":[{\"type\":\"message\",\"status\":\"completed\",\"id\":\"msg_7sGS\",\"content\":[{\"type\":\"output_text\",\"annotations\":[],\"logprobs\":[],\"text\":\" rough Altri\"}],\"role\":\"assistant\"}],\"usage\":{\"input_tokens\":29,\"output_tokens\":2,\"total_tokens\":31,\"input_tokens_details\":{\"cached_tokens\":28}}},\"timings\":{\"cache_n\":28,\"prompt_n\":1,\"prompt_ms\":4.335,\"predicted_n\":2,\"predicted_ms\":4.132,\"prompt_per_second\":230.68,\"predicted_per_second\":484.03}}\n\n";
+
+    #[test]
+    fn anthropic_messages_are_read_whole_and_streamed() {
+        let r = row(false, &[ANTHROPIC]);
+        assert_eq!(r.usage.prompt_tokens, Some(29), "input + cache reads");
+        assert_eq!(r.usage.cached_tokens, Some(28));
+        assert_eq!(r.usage.completion_tokens, Some(3));
+        assert_eq!(
+            r.response_content.as_deref(),
+            Some(" instantiate августаmannschaft")
+        );
+        assert_eq!(r.error, None);
+        // Split mid-line and mid-character, as the network may.
+        let bytes = ANTHROPIC_STREAM.as_bytes();
+        let cut = ANTHROPIC_STREAM.find('ด').unwrap() + 1;
+        let (a, b) = bytes.split_at(cut);
+        let (mut t, seen) = tap(true, ContentPolicy::Full);
+        t.on_data(a);
+        t.on_data(b);
+        t.on_end(None);
+        let r = seen.0.lock().unwrap().clone().unwrap();
+        assert_eq!(r.usage.prompt_tokens, Some(29));
+        assert_eq!(r.usage.completion_tokens, Some(2), "message_delta's count");
+        assert_eq!(r.response_content.as_deref(), Some("ด sports"));
+        assert!(r.ttft_ms.is_some());
+        assert_eq!(r.error, None);
+    }
+
+    #[test]
+    fn responses_are_read_whole_and_streamed_without_counting_text_twice() {
+        let r = row(false, &[RESPONSES]);
+        assert_eq!(
+            (
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                r.usage.cached_tokens
+            ),
+            (Some(29), Some(3), Some(28))
+        );
+        assert_eq!(r.response_content.as_deref(), Some(" bufDownloadtern"));
+        let r = row(true, &[RESPONSES_STREAM]);
+        assert_eq!(
+            (
+                r.usage.prompt_tokens,
+                r.usage.completion_tokens,
+                r.usage.cached_tokens
+            ),
+            (Some(29), Some(2), Some(28))
+        );
+        assert_eq!(r.usage.predicted_per_second, Some(484.03), "timings");
+        assert_eq!(r.response_content.as_deref(), Some(" rough Altri"));
+        assert!(r.ttft_ms.is_some());
+    }
+
+    #[test]
+    fn count_tokens_and_llama_cpps_own_shapes_are_read() {
+        let r = row(false, &[r#"{"input_tokens":29}"#]);
+        assert_eq!(r.usage.prompt_tokens, Some(29));
+        assert_eq!(r.error, None);
+        let r = row(
+            false,
+            &[
+                r#"{"index":0,"content":" DI}_","stop":true,"model":"tiny","tokens_predicted":2,"timings":{"cache_n":0,"prompt_n":2,"predicted_n":2,"predicted_ms":1.0}}"#,
+            ],
+        );
+        assert_eq!(r.response_content.as_deref(), Some(" DI}_"));
+        assert_eq!(r.usage.completion_tokens, Some(2));
+        let r = row(
+            true,
+            &["data: {\"index\":0,\"content\":\"ąc\",\"stop\":false}\n\n",
+              "data: {\"index\":0,\"content\":\"\",\"stop\":true,\"timings\":{\"cache_n\":0,\"prompt_n\":2,\"predicted_n\":2}}\n\n"],
+        );
+        assert_eq!(r.response_content.as_deref(), Some("ąc"));
+        assert_eq!(r.usage.prompt_tokens, Some(2));
+    }
+
+    #[test]
+    fn a_success_whose_counts_cannot_be_read_says_so() {
+        for (sse, body, says) in [
+            (false, "RIFF....WAVEfmt ", "not JSON"),
+            (false, r#"{"content":42}"#, "not JSON of a known shape"),
+            (false, r#"{"data":[{"url":"x"}]}"#, "no usage or timings"),
+            (
+                true,
+                "data: {\"type\":\"message_stop\"}\n\n",
+                "no usage or timings",
+            ),
+        ] {
+            let r = row(sse, &[body]);
+            assert_eq!(r.outcome, Outcome::Ok);
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains(says)),
+                "{body}: {:?}",
+                r.error
+            );
+            assert_eq!(r.usage.prompt_tokens, None);
+        }
     }
 
     #[test]

@@ -702,3 +702,56 @@ pub fn tcp_listener_of(pid: u32) -> Option<String> {
     let first = found.next()?;
     found.next().is_none().then_some(first)
 }
+
+/// One request with a raw body and its own Content-Type (a multipart
+/// form, say) on a fresh TCP connection; status, headers and the body as
+/// JSON (or a JSON string of the text).
+pub async fn send_raw(
+    addr: &str,
+    method: Method,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, hyper::HeaderMap, Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let headers = resp.headers().clone();
+    let (status, value) = json_of(resp).await;
+    (status, headers, value)
+}
+
+/// A multipart/form-data body with `fields` (name, value) and one file
+/// part, and its Content-Type.
+pub fn multipart(fields: &[(&str, &str)], file: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "claracore-test-7d1f3a";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+             Content-Type: audio/wav\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(file);
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}

@@ -9,6 +9,8 @@
 //! - `access`: every route against every kind of key, over TCP and the
 //!   local socket; brute force, rates, the key leaking nowhere.
 //! - `cli`: config errors and exit codes, the client commands.
+//! - `clients`: the official openai and anthropic Python clients against
+//!   the real llama-server; bad input on the routes they use.
 //! - `connections`: the connection cap, idle connections past the fd
 //!   limit, memory after crowds of them.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
@@ -28,6 +30,7 @@
 
 mod access;
 mod cli;
+mod clients;
 mod common;
 mod connections;
 mod faults;

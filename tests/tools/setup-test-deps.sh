@@ -43,8 +43,9 @@ vocab="$(cd "$(dirname "$vocab")" && pwd)/$(basename "$vocab")"
 
 # --- Python venv with gguf ----------------------------------------------------
 # Fully pinned (gguf 0.19.0 and its dependency closure, plus prometheus-client
-# whose parser checks /metrics); numpy 2.2.6 has wheels
-# for CPython 3.10-3.13.
+# whose parser checks /metrics, plus the official openai, anthropic and
+# ollama clients that tests/it/clients.rs drives, with their closure);
+# numpy 2.2.6 has wheels for CPython 3.10-3.13.
 requirements="gguf==0.19.0
 numpy==2.2.6
 PyYAML==6.0.3
@@ -54,7 +55,26 @@ certifi==2026.10.18
 charset-normalizer==3.5.2
 idna==3.20
 urllib3==2.8.0
-prometheus-client==0.26.0"
+prometheus-client==0.26.0
+openai==3.57.0
+anthropic==2.15.0
+ollama==0.6.3
+annotated-types==0.8.0
+anyio==4.16.0
+docstring_parser==0.18.0
+h11==0.16.0
+httpcore==1.0.9
+httpcore2==2.16.2
+httpx==0.28.1
+httpx2==2.16.2
+jiter==0.19.0
+opentelemetry-api==1.45.2
+pydantic==2.14.4
+pydantic_core==2.50.5
+sniffio==1.3.1
+truststore==0.10.5
+typing-inspection==0.4.5
+typing_extensions==4.16.0"
 
 bootstrap_py="${CLARACORE_BOOTSTRAP_PYTHON:-python3}"
 command -v "$bootstrap_py" >/dev/null || { log "$bootstrap_py not found"; exit 1; }
@@ -78,7 +98,7 @@ if [ ! -f "$venv/.complete" ] || [ ! -x "$py" ]; then
     printf '%s\n' "$requirements" >"$venv/requirements.txt"
     "$py" -m pip install --disable-pip-version-check --no-input -q \
         -r "$venv/requirements.txt" >&2
-    "$py" -c 'import gguf, numpy, prometheus_client' >&2
+    "$py" -c 'import gguf, numpy, prometheus_client, openai, anthropic, ollama' >&2
     touch "$venv/.complete"
 fi
 

@@ -74,10 +74,7 @@ pub fn version() -> Response<BoxBody> {
 /// An error in Ollama's shape, with the status and headers (Retry-After,
 /// Allow, WWW-Authenticate) of the usual response.
 pub fn error(e: ApiError) -> Response<BoxBody> {
-    let message = e.to_string();
-    let mut resp = e.into_response();
-    *resp.body_mut() = full(json!({ "error": message }).to_string());
-    resp
+    e.into_response_shaped(crate::api::error::ErrorShape::Ollama)
 }
 
 /// pull, push, create, copy, delete and blobs: models come from the
