@@ -1,5 +1,6 @@
 //! Talking to a running daemon: where it is ([`Host`]), one request over
-//! TCP or a unix socket ([`call`], [`call_raw`]), and `backup`, which
+//! TCP or a unix socket ([`call`], [`call_raw`]), a request whose answer is
+//! read as it arrives ([`post_stream`], for `run`), and `backup`, which
 //! fetches a copy of the history database.
 
 use std::future::Future;
@@ -7,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -77,7 +79,14 @@ pub enum ClientError {
 }
 
 impl Host {
-    fn describe(&self) -> String {
+    fn protocol(&self, message: String) -> ClientError {
+        ClientError::Protocol {
+            host: self.describe(),
+            message,
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
         match self {
             Host::Tcp { authority, .. } => format!("http://{authority}"),
             Host::Unix(p) => format!("unix:{}", p.display()),
@@ -114,32 +123,95 @@ pub async fn call_raw(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ClientError> {
+    let exchange = async {
+        let (resp, _conn) = open(host, method, path, None).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| host.protocol(e.to_string()))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| host.protocol(format!("no answer within {}s", timeout.as_secs())))?
+}
+
+/// A response whose body is still arriving. The connection lives as long
+/// as this does: dropping it mid-body closes the socket, which is how the
+/// daemon learns the client left (and cancels the generation).
+pub struct Streaming {
+    pub response: Response<Incoming>,
+    _conn: AbortOnDrop,
+}
+
+/// POSTs a JSON `body` and returns as soon as the response head is in; the
+/// body is for the caller to read frame by frame. Only the connect is
+/// bounded (by `connect_timeout`): the head may wait on a model load.
+pub async fn post_stream(
+    host: &Host,
+    path: &str,
+    body: Vec<u8>,
+    connect_timeout: Duration,
+) -> Result<Streaming, ClientError> {
+    let (response, conn) = open(host, Method::POST, path, Some((body, connect_timeout))).await?;
+    Ok(Streaming {
+        response,
+        _conn: conn,
+    })
+}
+
+/// The task that drives one connection, aborted (socket closed) on drop.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connects, sends one request (an empty body, or JSON with a bounded
+/// connect) and returns the response head and its connection.
+async fn open(
+    host: &Host,
+    method: Method,
+    path: &str,
+    json: Option<(Vec<u8>, Duration)>,
+) -> Result<(Response<Incoming>, AbortOnDrop), ClientError> {
     let connect_err = |source| ClientError::Connect {
         host: host.describe(),
         source,
     };
-    let exchange = async {
+    let (body, connect_timeout) = match json {
+        Some((body, t)) => (Some(body), Some(t)),
+        None => (None, None),
+    };
+    let connect = async {
         match host {
-            Host::Tcp { authority, .. } => {
-                let s = tokio::net::TcpStream::connect(authority.as_str())
-                    .await
-                    .map_err(connect_err)?;
-                exchange(s, host, method, path).await
-            }
-            Host::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(connect_err)?;
-                exchange(s, host, method, path).await
-            }
+            Host::Tcp { authority, .. } => tokio::net::TcpStream::connect(authority.as_str())
+                .await
+                .map(Io::Tcp),
+            Host::Unix(p) => tokio::net::UnixStream::connect(p).await.map(Io::Unix),
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Protocol {
-            host: host.describe(),
-            message: format!("no answer within {}s", timeout.as_secs()),
-        })?
+    let stream = match connect_timeout {
+        Some(t) => tokio::time::timeout(t, connect)
+            .await
+            .map_err(|_| host.protocol(format!("no connection within {}s", t.as_secs())))?,
+        None => connect.await,
+    }
+    .map_err(connect_err)?;
+    match stream {
+        Io::Tcp(s) => exchange(s, host, method, path, body).await,
+        Io::Unix(s) => exchange(s, host, method, path, body).await,
+    }
+}
+
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 async fn exchange<S>(
@@ -147,18 +219,17 @@ async fn exchange<S>(
     host: &Host,
     method: Method,
     path: &str,
-) -> Result<(StatusCode, Bytes), ClientError>
+    json: Option<Vec<u8>>,
+) -> Result<(Response<Incoming>, AbortOnDrop), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let proto = |message: String| ClientError::Protocol {
-        host: host.describe(),
-        message,
-    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| proto(e.to_string()))?;
-    tokio::spawn(conn);
+        .map_err(|e| host.protocol(e.to_string()))?;
+    let conn = AbortOnDrop(tokio::spawn(async move {
+        let _ = conn.await;
+    }));
     let (authority, key) = match host {
         Host::Tcp { authority, key } => (authority.clone(), key.as_ref()),
         Host::Unix(_) => ("localhost".into(), None),
@@ -170,21 +241,17 @@ where
     if let Some(Key(key)) = key {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
     }
+    if json.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
     let req = req
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| proto(e.to_string()))?;
+        .body(Full::new(Bytes::from(json.unwrap_or_default())))
+        .map_err(|e| host.protocol(e.to_string()))?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| proto(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| proto(e.to_string()))?
-        .to_bytes();
-    Ok((status, body))
+        .map_err(|e| host.protocol(e.to_string()))?;
+    Ok((resp, conn))
 }
 
 /// Runs a client command's future on a runtime of its own: the binary has
