@@ -5,12 +5,13 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -124,27 +125,57 @@ pub async fn call_raw(
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ClientError> {
     let exchange = async {
-        let (resp, _conn) = open(host, method, path, None).await?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| host.protocol(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+        let mut answer = open(host, method, path, None).await?;
+        let mut body = Vec::new();
+        while let Some(frame) = answer.frame().await {
+            let frame = frame.map_err(|e| host.protocol(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                body.extend_from_slice(&data);
+            }
+        }
+        Ok((answer.status(), Bytes::from(body)))
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| host.protocol(format!("no answer within {}s", timeout.as_secs())))?
 }
 
-/// A response whose body is still arriving. The connection lives as long
-/// as this does: dropping it mid-body closes the socket, which is how the
-/// daemon learns the client left (and cancels the generation).
+/// The task of one HTTP/1.1 connection: reads and writes its socket.
+type Connection = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+
+/// A response whose body is still arriving, and its connection, which is
+/// driven only while [`Streaming::frame`] is awaited and is not spawned:
+/// dropping this mid-body closes the socket there and then, which is how
+/// the daemon learns the client left (and cancels the generation).
 pub struct Streaming {
-    pub response: Response<Incoming>,
-    _conn: AbortOnDrop,
+    status: StatusCode,
+    body: Incoming,
+    /// None once the connection has finished its work.
+    conn: Option<Connection>,
+}
+
+impl Streaming {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body's next frame; None at its end.
+    pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return self.body.frame().await;
+            };
+            tokio::select! {
+                frame = self.body.frame() => return frame,
+                done = conn => {
+                    self.conn = None;
+                    if let Err(e) = done {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// POSTs a JSON `body` and returns as soon as the response head is in; the
@@ -156,30 +187,17 @@ pub async fn post_stream(
     body: Vec<u8>,
     connect_timeout: Duration,
 ) -> Result<Streaming, ClientError> {
-    let (response, conn) = open(host, Method::POST, path, Some((body, connect_timeout))).await?;
-    Ok(Streaming {
-        response,
-        _conn: conn,
-    })
-}
-
-/// The task that drives one connection, aborted (socket closed) on drop.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    open(host, Method::POST, path, Some((body, connect_timeout))).await
 }
 
 /// Connects, sends one request (an empty body, or JSON with a bounded
-/// connect) and returns the response head and its connection.
+/// connect) and returns once the response head is in.
 async fn open(
     host: &Host,
     method: Method,
     path: &str,
     json: Option<(Vec<u8>, Duration)>,
-) -> Result<(Response<Incoming>, AbortOnDrop), ClientError> {
+) -> Result<Streaming, ClientError> {
     let connect_err = |source| ClientError::Connect {
         host: host.describe(),
         source,
@@ -220,16 +238,14 @@ async fn exchange<S>(
     method: Method,
     path: &str,
     json: Option<Vec<u8>>,
-) -> Result<(Response<Incoming>, AbortOnDrop), ClientError>
+) -> Result<Streaming, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| host.protocol(e.to_string()))?;
-    let conn = AbortOnDrop(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
+    let mut conn: Connection = Box::pin(conn);
     let (authority, key) = match host {
         Host::Tcp { authority, key } => (authority.clone(), key.as_ref()),
         Host::Unix(_) => ("localhost".into(), None),
@@ -247,11 +263,23 @@ where
     let req = req
         .body(Full::new(Bytes::from(json.unwrap_or_default())))
         .map_err(|e| host.protocol(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| host.protocol(e.to_string()))?;
-    Ok((resp, conn))
+    let sent = sender.send_request(req);
+    tokio::pin!(sent);
+    let resp = tokio::select! {
+        resp = &mut sent => resp,
+        done = &mut conn => match done {
+            // The connection gave up; the request's own error says why.
+            Err(_) => sent.await,
+            Ok(()) => return Err(host.protocol("the connection closed before an answer".into())),
+        },
+    }
+    .map_err(|e| host.protocol(e.to_string()))?;
+    let status = resp.status();
+    Ok(Streaming {
+        status,
+        body: resp.into_body(),
+        conn: Some(conn),
+    })
 }
 
 /// Runs a client command's future on a runtime of its own: the binary has

@@ -23,7 +23,6 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
 use super::client::{post_stream, ClientError, Host};
@@ -32,6 +31,9 @@ use super::Daemon;
 /// How long a connect to the daemon may take. The answer itself has no
 /// bound: its head may wait on a model load, which the daemon bounds.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the body may take to end after `[DONE]`.
+const END_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most of an error body read (its JSON message is short).
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
@@ -213,10 +215,9 @@ impl Answer {
             );
         }
         if let Some(u) = &self.usage {
-            let (Some(pn), Some(n)) = (
-                u["prompt_tokens"].as_f64(),
-                u["completion_tokens"].as_f64(),
-            ) else {
+            let (Some(pn), Some(n)) =
+                (u["prompt_tokens"].as_f64(), u["completion_tokens"].as_f64())
+            else {
                 return "no token counts in the answer\n".into();
             };
             let secs = self.elapsed.as_secs_f64();
@@ -267,8 +268,8 @@ pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Ans
         CONNECT_TIMEOUT,
     )
     .await?;
-    let status = streaming.response.status();
-    let mut body = streaming.response.into_body();
+    let status = streaming.status();
+    let mut body = streaming;
     if !status.is_success() {
         let mut bytes = Vec::new();
         while let Some(Ok(frame)) = body.frame().await {
@@ -306,6 +307,11 @@ pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Ans
                 Event::Ignore => {}
                 Event::Done => {
                     answer.elapsed = began.elapsed();
+                    // Read on to the body's end: leaving before it would
+                    // look to the daemon like a client that gave up, and
+                    // the finished request would be recorded cancelled.
+                    let rest = async { while let Some(Ok(_)) = body.frame().await {} };
+                    let _ = tokio::time::timeout(END_TIMEOUT, rest).await;
                     return Ok(answer);
                 }
                 Event::Chunk {
@@ -635,7 +641,10 @@ mod tests {
         else {
             panic!("not a chunk");
         };
-        assert_eq!((content.as_str(), timings), ("", Some(json!({"predicted_n": 3}))));
+        assert_eq!(
+            (content.as_str(), timings),
+            ("", Some(json!({"predicted_n": 3})))
+        );
         assert_eq!(
             event(r#"data: {"error":{"message":"context full"}}"#).unwrap_err(),
             "context full"
@@ -662,7 +671,10 @@ mod tests {
         assert_eq!(i.feed("\"\"\""), Step::More);
         assert_eq!(i.feed("a"), Step::More);
         assert_eq!(i.feed("\"\"\""), Step::Send("a".into()));
-        assert_eq!(i.feed("\"\"\"one line\"\"\""), Step::Send("one line".into()));
+        assert_eq!(
+            i.feed("\"\"\"one line\"\"\""),
+            Step::Send("one line".into())
+        );
         assert_eq!(i.feed("\"\"\""), Step::More);
         assert_eq!(i.feed("\"\"\""), Step::Nothing);
         assert_eq!(i.feed("\"\"\"x"), Step::More);

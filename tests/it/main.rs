@@ -19,6 +19,8 @@
 //! - `hostile`: bodies that would hold memory or time, malformed requests,
 //!   wrong methods, oversized names.
 //! - `llama`: the real llama-server with the generated tiny model.
+//! - `run`: `claracore run`, one-shot and interactive through a real
+//!   pseudo-terminal, against the real llama-server.
 //! - `sockets`: children on unix sockets in the private runtime directory
 //!   (no TCP listener, modes, removal), and `cmd` models on `{port}`.
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
@@ -33,5 +35,6 @@ mod files;
 mod history;
 mod hostile;
 mod llama;
+mod run;
 mod sockets;
 mod systemd;
