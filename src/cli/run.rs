@@ -52,8 +52,15 @@ Use \"\"\" to begin and end a multi-line message.
 Ctrl-C stops an answer; at the prompt it clears the line (twice exits).
 ";
 
+const AFTER_HELP: &str = "\
+In the interactive chat: /clear forgets the conversation, /? lists the
+commands, /bye or Ctrl-D exits; \"\"\" begins and ends a multi-line message.
+Ctrl-C stops an answer (the daemon cancels it); at the prompt it clears the
+line, and a second one exits.";
+
 /// `run`'s arguments.
 #[derive(Debug, PartialEq, Eq, Args)]
+#[command(after_help = AFTER_HELP)]
 pub struct Run {
     #[command(flatten)]
     pub daemon: Daemon,
