@@ -1,13 +1,16 @@
 //! Talking to a running daemon: where it is ([`Host`]), one request over
-//! TCP or a unix socket ([`call`], [`call_raw`]), and `backup`, which
+//! TCP or a unix socket ([`call`], [`call_raw`]), a request whose answer is
+//! read as it arrives ([`post_stream`], for `run`), and `backup`, which
 //! fetches a copy of the history database.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -77,7 +80,14 @@ pub enum ClientError {
 }
 
 impl Host {
-    fn describe(&self) -> String {
+    fn protocol(&self, message: String) -> ClientError {
+        ClientError::Protocol {
+            host: self.describe(),
+            message,
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
         match self {
             Host::Tcp { authority, .. } => format!("http://{authority}"),
             Host::Unix(p) => format!("unix:{}", p.display()),
@@ -137,32 +147,112 @@ pub async fn call_raw(
     path: &str,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ClientError> {
+    let exchange = async {
+        let mut answer = open(host, method, path, None).await?;
+        let mut body = Vec::new();
+        while let Some(frame) = answer.frame().await {
+            let frame = frame.map_err(|e| host.protocol(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                body.extend_from_slice(&data);
+            }
+        }
+        Ok((answer.status(), Bytes::from(body)))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| host.protocol(format!("no answer within {}s", timeout.as_secs())))?
+}
+
+/// The task of one HTTP/1.1 connection: reads and writes its socket.
+type Connection = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+
+/// A response whose body is still arriving, and its connection, which is
+/// driven only while [`Streaming::frame`] is awaited and is not spawned:
+/// dropping this mid-body closes the socket there and then, which is how
+/// the daemon learns the client left (and cancels the generation).
+pub struct Streaming {
+    status: StatusCode,
+    body: Incoming,
+    /// None once the connection has finished its work.
+    conn: Option<Connection>,
+}
+
+impl Streaming {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body's next frame; None at its end.
+    pub async fn frame(&mut self) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return self.body.frame().await;
+            };
+            tokio::select! {
+                frame = self.body.frame() => return frame,
+                done = conn => {
+                    self.conn = None;
+                    if let Err(e) = done {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// POSTs a JSON `body` and returns as soon as the response head is in; the
+/// body is for the caller to read frame by frame. Only the connect is
+/// bounded (by `connect_timeout`): the head may wait on a model load.
+pub async fn post_stream(
+    host: &Host,
+    path: &str,
+    body: Vec<u8>,
+    connect_timeout: Duration,
+) -> Result<Streaming, ClientError> {
+    open(host, Method::POST, path, Some((body, connect_timeout))).await
+}
+
+/// Connects, sends one request (an empty body, or JSON with a bounded
+/// connect) and returns once the response head is in.
+async fn open(
+    host: &Host,
+    method: Method,
+    path: &str,
+    json: Option<(Vec<u8>, Duration)>,
+) -> Result<Streaming, ClientError> {
     let connect_err = |source| ClientError::Connect {
         host: host.describe(),
         source,
     };
-    let exchange = async {
+    let (body, connect_timeout) = match json {
+        Some((body, t)) => (Some(body), Some(t)),
+        None => (None, None),
+    };
+    let connect = async {
         match host {
-            Host::Tcp { authority, .. } => {
-                let s = tokio::net::TcpStream::connect(authority.as_str())
-                    .await
-                    .map_err(connect_err)?;
-                exchange(s, host, method, path).await
-            }
-            Host::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(connect_err)?;
-                exchange(s, host, method, path).await
-            }
+            Host::Tcp { authority, .. } => tokio::net::TcpStream::connect(authority.as_str())
+                .await
+                .map(Io::Tcp),
+            Host::Unix(p) => tokio::net::UnixStream::connect(p).await.map(Io::Unix),
         }
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ClientError::Protocol {
-            host: host.describe(),
-            message: format!("no answer within {}s", timeout.as_secs()),
-        })?
+    let stream = match connect_timeout {
+        Some(t) => tokio::time::timeout(t, connect)
+            .await
+            .map_err(|_| host.protocol(format!("no connection within {}s", t.as_secs())))?,
+        None => connect.await,
+    }
+    .map_err(connect_err)?;
+    match stream {
+        Io::Tcp(s) => exchange(s, host, method, path, body).await,
+        Io::Unix(s) => exchange(s, host, method, path, body).await,
+    }
+}
+
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
 }
 
 async fn exchange<S>(
@@ -170,18 +260,15 @@ async fn exchange<S>(
     host: &Host,
     method: Method,
     path: &str,
-) -> Result<(StatusCode, Bytes), ClientError>
+    json: Option<Vec<u8>>,
+) -> Result<Streaming, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let proto = |message: String| ClientError::Protocol {
-        host: host.describe(),
-        message,
-    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| proto(e.to_string()))?;
-    tokio::spawn(conn);
+        .map_err(|e| host.protocol(e.to_string()))?;
+    let mut conn: Connection = Box::pin(conn);
     let (authority, key) = match host {
         Host::Tcp { authority, key } => (authority.clone(), key.as_ref()),
         Host::Unix(_) => ("localhost".into(), None),
@@ -193,21 +280,29 @@ where
     if let Some(Key(key)) = key {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
     }
+    if json.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
     let req = req
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| proto(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| proto(e.to_string()))?;
+        .body(Full::new(Bytes::from(json.unwrap_or_default())))
+        .map_err(|e| host.protocol(e.to_string()))?;
+    let sent = sender.send_request(req);
+    tokio::pin!(sent);
+    let resp = tokio::select! {
+        resp = &mut sent => resp,
+        done = &mut conn => match done {
+            // The connection gave up; the request's own error says why.
+            Err(_) => sent.await,
+            Ok(()) => return Err(host.protocol("the connection closed before an answer".into())),
+        },
+    }
+    .map_err(|e| host.protocol(e.to_string()))?;
     let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| proto(e.to_string()))?
-        .to_bytes();
-    Ok((status, body))
+    Ok(Streaming {
+        status,
+        body: resp.into_body(),
+        conn: Some(conn),
+    })
 }
 
 /// Runs a client command's future on a runtime of its own: the binary has

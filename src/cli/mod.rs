@@ -4,7 +4,7 @@
 //! parse time, so a mistake is a usage error (exit 2) naming the flag.
 //!
 //! The client commands talk to a running daemon through [`client`] and
-//! print with [`render`]; [`restore`] is the offline half of backup and
+//! print with [`render`]; [`run`] is the chat (`claracore run MODEL`); [`restore`] is the offline half of backup and
 //! restore; [`generate`] writes completions and man pages from these same
 //! definitions.
 
@@ -21,6 +21,7 @@ pub mod client;
 pub mod generate;
 pub mod render;
 pub mod restore;
+pub mod run;
 
 pub use client::{backup, block_on, call, call_raw, fetch, ClientError, Host, Key};
 pub use render::{format_history, format_list, format_ps, format_stats};
@@ -35,11 +36,11 @@ pub const DEFAULT_HOST: &str = "http://127.0.0.1:5800";
 pub const LOCAL_SOCKET: &str = "/run/claracore/claracore.sock";
 
 const AFTER_HELP: &str = "\
-Client commands (ps, list, stop, load, history, stats, backup) talk to a
-running daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or
+Client commands (run, ps, list, stop, load, history, stats, backup) talk to
+a running daemon at --host or CLARACORE_HOST: an http://HOST:PORT URL or
 unix:/path, default the local socket /run/claracore/claracore.sock if it
-exists (no key needed), else http://127.0.0.1:5800. Over TCP, --key or CLARACORE_KEY is
-sent as the API key. `claracore COMMAND --help` shows a command's flags.";
+exists (no key needed), else http://127.0.0.1:5800. Over TCP, --key or
+CLARACORE_KEY is sent as the API key. `claracore COMMAND --help` shows a command's flags.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +70,9 @@ pub enum Command {
     CheckConfig(CheckConfig),
     /// Print the version
     Version,
+    /// Chat with a model: PROMPT (or stdin) gets one answer; with neither,
+    /// an interactive chat
+    Run(run::Run),
     /// Loaded models with pid, port, idle time and uptime
     Ps(Daemon),
     /// Configured models and their state

@@ -137,6 +137,7 @@ fn completions_and_man_pages_are_generated_from_the_commands() {
         "serve",
         "check-config",
         "version",
+        "run",
         "ps",
         "list",
         "stop",

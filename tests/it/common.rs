@@ -356,6 +356,37 @@ impl Daemon {
         }
     }
 
+    /// A client subcommand of the binary aimed at this daemon's local
+    /// socket, not yet spawned (for its stdin, environment or a wrapper).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).env(
+            "CLARACORE_HOST",
+            format!("unix:{}", self.socket().display()),
+        );
+        cmd
+    }
+
+    /// Polls `/admin/history` until it holds at least `n` rows; returns
+    /// them, newest first.
+    pub async fn wait_rows(&self, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, page) = self.get("/admin/history?limit=1000").await;
+            let rows = page["requests"].as_array().cloned().unwrap_or_default();
+            if rows.len() >= n {
+                return rows;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "fewer than {n} history rows within {within:?}: {page}\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs a client subcommand of the binary against this daemon.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(BIN)

@@ -23,6 +23,8 @@
 //! - `llama`: the real llama-server with the generated tiny model.
 //! - `models`: preload, pin, the load route and `claracore load`, on the
 //!   real llama-server.
+//! - `run`: `claracore run`, one-shot and interactive through a real
+//!   pseudo-terminal, against the real llama-server.
 //! - `sockets`: children on unix sockets in the private runtime directory
 //!   (no TCP listener, modes, removal), and `cmd` models on `{port}`.
 //! - `systemd`: the systemd protocol on the host (notify, reload, watchdog,
@@ -40,5 +42,6 @@ mod hostile;
 mod llama;
 mod models;
 mod ollama;
+mod run;
 mod sockets;
 mod systemd;
