@@ -136,6 +136,8 @@ fn passed(path: &str) -> u16 {
         | "/v1/audio/transcriptions"
         | "/v1/images/generations"
         | "/infill" => 404,
+        // Models come from the config: Ollama's pull/delete say so.
+        "/api/pull" | "/api/delete" => 400,
         _ => 200,
     }
 }
@@ -237,6 +239,63 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::POST, "/admin/backup", None, Needs::Admin, false),
         (Method::GET, "/admin/audit", None, Needs::Admin, false),
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
+        (Method::GET, "/", None, Needs::Open, false),
+        (Method::HEAD, "/", None, Needs::Open, false),
+        (Method::GET, "/api/version", None, Needs::Open, false),
+        (Method::GET, "/api/tags", None, Needs::Listing, false),
+        (Method::GET, "/api/ps", None, Needs::Listing, false),
+        (
+            Method::POST,
+            "/api/show",
+            named(json!({})),
+            Needs::Listing,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/chat",
+            named(
+                json!({"messages": [{"role": "user", "content": "hi"}], "stream": false,
+                "options": {"num_predict": 1}}),
+            ),
+            Needs::Inference,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/generate",
+            named(json!({"prompt": "hi", "stream": false, "options": {"num_predict": 1}})),
+            Needs::Inference,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/embed",
+            named(json!({"input": "x"})),
+            Needs::Inference,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/embeddings",
+            named(json!({"prompt": "x"})),
+            Needs::Inference,
+            true,
+        ),
+        (
+            Method::POST,
+            "/api/pull",
+            named(json!({})),
+            Needs::Listing,
+            false,
+        ),
+        (
+            Method::DELETE,
+            "/api/delete",
+            named(json!({})),
+            Needs::Listing,
+            false,
+        ),
         (
             Method::POST,
             "/admin/models/f/load",

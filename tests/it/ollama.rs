@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
+use hyper::{Method, StatusCode};
 
 use serde_json::{json, Value};
 
@@ -197,4 +198,509 @@ async fn the_official_python_client_lists_chats_generates_embeds_and_unloads() {
         .find(|r| r["endpoint"] == "/api/chat" && r["status"] == 404)
         .unwrap();
     assert_eq!(unknown["outcome"], "rejected");
+}
+
+/// What a field of a documented answer must be.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Str,
+    /// RFC 3339, as Go's time.Time marshals.
+    Time,
+    /// 64 lowercase hex digits.
+    Digest,
+    Int,
+    Bool,
+    Obj,
+    Arr,
+    /// An array of numbers.
+    Floats,
+    /// An array or null (`families`).
+    ArrOrNull,
+}
+
+/// Checks `v` has every `(key, kind)` of a documented shape; returns what
+/// is wrong.
+fn shape(v: &Value, fields: &[(&str, Kind)]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (key, kind) in fields {
+        let Some(x) = v.get(key) else {
+            wrong.push(format!("missing `{key}`"));
+            continue;
+        };
+        let ok = match kind {
+            Kind::Str => x.is_string(),
+            Kind::Time => x
+                .as_str()
+                .is_some_and(|s| humantime::parse_rfc3339(s).is_ok()),
+            Kind::Digest => x.as_str().is_some_and(|s| {
+                s.len() == 64
+                    && s.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }),
+            Kind::Int => x.is_u64(),
+            Kind::Bool => x.is_boolean(),
+            Kind::Obj => x.is_object(),
+            Kind::Arr => x.is_array(),
+            Kind::Floats => x
+                .as_array()
+                .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_number)),
+            Kind::ArrOrNull => x.is_array() || x.is_null(),
+        };
+        if !ok {
+            wrong.push(format!("`{key}` is not {kind:?}: {x}"));
+        }
+    }
+    wrong
+}
+
+use Kind::*;
+
+/// docs/api.md "List Local Models" and "List Running Models": `details`.
+const DETAILS: &[(&str, Kind)] = &[
+    ("parent_model", Str),
+    ("format", Str),
+    ("family", Str),
+    ("families", ArrOrNull),
+    ("parameter_size", Str),
+    ("quantization_level", Str),
+];
+/// The statistics a final answer carries ("Generate a completion").
+const FINAL: &[(&str, Kind)] = &[
+    ("model", Str),
+    ("created_at", Time),
+    ("done", Bool),
+    ("done_reason", Str),
+    ("total_duration", Int),
+    ("load_duration", Int),
+    ("prompt_eval_count", Int),
+    ("prompt_eval_duration", Int),
+    ("eval_count", Int),
+    ("eval_duration", Int),
+];
+
+fn assert_shape(what: &str, v: &Value, fields: &[(&str, Kind)]) {
+    let wrong = shape(v, fields);
+    assert!(wrong.is_empty(), "{what}: {wrong:?} in {v}");
+}
+
+/// NDJSON lines of a streamed answer.
+fn lines(s: &Streamed) -> Vec<Value> {
+    s.text()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_has_the_fields_and_types_of_ollamas_api_document() {
+    let d = Daemon::start(&three_models());
+    let (status, v) = d.get_tcp("/api/version").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_shape("version", &v, &[("version", Str)]);
+    let root = request(&d.addr, Method::GET, "/", None).await;
+    assert_eq!(root, (StatusCode::OK, json!("Ollama is running")));
+
+    // Load a model: a generate with only the model.
+    let (status, v) = d.post("/api/generate", &json!({"model": "tiny"})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_shape(
+        "load",
+        &v,
+        &[
+            ("model", Str),
+            ("created_at", Time),
+            ("response", Str),
+            ("done", Bool),
+        ],
+    );
+    assert_eq!(
+        (v["done"].clone(), v["response"].clone()),
+        (json!(true), json!(""))
+    );
+    let (_, v) = d
+        .post("/api/chat", &json!({"model": "tiny", "messages": []}))
+        .await;
+    assert_eq!(v["done_reason"], "load", "{v}");
+    assert_eq!(v["message"], json!({"role": "assistant", "content": ""}));
+
+    let (status, tags) = d.get_tcp("/api/tags").await;
+    assert_eq!(status, StatusCode::OK);
+    let models = tags["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    let size = std::fs::metadata(tiny_model()).unwrap().len();
+    for m in models {
+        assert_shape(
+            "tags",
+            m,
+            &[
+                ("name", Str),
+                ("model", Str),
+                ("modified_at", Time),
+                ("size", Int),
+                ("digest", Digest),
+                ("details", Obj),
+            ],
+        );
+        assert_shape("tags details", &m["details"], DETAILS);
+        assert_eq!(m["size"], size);
+        assert_eq!(m["details"]["format"], "gguf");
+        assert_eq!(m["details"]["family"], "llama");
+        assert_eq!(m["details"]["quantization_level"], "F32");
+    }
+    // The digest is the file's SHA-256.
+    let sum = Command::new("sha256sum")
+        .arg(tiny_model())
+        .output()
+        .unwrap();
+    let sum = String::from_utf8_lossy(&sum.stdout);
+    assert_eq!(models[0]["digest"], sum.split_whitespace().next().unwrap());
+
+    let (_, ps) = d.get_tcp("/api/ps").await;
+    let running = ps["models"].as_array().unwrap();
+    assert_eq!(running.len(), 1, "{ps}");
+    assert_shape(
+        "ps",
+        &running[0],
+        &[
+            ("name", Str),
+            ("model", Str),
+            ("size", Int),
+            ("digest", Digest),
+            ("details", Obj),
+            ("expires_at", Time),
+            ("size_vram", Int),
+            ("context_length", Int),
+        ],
+    );
+    assert_eq!(running[0]["name"], "tiny:latest");
+    assert_eq!(running[0]["context_length"], 512);
+    // The default TTL is minutes away, not "never".
+    let expires = humantime::parse_rfc3339(running[0]["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        left > Duration::from_secs(30) && left < Duration::from_secs(86_400),
+        "{left:?}"
+    );
+
+    let (status, show) = d.post("/api/show", &json!({"model": "tiny:latest"})).await;
+    assert_eq!(status, StatusCode::OK, "{show}");
+    assert_shape(
+        "show",
+        &show,
+        &[
+            ("modelfile", Str),
+            ("parameters", Str),
+            ("template", Str),
+            ("details", Obj),
+            ("model_info", Obj),
+            ("capabilities", Arr),
+            ("modified_at", Time),
+        ],
+    );
+    assert_shape("show details", &show["details"], DETAILS);
+    assert_shape(
+        "show model_info",
+        &show["model_info"],
+        &[
+            ("general.architecture", Str),
+            ("general.file_type", Int),
+            ("general.parameter_count", Int),
+            ("llama.context_length", Int),
+            ("llama.embedding_length", Int),
+            ("llama.block_count", Int),
+        ],
+    );
+    // Large arrays are left out as Ollama does without verbose.
+    assert!(show["model_info"]["tokenizer.ggml.tokens"].is_null());
+    assert!(show["template"].as_str().unwrap().contains("im_start"));
+
+    let (status, v) = d
+        .post(
+            "/api/generate",
+            &json!({"model": "tiny", "prompt": "hi", "stream": false, "options": {"num_predict": 3}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_shape("generate", &v, FINAL);
+    assert_shape("generate", &v, &[("response", Str)]);
+    assert_eq!(v["eval_count"], 3);
+
+    let (status, v) = d
+        .post(
+            "/api/chat",
+            &json!({"model": "tiny", "stream": false, "options": {"num_predict": 3},
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_shape("chat", &v, FINAL);
+    assert_shape(
+        "chat message",
+        &v["message"],
+        &[("role", Str), ("content", Str)],
+    );
+
+    for (path, body, key) in [
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "hi", "options": {"num_predict": 4}}),
+            "response",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                "options": {"num_predict": 4}}),
+            "message",
+        ),
+    ] {
+        let s = stream(&d.addr, path, &body).await;
+        assert_eq!(s.status, StatusCode::OK);
+        let ls = lines(&s);
+        let (last, parts) = ls.split_last().unwrap();
+        assert!(!parts.is_empty(), "{path}: {ls:?}");
+        for p in parts {
+            assert_shape(
+                path,
+                p,
+                &[
+                    ("model", Str),
+                    ("created_at", Time),
+                    (key, Str),
+                    ("done", Bool),
+                ][..]
+                    .iter()
+                    .map(|&(k, kind)| (k, if k == "message" { Obj } else { kind }))
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(p["done"], false);
+        }
+        assert_shape(path, last, FINAL);
+        assert_eq!(last["done"], true);
+        assert_eq!(last["eval_count"], 4);
+    }
+
+    let (status, v) = d
+        .post("/api/embed", &json!({"model": "emb", "input": ["a", "b"]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_shape(
+        "embed",
+        &v,
+        &[
+            ("model", Str),
+            ("embeddings", Arr),
+            ("total_duration", Int),
+            ("load_duration", Int),
+            ("prompt_eval_count", Int),
+        ],
+    );
+    for e in v["embeddings"].as_array().unwrap() {
+        assert_eq!(e.as_array().unwrap().len(), 64);
+        assert!(e.as_array().unwrap().iter().all(Value::is_number));
+    }
+    let (status, v) = d
+        .post("/api/embeddings", &json!({"model": "emb", "prompt": "a"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_shape("embeddings", &v, &[("embedding", Floats)]);
+
+    // Unload: done_reason "unload", and the model stops.
+    let (_, v) = d
+        .post("/api/generate", &json!({"model": "tiny", "keep_alive": 0}))
+        .await;
+    assert_eq!(v["done_reason"], "unload", "{v}");
+    d.wait_state("tiny", "stopped", Duration::from_secs(10))
+        .await;
+    let (_, ps) = d.get_tcp("/api/ps").await;
+    assert!(
+        ps["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["name"] != "tiny:latest"),
+        "{ps}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ndjson_lines_arrive_as_the_model_generates_them() {
+    let d = Daemon::start(&tiny_model_table("tiny", ""));
+    let (status, _) = d.post("/api/generate", &json!({"model": "tiny"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+        "options": {"num_predict": 300, "temperature": 0, "seed": 1}});
+    let s = stream(&d.addr, "/api/chat", &body).await;
+    assert_eq!(s.status, StatusCode::OK);
+    assert!(s.error.is_none(), "{:?}", s.error);
+    let ls = lines(&s);
+    assert_eq!(ls.last().unwrap()["done"], true);
+    assert!(
+        ls.len() > 250,
+        "expected a line per token, got {}",
+        ls.len()
+    );
+    // Every frame is whole lines (nothing cut mid-object), many separate
+    // frames, the first long before the last: nothing buffered them.
+    for (_, f) in &s.frames {
+        assert!(f.ends_with(b"\n"), "{:?}", String::from_utf8_lossy(f));
+    }
+    assert!(s.frames.len() > 50, "only {} frames", s.frames.len());
+    let first = s.frames[0].0;
+    let last = s.frames.last().unwrap().0;
+    assert!(
+        first * 3 < last,
+        "first line at {first:?}, last at {last:?}: the stream arrived in one burst"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_on_the_ollama_routes_is_a_clear_400_in_ollamas_shape() {
+    // `vis` names a projector that does not exist: images are checked
+    // before any child is started, so it never needs to run.
+    let d = Daemon::start(&format!(
+        "{}[models.vis]\nmodel = \"{}\"\nargs = [\"--mmproj\", \"/nonexistent/mmproj.gguf\"]\n",
+        tiny_model_table("tiny", ""),
+        tiny_model()
+    ));
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (
+            "/api/chat",
+            json!({"messages": user}),
+            "missing field `model`",
+        ),
+        (
+            "/api/chat",
+            json!({"model": 7, "messages": user}),
+            "invalid type",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": "hi"}),
+            "invalid type",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "stream": "yes"}),
+            "invalid type",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "options": {"temperature": "hot"}}),
+            "options.temperature must be a number",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "options": {"top_k": 2.5}}),
+            "options.top_k must be an integer",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "options": {"temprature": 1}}),
+            "unknown option `temprature`",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "options": [1]}),
+            "invalid type",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "keep_alive": "soon"}),
+            "keep_alive",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": user, "format": "xml"}),
+            "format must be",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "vis", "messages": [{"role": "user", "content": "x",
+            "images": ["not base64!"]}]}),
+            "messages[0].images[0] is not valid base64",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x",
+            "images": ["iVBORw0KGgo="]}]}),
+            "no vision projector",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "vis", "prompt": "x", "images": ["%%%"]}),
+            "not valid base64",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}),
+            "template is not supported",
+        ),
+        ("/api/embed", json!({"model": "tiny"}), "input is required"),
+        (
+            "/api/embed",
+            json!({"model": "tiny", "input": [1, 2]}),
+            "input must be a string or a list",
+        ),
+        ("/api/show", json!({}), "model is required"),
+    ];
+    for (path, body, says) in &cases {
+        let (status, v) = d.post(path, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}: {v}");
+        let e = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} {body}: {v}"));
+        assert!(e.contains(says), "{path} {body}: {e}");
+    }
+    // Not JSON at all.
+    let (status, v) = request(&d.addr, Method::POST, "/api/chat", Some("{nope".into())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"].as_str().unwrap().contains("not valid JSON"),
+        "{v}"
+    );
+    // Unknown routes and methods under /api answer in the same shape.
+    let (status, v) = d.get_tcp("/api/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("no route"), "{v}");
+    let (status, v) = d.get_tcp("/api/chat").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(v["error"].is_string(), "{v}");
+    // Unknown model: Ollama's 404.
+    let (status, v) = d
+        .post(
+            "/api/chat",
+            &json!({"model": "nope:latest", "messages": user}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+
+    // Nothing was started, every refused inference call has its row, and
+    // the daemon still answers.
+    assert_eq!(d.model("vis").await["starts"], 0);
+    assert_eq!(d.model("tiny").await["starts"], 0);
+    let (_, h) = d.get("/admin/history?limit=100").await;
+    let rows = h["requests"].as_array().unwrap();
+    let bad = rows
+        .iter()
+        .filter(|r| r["status"] == 400 && r["outcome"] == "rejected")
+        .count();
+    assert_eq!(bad, cases.iter().filter(|c| c.0 != "/api/show").count() + 1);
+    let (status, v) = d
+        .post(
+            "/api/chat",
+            &json!({"model": "tiny", "messages": user, "stream": false, "options": {"num_predict": 2}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["eval_count"], 2);
 }
