@@ -102,7 +102,7 @@ pub async fn serve(
             usize::try_from(config.http.body_memory_bytes).unwrap_or(usize::MAX),
         ),
         next_request: std::sync::atomic::AtomicU64::new(0),
-        model_files: Default::default(),
+        ollama: Default::default(),
     });
     let fd_limit = fd_limit();
     let conns = Connections::new(connection_cap(&config, fd_limit));

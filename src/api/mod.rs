@@ -62,8 +62,8 @@ pub struct AppState {
     pub auth: std::sync::RwLock<Arc<Auth>>,
     /// Counter part of generated request ids.
     pub next_request: std::sync::atomic::AtomicU64,
-    /// Model files' headers and digests, for Ollama's model lists.
-    pub model_files: ollama::meta::ModelFiles,
+    /// What the Ollama routes keep between requests.
+    pub ollama: ollama::Shared,
 }
 
 impl AppState {

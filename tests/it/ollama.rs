@@ -704,3 +704,46 @@ async fn bad_input_on_the_ollama_routes_is_a_clear_400_in_ollamas_shape() {
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["eval_count"], 2);
 }
+
+const PY_TOOLS: &str = r#"
+import json, os, ollama
+c = ollama.Client(host=os.environ["OLLAMA_TEST_HOST"])
+def get_weather(city: str) -> str:
+    """Get the current weather for a city.
+
+    Args:
+      city: The city
+    """
+    return "sunny"
+msgs = [{"role": "user", "content": "weather in Paris?"}]
+r = c.chat(model="f", messages=msgs, tools=[get_weather], think=True)
+out = {"plain": {"calls": [[t.function.name, dict(t.function.arguments)] for t in r.message.tool_calls],
+                 "thinking": r.message.thinking, "done_reason": r.done_reason}}
+calls, thinking = [], ""
+for p in c.chat(model="f", messages=msgs, tools=[get_weather], stream=True):
+    calls += [[t.function.name, dict(t.function.arguments)] for t in (p.message.tool_calls or [])]
+    thinking += p.message.thinking or ""
+out["stream"] = {"calls": calls, "thinking": thinking}
+print(json.dumps(out))
+"#;
+
+/// A model that calls tools (the fake upstream answers as a tool-capable
+/// llama-server does; the tiny random model never calls one): the calls
+/// and the thinking come back in Ollama's shape, plain and streamed, with
+/// arguments as an object.
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_and_thinking_come_back_in_ollamas_shape() {
+    let d = Daemon::start(&fake_model_table("f", &[], ""));
+    let out = tokio::task::spawn_blocking({
+        let addr = d.addr.clone();
+        move || run_python(PY_TOOLS, &addr)
+    })
+    .await
+    .unwrap();
+    let call = json!([["get_weather", {"city": "Paris"}]]);
+    assert_eq!(out["plain"]["calls"], call, "{out}");
+    assert_eq!(out["plain"]["thinking"], "the user wants weather");
+    assert_eq!(out["plain"]["done_reason"], "stop");
+    assert_eq!(out["stream"]["calls"], call, "{out}");
+    assert_eq!(out["stream"]["thinking"], "the user wants weather");
+}

@@ -11,7 +11,9 @@ on that unix socket instead of 127.0.0.1:PORT (``--port`` is then ignored).
 
 Endpoints
     GET  /health                 200 {"status":"ok"} (subject to --mode)
-    POST /v1/chat/completions    OpenAI chat completion; "stream": true gives
+    POST /v1/chat/completions    OpenAI chat completion (with "tools": a call of
+                                 the first tool, as a tool-capable model
+                                 answers); "stream": true gives
     POST /v1/completions         SSE over chunked encoding, one chunk per token
                                  (max_tokens tokens, default 5), echoing "model"
     POST /v1/embeddings          a fixed 3-dimensional embedding
@@ -256,6 +258,9 @@ class Handler(BaseHTTPRequestHandler):
         model = request.get("model")
         n = request.get("max_tokens")
         n = 5 if n is None else int(n)
+        if request.get("tools"):
+            self.tool_call(model, request, bool(request.get("stream")))
+            return
         if request.get("stream"):
             self.stream(model, n, record_file)
             return
@@ -281,6 +286,46 @@ class Handler(BaseHTTPRequestHandler):
             }],
             "usage": usage(n),
         })
+
+    def tool_call(self, model, request, stream):
+        """What a tool-capable model does (the tiny random model cannot):
+        think, then call the first tool with "Paris" for each required
+        string parameter; streamed as llama-server streams it, the
+        arguments in two pieces."""
+        fn = request["tools"][0].get("function", {})
+        params = fn.get("parameters", {})
+        args = to_json({k: "Paris" for k in params.get("required", [])}).decode()
+        name = fn.get("name", "")
+        if not stream:
+            self.send_json(200, {
+                "id": "fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                    "role": "assistant", "content": "", "reasoning_content": "the user wants weather",
+                    "tool_calls": [{"id": "call_1", "type": "function",
+                                    "function": {"name": name, "arguments": args}}]}}],
+                "usage": usage(3),
+            })
+            return
+        def chunk(delta, finish=None, **extra):
+            obj = {"id": "fake", "object": "chat.completion.chunk", "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return b"data: " + to_json(obj) + b"\n\n"
+        half = len(args) // 2
+        events = [
+            chunk({"role": "assistant", "reasoning_content": "the user wants weather"}),
+            chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": name, "arguments": args[:half]}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[half:]}}]}),
+            chunk({}, "tool_calls", usage=usage(3)),
+            b"data: [DONE]\n\n",
+        ]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for e in events:
+            self.write_chunk(e)
+        self.write_chunk(b"")
 
     def stream(self, model, n, record_file):
         def event(obj):

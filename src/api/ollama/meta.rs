@@ -106,7 +106,7 @@ async fn file_info(ctx: &Ctx<'_>, m: &ModelConfig) -> FileInfo {
         return FileInfo::default();
     };
     let state = ctx.state.clone();
-    tokio::task::spawn_blocking(move || read_file(&state.model_files, &path))
+    tokio::task::spawn_blocking(move || read_file(&state.ollama.files, &path))
         .await
         .unwrap_or_default()
 }
@@ -162,7 +162,7 @@ async fn futures_join(ctx: &Ctx<'_>, models: &[&ModelConfig]) -> Vec<FileInfo> {
             let state = ctx.state.clone();
             let path = model_file(m);
             tokio::task::spawn_blocking(move || {
-                path.map(|p| read_file(&state.model_files, &p))
+                path.map(|p| read_file(&state.ollama.files, &p))
                     .unwrap_or_default()
             })
         })

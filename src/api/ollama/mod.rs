@@ -118,6 +118,33 @@ pub fn tagged(name: &str) -> String {
     }
 }
 
+/// What the Ollama routes keep between requests.
+#[derive(Default)]
+pub struct Shared {
+    /// Model files' headers and digests.
+    pub files: meta::ModelFiles,
+    /// `model option` pairs already logged as not applicable to a running
+    /// child, so the journal says it once, not per request.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Shared {
+    /// Logs, once per model and option, options a request gave that only
+    /// apply when a child starts.
+    fn warn_ignored(&self, model: &str, ignored: &[String]) {
+        let mut warned = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for option in ignored {
+            if warned.len() < 4096 && warned.insert(format!("{model} {option}")) {
+                tracing::info!(model = %model, option = %option,
+                    "an Ollama option that only applies when a model starts was ignored;                      set it in the model's args (it is also named in x-claracore-ignored-options)");
+            }
+        }
+    }
+}
+
 /// What an inference route asks the child, worked out from the body.
 struct Plan {
     /// As the client named it; echoed in every answer object.
@@ -335,6 +362,7 @@ fn plan_generate(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Plan, ApiError> {
 }
 
 fn plan_embed(ctx: &Ctx<'_>, bytes: &[u8], old: bool) -> Result<Plan, ApiError> {
+    let mut unapplied = Vec::new();
     let (requested, input, options, keep_alive) = if old {
         let r: convert::EmbeddingsRequest = convert::parse(bytes).map_err(ApiError::BadRequest)?;
         let input = json!([r.prompt.unwrap_or_default()]);
@@ -342,6 +370,13 @@ fn plan_embed(ctx: &Ctx<'_>, bytes: &[u8], old: bool) -> Result<Plan, ApiError> 
     } else {
         let r: convert::EmbedRequest = convert::parse(bytes).map_err(ApiError::BadRequest)?;
         let input = convert::embed_input(r.input.as_ref()).map_err(ApiError::BadRequest)?;
+        // llama-server embeds whole inputs at the model's own size.
+        if r.dimensions.is_some() {
+            unapplied.push("dimensions".to_string());
+        }
+        if r.truncate == Some(false) {
+            unapplied.push("truncate".to_string());
+        }
         (r.model, input, r.options, r.keep_alive)
     };
     let model = resolve_tagged(ctx, &requested)?;
@@ -420,10 +455,7 @@ async fn run(
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(plan.model.clone());
     }
-    if !plan.ignored.is_empty() {
-        tracing::info!(model = %plan.model, options = %plan.ignored.join(","),
-            "options that only apply when a model starts were ignored (set them in the model's args)");
-    }
+    state.ollama.warn_ignored(&plan.model, &plan.ignored);
     let ignored = plan.ignored.join(",");
     let mut resp = match plan.action {
         Action::Load { shape } => load_or_unload(ctx, &plan, shape, started, pending).await?,
