@@ -80,6 +80,8 @@ out["tools"] = {"done": r.done, "role": r.message.role, "eval_count": r.eval_cou
 r = c.chat(model="plain", messages=[{"role": "user", "content": "json please"}], format="json",
            options={"num_predict": 8, "seed": 3})
 out["format_json"] = r.message.content
+r = c.chat(model="tiny", messages=[{"role": "user", "content": "hi"}], think=True, options={"num_predict": 2})
+out["think"] = r.eval_count
 r = c.generate(model="tiny", prompt="hi", options={"num_predict": 3})
 out["generate"] = {"response": r.response, "done": r.done, "eval_count": r.eval_count}
 parts = list(c.generate(model="tiny", prompt="hi", options={"num_predict": 5, "seed": 2}, stream=True))
@@ -157,6 +159,8 @@ async fn the_official_python_client_lists_chats_generates_embeds_and_unloads() {
         "{}",
         out["format_json"]
     );
+    // The template took enable_thinking (the tiny model does not think).
+    assert_eq!(out["think"], 2);
     assert_eq!(out["generate"]["done"], true);
     assert_eq!(out["generate"]["eval_count"], 3);
     assert!(out["generate_stream"]["parts"].as_u64().unwrap() >= 2);
@@ -183,7 +187,7 @@ async fn the_official_python_client_lists_chats_generates_embeds_and_unloads() {
     let (_, h) = d.get("/admin/history?limit=100").await;
     let rows = h["requests"].as_array().unwrap();
     let count = |ep: &str| rows.iter().filter(|r| r["endpoint"] == ep).count();
-    assert_eq!(count("/api/chat"), 6, "{h}");
+    assert_eq!(count("/api/chat"), 7, "{h}");
     assert_eq!(count("/api/generate"), 4);
     assert_eq!(count("/api/embed"), 2);
     assert_eq!(count("/api/embeddings"), 1);
