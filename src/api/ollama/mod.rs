@@ -206,16 +206,39 @@ fn has_projector(ctx: &Ctx<'_>, model: &str) -> bool {
     })
 }
 
-fn sampling(
-    body: &mut Map<String, Value>,
-    options: Option<&Map<String, Value>>,
-    format: Option<&Value>,
-    think: Option<&Value>,
-) -> Result<Vec<String>, String> {
-    let ignored = convert::apply_options(options, body)?;
-    convert::apply_format(format, body)?;
-    convert::apply_think(think, body)?;
-    Ok(ignored)
+/// What chat and generate requests share: the model, `keep_alive`, and
+/// the sampling fields of the child's request.
+struct Common {
+    model: String,
+    keep_alive: Option<KeepAlive>,
+    body: Map<String, Value>,
+    ignored: Vec<String>,
+}
+
+fn common(
+    ctx: &Ctx<'_>,
+    requested: &str,
+    keep_alive: &Option<Value>,
+    options: &Option<Map<String, Value>>,
+    format: &Option<Value>,
+    think: &Option<Value>,
+) -> Result<Common, ApiError> {
+    let model = resolve_tagged(ctx, requested)?;
+    let keep_alive = keep(keep_alive.as_ref()).map_err(ApiError::BadRequest)?;
+    let mut body = Map::new();
+    let ignored = convert::apply_options(options.as_ref(), &mut body)
+        .and_then(|ignored| {
+            convert::apply_format(format.as_ref(), &mut body)?;
+            convert::apply_think(think.as_ref(), &mut body)?;
+            Ok(ignored)
+        })
+        .map_err(ApiError::BadRequest)?;
+    Ok(Common {
+        model,
+        keep_alive,
+        body,
+        ignored,
+    })
 }
 
 fn keep(value: Option<&Value>) -> Result<Option<KeepAlive>, String> {
@@ -227,16 +250,19 @@ fn keep(value: Option<&Value>) -> Result<Option<KeepAlive>, String> {
 
 fn plan_chat(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Plan, ApiError> {
     let r: convert::ChatRequest = convert::parse(bytes).map_err(ApiError::BadRequest)?;
-    let model = resolve_tagged(ctx, &r.model)?;
-    let keep_alive = keep(r.keep_alive.as_ref()).map_err(ApiError::BadRequest)?;
-    let mut body = Map::new();
-    let ignored = sampling(
-        &mut body,
-        r.options.as_ref(),
-        r.format.as_ref(),
-        r.think.as_ref(),
-    )
-    .map_err(ApiError::BadRequest)?;
+    let Common {
+        model,
+        keep_alive,
+        mut body,
+        ignored,
+    } = common(
+        ctx,
+        &r.model,
+        &r.keep_alive,
+        &r.options,
+        &r.format,
+        &r.think,
+    )?;
     if r.messages.is_empty() {
         return Ok(Plan {
             requested: r.model,
@@ -271,16 +297,19 @@ fn plan_chat(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Plan, ApiError> {
 
 fn plan_generate(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Plan, ApiError> {
     let r: convert::GenerateRequest = convert::parse(bytes).map_err(ApiError::BadRequest)?;
-    let model = resolve_tagged(ctx, &r.model)?;
-    let keep_alive = keep(r.keep_alive.as_ref()).map_err(ApiError::BadRequest)?;
-    let mut body = Map::new();
-    let ignored = sampling(
-        &mut body,
-        r.options.as_ref(),
-        r.format.as_ref(),
-        r.think.as_ref(),
-    )
-    .map_err(ApiError::BadRequest)?;
+    let Common {
+        model,
+        keep_alive,
+        mut body,
+        ignored,
+    } = common(
+        ctx,
+        &r.model,
+        &r.keep_alive,
+        &r.options,
+        &r.format,
+        &r.think,
+    )?;
     let prompt = r.prompt.unwrap_or_default();
     let images = r.images.unwrap_or_default();
     if prompt.is_empty() && images.is_empty() && r.suffix.is_none() {
@@ -341,8 +370,13 @@ fn plan_generate(ctx: &Ctx<'_>, bytes: &[u8]) -> Result<Plan, ApiError> {
             thinking: None,
             tool_name: None,
         });
-        let messages = convert::messages(&msgs, has_projector(ctx, &model))
-            .map_err(|e| ApiError::BadRequest(e.replace("messages[0]", "the request")))?;
+        let messages = convert::messages(&msgs, has_projector(ctx, &model)).map_err(|e| {
+            // Generate's images are top-level: `images[0]`, not a message's.
+            let e = e
+                .replace("messages[0].", "")
+                .replace("messages[0]", "the request");
+            ApiError::BadRequest(e)
+        })?;
         body.insert("model".into(), json!(model));
         body.insert("messages".into(), Value::Array(messages));
         "/v1/chat/completions"
