@@ -111,8 +111,8 @@ fi
 # with integrity hashes, installed with `npm ci` (which refuses a tree that
 # differs from the lock): ollama 0.6.4 (the newest) needs only whatwg-fetch;
 # openai has no dependencies (its peers ws and zod are optional). openai is
-# the newest 5.x: 7.x needs Node >= 22 (its `engines`), and Debian
-# bookworm's nodejs is 18.
+# the newest 5.x, whose README asks for Node >= 20 (Debian trixie's nodejs
+# is 20); 7.x needs Node >= 22 (its `engines`).
 node_package_json='{
   "name": "claracore-test-clients",
   "private": true,
@@ -176,12 +176,13 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
 fi
-# The clients call the global fetch, which Node has had since 18.
+# The clients call the global fetch (Node >= 18); openai 5.x supports
+# Node >= 20 only.
 node_version="$(node --version)"
 node_major="${node_version#v}"
 node_major="${node_major%%.*}"
-if ! [ "$node_major" -ge 18 ] 2>/dev/null; then
-    log "node $node_version at $(command -v node) is too old: the ollama and openai clients need Node >= 18 (global fetch); install a newer nodejs"
+if ! [ "$node_major" -ge 20 ] 2>/dev/null; then
+    log "node $node_version at $(command -v node) is too old: the openai npm client 5.x needs Node >= 20 (and the ollama one >= 18, for fetch); install a newer nodejs (Debian trixie's, or nodesource's)"
     exit 1
 fi
 node_key="$(printf '%s\n%s\n%s\n' "$node_package_json" "$node_package_lock" "$node_version" |
