@@ -23,6 +23,10 @@
 //! - `llama`: the real llama-server with the generated tiny model.
 //! - `models`: preload, pin, the load route and `claracore load`, on the
 //!   real llama-server.
+//! - `ollama`: Ollama's API with the official Python client and field by
+//!   field.
+//! - `ollama_js`: the official `ollama` and `openai` npm clients under
+//!   node.
 //! - `run`: `claracore run`, one-shot and interactive through a real
 //!   pseudo-terminal, against the real llama-server.
 //! - `sockets`: children on unix sockets in the private runtime directory
@@ -42,6 +46,7 @@ mod hostile;
 mod llama;
 mod models;
 mod ollama;
+mod ollama_js;
 mod run;
 mod sockets;
 mod systemd;

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 /// A chat model, a copy that renders its template without Jinja (the tiny
 /// model's Jinja path cannot build a JSON grammar; the plain one can), and
 /// an embedding model, all on the tiny GGUF.
-fn three_models() -> String {
+pub(crate) fn three_models() -> String {
     let m = tiny_model();
     format!(
         "[models.tiny]\nmodel = \"{m}\"\nargs = [\"-c\", \"512\", \"-t\", \"1\"]\naliases = [\"tiny-chat\"]\n\

@@ -11,6 +11,10 @@
 #   CLARACORE_TEST_MODEL         a tiny random-weight llama GGUF made by
 #                                make-tiny-model.py (cached, keyed by the
 #                                script's content and the vocab file)
+#   CLARACORE_TEST_NODE_MODULES  node_modules with the pinned ollama and
+#                                openai npm clients (cached, keyed by the
+#                                lock and the node version); node and npm
+#                                come from Debian's packages if missing
 #
 # Nothing is downloaded from a model hub. Everything is cached under
 # CLARACORE_CACHE (default ~/.cache/claracore); reruns are fast no-ops.
@@ -102,6 +106,108 @@ if [ ! -f "$venv/.complete" ] || [ ! -x "$py" ]; then
     touch "$venv/.complete"
 fi
 
+# --- Node packages: the official ollama and openai JavaScript clients ------
+# tests/it/ollama_js.rs drives them. The whole closure is pinned by a lock
+# with integrity hashes, installed with `npm ci` (which refuses a tree that
+# differs from the lock): ollama 0.6.4 (the newest) needs only whatwg-fetch;
+# openai has no dependencies (its peers ws and zod are optional). openai is
+# the newest 5.x, whose README asks for Node >= 20 (Debian trixie's nodejs
+# is 20); 7.x needs Node >= 22 (its `engines`).
+node_package_json='{
+  "name": "claracore-test-clients",
+  "private": true,
+  "dependencies": {
+    "ollama": "0.6.4",
+    "openai": "5.23.2",
+    "whatwg-fetch": "3.6.20"
+  }
+}'
+node_package_lock='{
+  "name": "claracore-test-clients",
+  "lockfileVersion": 3,
+  "requires": true,
+  "packages": {
+    "": {
+      "name": "claracore-test-clients",
+      "dependencies": {
+        "ollama": "0.6.4",
+        "openai": "5.23.2",
+        "whatwg-fetch": "3.6.20"
+      }
+    },
+    "node_modules/ollama": {
+      "version": "0.6.4",
+      "integrity": "sha512-KzM6b5Sq0TgipeMTdImuELr/V4eNqrTf37PRzUTHCPPieFmboYw6qPn+pX7+lg0nSP1jsKwy4AFkiQFXhqHeZA==",
+      "license": "MIT",
+      "dependencies": {
+        "whatwg-fetch": "^3.6.20"
+      }
+    },
+    "node_modules/openai": {
+      "version": "5.23.2",
+      "integrity": "sha512-MQBzmTulj+MM5O8SKEk/gL8a7s5mktS9zUtAkU257WjvobGc9nKcBuVwjyEEcb9SI8a8Y2G/mzn3vm9n1Jlleg==",
+      "license": "Apache-2.0",
+      "bin": {
+        "openai": "bin/cli"
+      },
+      "peerDependencies": {
+        "ws": "^8.18.0",
+        "zod": "^3.23.8"
+      },
+      "peerDependenciesMeta": {
+        "ws": {
+          "optional": true
+        },
+        "zod": {
+          "optional": true
+        }
+      }
+    },
+    "node_modules/whatwg-fetch": {
+      "version": "3.6.20",
+      "integrity": "sha512-EqhiFU6daOA8kpjOWTL0olhVOF3i7OrFzSYiGsEMB8GcXS+RrzauAERX65xMeNWVqxA6HXH2m69Z9LaKKdisfg==",
+      "license": "MIT"
+    }
+  }
+}'
+
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "node or npm not found; installing Debian's nodejs and npm"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2
+fi
+# The clients call the global fetch (Node >= 18); openai 5.x supports
+# Node >= 20 only.
+node_version="$(node --version)"
+node_major="${node_version#v}"
+node_major="${node_major%%.*}"
+if ! [ "$node_major" -ge 20 ] 2>/dev/null; then
+    log "node $node_version at $(command -v node) is too old: the openai npm client 5.x needs Node >= 20 (and the ollama one >= 18, for fetch); install a newer nodejs (Debian trixie's, or nodesource's)"
+    exit 1
+fi
+node_key="$(printf '%s\n%s\n%s\n' "$node_package_json" "$node_package_lock" "$node_version" |
+    sha256sum | cut -c1-12)"
+node_dir="$cache/node-$node_key"
+
+if [ ! -f "$node_dir/.complete" ]; then
+    rm -rf "$node_dir"
+    mkdir -p "$node_dir"
+    log "installing the ollama and openai npm clients into $node_dir"
+    printf '%s\n' "$node_package_json" >"$node_dir/package.json"
+    printf '%s\n' "$node_package_lock" >"$node_dir/package-lock.json"
+    # No package here runs install scripts; refusing them keeps it so.
+    (cd "$node_dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >&2)
+    NODE_PATH="$node_dir/node_modules" node -e '
+        const fs = require("fs"), path = require("path");
+        require("ollama"); require("openai");
+        for (const [name, want] of [["ollama", "0.6.4"], ["openai", "5.23.2"], ["whatwg-fetch", "3.6.20"]]) {
+            const file = path.join(process.env.NODE_PATH, name, "package.json");
+            const got = JSON.parse(fs.readFileSync(file, "utf8")).version;
+            if (got !== want) { console.error(`${name} is ${got}, not ${want}`); process.exit(1); }
+        }' >&2
+    touch "$node_dir/.complete"
+fi
+
 # --- tiny model ---------------------------------------------------------------
 maker="$here/make-tiny-model.py"
 model_key="$(cat "$maker" "$vocab" | sha256sum | cut -c1-12)"
@@ -115,3 +221,4 @@ fi
 printf 'export CLARACORE_TEST_LLAMA_SERVER=%q\n' "$server"
 printf 'export CLARACORE_TEST_MODEL=%q\n' "$model"
 printf 'export CLARACORE_TEST_PYTHON=%q\n' "$py"
+printf 'export CLARACORE_TEST_NODE_MODULES=%q\n' "$node_dir/node_modules"
