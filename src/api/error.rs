@@ -103,9 +103,9 @@ impl ApiError {
             | ApiError::Busy
             | ApiError::Denied(_)
             | ApiError::HistoryDisabled
-            | ApiError::Unavailable(AcquireError::ShuttingDown | AcquireError::Unknown(_)) => {
-                Outcome::Rejected
-            }
+            | ApiError::Unavailable(
+                AcquireError::ShuttingDown | AcquireError::Unknown(_) | AcquireError::Pinned { .. },
+            ) => Outcome::Rejected,
             ApiError::Unavailable(AcquireError::StartFailed {
                 reason: StartFailure::Timeout { .. },
                 ..
@@ -139,6 +139,8 @@ impl ApiError {
             ApiError::Denied(Denied::Throttled { .. }) => ("rate_limit_error", "too_many_failures"),
             ApiError::Denied(Denied::RateLimited { .. }) => ("rate_limit_error", "rate_limited"),
             ApiError::Unavailable(AcquireError::ShuttingDown) => ("server_error", "shutting_down"),
+            // Nothing failed: the operator pinned what would have to go.
+            ApiError::Unavailable(AcquireError::Pinned { .. }) => ("server_error", "model_pinned"),
             ApiError::Unavailable(_) => ("server_error", "model_unavailable"),
             ApiError::Upstream => ("server_error", "upstream_error"),
             ApiError::HistoryDisabled => ("invalid_request_error", "history_disabled"),

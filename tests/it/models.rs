@@ -211,6 +211,7 @@ async fn a_pinned_model_keeps_its_place_and_the_other_fails_at_once_naming_it() 
         message.contains("pinned model keep") && message.contains("max_loaded = 1"),
         "{message}"
     );
+    assert_eq!(body["error"]["code"], "model_pinned", "{body}");
     let keep = d.model("keep").await;
     assert_eq!(
         (keep["state"].as_str(), keep["pid"].as_u64()),
