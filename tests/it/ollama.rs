@@ -202,6 +202,20 @@ async fn the_official_python_client_lists_chats_generates_embeds_and_unloads() {
         .find(|r| r["endpoint"] == "/api/chat" && r["status"] == 404)
         .unwrap();
     assert_eq!(unknown["outcome"], "rejected");
+    // Metrics count them under their endpoint too.
+    let (_, metrics) = d.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    for ep in [
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+    ] {
+        assert!(
+            metrics.contains(&format!("endpoint=\"{ep}\",outcome=\"ok\"")),
+            "{ep} missing in\n{metrics}"
+        );
+    }
 }
 
 /// What a field of a documented answer must be.
@@ -416,6 +430,42 @@ async fn every_answer_has_the_fields_and_types_of_ollamas_api_document() {
             ("llama.embedding_length", Int),
             ("llama.block_count", Int),
         ],
+    );
+    // keep_alive: negative keeps it loaded "forever", a duration from now.
+    for (keep, lo, hi) in [
+        (json!(-1), 86_400 * 365 * 100, u64::MAX),
+        (json!("5m"), 250, 301),
+    ] {
+        let (status, _) = d
+            .post(
+                "/api/generate",
+                &json!({"model": "tiny", "keep_alive": keep}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, ps) = d.get_tcp("/api/ps").await;
+        let at = humantime::parse_rfc3339(ps["models"][0]["expires_at"].as_str().unwrap()).unwrap();
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        assert!(left >= lo && left <= hi, "keep_alive {keep}: {left} s left");
+    }
+    // A suffix goes to llama-server's /infill (the tiny model has no FIM
+    // tokens, so it refuses; its reason comes back in Ollama's shape).
+    let (status, v) = d
+        .post(
+            "/api/generate",
+            &json!({"model": "tiny", "prompt": "def f(", "suffix": "return 1", "stream": false}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 501, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("Infill is not supported"),
+        "{v}"
     );
     // Large arrays are left out as Ollama does without verbose.
     assert!(show["model_info"]["tokenizer.ggml.tokens"].is_null());
