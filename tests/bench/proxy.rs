@@ -1015,6 +1015,8 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, Add
     let mut conns = warmed_conns(contenders, &req, 1);
     let mut rates = vec![vec![Vec::new(); plan.stream_rounds]; k];
     let mut errors = vec![0usize; k];
+    // What the first failure of each contender was, for the report.
+    let mut first_error: Vec<Option<String>> = vec![None; k];
     for r in 0..plan.stream_rounds {
         for c in order(k, r) {
             for _ in 0..plan.stream_per_round {
@@ -1024,7 +1026,17 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, Add
                             completion_tokens(&resp.body).unwrap_or(f64::from(plan.stream_tokens));
                         rates[c][r].push(toks / (resp.end - resp.sent).as_secs_f64());
                     }
-                    _ => errors[c] += 1,
+                    failed => {
+                        errors[c] += 1;
+                        first_error[c].get_or_insert_with(|| match failed {
+                            Ok(resp) => format!(
+                                "status {}: {}",
+                                resp.status,
+                                String::from_utf8_lossy(&resp.body[..resp.body.len().min(200)])
+                            ),
+                            Err(e) => format!("{e}"),
+                        });
+                    }
                 }
             }
         }
@@ -1063,7 +1075,10 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, Add
             name,
             &format!("{name}: every stream answered 200"),
             errors[c] == 0,
-            format!("{} errors", errors[c]),
+            match &first_error[c] {
+                Some(first) => format!("{} errors; the first: {first}", errors[c]),
+                None => format!("{} errors", errors[c]),
+            },
         );
         if name == "claracore" {
             rep.check(
