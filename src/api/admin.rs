@@ -19,7 +19,7 @@ use crate::proxy::{self, BoxBody};
 use crate::supervisor::logs::{Follow, LogLine};
 
 /// How long one write to a log follower may take before it is dropped.
-const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A comment line this often keeps idle proxies from closing a follower.
 const FOLLOW_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
