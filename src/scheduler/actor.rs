@@ -1640,6 +1640,8 @@ mod tests {
                 fraction: 0.25,
             });
         });
+        // Child events and requests are separate channels: let it land.
+        settle().await;
         let p = status_of(&s, "a").await.progress.unwrap();
         assert_eq!(p.fraction, Some(0.25));
         ready_after(&fake, "a", Duration::from_millis(3000));
