@@ -225,6 +225,12 @@ pub fn default_max_open_connections(nofile: u64, config: &Config) -> usize {
 /// is larger).
 pub const DEFAULT_BODY_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 
+/// `[logging] model_log_lines` when not set: lines of each model's output
+/// kept for `/admin/logs/{model}`.
+pub const DEFAULT_MODEL_LOG_LINES: usize = 1000;
+/// The most `model_log_lines` may be: at the 4 KiB line cap, 64 MiB a model.
+pub const MAX_MODEL_LOG_LINES: usize = 16384;
+
 /// Half the CPUs this process may use, 1 to 4. Proxying is light next to
 /// inference: on a small machine the model processes need the cores, and
 /// one thread saves the cross-thread wake-ups of every request.
@@ -366,6 +372,9 @@ pub struct Config {
     pub http: HttpConfig,
     pub scheduler: SchedulerConfig,
     pub history: HistoryConfig,
+    /// `[logging] model_log_lines`: the last lines of each model's output
+    /// kept in memory for `/admin/logs/{model}`; 0 keeps none.
+    pub model_log_lines: usize,
     /// Sorted by name.
     pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
@@ -391,6 +400,8 @@ struct RawConfig {
     #[serde(default)]
     history: RawHistory,
     #[serde(default)]
+    logging: RawLogging,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
@@ -407,6 +418,12 @@ struct RawHistory {
     samples_retention: Option<Spanned<String>>,
     queue: Option<Spanned<i64>>,
     batch_window: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    model_log_lines: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -719,6 +736,19 @@ impl Config {
             },
         };
 
+        let model_log_lines = match &raw.logging.model_log_lines {
+            None => DEFAULT_MODEL_LOG_LINES,
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| *n <= MAX_MODEL_LOG_LINES)
+                .ok_or_else(|| {
+                    src.error(
+                        v,
+                        format!("logging.model_log_lines: must be between 0 (keep none) and {MAX_MODEL_LOG_LINES}"),
+                    )
+                })?,
+        };
+
         let llama_server = PathBuf::from(raw.llama_server.as_deref().unwrap_or("llama-server"));
         let mut models = Vec::with_capacity(raw.models.len());
         // name or alias -> the model that owns it, for duplicate detection.
@@ -759,6 +789,7 @@ impl Config {
             http,
             scheduler,
             history,
+            model_log_lines,
             auth,
             models,
             runtime_dir: None,
@@ -1339,6 +1370,24 @@ health = "/health"
         );
         assert!(e.starts_with("test.toml:5:17: "), "{e}");
         assert!(e.contains("already a name or alias of models.a"), "{e}");
+    }
+
+    #[test]
+    fn model_log_lines_defaults_validates_and_zero_keeps_none() {
+        let c = Config::from_toml(Path::new("test.toml"), "").unwrap();
+        assert_eq!(c.model_log_lines, DEFAULT_MODEL_LOG_LINES);
+        let c =
+            Config::from_toml(Path::new("test.toml"), "[logging]\nmodel_log_lines = 0\n").unwrap();
+        assert_eq!(c.model_log_lines, 0);
+        let e = err("[logging]\nmodel_log_lines = -1\n");
+        assert!(
+            e.starts_with("test.toml:2:19: logging.model_log_lines: must be between 0"),
+            "{e}"
+        );
+        let e = err("[logging]\nmodel_log_lines = 99999999\n");
+        assert!(e.contains("logging.model_log_lines"), "{e}");
+        let e = err("[logging]\nlines = 5\n");
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

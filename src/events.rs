@@ -37,6 +37,9 @@ pub enum Event {
     Request(Arc<RequestRecord>),
     /// An admin action or a rejected key (history's `audit`).
     Audit(Arc<AuditRecord>),
+    /// How far a starting model's load has come: about every 250 ms while
+    /// it starts, and once at Ready with `fraction` 1.0.
+    Progress(Arc<LoadProgress>),
 }
 
 /// Which live events a subscriber gets.
@@ -51,9 +54,11 @@ pub enum Topic {
 impl Event {
     pub fn topic(&self) -> Topic {
         match self {
-            Event::Model(_) | Event::State { .. } | Event::Removed { .. } | Event::Audit(_) => {
-                Topic::Models
-            }
+            Event::Model(_)
+            | Event::State { .. }
+            | Event::Removed { .. }
+            | Event::Audit(_)
+            | Event::Progress(_) => Topic::Models,
             Event::Request(_) => Topic::Requests,
         }
     }
@@ -349,6 +354,23 @@ pub struct RequestRecord {
     pub request_content: Option<String>,
     pub response_content: Option<String>,
     pub content_truncated: bool,
+}
+
+/// A starting model's load progress, as the bus, the SSE stream and the
+/// dashboard carry it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadProgress {
+    pub model: String,
+    /// Since the child was spawned.
+    pub elapsed_ms: u64,
+    /// The median of this model's last successful load times, when it has
+    /// loaded before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_ms: Option<u64>,
+    /// 0.0 to 1.0: llama-server's own figure where it prints one, else
+    /// `elapsed / expected` capped at 0.99; absent with neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
 }
 
 /// One `model_events` row.

@@ -314,6 +314,7 @@ impl Sink for Metrics {
             Event::Model(e) => self.observe_lifecycle(e),
             Event::State { model, state } => self.observe_state(model, *state),
             Event::Removed { .. } | Event::Audit(_) => {}
+            Event::Progress(_) => {}
         }
     }
 }

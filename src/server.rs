@@ -104,6 +104,17 @@ pub async fn serve(
         next_request: std::sync::atomic::AtomicU64::new(0),
         ollama: Default::default(),
     });
+    // Before any request can start a model, so its first load already
+    // has an expected time.
+    let loads = {
+        let recorder = state.recorder.clone();
+        tokio::task::spawn_blocking(move || {
+            recorder.recent_load_times(crate::scheduler::LOAD_TIMES_KEPT)
+        })
+        .await
+        .unwrap_or_default()
+    };
+    state.scheduler.seed_load_times(loads);
     let fd_limit = fd_limit();
     let conns = Connections::new(connection_cap(&config, fd_limit));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -154,6 +165,8 @@ pub async fn serve(
     sample_task.abort();
     trim_task.abort();
     state.accepting.store(false, Ordering::Relaxed);
+    // Log followers never finish by themselves: end them before the drain.
+    state.scheduler.logs().close();
     let _ = stop_tx.send(true);
     for task in accept_tasks {
         let _ = task.await; // drops the listener

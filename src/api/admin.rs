@@ -1,6 +1,6 @@
 //! claracore's own control and read endpoints, all under `/admin/`: loaded
-//! models, stop, load, request history, per-model figures and a live
-//! backup.
+//! models, stop, load, request history, per-model figures, a live backup
+//! and each model's output lines (a snapshot, or followed over SSE).
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +16,12 @@ use super::{json_response, resolve, ApiError, AppState, Ctx};
 use crate::events::AuditAction;
 use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
+use crate::supervisor::logs::{Follow, LogLine};
+
+/// How long one write to a log follower may take before it is dropped.
+const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A comment line this often keeps idle proxies from closing a follower.
+const FOLLOW_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 pub(super) async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
     let mut models = ctx.state.scheduler.status().await;
@@ -73,6 +79,114 @@ pub(super) async fn load_model(
         Err(e) => {
             ctx.audit(AuditAction::Load, Some(&model), &e.to_string());
             Err(ApiError::Unavailable(e))
+        }
+    }
+}
+
+/// `GET /admin/logs/{model}[?follow=1]`: the model's kept output lines,
+/// oldest first; with `follow`, the same lines as SSE `line` events, then
+/// new ones as they come. A follower that falls behind gets a last
+/// `dropped` event and the stream ends; so does one whose writes stall.
+pub(super) async fn logs(
+    ctx: &Ctx<'_>,
+    requested: &str,
+    query: Option<&str>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let mut follow = false;
+    for (k, v) in query_pairs(query) {
+        match k.as_str() {
+            "follow" => {
+                follow = match v.as_str() {
+                    "1" | "true" | "yes" => true,
+                    "0" | "false" | "no" => false,
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "follow: {:?} is not one of 1, 0, true, false",
+                            cut(other, 64)
+                        )))
+                    }
+                }
+            }
+            other => return Err(unknown_parameter(other)),
+        }
+    }
+    let model = resolve(ctx, requested)?;
+    let logs = ctx.state.scheduler.logs();
+    if !follow {
+        let lines = logs.lines(&model);
+        let lines: Vec<&LogLine> = lines.iter().map(|l| &**l).collect();
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"model": model, "lines": lines}),
+        ));
+    }
+    let (tx, body) = http_body_util::channel::Channel::<Bytes, proxy::BoxError>::new(16);
+    tokio::spawn(follow_lines(logs.follow(&model), tx));
+    let mut resp = Response::new(body.boxed_unsync());
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
+}
+
+/// One SSE message.
+fn sse(event: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// Writes a follower's backlog, then its live lines, until it lags, its
+/// client stops reading or leaves, or the daemon shuts down.
+async fn follow_lines(
+    follow: Follow,
+    mut tx: http_body_util::channel::Sender<Bytes, proxy::BoxError>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let Follow {
+        backlog,
+        mut live,
+        mut closed,
+    } = follow;
+    let mut send = async |chunk: Bytes| {
+        matches!(
+            tokio::time::timeout(FOLLOW_WRITE_TIMEOUT, tx.send_data(chunk)).await,
+            Ok(Ok(()))
+        )
+    };
+    for line in backlog {
+        if !send(sse("line", &json!(*line))).await {
+            return;
+        }
+    }
+    if *closed.borrow_and_update() {
+        return;
+    }
+    let mut keep_alive = tokio::time::interval_at(
+        tokio::time::Instant::now() + FOLLOW_KEEP_ALIVE,
+        FOLLOW_KEEP_ALIVE,
+    );
+    loop {
+        let chunk = tokio::select! {
+            received = live.recv() => match received {
+                Ok(line) => sse("line", &json!(*line)),
+                Err(RecvError::Lagged(missed)) => {
+                    let _ = send(sse("dropped", &json!({
+                        "missed": missed,
+                        "reason": "this follower fell behind the model's output and was dropped; reconnect to follow again",
+                    })))
+                    .await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = closed.changed() => return,
+            _ = keep_alive.tick() => Bytes::from_static(b": keep-alive\n\n"),
+        };
+        if !send(chunk).await {
+            return;
         }
     }
 }

@@ -231,6 +231,7 @@ async fn dispatch(
         Route::AdminStats => admin::stats(ctx, query).await,
         Route::AdminBackup => admin::backup(ctx).await,
         Route::AdminAudit => admin::audit_list(ctx, query).await,
+        Route::AdminLogs { model } => admin::logs(ctx, &model, query).await,
     }
 }
 

@@ -330,20 +330,39 @@ async fn forward_raw(
         })
 }
 
-/// One model as `GET /v1/models` lists it.
-fn model_object(m: &crate::config::ModelConfig, state: ModelState) -> serde_json::Value {
+/// One model as `GET /v1/models` lists it: while starting, its state is
+/// `loading` (as llama.cpp's router says) with its `progress`; `load_ms`
+/// once it has loaded.
+fn model_object(
+    m: &crate::config::ModelConfig,
+    status: Option<&crate::scheduler::ModelStatus>,
+) -> serde_json::Value {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs();
-    json!({
+    let state = status.map_or(ModelState::Stopped, |s| s.state);
+    let mut object = json!({
         "id": m.name,
         "object": "model",
         "created": created,
         "owned_by": "claracore",
         "aliases": m.aliases,
-        "state": state,
-    })
+        "state": if state == ModelState::Starting { "loading" } else { state.as_str() },
+    });
+    if let Some(status) = status {
+        if let Some(progress) = status
+            .progress
+            .as_ref()
+            .filter(|_| state == ModelState::Starting)
+        {
+            object["progress"] = json!(progress);
+        }
+        if let Some(load_ms) = status.load_ms {
+            object["load_ms"] = json!(load_ms);
+        }
+    }
+    object
 }
 
 pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
@@ -355,13 +374,7 @@ pub(super) async fn list_models(ctx: &Ctx<'_>) -> Response<BoxBody> {
         .models
         .iter()
         .filter(|m| ctx.principal.may_use(&m.name))
-        .map(|m| {
-            let st = status
-                .iter()
-                .find(|s| s.name == m.name)
-                .map_or(ModelState::Stopped, |s| s.state);
-            model_object(m, st)
-        })
+        .map(|m| model_object(m, status.iter().find(|s| s.name == m.name)))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
@@ -377,15 +390,9 @@ pub(super) async fn get_model(ctx: &Ctx<'_>, id: &str) -> Result<Response<BoxBod
             available: Vec::new(),
         });
     };
-    let state = ctx
-        .state
-        .scheduler
-        .status()
-        .await
-        .iter()
-        .find(|s| s.name == m.name)
-        .map_or(ModelState::Stopped, |s| s.state);
-    Ok(json_response(StatusCode::OK, &model_object(m, state)))
+    let status = ctx.state.scheduler.status().await;
+    let object = model_object(m, status.iter().find(|s| s.name == m.name));
+    Ok(json_response(StatusCode::OK, &object))
 }
 
 /// The `boundary` parameter of a `multipart/form-data` content type.

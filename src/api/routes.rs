@@ -22,6 +22,7 @@
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //! | GET  /admin/audit                       | admin actions and rejected keys     |
+//! | GET  /admin/logs/{model}[?follow=1]     | a model's recent output lines; SSE with follow |
 //! | GET, HEAD /                             | Ollama's "Ollama is running" probe  |
 //! | GET  /api/version                       | Ollama's version answer             |
 //! | POST /api/chat, /api/generate, /api/embed, /api/embeddings | Ollama, translated to the child's OpenAI endpoints |
@@ -31,7 +32,8 @@
 //! `/api/*` is Ollama's ([`Ollama`]). [`Route::scopes`] says who may call
 //! each: `inference` for the model routes, `read` for the read-only admin
 //! routes and `/metrics`, `read` or `inference` for the model lists,
-//! `admin` for stop, load, backup and the raw pass-through; the probes (and
+//! `admin` for stop, load, backup, logs (prompts can appear in llama.cpp's
+//! output) and the raw pass-through; the probes (and
 //! Ollama's `/` and `/api/version`) are open.
 
 use hyper::Method;
@@ -170,6 +172,10 @@ pub enum Route {
     AdminStats,
     AdminBackup,
     AdminAudit,
+    /// `GET /admin/logs/{model}`: `model` percent-decoded.
+    AdminLogs {
+        model: String,
+    },
 }
 
 impl Route {
@@ -202,7 +208,8 @@ impl Route {
             | Route::AdminStop { .. }
             | Route::AdminLoad { .. }
             | Route::AdminBackup
-            | Route::AdminAudit => ADMIN,
+            | Route::AdminAudit
+            | Route::AdminLogs { .. } => ADMIN,
         }
     }
 }
@@ -297,6 +304,10 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["admin", "stats"] => (Route::AdminStats, GET),
         ["admin", "backup"] => (Route::AdminBackup, POST),
         ["admin", "audit"] => (Route::AdminAudit, GET),
+        ["admin", "logs", model] => match model_id(&[model]) {
+            Some(model) => (Route::AdminLogs { model }, GET),
+            None => return Err(NoRoute::NotFound),
+        },
         _ => return Err(NoRoute::NotFound),
     };
     if allow.contains(method) {
@@ -372,6 +383,20 @@ mod tests {
         assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
         assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
         assert_eq!(ok(Method::GET, "/admin/audit"), Route::AdminAudit);
+        assert_eq!(
+            ok(Method::GET, "/admin/logs/tiny%2Dchat"),
+            Route::AdminLogs {
+                model: "tiny-chat".into()
+            }
+        );
+        assert_eq!(
+            Route::AdminLogs { model: "x".into() }.scopes(false),
+            [Scope::Admin]
+        );
+        assert_eq!(
+            parse(&Method::POST, "/admin/logs/tiny"),
+            Err(NoRoute::WrongMethod { allow: GET })
+        );
         assert_eq!(ok(Method::GET, "/"), Route::OllamaRoot);
         assert_eq!(ok(Method::HEAD, "/"), Route::OllamaRoot);
         for (m, path, r) in [
@@ -483,6 +508,10 @@ mod tests {
             "/admin/models/a/b/stop",
             "/admin/history/",
             "/admin/history/1/2",
+            "/admin/logs",
+            "/admin/logs/",
+            "/admin/logs/a/b",
+            "/admin/logs/%ff",
             "/v1/chat/completions/",
             "/v1//models",
             "/api/models/stop",

@@ -28,11 +28,34 @@ fn port_or_unix(m: &serde_json::Value) -> String {
     }
 }
 
+/// Milliseconds as seconds with one decimal: `1.2s`.
+fn tenths(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// The LOAD column: while starting, `42% 1.2s/2.9s` (the fraction and the
+/// expected time when known, else the time so far); otherwise the last
+/// load time; `-` when none is known.
+fn load_column(m: &serde_json::Value) -> String {
+    let p = &m["progress"];
+    if let Some(elapsed) = p["elapsed_ms"].as_u64() {
+        let time = match p["expected_ms"].as_u64() {
+            Some(expected) => format!("{}/{}", tenths(elapsed), tenths(expected)),
+            None => tenths(elapsed),
+        };
+        return match p["fraction"].as_f64() {
+            Some(f) => format!("{:.0}% {time}", (f * 100.0).clamp(0.0, 100.0).floor()),
+            None => time,
+        };
+    }
+    m["load_ms"].as_u64().map_or_else(|| "-".into(), tenths)
+}
+
 /// Renders `/admin/ps`: only models that hold a process.
 pub fn format_ps(value: &serde_json::Value) -> String {
     let mut out = format!(
-        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10}\n",
-        "NAME", "STATE", "PID", "PORT", "INFLIGHT", "IDLE", "UPTIME"
+        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10} {:>15}\n",
+        "NAME", "STATE", "PID", "PORT", "INFLIGHT", "IDLE", "UPTIME", "LOAD"
     );
     for m in value["models"]
         .as_array()
@@ -41,7 +64,7 @@ pub fn format_ps(value: &serde_json::Value) -> String {
         .filter(|m| !m["pid"].is_null())
     {
         out.push_str(&format!(
-            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10}\n",
+            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10} {:>15}\n",
             m["name"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             opt(&m["pid"]),
@@ -49,6 +72,7 @@ pub fn format_ps(value: &serde_json::Value) -> String {
             m["inflight"].as_u64().unwrap_or(0),
             secs(&m["idle_s"]),
             secs(&m["uptime_s"]),
+            load_column(m),
         ));
     }
     out
@@ -237,6 +261,30 @@ mod tests {
     fn load_answer_reads_as_a_sentence() {
         let v = serde_json::json!({"model": "tiny", "state": "ready", "load_ms": 412});
         assert_eq!(format_load(&v), "tiny ready in 412 ms\n");
+    }
+
+    #[test]
+    fn ps_load_column_shows_progress_while_starting_and_the_last_load_after() {
+        let v = serde_json::json!({"models": [
+            {"name": "a", "state": "starting", "pid": 12, "inflight": 0,
+             "progress": {"elapsed_ms": 1234, "expected_ms": 2900, "fraction": 0.4255}, "load_ms": 2900},
+            {"name": "b", "state": "starting", "pid": 13, "inflight": 0,
+             "progress": {"elapsed_ms": 800}},
+            {"name": "c", "state": "ready", "pid": 14, "inflight": 0, "load_ms": 412},
+            {"name": "d", "state": "ready", "pid": 15, "inflight": 0}
+        ]});
+        let t = format_ps(&v);
+        let line = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in {t}"))
+                .to_string()
+        };
+        assert!(t.lines().next().unwrap().ends_with(" LOAD"), "{t}");
+        assert!(line("a").ends_with(" 42% 1.2s/2.9s"), "{t}");
+        assert!(line("b").ends_with(" 0.8s"), "{t}");
+        assert!(line("c").ends_with(" 0.4s"), "{t}");
+        assert!(line("d").ends_with(" -"), "{t}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod store;
 pub mod tap;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -170,6 +171,37 @@ impl Recorder {
         self.path.as_deref()
     }
 
+    /// Each model's last `per_model` successful load times, oldest first,
+    /// read once (blocking) from the database; empty when history is
+    /// disabled or cannot be read (logged: a missing expectation only
+    /// makes load progress less informative).
+    pub fn recent_load_times(&self, per_model: usize) -> HashMap<String, Vec<Duration>> {
+        let Some(path) = self.path() else {
+            return HashMap::new();
+        };
+        let read = store::open_for_reading(path)
+            .map_err(|e| e.to_string())
+            .and_then(|conn| store::recent_load_times(&conn, per_model).map_err(|e| e.to_string()));
+        match read {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(model, times)| {
+                    let times = times
+                        .into_iter()
+                        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+                        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+                        .collect();
+                    (model, times)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot read past load times; load progress has no expected time until a model loads");
+                HashMap::new()
+            }
+        }
+    }
+
     fn send(&self, item: Item) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(item) {
@@ -239,6 +271,7 @@ impl Sink for Recorder {
             Event::Model(e) => self.send(Item::Event(e.clone())),
             Event::Audit(a) => self.send(Item::Audit(a.clone())),
             Event::State { .. } | Event::Removed { .. } => {}
+            Event::Progress(_) => {}
         }
     }
 }

@@ -687,6 +687,34 @@ pub fn stats(conn: &Connection, since_ms: i64) -> rusqlite::Result<Vec<ModelStat
     Ok(out)
 }
 
+/// Each model's last `per_model` successful load times in milliseconds,
+/// oldest first, from its `ready` events.
+pub fn recent_load_times(
+    conn: &Connection,
+    per_model: usize,
+) -> rusqlite::Result<Vec<(String, Vec<f64>)>> {
+    let mut stmt = conn.prepare(
+        "SELECT model, load_ms FROM (
+             SELECT model, load_ms, at_ms, id,
+                    row_number() OVER (PARTITION BY model ORDER BY at_ms DESC, id DESC) AS newest
+             FROM model_events WHERE event = 'ready' AND load_ms IS NOT NULL)
+         WHERE newest <= ?1 ORDER BY model, at_ms, id",
+    )?;
+    let limit = i64::try_from(per_model).unwrap_or(i64::MAX);
+    let rows = stmt.query_map([limit], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
+    })?;
+    let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+    for row in rows {
+        let (model, ms) = row?;
+        match out.last_mut() {
+            Some((m, times)) if *m == model => times.push(ms),
+            _ => out.push((model, vec![ms])),
+        }
+    }
+    Ok(out)
+}
+
 fn column(conn: &Connection, sql: &str, model: &str, since_ms: i64) -> rusqlite::Result<Vec<f64>> {
     let mut stmt = conn.prepare_cached(sql)?;
     let values = stmt.query_map(params![model, since_ms], |r| r.get::<_, f64>(0))?;
@@ -713,6 +741,39 @@ mod tests {
         assert_eq!(percentile(&v, 0.95), Some(95.0));
         assert_eq!(percentile(&[7.0], 0.95), Some(7.0));
         assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn recent_load_times_are_the_last_ready_events_per_model_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = open_for_writing(&dir.path().join("h.db")).unwrap();
+        let event = |model: &str, kind, at_ms, load_ms| {
+            let mut e = ModelEvent::new(model, kind, at_ms);
+            e.load_ms = load_ms;
+            Arc::new(e)
+        };
+        let mut events = Vec::new();
+        for i in 0..8 {
+            events.push(event(
+                "a",
+                ModelEventKind::Ready,
+                1000 + i,
+                Some(i as f64 * 10.0),
+            ));
+        }
+        events.push(event("a", ModelEventKind::StartFailed, 5000, None));
+        events.push(event("b", ModelEventKind::Ready, 10, Some(7.5)));
+        events.push(event("b", ModelEventKind::Stopped, 20, None));
+        events.push(event("c", ModelEventKind::StartRequested, 20, None));
+        write_batch(&mut conn, &[], &events, &[], &[]).unwrap();
+        let loads = recent_load_times(&conn, 3).unwrap();
+        assert_eq!(
+            loads,
+            [
+                ("a".to_string(), vec![50.0, 60.0, 70.0]),
+                ("b".to_string(), vec![7.5])
+            ]
+        );
     }
 
     #[test]

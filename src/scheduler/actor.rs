@@ -5,9 +5,10 @@
 //! and everything it has to say goes out on the event bus: lifecycle steps
 //! as [`ModelEvent`]s, and a [`Event::State`] whenever a model's public
 //! state changes (compared once per message, so a burst of transitions in
-//! one step shows only where it ended).
+//! one step shows only where it ended), and an [`Event::Progress`] for each
+//! Starting model every [`PROGRESS_PERIOD`] and once at its Ready.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,12 @@ use tokio::time::Instant;
 
 use super::gate::{Gate, Gates};
 use super::planner::{plan, Plan, Resident, Rule};
-use super::{AcquireError, KeepAlive, Lease, ModelState, ModelStatus, Msg, Waiter};
+use super::{
+    AcquireError, KeepAlive, Lease, ModelState, ModelStatus, Msg, Progress, Waiter,
+    LOAD_TIMES_KEPT, PROGRESS_PERIOD,
+};
 use crate::config::{Config, ModelConfig, SchedulerConfig};
-use crate::events::{Bus, Event, ModelEvent, ModelEventKind, Reason};
+use crate::events::{Bus, Event, LoadProgress, ModelEvent, ModelEventKind, Reason};
 use crate::supervisor::{ChildEvent, ChildHandle, ChildSpec, ExitReason, Spawner};
 use crate::upstream::Upstream;
 
@@ -41,6 +45,7 @@ pub(super) fn spawn(
             .map(|m| (Arc::<str>::from(m.name.as_str()), Slot::new(m.clone())))
             .collect(),
         next_instance: 1,
+        next_progress: Instant::now(),
         events_tx,
         self_tx,
         shutdown: None,
@@ -159,6 +164,13 @@ struct Slot {
     stop_reason: Option<StopReason>,
     /// The state last published on the bus.
     shown: Option<ModelState>,
+    /// When the current child was spawned (Starting only).
+    starting_since: Option<Instant>,
+    /// The current child's own load fraction, if it printed one.
+    child_fraction: Option<f64>,
+    /// The last successful load times, oldest first, at most
+    /// [`LOAD_TIMES_KEPT`].
+    load_times: VecDeque<Duration>,
 }
 
 impl Slot {
@@ -184,7 +196,46 @@ impl Slot {
             keep_alive: None,
             stop_reason: None,
             shown: None,
+            starting_since: None,
+            child_fraction: None,
+            load_times: VecDeque::new(),
         }
+    }
+
+    /// The median of the kept load times.
+    fn expected_load(&self) -> Option<Duration> {
+        let mut times: Vec<Duration> = self.load_times.iter().copied().collect();
+        times.sort();
+        let n = times.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(times[n / 2]),
+            _ => Some((times[n / 2 - 1] + times[n / 2]) / 2),
+        }
+    }
+
+    fn remember_load(&mut self, took: Duration) {
+        if self.load_times.len() == LOAD_TIMES_KEPT {
+            self.load_times.pop_front();
+        }
+        self.load_times.push_back(took);
+    }
+
+    /// Progress of the current start, if Starting.
+    fn progress(&self, now: Instant) -> Option<Progress> {
+        let since = self
+            .starting_since
+            .filter(|_| self.phase == Phase::Starting)?;
+        let elapsed = now.saturating_duration_since(since);
+        let expected = self.expected_load();
+        let estimate = expected
+            .filter(|e| !e.is_zero())
+            .map(|e| (elapsed.as_secs_f64() / e.as_secs_f64()).min(0.99));
+        Some(Progress {
+            elapsed_ms: millis(elapsed),
+            expected_ms: expected.map(millis),
+            fraction: self.child_fraction.or(estimate),
+        })
     }
 
     /// The idle TTL in force; `None` = never.
@@ -291,8 +342,24 @@ impl Slot {
             pinned: self.config.pin,
             starts: self.starts,
             last_error: self.last_error.clone(),
+            progress: self.progress(now),
+            load_ms: self.load_times.back().copied().map(millis),
         }
     }
+}
+
+/// Whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn progress_event(model: &str, p: Progress) -> Event {
+    Event::Progress(Arc::new(LoadProgress {
+        model: model.to_string(),
+        elapsed_ms: p.elapsed_ms,
+        expected_ms: p.expected_ms,
+        fraction: p.fraction,
+    }))
 }
 
 /// Backoff before the next start after `failures` consecutive failures: the
@@ -309,6 +376,8 @@ struct Actor {
     limits: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_instance: u64,
+    /// When the Starting models' progress next goes out.
+    next_progress: Instant,
     events_tx: mpsc::UnboundedSender<ChildEvent>,
     self_tx: mpsc::UnboundedSender<Msg>,
     /// Set once shutdown began: who to tell when the last child is gone.
@@ -326,6 +395,7 @@ impl Actor {
         self.publish_states();
         loop {
             let ttl_deadline = self.next_ttl_deadline();
+            let progress_deadline = self.next_progress_deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -336,6 +406,7 @@ impl Actor {
                 },
                 Some(event) = events.recv() => self.on_child_event(event),
                 _ = sleep_until_opt(ttl_deadline) => self.expire_idle(),
+                _ = sleep_until_opt(progress_deadline) => self.emit_progress(),
             }
             self.publish_states();
             if self.shutdown.is_some() && self.slots.values().all(|s| s.child.is_none()) {
@@ -347,6 +418,25 @@ impl Actor {
                 if rx.is_closed() {
                     return;
                 }
+            }
+        }
+    }
+
+    /// When progress is next due: only while a model is Starting.
+    fn next_progress_deadline(&self) -> Option<Instant> {
+        self.slots
+            .values()
+            .any(|s| s.phase == Phase::Starting)
+            .then_some(self.next_progress)
+    }
+
+    /// Sends every Starting model's progress.
+    fn emit_progress(&mut self) {
+        let now = Instant::now();
+        self.next_progress = now + PROGRESS_PERIOD;
+        for (name, slot) in &self.slots {
+            if let Some(p) = slot.progress(now) {
+                self.bus.emit(progress_event(name, p));
             }
         }
     }
@@ -401,6 +491,18 @@ impl Actor {
                 self.begin_shutdown();
                 if let Some(waiting) = &mut self.shutdown {
                     waiting.push(reply);
+                }
+            }
+            Msg::SeedLoadTimes { loads } => {
+                for (model, times) in loads {
+                    if let Some(slot) = self.slots.get_mut(model.as_str()) {
+                        if slot.load_times.is_empty() {
+                            let skip = times.len().saturating_sub(LOAD_TIMES_KEPT);
+                            for t in times.into_iter().skip(skip) {
+                                slot.remember_load(t);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -594,6 +696,18 @@ impl Actor {
 
     fn on_child_event(&mut self, event: ChildEvent) {
         match event {
+            ChildEvent::Progress {
+                model,
+                instance,
+                fraction,
+            } => {
+                if let Some(slot) = current(&mut self.slots, &model, instance)
+                    .filter(|s| s.phase == Phase::Starting)
+                {
+                    slot.child_fraction = Some(fraction);
+                }
+                return;
+            }
             ChildEvent::Ready {
                 model,
                 instance,
@@ -608,6 +722,15 @@ impl Actor {
                 };
                 tracing::info!(model = %model, load_ms = load_time.as_millis() as u64,
                     waiting = slot.waiters.len(), "model ready");
+                let done = Progress {
+                    elapsed_ms: millis(load_time),
+                    expected_ms: slot.expected_load().map(millis),
+                    fraction: Some(1.0),
+                };
+                self.bus.emit(progress_event(&model, done));
+                slot.remember_load(load_time);
+                slot.starting_since = None;
+                slot.child_fraction = None;
                 slot.phase = Phase::Ready;
                 slot.preloading = false;
                 slot.pid = Some(pid);
@@ -646,6 +769,8 @@ impl Actor {
                 };
                 slot.child = None;
                 slot.pid = None;
+                slot.starting_since = None;
+                slot.child_fraction = None;
                 if std::mem::take(&mut slot.preloading) {
                     tracing::warn!(model = %model, reason = %reason, "preload failed");
                 }
@@ -838,6 +963,15 @@ impl Actor {
             health_interval: self.limits.health_interval,
         };
         lifecycle(&self.bus, name, ModelEventKind::StartRequested, |_| {});
+        let now = Instant::now();
+        if !self.slots.values().any(|s| s.phase == Phase::Starting) {
+            self.next_progress = now + PROGRESS_PERIOD;
+        }
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        slot.starting_since = Some(now);
+        slot.child_fraction = None;
         slot.phase = Phase::Starting;
         slot.instance = instance;
         slot.gate = None;
@@ -1422,6 +1556,138 @@ mod tests {
         assert_eq!(s.load("a").await.unwrap(), Duration::ZERO);
         assert!(matches!(s.load("zz").await, Err(AcquireError::Unknown(_))));
         assert_eq!(fake.started(), ["a"]);
+    }
+
+    fn ready_after(fake: &Fake, model: &str, took: Duration) {
+        fake.with_last(model, |c| {
+            let _ = c.events.send(ChildEvent::Ready {
+                model: c.spec.model.clone(),
+                instance: c.spec.instance,
+                addr: ChildAddr::Unix("/run/test/model-1.sock".into()),
+                pid: 4242,
+                load_time: took,
+            });
+        });
+    }
+
+    async fn status_of(s: &Scheduler, model: &str) -> ModelStatus {
+        s.status()
+            .await
+            .into_iter()
+            .find(|m| m.name == model)
+            .unwrap()
+    }
+
+    fn progress_events(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<LoadProgress> {
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            if let Event::Progress(p) = e {
+                out.push((*p).clone());
+            }
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_counts_from_the_spawn_and_expects_the_median_of_past_loads() {
+        let fake = Arc::new(Fake::default());
+        let bus = Bus::detached();
+        let mut models = bus.subscribe(crate::events::Topic::Models);
+        let s = Scheduler::with_spawner(&config(TWO_MODELS), bus, fake.clone());
+        let first = acquire(&s, "a");
+        settle().await;
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_millis(250)).await;
+            settle().await;
+        }
+        let a = status_of(&s, "a").await;
+        let p = a.progress.expect("starting shows progress");
+        assert_eq!(
+            (p.elapsed_ms, p.expected_ms, p.fraction),
+            (1000, None, None)
+        );
+        assert_eq!(a.load_ms, None);
+        let seen = progress_events(&mut models);
+        assert_eq!(seen.len(), 4, "one every 250 ms: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].elapsed_ms < w[1].elapsed_ms));
+        ready_after(&fake, "a", Duration::from_millis(1000));
+        drop(first.await.unwrap().unwrap());
+        let a = status_of(&s, "a").await;
+        assert_eq!((a.progress, a.load_ms), (None, Some(1000)));
+        let at_ready = progress_events(&mut models);
+        assert_eq!(at_ready.last().and_then(|p| p.fraction), Some(1.0));
+        assert_eq!(at_ready.last().map(|p| p.elapsed_ms), Some(1000));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(progress_events(&mut models).is_empty(), "none once ready");
+
+        // The next start expects what the first took.
+        assert_eq!(s.stop("a").await, Some(true));
+        fake.exit("a", ExitReason::Stopped);
+        let second = acquire(&s, "a");
+        settle().await;
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let p = status_of(&s, "a").await.progress.unwrap();
+        assert_eq!((p.elapsed_ms, p.expected_ms), (500, Some(1000)));
+        assert_eq!(p.fraction, Some(0.5));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let p = status_of(&s, "a").await.progress.unwrap();
+        assert_eq!(p.fraction, Some(0.99), "capped while still starting");
+        // The child's own figure wins over the estimate.
+        fake.with_last("a", |c| {
+            let _ = c.events.send(ChildEvent::Progress {
+                model: c.spec.model.clone(),
+                instance: c.spec.instance,
+                fraction: 0.25,
+            });
+        });
+        // Child events and requests are separate channels: let it land.
+        settle().await;
+        let p = status_of(&s, "a").await.progress.unwrap();
+        assert_eq!(p.fraction, Some(0.25));
+        ready_after(&fake, "a", Duration::from_millis(3000));
+        drop(second.await.unwrap().unwrap());
+        // Median of 1000 and 3000.
+        assert_eq!(status_of(&s, "a").await.load_ms, Some(3000));
+        assert_eq!(s.stop("a").await, Some(true));
+        fake.exit("a", ExitReason::Stopped);
+        let third = acquire(&s, "a");
+        settle().await;
+        let p = status_of(&s, "a").await.progress.unwrap();
+        assert_eq!(p.expected_ms, Some(2000));
+        third.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn seeded_load_times_set_the_expectation_until_the_model_loads_itself() {
+        let (s, fake) = start(TWO_MODELS);
+        let ms = Duration::from_millis;
+        s.seed_load_times(HashMap::from([
+            (
+                "a".to_string(),
+                vec![
+                    ms(9000),
+                    ms(9000),
+                    ms(100),
+                    ms(200),
+                    ms(300),
+                    ms(400),
+                    ms(500),
+                ],
+            ),
+            ("gone".to_string(), vec![ms(1)]),
+        ]));
+        let a = status_of(&s, "a").await;
+        assert_eq!(a.load_ms, Some(500), "the newest seeded");
+        let waiting = acquire(&s, "a");
+        settle().await;
+        let p = status_of(&s, "a").await.progress.unwrap();
+        assert_eq!(p.expected_ms, Some(300), "median of the last five");
+        assert_eq!(status_of(&s, "b").await.load_ms, None);
+        ready_after(&fake, "a", ms(50));
+        drop(waiting.await.unwrap().unwrap());
+        // A later seed does not replace what this run has measured.
+        s.seed_load_times(HashMap::from([("a".to_string(), vec![ms(7)])]));
+        assert_eq!(status_of(&s, "a").await.load_ms, Some(50));
     }
 
     #[test]

@@ -47,8 +47,19 @@
 //! slot, so it outlasts the child's stop and start, and ends when a reload
 //! changes that model's `ttl` (or the daemon restarts).
 //!
-//! The scheduler reports through the event bus (lifecycle steps and state
-//! changes); it never calls metrics, history or the API. Its clock is
+//! While a model is Starting, its load progress is the time since its child
+//! was spawned, against the median of its last few successful load times
+//! ([`LOAD_TIMES_KEPT`], seeded from history by
+//! [`Scheduler::seed_load_times`] and updated at each Ready), with
+//! llama-server's own fraction where it prints one. It shows in
+//! [`ModelStatus::progress`] and goes out as [`Event::Progress`] about every
+//! [`PROGRESS_PERIOD`] while starting, and once at Ready.
+//!
+//! The scheduler owns every model's output ring ([`ModelLogs`], written by
+//! the supervisor's readers); [`Scheduler::logs`] is the reading side.
+//!
+//! The scheduler reports through the event bus (lifecycle steps, state
+//! changes, progress); it never calls metrics, history or the API. Its clock is
 //! tokio's, so tests drive TTLs and backoff under `tokio::time::pause()`.
 //!
 //! - [`gate`]: the atomic fast path to a ready child.
@@ -59,6 +70,7 @@ mod actor;
 mod gate;
 pub mod planner;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,8 +79,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ModelConfig, SchedulerConfig};
 use crate::events::Bus;
+#[cfg(doc)]
+use crate::events::Event;
 pub use crate::events::ModelState;
-use crate::supervisor::{Processes, Spawner, StartFailure};
+use crate::supervisor::{ModelLogs, Processes, Spawner, StartFailure};
 use crate::upstream::Upstream;
 use gate::{Gate, Gates};
 
@@ -144,6 +158,25 @@ impl Drop for Lease {
     }
 }
 
+/// How often a starting model's progress goes out on the bus.
+pub const PROGRESS_PERIOD: Duration = Duration::from_millis(250);
+/// Successful load times kept per model for the expected load time.
+pub const LOAD_TIMES_KEPT: usize = 5;
+
+/// A starting model's load progress, as `ps` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Progress {
+    /// Since its child was spawned.
+    pub elapsed_ms: u64,
+    /// The median of its last successful load times, if it loaded before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_ms: Option<u64>,
+    /// llama-server's own fraction where it prints one, else
+    /// `elapsed / expected` capped at 0.99; none without either.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+}
+
 /// One model's state as `ps` and `/health` show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelStatus {
@@ -168,6 +201,12 @@ pub struct ModelStatus {
     pub pinned: bool,
     pub starts: u64,
     pub last_error: Option<String>,
+    /// While Starting with a child spawned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Its last successful load time (this run or, seeded, from history).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<u64>,
 }
 
 /// A requester waiting for a model.
@@ -207,6 +246,11 @@ enum Msg {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// Load times from history, oldest first, for models that have none
+    /// yet.
+    SeedLoadTimes {
+        loads: HashMap<String, Vec<Duration>>,
+    },
     Reconfigure {
         limits: SchedulerConfig,
         models: Vec<ModelConfig>,
@@ -219,24 +263,49 @@ enum Msg {
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Msg>,
     gates: Gates,
+    logs: ModelLogs,
 }
 
 impl Scheduler {
     /// Starts the actor for a config's models, with real child processes
     /// whose sockets go in the config's runtime directory.
     pub fn start(config: &Config, bus: Bus) -> Scheduler {
+        let logs = ModelLogs::new(config.model_log_lines);
         let processes = Processes {
             runtime_dir: config.runtime_dir.as_deref().map(Arc::from),
+            logs: logs.clone(),
         };
-        Scheduler::with_spawner(config, bus, Arc::new(processes))
+        Scheduler::with_spawner_and_logs(config, bus, Arc::new(processes), logs)
     }
 
     /// Starts the actor with children made by `spawner`.
     pub fn with_spawner(config: &Config, bus: Bus, spawner: Arc<dyn Spawner>) -> Scheduler {
+        let logs = ModelLogs::new(config.model_log_lines);
+        Scheduler::with_spawner_and_logs(config, bus, spawner, logs)
+    }
+
+    fn with_spawner_and_logs(
+        config: &Config,
+        bus: Bus,
+        spawner: Arc<dyn Spawner>,
+        logs: ModelLogs,
+    ) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let gates = Gates::default();
         actor::spawn(config, bus, spawner, gates.clone(), tx.clone(), rx);
-        Scheduler { tx, gates }
+        Scheduler { tx, gates, logs }
+    }
+
+    /// Every model's recent output lines.
+    pub fn logs(&self) -> &ModelLogs {
+        &self.logs
+    }
+
+    /// Gives models their past load times (from history, oldest first) for
+    /// the expected time of their next load; a model that has loaded in
+    /// this run already keeps its own.
+    pub fn seed_load_times(&self, loads: HashMap<String, Vec<Duration>>) {
+        let _ = self.tx.send(Msg::SeedLoadTimes { loads });
     }
 
     /// Waits until `model` (a canonical name) is ready and leases it.
@@ -324,6 +393,9 @@ impl Scheduler {
     /// Applies a reloaded config: new models become available, removed ones
     /// are drained and stopped, changed ones restart once idle.
     pub async fn reconfigure(&self, config: &Config) {
+        self.logs.set_capacity(config.model_log_lines);
+        self.logs
+            .retain(&config.models.iter().map(|m| m.name.as_str()).collect());
         let (reply, rx) = oneshot::channel();
         let msg = Msg::Reconfigure {
             limits: config.scheduler.clone(),
@@ -338,6 +410,9 @@ impl Scheduler {
     /// Fails waiting requests, stops every child, and returns once all
     /// have exited.
     pub async fn shutdown(&self) {
+        // Log followers hold connections open; the drain must not wait on
+        // them.
+        self.logs.close();
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Msg::Shutdown { reply }).is_ok() {
             let _ = rx.await;

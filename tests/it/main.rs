@@ -25,6 +25,10 @@
 //!   real llama-server.
 //! - `ollama`: Ollama's API with the official Python client and field by
 //!   field.
+//! - `logs`: per-model log rings and `/admin/logs/{model}` (snapshot and
+//!   SSE follow) with the real llama-server and a flooding child; load
+//!   progress in `/admin/ps` and `/v1/models`, and its expected time from
+//!   past loads, in memory and from history after a restart.
 //! - `ollama_js`: the official `ollama` and `openai` npm clients under
 //!   node.
 //! - `run`: `claracore run`, one-shot and interactive through a real
@@ -44,6 +48,7 @@ mod files;
 mod history;
 mod hostile;
 mod llama;
+mod logs;
 mod models;
 mod ollama;
 mod ollama_js;

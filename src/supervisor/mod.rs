@@ -5,10 +5,13 @@
 //! port only, picks a loopback port), execs the argv (never a shell) in a
 //! new process group with
 //! `PR_SET_PDEATHSIG=SIGKILL`, copies each output line into tracing with the
-//! model's name, polls the health path until it answers 200, then pings it
-//! periodically. It reports to the scheduler through [`ChildEvent`]s, exactly
-//! one `Ready` at most and exactly one terminal event (`StartFailed` or
-//! `Exited`), and stops the child when its [`ChildHandle`] asks or is dropped.
+//! model's name and into the model's ring ([`logs`]), polls the health path
+//! until it answers 200, then pings it periodically. It reports to the
+//! scheduler through [`ChildEvent`]s, exactly one `Ready` at most and exactly
+//! one terminal event (`StartFailed` or `Exited`), and stops the child when
+//! its [`ChildHandle`] asks or is dropped. While the child starts, the load
+//! fractions llama-server prints (as a router's child does) go out as
+//! `Progress` events before `Ready`.
 //!
 //! Stop escalation: SIGTERM to the process group; after the grace period,
 //! SIGKILL to the group; then reap. A child's socket file is removed once
@@ -31,6 +34,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::ChildAddr;
+
+pub mod logs;
+pub use logs::{LogLine, LogStream, ModelLogs};
 
 /// Variables that belong to the daemon's own systemd protocol and must not
 /// leak into children.
@@ -96,6 +102,13 @@ pub enum StartFailure {
 /// Reports from a child's task to the scheduler.
 #[derive(Debug)]
 pub enum ChildEvent {
+    /// The child printed how far its load has come (0.0 to 1.0); only
+    /// before `Ready`.
+    Progress {
+        model: Arc<str>,
+        instance: u64,
+        fraction: f64,
+    },
     Ready {
         model: Arc<str>,
         instance: u64,
@@ -157,27 +170,29 @@ pub trait Spawner: Send + Sync + 'static {
 
 /// Real child processes, each supervised by its own task; their sockets
 /// go in `runtime_dir` (without one, a child that needs a socket fails to
-/// start).
+/// start), their output lines in `logs`.
 #[derive(Debug, Default, Clone)]
 pub struct Processes {
     pub runtime_dir: Option<Arc<Path>>,
+    pub logs: ModelLogs,
 }
 
 impl Spawner for Processes {
     fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
-        spawn(spec, self.runtime_dir.clone(), events)
+        spawn(spec, self.runtime_dir.clone(), self.logs.clone(), events)
     }
 }
 
 /// Starts supervising a new child, its socket (if it takes one) in
-/// `runtime_dir`.
+/// `runtime_dir`, its output kept in `logs`.
 pub fn spawn(
     spec: ChildSpec,
     runtime_dir: Option<Arc<Path>>,
+    logs: ModelLogs,
     events: mpsc::UnboundedSender<ChildEvent>,
 ) -> ChildHandle {
     let (stop_tx, stop_rx) = oneshot::channel();
-    let task = tokio::spawn(run(spec, runtime_dir, events, stop_rx));
+    let task = tokio::spawn(run(spec, runtime_dir, logs, events, stop_rx));
     ChildHandle {
         stop: Some(stop_tx),
         task: Some(task),
@@ -275,6 +290,7 @@ impl Running {
 async fn run(
     spec: ChildSpec,
     runtime_dir: Option<Arc<Path>>,
+    logs: ModelLogs,
     events: mpsc::UnboundedSender<ChildEvent>,
     stop_rx: oneshot::Receiver<()>,
 ) {
@@ -298,7 +314,7 @@ async fn run(
     } else {
         None
     };
-    let terminal = supervise(&spec, socket.as_deref(), &events, stop_rx).await;
+    let terminal = supervise(&spec, socket.as_deref(), &logs, &events, stop_rx).await;
     // Gone before anyone hears the child has stopped.
     if let Some(path) = &socket {
         remove_socket(&spec.model, path);
@@ -321,6 +337,7 @@ fn remove_socket(model: &str, path: &Path) {
 async fn supervise(
     spec: &ChildSpec,
     socket: Option<&Path>,
+    logs: &ModelLogs,
     events: &mpsc::UnboundedSender<ChildEvent>,
     mut stop_rx: oneshot::Receiver<()>,
 ) -> ChildEvent {
@@ -337,7 +354,7 @@ async fn supervise(
     let mut attempt = 0;
     let mut running = loop {
         attempt += 1;
-        let mut running = match start_child(spec, socket) {
+        let mut running = match start_child(spec, socket, logs, events) {
             Ok(r) => r,
             Err(reason) => return start_failed(StartFailure::Spawn(reason)),
         };
@@ -498,7 +515,12 @@ async fn supervise_ready(
 /// Starts the child on `socket`, or on a fresh loopback port without one
 /// (a `{port}` beside a `{socket}` gets a free port too, unused by
 /// claracore).
-fn start_child(spec: &ChildSpec, socket: Option<&Path>) -> Result<Running, String> {
+fn start_child(
+    spec: &ChildSpec,
+    socket: Option<&Path>,
+    logs: &ModelLogs,
+    events: &mpsc::UnboundedSender<ChildEvent>,
+) -> Result<Running, String> {
     let port = free_port().map_err(|e| format!("no free loopback port: {e}"))?;
     let addr = match socket {
         Some(path) => {
@@ -538,23 +560,24 @@ fn start_child(spec: &ChildSpec, socket: Option<&Path>) -> Result<Running, Strin
     }
     let tail = Tail::default();
     let loaded_hint = Arc::new(Notify::new());
+    let ring = logs.ring(&spec.model);
+    let output = |stream, tail| Output {
+        model: spec.model.clone(),
+        instance: spec.instance,
+        pid,
+        tail,
+        loaded_hint: loaded_hint.clone(),
+        ring: ring.clone(),
+        stream,
+        events: events.clone(),
+    };
     let mut readers = Vec::with_capacity(2);
     if let Some(out) = child.stdout.take() {
-        let output = Output {
-            model: spec.model.clone(),
-            pid,
-            tail: None,
-            loaded_hint: loaded_hint.clone(),
-        };
+        let output = output(LogStream::Stdout, None);
         readers.push(tokio::spawn(copy_lines(out, output)));
     }
     if let Some(err) = child.stderr.take() {
-        let output = Output {
-            model: spec.model.clone(),
-            pid,
-            tail: Some(tail.clone()),
-            loaded_hint: loaded_hint.clone(),
-        };
+        let output = output(LogStream::Stderr, Some(tail.clone()));
         readers.push(tokio::spawn(copy_lines(err, output)));
     }
     Ok(Running {
@@ -612,26 +635,58 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// Copies a child's output into tracing line by line.
 /// Where a child's output stream goes.
 struct Output {
     model: Arc<str>,
+    instance: u64,
     pid: u32,
     /// Kept for failure reports (stderr only).
     tail: Option<Tail>,
     loaded_hint: Arc<Notify>,
+    /// The model's ring, shared with its other children.
+    ring: Arc<logs::Ring>,
+    stream: LogStream,
+    /// Where load progress goes.
+    events: mpsc::UnboundedSender<ChildEvent>,
 }
 
 /// llama-server's log line once its model is loaded; `/health` turns 200
 /// right after it.
 const LOADED_MARKER: &str = "model loaded";
 
+/// What llama-server prints, as a router's child, for each state change
+/// (followed by one line of JSON); loading carries its fraction.
+const ROUTER_STATE_MARKER: &str = "cmd_child_to_router:state:";
+
+/// The load fraction of a llama-server state line such as
+/// `cmd_child_to_router:state:{"state":"loading","payload":{"value":0.42}}`
+/// (the fraction in `payload.value`, or `value` beside it in some
+/// versions), clamped to 0.0..=1.0. Anything else: none.
+pub fn parse_load_progress(line: &str) -> Option<f64> {
+    let (_, json) = line.split_once(ROUTER_STATE_MARKER)?;
+    let v: serde_json::Value = serde_json::from_str(json.trim()).ok()?;
+    if v.get("state")?.as_str()? != "loading" {
+        return None;
+    }
+    let value = v
+        .get("payload")
+        .and_then(|p| p.get("value"))
+        .or_else(|| v.get("value"))?
+        .as_f64()?;
+    value.is_finite().then(|| value.clamp(0.0, 1.0))
+}
+
+/// Copies a child's output into tracing and its model's ring line by line.
 async fn copy_lines(stream: impl AsyncRead + Unpin, out: Output) {
     let Output {
         model,
+        instance,
         pid,
         tail,
         loaded_hint,
+        ring,
+        stream: which,
+        events,
     } = out;
     let mut lines = BufReader::new(stream).lines();
     // Non-UTF-8 output ends line mode; the pipe then closes and the child
@@ -655,8 +710,16 @@ async fn copy_lines(stream: impl AsyncRead + Unpin, out: Output) {
                 tracing::info!(target: "claracore::child", model = %model, child_pid = pid, "{line}")
             }
         }
+        ring.push(crate::events::now_ms(), which, line);
         if line.contains(LOADED_MARKER) {
             loaded_hint.notify_one();
+        }
+        if let Some(fraction) = parse_load_progress(line) {
+            let _ = events.send(ChildEvent::Progress {
+                model: model.clone(),
+                instance,
+                fraction,
+            });
         }
         if let Some(tail) = &tail {
             tail.push(line.to_string());
@@ -942,6 +1005,29 @@ mod tests {
         assert!(oom_killed(Some(2), Some(3)));
         assert!(!oom_killed(Some(2), Some(2)));
         assert!(!oom_killed(None, Some(3)));
+    }
+
+    #[test]
+    fn llama_server_load_progress_lines_are_parsed() {
+        // As llama-server prints them when run by a router (captured from
+        // llama.cpp's server-context load_progress_callback); the child's
+        // pid prefix is how a router's own log shows them.
+        let lines = [
+            (r#"cmd_child_to_router:state:{"state":"loading","payload":{"stages":["text_model"],"current":"text_model","value":0.0}}"#, Some(0.0)),
+            (r#"cmd_child_to_router:state:{"state":"loading","payload":{"stages":["text_model","mmproj_model"],"current":"text_model","value":0.4375}}"#, Some(0.4375)),
+            (r#"[39281] cmd_child_to_router:state:{"state":"loading","payload":{"current":"text_model","value":1.4}}"#, Some(1.0)),
+            (r#"cmd_child_to_router:state:{"state":"loading","payload":{"id":"m"},"value":0.25}"#, Some(0.25)),
+            (r#"cmd_child_to_router:state:{"state":"loading","payload":{"value":-0.2}}"#, Some(0.0)),
+            (r#"cmd_child_to_router:state:{"state":"ready","payload":{"n_ctx":8192}}"#, None),
+            (r#"cmd_child_to_router:state:{"state":"loading""#, None),
+            (r#"cmd_child_to_router:state:{"state":"loading","payload":{"value":"half"}}"#, None),
+            ("0.00.102.822 I srv  llama_server: model loaded", None),
+            ("0.00.047.132 I load_tensors: loading model tensors, this can take a while... (load_mode = none)", None),
+            ("..................................................", None),
+        ];
+        for (line, want) in lines {
+            assert_eq!(parse_load_progress(line), want, "{line}");
+        }
     }
 
     #[test]
