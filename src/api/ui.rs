@@ -137,19 +137,9 @@ pub(super) fn root() -> Response<BoxBody> {
     redirect("/ui/", StatusCode::PERMANENT_REDIRECT)
 }
 
-/// An embedded file; `/ui/` without a live session (and not open) sends
-/// the browser to the login page.
-pub(super) fn serve_asset(
-    state: &AppState,
-    which: UiAsset,
-    headers: &HeaderMap,
-) -> Response<BoxBody> {
-    if which == UiAsset::Index {
-        let config = state.config();
-        if !session::open_mode(&config) && current(state, headers).is_none() {
-            return redirect("/ui/login", StatusCode::SEE_OTHER);
-        }
-    }
+/// An embedded file. The app page is served without a session too (it
+/// holds no data; its script sends a browser without one to the login).
+pub(super) fn serve_asset(which: UiAsset, headers: &HeaderMap) -> Response<BoxBody> {
     let a = asset(which);
     let tag = etag(which);
     let matches = headers
