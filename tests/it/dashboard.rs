@@ -700,3 +700,36 @@ async fn the_assets_reach_no_other_host_and_never_write_html_from_data() {
         assert!(login.contains(part), "{part}");
     }
 }
+
+#[test]
+fn a_bad_dashboard_table_exits_78_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (text, want) in [
+        (
+            "[dashboard]\npassword_hash = \"hunter2\"\n",
+            ":2:17: dashboard.password_hash: not a PHC string",
+        ),
+        (
+            "[dashboard]\npassword_hash_file = \"/nonexistent/pw\"\n",
+            ":2:22: dashboard.password_hash_file: cannot read /nonexistent/pw",
+        ),
+    ] {
+        write_file(&path, text);
+        for args in [
+            vec!["check-config", path.to_str().unwrap()],
+            vec!["serve", "--config", path.to_str().unwrap()],
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_claracore"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
+            assert!(
+                err.contains(&format!("{}{want}", path.display())),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
