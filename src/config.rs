@@ -377,6 +377,7 @@ pub struct Config {
     pub model_log_lines: usize,
     /// Sorted by name.
     pub auth: AuthConfig,
+    pub dashboard: DashboardConfig,
     pub models: Vec<ModelConfig>,
     /// The private (0700) directory for the children's unix sockets. Not a
     /// key of the file: the daemon's bootstrap creates the directory and
@@ -403,6 +404,8 @@ struct RawConfig {
     logging: RawLogging,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    dashboard: RawDashboard,
     #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
 }
@@ -777,6 +780,7 @@ impl Config {
         }
 
         let auth = validate_auth(&src, &raw.auth, &listen, &models)?;
+        let dashboard = validate_dashboard(&src, &raw.dashboard)?;
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -791,6 +795,7 @@ impl Config {
             history,
             model_log_lines,
             auth,
+            dashboard,
             models,
             runtime_dir: None,
         })
@@ -1075,6 +1080,141 @@ fn validate_auth(
     })
 }
 
+/// `[dashboard]`: the web UI's login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardConfig {
+    /// The argon2id PHC string a password login is checked against (from
+    /// `password_hash` or the file `password_hash_file` names); `None`: no
+    /// password login.
+    pub password_hash: Option<String>,
+    /// How long a session lasts after its login.
+    pub session_lifetime: Duration,
+    /// Peers whose `X-Forwarded-Proto` is believed (a TLS-terminating
+    /// reverse proxy), for the cookie's `Secure` flag.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            password_hash: None,
+            session_lifetime: DEFAULT_SESSION_LIFETIME,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Default of `dashboard.session_lifetime`.
+pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// What a leading `$CREDENTIALS_DIRECTORY/` in `password_hash_file` stands
+/// for: systemd's `LoadCredential=` directory of the service.
+const CREDENTIALS_VAR: &str = "$CREDENTIALS_DIRECTORY/";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDashboard {
+    password_hash: Option<Spanned<String>>,
+    password_hash_file: Option<Spanned<String>>,
+    session_lifetime: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// Checks that `text` is an argon2id PHC string; the message says what is
+/// wrong with it.
+pub fn check_password_hash(text: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(text).map_err(|e| {
+        format!("not a PHC string like \"$argon2id$v=19$m=19456,t=2,p=1$…\" ({e}); `claracore dashboard hash-password` prints one")
+    })?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "the hash is {}, not argon2id; `claracore dashboard hash-password` prints an argon2id one",
+            parsed.algorithm
+        ));
+    }
+    argon2::Params::try_from(&parsed)
+        .map_err(|e| format!("argon2id parameters are invalid ({e})"))?;
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err("the PHC string has no salt or no hash".into());
+    }
+    Ok(())
+}
+
+fn validate_dashboard(
+    src: &Source<'_>,
+    raw: &RawDashboard,
+) -> Result<DashboardConfig, ConfigError> {
+    let password_hash =
+        match (&raw.password_hash, &raw.password_hash_file) {
+            (Some(_), Some(file)) => return Err(src.error(
+                file,
+                "dashboard.password_hash_file: give password_hash or password_hash_file, not both",
+            )),
+            (Some(h), None) => {
+                let text = h.get_ref().trim();
+                check_password_hash(text)
+                    .map_err(|e| src.error(h, format!("dashboard.password_hash: {e}")))?;
+                Some(text.to_string())
+            }
+            (None, Some(file)) => {
+                let path = credential_path(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    src.error(
+                        file,
+                        format!(
+                            "dashboard.password_hash_file: cannot read {}: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+                let text = text.trim();
+                check_password_hash(text).map_err(|e| {
+                    src.error(
+                        file,
+                        format!("dashboard.password_hash_file: {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.to_string())
+            }
+            (None, None) => None,
+        };
+    let session_lifetime = match &raw.session_lifetime {
+        None => DEFAULT_SESSION_LIFETIME,
+        Some(v) => nonzero(src, "dashboard.session_lifetime", v)?,
+    };
+    let mut trusted_proxies = Vec::with_capacity(raw.trusted_proxies.len());
+    for p in &raw.trusted_proxies {
+        let ip = p.get_ref().trim().parse().map_err(|_| {
+            src.error(
+                p,
+                format!(
+                    "dashboard.trusted_proxies: {:?} is not an IP address",
+                    p.get_ref()
+                ),
+            )
+        })?;
+        trusted_proxies.push(ip);
+    }
+    Ok(DashboardConfig {
+        password_hash,
+        session_lifetime,
+        trusted_proxies,
+    })
+}
+
+/// A `password_hash_file` path: a leading `$CREDENTIALS_DIRECTORY/` is the
+/// directory systemd's `LoadCredential=` fills (read here, once per load,
+/// since only this key uses it); anything else as written.
+fn credential_path(text: &str) -> PathBuf {
+    match text.strip_prefix(CREDENTIALS_VAR) {
+        Some(rest) => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join(rest),
+            None => PathBuf::from(text),
+        },
+        None => PathBuf::from(text),
+    }
+}
+
 fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {
     let d = src.duration(key, v)?;
     if d.is_zero() {
@@ -1345,6 +1485,48 @@ health = "/health"
         );
         let e = err("[http]\nmax_body_bytes = 5000000000\n");
         assert!(e.contains("at most 4294967295"), "{e}");
+    }
+
+    /// A real argon2id PHC string (of "pw"), as `claracore dashboard
+    /// hash-password` prints.
+    const PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$1sGHDcE6HaFBFQe6mgoYJA$8ApO4nFsT8+C+d1YBN1syU6JPL0sdqmNaN71jRnHvGU";
+
+    #[test]
+    fn the_dashboard_table_reads_a_hash_or_a_credential_file_and_says_what_is_wrong() {
+        let c = parse("").unwrap();
+        assert_eq!(c.dashboard, DashboardConfig::default());
+        assert_eq!(c.dashboard.session_lifetime, Duration::from_secs(86400));
+        let c = parse(&format!(
+            "[dashboard]\npassword_hash = \"{PHC}\"\nsession_lifetime = \"8h\"\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.dashboard.password_hash.as_deref(), Some(PHC));
+        assert_eq!(c.dashboard.session_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(c.dashboard.trusted_proxies.len(), 2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dashboard-password");
+        std::fs::write(&file, format!("{PHC}\n")).unwrap();
+        let c = parse(&format!(
+            "[dashboard]\npassword_hash_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.dashboard.password_hash.as_deref(), Some(PHC), "trimmed");
+
+        for (text, want) in [
+            ("[dashboard]\npassword_hash = \"hunter2\"", "test.toml:2:17: dashboard.password_hash: not a PHC string"),
+            ("[dashboard]\npassword_hash = \"$argon2i$v=19$m=19456,t=2,p=1$1sGHDcE6HaFBFQe6mgoYJA$8ApO4nFsT8+C+d1YBN1syU6JPL0sdqmNaN71jRnHvGU\"", "is argon2i, not argon2id"),
+            ("[dashboard]\npassword_hash_file = \"/nonexistent/pw\"", "test.toml:2:22: dashboard.password_hash_file: cannot read /nonexistent/pw"),
+            ("[dashboard]\npassword_hash = \"x\"\npassword_hash_file = \"/y\"", "not both"),
+            ("[dashboard]\nsession_lifetime = \"0\"", "dashboard.session_lifetime: must be greater than 0"),
+            ("[dashboard]\nsession_lifetime = \"soon\"", "dashboard.session_lifetime"),
+            ("[dashboard]\ntrusted_proxies = [\"proxy.lan\"]", "test.toml:2:20: dashboard.trusted_proxies: \"proxy.lan\" is not an IP address"),
+            ("[dashboard]\npasword_hash = \"x\"", "unknown field `pasword_hash`"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

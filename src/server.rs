@@ -103,6 +103,7 @@ pub async fn serve(
         ),
         next_request: std::sync::atomic::AtomicU64::new(0),
         ollama: Default::default(),
+        sessions: Default::default(),
     });
     // Before any request can start a model, so its first load already
     // has an expected time.
