@@ -31,8 +31,13 @@ pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Idle connections kept per child when its requests are not limited.
 const MAX_IDLE_UNLIMITED: usize = 64;
-/// How long an idle pooled connection to a child is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle pooled connection to a child is kept: less than
+/// llama-server's own keep-alive timeout (cpp-httplib's 5 s, measured: it
+/// closes an idle connection 5.0 s after its last answer). With a longer
+/// one, a request sent on a connection the child is closing at that moment
+/// is lost ("did not answer", a 502) — the bench's streams hit it after
+/// 5–11 s idle, and so did nginx's pool to the same child.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// The request URI's authority and `Host` for a child on a unix socket:
 /// the socket is the address, and llama-server does not check the name.
 const UNIX_AUTHORITY: &str = "localhost";
