@@ -9,6 +9,7 @@
 //! - [`health`]: `/health`, `/live`, `/ready`, `/metrics`.
 //! - [`ollama`]: Ollama's API, `/api/*` and `GET /`, translated.
 //! - [`error`]: error → status, outcome and body.
+//! - [`events`]: `/admin/events`, the bus as Server-Sent Events.
 //!
 //! Every request on an inference route gets an `x-request-id` and a history
 //! row, whether it was answered, refused or cut short.
@@ -16,6 +17,7 @@
 mod admin;
 pub mod body;
 pub mod error;
+pub mod events;
 mod health;
 pub mod ollama;
 mod openai;
@@ -56,6 +58,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Where finished requests are reported.
     pub bus: Bus,
+    /// The events stream's replay ring and client hub (also a sink of
+    /// `bus`).
+    pub events: Arc<events::EventLog>,
     /// Request-body bytes all requests together may hold in memory.
     pub body_budget: body::BodyBudget,
     /// Keys and throttling state; replaced with the config on reload.
@@ -231,6 +236,7 @@ async fn dispatch(
         Route::AdminStats => admin::stats(ctx, query).await,
         Route::AdminBackup => admin::backup(ctx).await,
         Route::AdminAudit => admin::audit_list(ctx, query).await,
+        Route::AdminEvents => events::stream(ctx, &req).await,
     }
 }
 

@@ -22,6 +22,7 @@
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //! | GET  /admin/audit                       | admin actions and rejected keys     |
+//! | GET  /admin/events                      | live events (SSE, resumable)        |
 //! | GET, HEAD /                             | Ollama's "Ollama is running" probe  |
 //! | GET  /api/version                       | Ollama's version answer             |
 //! | POST /api/chat, /api/generate, /api/embed, /api/embeddings | Ollama, translated to the child's OpenAI endpoints |
@@ -170,6 +171,8 @@ pub enum Route {
     AdminStats,
     AdminBackup,
     AdminAudit,
+    /// `GET /admin/events`: the bus as Server-Sent Events.
+    AdminEvents,
 }
 
 impl Route {
@@ -196,7 +199,8 @@ impl Route {
             | Route::AdminPs
             | Route::AdminHistory
             | Route::AdminHistoryEntry { .. }
-            | Route::AdminStats => READ,
+            | Route::AdminStats
+            | Route::AdminEvents => READ,
             // The pass-through reaches every llama-server endpoint.
             Route::Upstream { .. }
             | Route::AdminStop { .. }
@@ -297,6 +301,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["admin", "stats"] => (Route::AdminStats, GET),
         ["admin", "backup"] => (Route::AdminBackup, POST),
         ["admin", "audit"] => (Route::AdminAudit, GET),
+        ["admin", "events"] => (Route::AdminEvents, GET),
         _ => return Err(NoRoute::NotFound),
     };
     if allow.contains(method) {
@@ -372,6 +377,8 @@ mod tests {
         assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
         assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
         assert_eq!(ok(Method::GET, "/admin/audit"), Route::AdminAudit);
+        assert_eq!(ok(Method::GET, "/admin/events"), Route::AdminEvents);
+        assert_eq!(Route::AdminEvents.scopes(false), [Scope::Read]);
         assert_eq!(ok(Method::GET, "/"), Route::OllamaRoot);
         assert_eq!(ok(Method::HEAD, "/"), Route::OllamaRoot);
         for (m, path, r) in [

@@ -238,7 +238,12 @@ impl Sink for Recorder {
             Event::Request(r) => self.send(Item::Request(r.clone())),
             Event::Model(e) => self.send(Item::Event(e.clone())),
             Event::Audit(a) => self.send(Item::Audit(a.clone())),
-            Event::State { .. } | Event::Removed { .. } => {}
+            Event::State { .. }
+            | Event::Removed { .. }
+            | Event::RequestStarted(_)
+            | Event::Queue { .. }
+            | Event::Reload(_)
+            | Event::HistoryDrops { .. } => {}
         }
     }
 }

@@ -159,6 +159,8 @@ struct Slot {
     stop_reason: Option<StopReason>,
     /// The state last published on the bus.
     shown: Option<ModelState>,
+    /// The waiter count last published on the bus.
+    shown_waiting: usize,
 }
 
 impl Slot {
@@ -184,6 +186,7 @@ impl Slot {
             keep_alive: None,
             stop_reason: None,
             shown: None,
+            shown_waiting: 0,
         }
     }
 
@@ -351,8 +354,11 @@ impl Actor {
         }
     }
 
-    /// Emits the state of every model whose state changed since it was
-    /// last shown.
+    /// Emits the state, and the number of requests waiting, of every
+    /// model where they changed since they were last shown. The count is
+    /// of waiters held, a client that left among them until the next
+    /// prune: counting live ones would cost a pass over the queue per
+    /// message.
     fn publish_states(&mut self) {
         for (name, slot) in &mut self.slots {
             let state = slot.phase.state();
@@ -361,6 +367,14 @@ impl Actor {
                 self.bus.emit(Event::State {
                     model: name.clone(),
                     state,
+                });
+            }
+            let waiting = slot.waiters.len();
+            if slot.shown_waiting != waiting {
+                slot.shown_waiting = waiting;
+                self.bus.emit(Event::Queue {
+                    model: name.clone(),
+                    waiting,
                 });
             }
         }
