@@ -66,7 +66,7 @@ pub const CLIENT_QUEUE: usize = 256;
 /// How often an idle stream says it is alive.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Queued messages one poll of a body takes at most, as one frame.
-const FRAME_BATCH: usize = 64;
+const FRAME_BATCH: usize = 16;
 
 /// The handle by which a request's connection can be closed at once
 /// (not gracefully): the server puts one in every request's extensions
@@ -498,10 +498,12 @@ fn parse_request(
                     }
                 }
             }
-            other => return Err(ApiError::BadRequest(format!(
+            other => {
+                return Err(ApiError::BadRequest(format!(
                 "unknown query parameter {:?}; /admin/events takes last_event_id and replay_only",
                 super::error::cut(other, 32)
-            ))),
+            )))
+            }
         }
     }
     // The header wins: a browser's EventSource sends it on reconnect,

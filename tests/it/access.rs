@@ -238,6 +238,15 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::GET, "/admin/stats", None, Needs::Read, false),
         (Method::POST, "/admin/backup", None, Needs::Admin, false),
         (Method::GET, "/admin/audit", None, Needs::Admin, false),
+        // The stream ends after its replay, so the matrix can read it to
+        // the end.
+        (
+            Method::GET,
+            "/admin/events?replay_only=1",
+            None,
+            Needs::Read,
+            false,
+        ),
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
         (Method::GET, "/", None, Needs::Open, false),
         (Method::HEAD, "/", None, Needs::Open, false),

@@ -13,6 +13,8 @@
 //!   the real llama-server; bad input on the routes they use.
 //! - `connections`: the connection cap, idle connections past the fd
 //!   limit, memory after crowds of them.
+//! - `events`: the `/admin/events` stream: order and completeness against
+//!   history, resume, a stalled client, no content, its scope.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `files`: modes of the state files under a permissive umask; the demo
@@ -39,6 +41,7 @@ mod cli;
 mod clients;
 mod common;
 mod connections;
+mod events;
 mod faults;
 mod files;
 mod history;
