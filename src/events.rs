@@ -40,6 +40,17 @@ pub enum Event {
     /// How far a starting model's load has come: about every 250 ms while
     /// it starts, and once at Ready with `fraction` 1.0.
     Progress(Arc<LoadProgress>),
+    /// A request's model is known and it is about to wait for it: the
+    /// `request_started` of the events stream. No content, ever.
+    RequestStarted(Arc<RequestStart>),
+    /// The number of requests waiting for `model` (to start, or to drain
+    /// and restart) changed.
+    Queue { model: Arc<str>, waiting: usize },
+    /// A config reload ended (SIGHUP, `systemctl reload`).
+    Reload(Arc<ReloadResult>),
+    /// History rows dropped since start grew to `dropped` (the running
+    /// total).
+    HistoryDrops { dropped: u64 },
 }
 
 /// Which live events a subscriber gets.
@@ -58,8 +69,12 @@ impl Event {
             | Event::State { .. }
             | Event::Removed { .. }
             | Event::Audit(_)
-            | Event::Progress(_) => Topic::Models,
-            Event::Request(_) => Topic::Requests,
+            | Event::Progress(_)
+            | Event::Reload(_)
+            | Event::HistoryDrops { .. } => Topic::Models,
+            // One or more per request: kept off the topic the STATUS=
+            // reporter wakes for.
+            Event::Request(_) | Event::RequestStarted(_) | Event::Queue { .. } => Topic::Requests,
         }
     }
 }
@@ -380,6 +395,25 @@ pub struct LoadProgress {
     /// `elapsed / expected` capped at 0.99; absent with neither.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fraction: Option<f64>,
+}
+
+/// A request whose model is known, as it goes to wait for it.
+#[derive(Debug, Clone)]
+pub struct RequestStart {
+    /// The id its [`RequestRecord`] will carry.
+    pub request_id: String,
+    pub model: Option<String>,
+    pub endpoint: String,
+    pub key_name: Option<String>,
+    pub client: String,
+}
+
+/// How a config reload ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadResult {
+    pub ok: bool,
+    /// Why the new file was refused (the old config stays in force).
+    pub error: Option<String>,
 }
 
 /// One `model_events` row.

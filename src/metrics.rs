@@ -87,6 +87,8 @@ pub struct Metrics {
     rss: Gauge,
     cpu: Gauge<f64, std::sync::atomic::AtomicU64>,
     fds: Gauge,
+    event_clients: Gauge,
+    event_clients_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -190,6 +192,18 @@ impl Metrics {
             "Daemon open file descriptors",
             fds.clone(),
         );
+        let event_clients = Gauge::default();
+        registry.register(
+            "claracore_event_clients",
+            "Clients connected to /admin/events",
+            event_clients.clone(),
+        );
+        let event_clients_dropped = Counter::default();
+        registry.register(
+            "claracore_event_clients_dropped",
+            "Event stream clients disconnected for falling behind",
+            event_clients_dropped.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -206,7 +220,19 @@ impl Metrics {
             rss,
             cpu,
             fds,
+            event_clients,
+            event_clients_dropped,
         }
+    }
+
+    /// An events-stream client connected (+1) or left (-1).
+    pub fn event_clients_add(&self, delta: i64) {
+        self.event_clients.inc_by(delta);
+    }
+
+    /// An events-stream client was cut off for falling behind.
+    pub fn event_client_dropped(&self) {
+        self.event_clients_dropped.inc();
     }
 
     /// A finished request, from the same record history stores.
@@ -313,8 +339,13 @@ impl Sink for Metrics {
             Event::Request(r) => self.observe_request(r),
             Event::Model(e) => self.observe_lifecycle(e),
             Event::State { model, state } => self.observe_state(model, *state),
-            Event::Removed { .. } | Event::Audit(_) => {}
-            Event::Progress(_) => {}
+            Event::Progress(_)
+            | Event::Removed { .. }
+            | Event::Audit(_)
+            | Event::RequestStarted(_)
+            | Event::Queue { .. }
+            | Event::Reload(_)
+            | Event::HistoryDrops { .. } => {}
         }
     }
 }

@@ -86,7 +86,13 @@ pub async fn serve(
 ) -> Drained {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
-    let bus = Bus::new(vec![Arc::new(recorder.clone()), metrics.clone()]);
+    // Last, so history and metrics see each event before the stream does.
+    let events = api::events::EventLog::start(metrics.clone());
+    let bus = Bus::new(vec![
+        Arc::new(recorder.clone()),
+        metrics.clone(),
+        events.clone(),
+    ]);
     // Before the scheduler starts, so the first states are seen.
     let model_events = bus.subscribe(Topic::Models);
     let state = Arc::new(AppState {
@@ -97,6 +103,7 @@ pub async fn serve(
         recorder,
         metrics,
         bus,
+        events,
         auth: std::sync::RwLock::new(Arc::new(crate::auth::Auth::new(&config.auth))),
         body_budget: api::body::BodyBudget::new(
             usize::try_from(config.http.body_memory_bytes).unwrap_or(usize::MAX),
@@ -156,6 +163,7 @@ pub async fn serve(
         .map(|interval| tokio::spawn(watchdog(state.clone(), notifier.clone(), interval)));
     let sample_task = tokio::spawn(sample(state.clone()));
     let trim_task = tokio::spawn(trim_when_idle(state.clone(), conns.clone()));
+    let drops_task = tokio::spawn(report_history_drops(state.clone()));
 
     while let Some(Control::Reload) = control.recv().await {
         reload(&state, &notifier, &systemd.config_path, &reload_error).await;
@@ -165,9 +173,13 @@ pub async fn serve(
     status_task.abort();
     sample_task.abort();
     trim_task.abort();
+    drops_task.abort();
     state.accepting.store(false, Ordering::Relaxed);
     // Log followers never finish by themselves: end them before the drain.
     state.scheduler.logs().close();
+    // Event streams never end on their own; the drain must not wait for
+    // them.
+    state.events.close();
     let _ = stop_tx.send(true);
     for task in accept_tasks {
         let _ = task.await; // drops the listener
@@ -302,6 +314,12 @@ async fn reload(
         Some(&path.display().to_string()),
         outcome.as_deref().unwrap_or("ok"),
     );
+    state
+        .bus
+        .emit(Event::Reload(Arc::new(crate::events::ReloadResult {
+            ok: outcome.is_none(),
+            error: outcome.clone(),
+        })));
     if let Ok(mut slot) = reload_error.lock() {
         *slot = outcome;
     }
@@ -411,6 +429,26 @@ async fn report_status(
         if text != last {
             notifier.status(&text);
             last = text;
+        }
+    }
+}
+
+/// How often the history drop count is compared for the events stream.
+const DROPS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Emits [`Event::HistoryDrops`] when the count of dropped history rows
+/// grew: rows are dropped on the request path, where a bus event per row
+/// would add to the very load that drops them.
+async fn report_history_drops(state: Arc<AppState>) {
+    let mut ticker = tokio::time::interval(DROPS_PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = 0;
+    loop {
+        ticker.tick().await;
+        let dropped = state.recorder.dropped();
+        if dropped > seen {
+            seen = dropped;
+            state.bus.emit(Event::HistoryDrops { dropped });
         }
     }
 }
@@ -712,7 +750,12 @@ async fn serve_conn<S: Stream>(
     }
     slot.reading();
     let requests = slot.clone();
-    let service = service_fn(move |req| {
+    // How a handler closes this connection at once: the events stream cuts
+    // a client that fell behind, whose connection may be stuck writing.
+    let cut = api::events::Disconnect::default();
+    let cut_handle = cut.clone();
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(cut_handle.clone());
         let busy = requests.begin();
         let handled = api::handle(state.clone(), peer.clone(), req);
         async move {
@@ -727,16 +770,23 @@ async fn serve_conn<S: Stream>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        _ = cut.requested() => return,
         _ = stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn => r,
+                _ = cut.requested() => return,
+            }
         }
         _ = slot.evicted() => {
             if slot.is_idle() {
                 return;
             }
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn => r,
+                _ = cut.requested() => return,
+            }
         }
     };
     if let Err(e) = result {

@@ -14,6 +14,7 @@
 //! session's principal; if it changes state (POST, PUT, PATCH, DELETE) it
 //! must also carry the session's `x-csrf-token`, else 403.
 //! - [`error`]: error → status, outcome and body.
+//! - [`events`]: `/admin/events`, the bus as Server-Sent Events.
 //!
 //! Every request on an inference route gets an `x-request-id` and a history
 //! row, whether it was answered, refused or cut short.
@@ -21,6 +22,7 @@
 mod admin;
 pub mod body;
 pub mod error;
+pub mod events;
 mod health;
 pub mod ollama;
 mod openai;
@@ -63,6 +65,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Where finished requests are reported.
     pub bus: Bus,
+    /// The events stream's replay ring and client hub (also a sink of
+    /// `bus`).
+    pub events: Arc<events::EventLog>,
     /// Request-body bytes all requests together may hold in memory.
     pub body_budget: body::BodyBudget,
     /// Keys and throttling state; replaced with the config on reload.
@@ -279,6 +284,7 @@ async fn dispatch(
         Route::UiLogin => Ok(ui::serve_asset(routes::UiAsset::Login, req.headers())),
         Route::UiSession => ui::get_session(state, peer, req.headers()),
         Route::UiLogout => ui::logout(state, peer, req.headers()),
+        Route::AdminEvents => events::stream(ctx, &req).await,
     }
 }
 

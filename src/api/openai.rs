@@ -22,7 +22,7 @@ use serde_json::json;
 use super::routes::Inference;
 use super::{body, json_response, resolve, ApiError, AppState, Ctx};
 use crate::auth::Peer;
-use crate::events::{AuditAction, Bus};
+use crate::events::{AuditAction, Bus, Event, RequestStart};
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, Outcome};
 use crate::proxy::{self, BoxBody};
@@ -173,6 +173,21 @@ pub(super) async fn model_request(
     resp
 }
 
+/// Tells the live events stream that a request's model is known, before
+/// it waits for it: ids and names only, never content.
+pub(super) fn announce(bus: &Bus, pending: &Option<Pending>) {
+    if let Some(p) = pending {
+        let r = &p.record;
+        bus.emit(Event::RequestStarted(std::sync::Arc::new(RequestStart {
+            request_id: r.request_id.clone(),
+            model: r.model.clone(),
+            endpoint: r.endpoint.clone(),
+            key_name: r.key_name.clone(),
+            client: r.client.clone(),
+        })));
+    }
+}
+
 /// Records an inference request refused before it was read
 /// (authentication, scope, rate) with `e`; returns its request id.
 pub(super) fn refused(
@@ -241,6 +256,7 @@ async fn forward_model_request(
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(model.clone());
     }
+    announce(&state.bus, pending);
     let lease = state
         .scheduler
         .acquire(&model)

@@ -26,6 +26,7 @@
 //! | GET  /ui, /ui/, /ui/login, /ui/*.js, *.css | the dashboard's pages and assets (open: they hold no data) |
 //! | GET  /ui/session                        | the session's principal, scopes and CSRF token |
 //! | POST /ui/login, /ui/logout              | start a session (password or key), end it (CSRF) |
+//! | GET  /admin/events                      | live events (SSE, resumable)        |
 //! | GET, HEAD /                             | Ollama's "Ollama is running" probe  |
 //! | GET  /api/version                       | Ollama's version answer             |
 //! | POST /api/chat, /api/generate, /api/embed, /api/embeddings | Ollama, translated to the child's OpenAI endpoints |
@@ -198,6 +199,8 @@ pub enum Route {
     UiSession,
     UiLogin,
     UiLogout,
+    /// `GET /admin/events`: the bus as Server-Sent Events.
+    AdminEvents,
 }
 
 impl Route {
@@ -240,7 +243,8 @@ impl Route {
             | Route::AdminPs
             | Route::AdminHistory
             | Route::AdminHistoryEntry { .. }
-            | Route::AdminStats => READ,
+            | Route::AdminStats
+            | Route::AdminEvents => READ,
             // The pass-through reaches every llama-server endpoint.
             Route::Upstream { .. }
             | Route::AdminStop { .. }
@@ -355,6 +359,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["ui", "app.css"] => (Route::UiAsset(UiAsset::Css), GET_HEAD),
         ["ui", "session"] => (Route::UiSession, GET),
         ["ui", "logout"] => (Route::UiLogout, POST),
+        ["admin", "events"] => (Route::AdminEvents, GET),
         _ => return Err(NoRoute::NotFound),
     };
     if allow.contains(method) {
@@ -460,6 +465,8 @@ mod tests {
         );
         assert_eq!(parse(&Method::GET, "/ui/x"), Err(NoRoute::NotFound));
         assert!(Route::UiSession.scopes(false).is_empty() && Route::UiLogout.is_ui());
+        assert_eq!(ok(Method::GET, "/admin/events"), Route::AdminEvents);
+        assert_eq!(Route::AdminEvents.scopes(false), [Scope::Read]);
         assert_eq!(ok(Method::GET, "/"), Route::OllamaRoot);
         assert_eq!(ok(Method::HEAD, "/"), Route::OllamaRoot);
         for (m, path, r) in [

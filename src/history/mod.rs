@@ -270,8 +270,13 @@ impl Sink for Recorder {
             Event::Request(r) => self.send(Item::Request(r.clone())),
             Event::Model(e) => self.send(Item::Event(e.clone())),
             Event::Audit(a) => self.send(Item::Audit(a.clone())),
-            Event::State { .. } | Event::Removed { .. } => {}
-            Event::Progress(_) => {}
+            Event::Progress(_)
+            | Event::State { .. }
+            | Event::Removed { .. }
+            | Event::RequestStarted(_)
+            | Event::Queue { .. }
+            | Event::Reload(_)
+            | Event::HistoryDrops { .. } => {}
         }
     }
 }

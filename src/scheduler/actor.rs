@@ -171,6 +171,8 @@ struct Slot {
     /// The last successful load times, oldest first, at most
     /// [`LOAD_TIMES_KEPT`].
     load_times: VecDeque<Duration>,
+    /// The waiter count last published on the bus.
+    shown_waiting: usize,
 }
 
 impl Slot {
@@ -199,6 +201,7 @@ impl Slot {
             starting_since: None,
             child_fraction: None,
             load_times: VecDeque::new(),
+            shown_waiting: 0,
         }
     }
 
@@ -441,8 +444,11 @@ impl Actor {
         }
     }
 
-    /// Emits the state of every model whose state changed since it was
-    /// last shown.
+    /// Emits the state, and the number of requests waiting, of every
+    /// model where they changed since they were last shown. The count is
+    /// of waiters held, a client that left among them until the next
+    /// prune: counting live ones would cost a pass over the queue per
+    /// message.
     fn publish_states(&mut self) {
         for (name, slot) in &mut self.slots {
             let state = slot.phase.state();
@@ -451,6 +457,14 @@ impl Actor {
                 self.bus.emit(Event::State {
                     model: name.clone(),
                     state,
+                });
+            }
+            let waiting = slot.waiters.len();
+            if slot.shown_waiting != waiting {
+                slot.shown_waiting = waiting;
+                self.bus.emit(Event::Queue {
+                    model: name.clone(),
+                    waiting,
                 });
             }
         }

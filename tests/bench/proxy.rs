@@ -5,7 +5,7 @@
 //! ```sh
 //! tests/tools/bench.sh            # the full run (~2 min of measuring)
 //! tests/tools/bench.sh --quick    # ~10 s; CI smoke for gross regressions
-//! cargo bench --bench proxy -- [--quick] [--only latency,rps,stream,cold,swap,rss,ready]
+//! cargo bench --bench proxy -- [--quick] [--only latency,rps,stream,cold,swap,rss,ready,events]
 //! ```
 //!
 //! claracore reaches a `cmd` child with only `{port}` (the fast fake) over
@@ -89,6 +89,9 @@ struct Plan {
     rss_rounds: usize,
     rss_streams: usize,
     ready_rounds: usize,
+    event_clients: usize,
+    event_rounds: usize,
+    event_per_round: usize,
 }
 
 impl Plan {
@@ -107,6 +110,9 @@ impl Plan {
                 rss_rounds: 1,
                 rss_streams: 100,
                 ready_rounds: 2,
+                event_clients: 100,
+                event_rounds: 2,
+                event_per_round: 50,
             }
         } else {
             Plan {
@@ -122,6 +128,9 @@ impl Plan {
                 rss_rounds: 2,
                 rss_streams: 1000,
                 ready_rounds: 20,
+                event_clients: 1000,
+                event_rounds: 12,
+                event_per_round: 250,
             }
         }
     }
@@ -1540,6 +1549,230 @@ fn fig_ready(env: &Env, plan: &Plan, rep: &mut Report) {
 
 // ---------------------------------------------------------------------------
 
+// --- 9: the events stream -------------------------------------------------
+
+/// The steady request rate of figure 9: one request every this long.
+const EVENT_PACE: Duration = Duration::from_millis(4);
+
+/// `n` clients of `/admin/events` on the local `socket`, each a thread
+/// that reads everything as it comes. Returns the streams (to shut them
+/// down) and the threads, which answer the bytes each read.
+fn hold_event_clients(
+    socket: &Path,
+    n: usize,
+) -> (
+    Vec<std::os::unix::net::UnixStream>,
+    Vec<std::thread::JoinHandle<u64>>,
+) {
+    use std::io::{Read, Write};
+    let mut streams = Vec::with_capacity(n);
+    let mut threads = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        s.write_all(b"GET /admin/events HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .unwrap();
+        streams.push(s.try_clone().unwrap());
+        threads.push(
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut total = 0u64;
+                    while let Ok(k) = s.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        total += k as u64;
+                    }
+                    total
+                })
+                .unwrap(),
+        );
+    }
+    (streams, threads)
+}
+
+/// Added latency at a steady request rate with and without 1,000 reading
+/// `/admin/events` clients, and the daemon's RSS with and without them.
+/// Two daemons of the same config (one holds the clients), the direct
+/// connection to the first one's fake as the baseline, interleaved rounds.
+fn fig_events(env: &Env, plan: &Plan, rep: &mut Report) {
+    let fig = "9 events stream";
+    let n_clients = plan.event_clients;
+    env.log(&format!(
+        "figure 9: added latency and RSS with {n_clients} events clients, one request per {} ms",
+        EVENT_PACE.as_millis()
+    ));
+    let body = format!(
+        "[scheduler]\nidle_ttl = \"0\"\n[models.fake]\ncmd = {}\n",
+        fake_cmd(env, &[])
+    );
+    let quiet = start_claracore(env, "claracore-events-none", &body);
+    let busy = start_claracore(env, "claracore-events-clients", &body);
+    post(quiet.port, "/v1/chat/completions", &chat_body("fake"));
+    post(busy.port, "/v1/chat/completions", &chat_body("fake"));
+    let fake_port = match ps(quiet.port, "fake").1 {
+        Some(Addr::Tcp(p)) => p,
+        other => panic!("fake's port from /admin/ps: {other:?}"),
+    };
+    let req = request("POST", "/v1/chat/completions", &chat_body("fake"), false);
+    let label = format!("claracore + {n_clients} event clients");
+    let contenders: Vec<(&str, Addr)> = vec![
+        ("direct", Addr::Tcp(fake_port)),
+        ("claracore", Addr::Tcp(quiet.port)),
+        (&label, Addr::Tcp(busy.port)),
+    ];
+    let mut conns = warmed_conns(&contenders, &req, 300);
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_without = rss_kb(busy.proc.pid()).0;
+    let socket = admin_sockets()
+        .lock()
+        .unwrap()
+        .get(&busy.port)
+        .cloned()
+        .unwrap();
+    let (streams, threads) = hold_event_clients(&socket, n_clients);
+    wait_until(
+        "every events client connected",
+        Duration::from_secs(30),
+        || metric(busy.port, "claracore_event_clients") == Some(n_clients as f64),
+    );
+    let k = contenders.len();
+    let rounds = plan.event_rounds;
+    let mut samples = vec![vec![Vec::new(); rounds]; k];
+    let mut errors = vec![0usize; k];
+    let mut rss_with = Vec::new();
+    for r in 0..rounds {
+        for c in order(k, r) {
+            let start = Instant::now();
+            for i in 0..plan.event_per_round {
+                let due = start + EVENT_PACE * i as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                match conns[c].send(&req) {
+                    Ok(resp) if resp.status == 200 => {
+                        samples[c][r].push((resp.end - resp.sent).as_secs_f64() * 1e3)
+                    }
+                    _ => errors[c] += 1,
+                }
+            }
+        }
+        rss_with.push(rss_kb(busy.proc.pid()).0);
+    }
+    let dropped = metric(busy.port, "claracore_event_clients_dropped_total").unwrap_or(f64::NAN);
+    let still = metric(busy.port, "claracore_event_clients").unwrap_or(f64::NAN);
+    for s in &streams {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let bytes: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap_or(0)).collect();
+    let (least, most) = (
+        bytes.iter().min().copied().unwrap_or(0),
+        bytes.iter().max().copied().unwrap_or(0),
+    );
+
+    let p = |c: usize, r: usize, q: f64| pct(&samples[c][r], q);
+    let n = format!("{rounds}×{}", plan.event_per_round);
+    let added = |c: usize, q: f64| {
+        median(
+            &(0..rounds)
+                .map(|r| p(c, r, q) - p(0, r, q))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let paired = |q: f64| {
+        median(
+            &(0..rounds)
+                .map(|r| p(2, r, q) - p(1, r, q))
+                .collect::<Vec<_>>(),
+        )
+    };
+    rep.row(
+        fig,
+        "direct",
+        ms(median(
+            &(0..rounds).map(|r| p(0, r, 50.0)).collect::<Vec<_>>(),
+        )),
+        ms(median(
+            &(0..rounds).map(|r| p(0, r, 99.0)).collect::<Vec<_>>(),
+        )),
+        n.clone(),
+        format!("baseline, one request per {} ms", EVENT_PACE.as_millis()),
+        "",
+        Verdict::Info,
+    );
+    rep.row(
+        fig,
+        "claracore",
+        plus_ms(added(1, 50.0)),
+        plus_ms(added(1, 99.0)),
+        n.clone(),
+        "no events clients".into(),
+        "",
+        Verdict::Info,
+    );
+    let (a50, a99) = (added(2, 50.0), added(2, 99.0));
+    rep.row(
+        fig,
+        &label,
+        plus_ms(a50),
+        plus_ms(a99),
+        n.clone(),
+        format!(
+            "paired − claracore {} / {}; {dropped} dropped; each client read {least}..{most} bytes",
+            plus_ms(paired(50.0)),
+            plus_ms(paired(99.0))
+        ),
+        "added p50 < 0.1 ms more than without clients; none dropped",
+        met(paired(50.0) < 0.1 && dropped == 0.0),
+    );
+    let with_kb = median(&rss_with.iter().map(|&v| v as f64).collect::<Vec<_>>());
+    rep.row(
+        "9 events stream, RSS",
+        &label,
+        format!("{:.1} MiB", with_kb / 1024.0),
+        format!(
+            "{:.1} MiB",
+            rss_with.iter().copied().max().unwrap_or(0) as f64 / 1024.0
+        ),
+        format!("{rounds} samples"),
+        format!(
+            "without clients {:.1} MiB; {:+.1} KiB per client",
+            rss_without as f64 / 1024.0,
+            (with_kb - rss_without as f64) / n_clients as f64
+        ),
+        "",
+        Verdict::Info,
+    );
+    for c in 0..k {
+        gate(
+            rep,
+            contenders[c].0,
+            &format!(
+                "{}: every events-figure request answered 200",
+                contenders[c].0
+            ),
+            errors[c] == 0,
+            format!("{} errors", errors[c]),
+        );
+    }
+    rep.check(
+        "events: no reading client dropped, all still connected",
+        dropped == 0.0 && still == n_clients as f64,
+        format!("{dropped} dropped, {still} connected"),
+    );
+    rep.check(
+        "events: every client read the stream",
+        least > 0,
+        format!("{least}..{most} bytes"),
+    );
+    rep.check(
+        "events: added p50 with clients < 2 ms",
+        a50 < 2.0,
+        plus_ms(a50),
+    );
+}
+
 fn shell(cmd: &str) -> String {
     Command::new("sh")
         .args(["-c", cmd])
@@ -1781,6 +2014,9 @@ fn run(args: &[String]) -> i32 {
     drop(cc);
     if env.wants("ready") {
         fig_ready(&env, &plan, &mut rep);
+    }
+    if env.wants("events") {
+        fig_events(&env, &plan, &mut rep);
     }
 
     // Report.

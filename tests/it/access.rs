@@ -241,6 +241,15 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::POST, "/admin/backup", None, Needs::Admin, false),
         (Method::GET, "/admin/audit", None, Needs::Admin, false),
         (Method::GET, "/admin/logs/f", None, Needs::Admin, true),
+        // The stream ends after its replay, so the matrix can read it to
+        // the end.
+        (
+            Method::GET,
+            "/admin/events?replay_only=1",
+            None,
+            Needs::Read,
+            false,
+        ),
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
         (Method::GET, "/ui/", None, Needs::Open, false),
         (Method::GET, "/ui/login", None, Needs::Open, false),

@@ -15,6 +15,8 @@
 //!   limit, memory after crowds of them.
 //! - `dashboard`: `/ui/` over HTTP: security headers, cookie flags,
 //!   logins, throttling, CSRF, logout, session ends, the open mode.
+//! - `events`: the `/admin/events` stream: order and completeness against
+//!   history, resume, a stalled client, no content, its scope.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `files`: modes of the state files under a permissive umask; the demo
@@ -46,6 +48,7 @@ mod clients;
 mod common;
 mod connections;
 mod dashboard;
+mod events;
 mod faults;
 mod files;
 mod history;

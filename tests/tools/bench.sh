@@ -9,7 +9,7 @@
 #                                  # gross regressions; last line "N passed, M failed"
 #
 # Other arguments go to the harness, e.g. `--only latency,rps,stream,cold,
-# swap,rss,ready`. BENCH_KEEP=1 keeps the work directory (configs, logs).
+# swap,rss,ready,events`. BENCH_KEEP=1 keeps the work directory (configs, logs).
 # Without wrk or nginx (no root, no apt) their rows are reported as skipped.
 set -euo pipefail
 

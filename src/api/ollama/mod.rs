@@ -489,6 +489,7 @@ async fn run(
     if let Some(p) = pending.as_mut() {
         p.record.model = Some(plan.model.clone());
     }
+    openai::announce(&state.bus, pending);
     state.ollama.warn_ignored(&plan.model, &plan.ignored);
     let ignored = plan.ignored.join(",");
     let mut resp = match plan.action {
