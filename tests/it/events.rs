@@ -331,6 +331,19 @@ async fn the_real_llama_server_shows_starting_then_ready_and_an_admin_stop_with_
             json!({"model": "tiny", "state": "stopped", "reason": "admin"}),
         ]
     );
+    // Load progress reaches the stream: at least the one sent at Ready.
+    let progress: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e.kind == "progress")
+        .map(|e| &e.data)
+        .collect();
+    let last = progress.last().expect("a progress event");
+    assert_eq!(
+        (last["model"].as_str(), last["fraction"].as_f64()),
+        (Some("tiny"), Some(1.0)),
+        "{last}"
+    );
+    assert!(last["elapsed_ms"].is_u64(), "{last}");
     let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
     let started = kinds.iter().position(|k| *k == "request_started").unwrap();
     let ready = evs
