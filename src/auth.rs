@@ -22,6 +22,11 @@
 //! Failed attempts are counted per IP: [`FAILURE_LIMIT`] within
 //! [`FAILURE_WINDOW`] and that IP gets 429 for the window. Nothing here
 //! ever logs, stores or returns a presented token.
+//!
+//! A dashboard login ([`session`]) is one more principal: a password
+//! session is [`Principal::Dashboard`] (`read` and `admin`, never
+//! `inference`); a key session resolves, on every request, to the very
+//! [`ApiKey`] it logged in with, so it can never do more than the key.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,6 +40,8 @@ use tokio::time::Instant;
 
 use crate::config::{AuthConfig, KeyConfig, Scope};
 pub use crate::listen::{Peer, Transport};
+
+pub mod session;
 
 /// The start of every token `claracore key new` makes, so secret scanners
 /// can recognise a leaked one: `ccsk_` and 64 hex digits.
@@ -50,8 +57,15 @@ const MAX_TRACKED: usize = 10_000;
 /// Who a request is from.
 #[derive(Debug, Clone)]
 pub enum Principal {
-    Local { uid: Option<u32> },
+    Local {
+        uid: Option<u32>,
+    },
     Key(Arc<ApiKey>),
+    /// A dashboard session logged in with the password, or opened without
+    /// login on an open loopback daemon (`open`): `read` and `admin`.
+    Dashboard {
+        open: bool,
+    },
     Anonymous,
 }
 
@@ -62,6 +76,8 @@ impl Principal {
             Principal::Key(k) => Some(k.config.name.clone()),
             Principal::Local { uid: Some(uid) } => Some(format!("local:uid={uid}")),
             Principal::Local { uid: None } => Some("local".into()),
+            Principal::Dashboard { open: false } => Some("dashboard".into()),
+            Principal::Dashboard { open: true } => Some("dashboard:open".into()),
             Principal::Anonymous => None,
         }
     }
@@ -71,7 +87,7 @@ impl Principal {
     pub fn may_use(&self, model: &str) -> bool {
         match self {
             Principal::Key(k) => k.config.may_use(model),
-            Principal::Local { .. } | Principal::Anonymous => true,
+            Principal::Local { .. } | Principal::Dashboard { .. } | Principal::Anonymous => true,
         }
     }
 }
@@ -163,10 +179,55 @@ struct Failures {
     since: Instant,
 }
 
+/// Failed attempts per IP: [`FAILURE_LIMIT`] within [`FAILURE_WINDOW`]
+/// and the IP is refused for the rest of the window.
+#[derive(Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+impl Throttle {
+    /// How long `ip` is still refused, if it is.
+    pub fn throttled(&self, ip: IpAddr) -> Option<Duration> {
+        let map = self.failures.lock().ok()?;
+        let f = map.get(&ip)?;
+        let left = FAILURE_WINDOW.checked_sub(f.since.elapsed())?;
+        (f.count >= FAILURE_LIMIT).then_some(left)
+    }
+
+    /// Counts one failed attempt from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        let Ok(mut map) = self.failures.lock() else {
+            return;
+        };
+        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+            map.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+            if map.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        let f = map.entry(ip).or_insert(Failures {
+            count: 0,
+            since: Instant::now(),
+        });
+        if f.since.elapsed() >= FAILURE_WINDOW {
+            *f = Failures {
+                count: 0,
+                since: Instant::now(),
+            };
+        }
+        f.count += 1;
+        if f.count == FAILURE_LIMIT {
+            tracing::warn!(ip = %ip, failures = f.count, block_s = FAILURE_WINDOW.as_secs(),
+                "too many failed attempts; refusing this address for a while");
+        }
+    }
+}
+
 /// The keys and the throttling state; rebuilt on reload.
 pub struct Auth {
     keys: Vec<Arc<ApiKey>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Throttle,
 }
 
 impl Auth {
@@ -177,8 +238,27 @@ impl Auth {
                 .iter()
                 .map(|k| Arc::new(ApiKey::new(k.clone())))
                 .collect(),
-            failures: Mutex::default(),
+            failures: Throttle::default(),
         }
+    }
+
+    /// The configured key whose token has this SHA-256 (compared in
+    /// constant time against every key), for a key login.
+    pub fn key_by_digest(&self, digest: &[u8; 32]) -> Option<Arc<ApiKey>> {
+        let mut found = None;
+        for key in &self.keys {
+            if bool::from(key.config.sha256.ct_eq(digest)) {
+                found = Some(key.clone());
+            }
+        }
+        found
+    }
+
+    /// The key configured exactly as `config` (same name, hash, scopes,
+    /// models, rate, expiry), for a key session: a key removed or changed
+    /// since the login has none.
+    pub fn key_as_configured(&self, config: &KeyConfig) -> Option<Arc<ApiKey>> {
+        self.keys.iter().find(|k| k.config == *config).cloned()
     }
 
     /// Whether any key is configured (then TCP needs one).
@@ -211,19 +291,14 @@ impl Auth {
             return Ok(Principal::Anonymous);
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let mut found = None;
-        for key in &self.keys {
-            // Every key is compared, whatever matched before.
-            if bool::from(key.config.sha256.ct_eq(&digest)) {
-                found = Some(key);
-            }
-        }
-        let refused = match found {
+        // Every key is compared, whatever matched before.
+        let found = self.key_by_digest(&digest);
+        let refused = match &found {
             None => "invalid API key",
             Some(k) if k.config.expires_at_ms.is_some_and(|t| now_ms >= t) => "API key expired",
             Some(k) => return Ok(Principal::Key(k.clone())),
         };
-        let key = found.map(|k| k.config.name.as_str());
+        let key = found.as_ref().map(|k| k.config.name.as_str());
         tracing::warn!(ip = %ip, key, reason = refused, "authentication failed");
         self.failed(ip);
         Err(Denied::Rejected(refused))
@@ -237,6 +312,12 @@ impl Auth {
         }
         match principal {
             Principal::Local { .. } => Ok(()),
+            Principal::Dashboard { .. } => match scopes.first() {
+                Some(&needs) if !scopes.iter().any(|s| *s != Scope::Inference) => {
+                    Err(Denied::Forbidden { needs })
+                }
+                _ => Ok(()),
+            },
             Principal::Anonymous => {
                 if !self.has_keys() && scopes.contains(&Scope::Inference) {
                     Ok(())
@@ -258,42 +339,16 @@ impl Auth {
     }
 
     fn throttled(&self, ip: IpAddr) -> Option<Duration> {
-        let map = self.failures.lock().ok()?;
-        let f = map.get(&ip)?;
-        let left = FAILURE_WINDOW.checked_sub(f.since.elapsed())?;
-        (f.count >= FAILURE_LIMIT).then_some(left)
+        self.failures.throttled(ip)
     }
 
     fn failed(&self, ip: IpAddr) {
-        let Ok(mut map) = self.failures.lock() else {
-            return;
-        };
-        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            map.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
-            if map.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        let f = map.entry(ip).or_insert(Failures {
-            count: 0,
-            since: Instant::now(),
-        });
-        if f.since.elapsed() >= FAILURE_WINDOW {
-            *f = Failures {
-                count: 0,
-                since: Instant::now(),
-            };
-        }
-        f.count += 1;
-        if f.count == FAILURE_LIMIT {
-            tracing::warn!(ip = %ip, failures = f.count, block_s = FAILURE_WINDOW.as_secs(),
-                "too many failed attempts; refusing this address for a while");
-        }
+        self.failures.failed(ip)
     }
 }
 
 /// The token a request presents, if any.
-fn presented(headers: &HeaderMap) -> Option<&str> {
+pub fn presented(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let (scheme, token) = v.trim().split_once(' ')?;
         return scheme
@@ -317,7 +372,12 @@ pub fn new_token() -> Result<(String, String), getrandom::Error> {
     Ok((token, hash))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (digests in ETags and ids).
+pub fn hex_digest(bytes: &[u8]) -> String {
+    hex(bytes)
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

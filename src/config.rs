@@ -368,6 +368,7 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Sorted by name.
     pub auth: AuthConfig,
+    pub dashboard: DashboardConfig,
     pub models: Vec<ModelConfig>,
     /// The private (0700) directory for the children's unix sockets. Not a
     /// key of the file: the daemon's bootstrap creates the directory and
@@ -392,6 +393,8 @@ struct RawConfig {
     history: RawHistory,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    dashboard: RawDashboard,
     #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
 }
@@ -747,6 +750,7 @@ impl Config {
         }
 
         let auth = validate_auth(&src, &raw.auth, &listen, &models)?;
+        let dashboard = validate_dashboard(&src, &raw.dashboard)?;
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -760,6 +764,7 @@ impl Config {
             scheduler,
             history,
             auth,
+            dashboard,
             models,
             runtime_dir: None,
         })
@@ -1042,6 +1047,141 @@ fn validate_auth(
         metrics_public: raw.metrics_public.unwrap_or(false),
         keys,
     })
+}
+
+/// `[dashboard]`: the web UI's login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardConfig {
+    /// The argon2id PHC string a password login is checked against (from
+    /// `password_hash` or the file `password_hash_file` names); `None`: no
+    /// password login.
+    pub password_hash: Option<String>,
+    /// How long a session lasts after its login.
+    pub session_lifetime: Duration,
+    /// Peers whose `X-Forwarded-Proto` is believed (a TLS-terminating
+    /// reverse proxy), for the cookie's `Secure` flag.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig {
+            password_hash: None,
+            session_lifetime: DEFAULT_SESSION_LIFETIME,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Default of `dashboard.session_lifetime`.
+pub const DEFAULT_SESSION_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// What a leading `$CREDENTIALS_DIRECTORY/` in `password_hash_file` stands
+/// for: systemd's `LoadCredential=` directory of the service.
+const CREDENTIALS_VAR: &str = "$CREDENTIALS_DIRECTORY/";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDashboard {
+    password_hash: Option<Spanned<String>>,
+    password_hash_file: Option<Spanned<String>>,
+    session_lifetime: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+}
+
+/// Checks that `text` is an argon2id PHC string; the message says what is
+/// wrong with it.
+pub fn check_password_hash(text: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(text).map_err(|e| {
+        format!("not a PHC string like \"$argon2id$v=19$m=19456,t=2,p=1$…\" ({e}); `claracore dashboard hash-password` prints one")
+    })?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "the hash is {}, not argon2id; `claracore dashboard hash-password` prints an argon2id one",
+            parsed.algorithm
+        ));
+    }
+    argon2::Params::try_from(&parsed)
+        .map_err(|e| format!("argon2id parameters are invalid ({e})"))?;
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err("the PHC string has no salt or no hash".into());
+    }
+    Ok(())
+}
+
+fn validate_dashboard(
+    src: &Source<'_>,
+    raw: &RawDashboard,
+) -> Result<DashboardConfig, ConfigError> {
+    let password_hash =
+        match (&raw.password_hash, &raw.password_hash_file) {
+            (Some(_), Some(file)) => return Err(src.error(
+                file,
+                "dashboard.password_hash_file: give password_hash or password_hash_file, not both",
+            )),
+            (Some(h), None) => {
+                let text = h.get_ref().trim();
+                check_password_hash(text)
+                    .map_err(|e| src.error(h, format!("dashboard.password_hash: {e}")))?;
+                Some(text.to_string())
+            }
+            (None, Some(file)) => {
+                let path = credential_path(file.get_ref());
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    src.error(
+                        file,
+                        format!(
+                            "dashboard.password_hash_file: cannot read {}: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+                let text = text.trim();
+                check_password_hash(text).map_err(|e| {
+                    src.error(
+                        file,
+                        format!("dashboard.password_hash_file: {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.to_string())
+            }
+            (None, None) => None,
+        };
+    let session_lifetime = match &raw.session_lifetime {
+        None => DEFAULT_SESSION_LIFETIME,
+        Some(v) => nonzero(src, "dashboard.session_lifetime", v)?,
+    };
+    let mut trusted_proxies = Vec::with_capacity(raw.trusted_proxies.len());
+    for p in &raw.trusted_proxies {
+        let ip = p.get_ref().trim().parse().map_err(|_| {
+            src.error(
+                p,
+                format!(
+                    "dashboard.trusted_proxies: {:?} is not an IP address",
+                    p.get_ref()
+                ),
+            )
+        })?;
+        trusted_proxies.push(ip);
+    }
+    Ok(DashboardConfig {
+        password_hash,
+        session_lifetime,
+        trusted_proxies,
+    })
+}
+
+/// A `password_hash_file` path: a leading `$CREDENTIALS_DIRECTORY/` is the
+/// directory systemd's `LoadCredential=` fills (read here, once per load,
+/// since only this key uses it); anything else as written.
+fn credential_path(text: &str) -> PathBuf {
+    match text.strip_prefix(CREDENTIALS_VAR) {
+        Some(rest) => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join(rest),
+            None => PathBuf::from(text),
+        },
+        None => PathBuf::from(text),
+    }
 }
 
 fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {

@@ -226,6 +226,12 @@ pub enum AuditAction {
     Restore,
     /// A presented API key that was wrong or expired.
     KeyRejected,
+    /// A dashboard login (password or key); the target is the client's IP.
+    Login,
+    /// A refused dashboard login; the principal is the client's IP.
+    LoginFailed,
+    /// A dashboard session ended by `POST /ui/logout`.
+    Logout,
 }
 
 impl AuditAction {
@@ -239,6 +245,9 @@ impl AuditAction {
             AuditAction::Reload => "reload",
             AuditAction::Restore => "restore",
             AuditAction::KeyRejected => "key_rejected",
+            AuditAction::Login => "login",
+            AuditAction::LoginFailed => "login_failed",
+            AuditAction::Logout => "logout",
         }
     }
 }

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Key(cli::KeyCommand::New(key)) => report(key.run()),
+        Command::Dashboard(d) => report(d.run()),
         Command::Generate(what) => report(generate::run(&what)),
     }
 }

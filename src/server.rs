@@ -103,6 +103,7 @@ pub async fn serve(
         ),
         next_request: std::sync::atomic::AtomicU64::new(0),
         ollama: Default::default(),
+        sessions: Default::default(),
     });
     let fd_limit = fd_limit();
     let conns = Connections::new(connection_cap(&config, fd_limit));

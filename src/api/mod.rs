@@ -8,6 +8,11 @@
 //! - [`admin`]: claracore's own control and read endpoints, `/admin/*`.
 //! - [`health`]: `/health`, `/live`, `/ready`, `/metrics`.
 //! - [`ollama`]: Ollama's API, `/api/*` and `GET /`, translated.
+//! - [`ui`]: the dashboard under `/ui/`, its login and sessions.
+//!
+//! A request without a key but with a dashboard session cookie is that
+//! session's principal; if it changes state (POST, PUT, PATCH, DELETE) it
+//! must also carry the session's `x-csrf-token`, else 403.
 //! - [`error`]: error → status, outcome and body.
 //!
 //! Every request on an inference route gets an `x-request-id` and a history
@@ -20,6 +25,7 @@ mod health;
 pub mod ollama;
 mod openai;
 pub mod routes;
+pub mod ui;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -31,6 +37,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use crate::auth::session::Sessions;
 use crate::auth::{Auth, Peer, Principal};
 use crate::config::Config;
 use crate::events::{AuditAction, AuditRecord, Bus, Event};
@@ -64,6 +71,9 @@ pub struct AppState {
     pub next_request: std::sync::atomic::AtomicU64,
     /// What the Ollama routes keep between requests.
     pub ollama: ollama::Shared,
+    /// Dashboard sessions and login throttling; outlive reloads (which
+    /// end the sessions whose login no longer holds).
+    pub sessions: Sessions,
 }
 
 impl AppState {
@@ -85,6 +95,13 @@ impl AppState {
     /// failure counts start over).
     pub fn set_config(&self, config: Arc<Config>) {
         let auth = Arc::new(Auth::new(&config.auth));
+        let ended = self.sessions.reconfigure(&self.config(), &config);
+        if ended > 0 {
+            tracing::info!(
+                sessions = ended,
+                "dashboard sessions ended: their password or key changed"
+            );
+        }
         match self.config.write() {
             Ok(mut c) => *c = config,
             Err(poisoned) => *poisoned.into_inner() = config,
@@ -106,7 +123,7 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp
 }
 
-fn full(data: impl Into<Bytes>) -> BoxBody {
+pub(crate) fn full(data: impl Into<Bytes>) -> BoxBody {
     Full::new(data.into())
         .map_err(|never| match never {})
         .boxed_unsync()
@@ -133,10 +150,13 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let result = dispatch(&state, &peer, req).await;
-    let resp = result.unwrap_or_else(|e| {
+    let mut resp = result.unwrap_or_else(|e| {
         tracing::info!(peer = %peer.addr, method = %method, path = %path, error = %e, "request failed");
         e.into_response_shaped(error::ErrorShape::for_path(&path))
     });
+    if path == "/ui" || path.starts_with("/ui/") {
+        ui::secure(&mut resp);
+    }
     tracing::debug!(peer = %peer.addr, method = %method, path = %path, status = resp.status().as_u16(),
         head_ms = started.elapsed().as_secs_f64() * 1000.0, "request");
     Ok(resp)
@@ -166,12 +186,33 @@ async fn dispatch(
     let config = state.config();
     let auth = state.auth();
     let scopes = route.scopes(config.auth.metrics_public);
+    let now_ms = crate::events::now_ms();
+    // A key in the headers wins; without one, a live session cookie is
+    // the principal (its login must still hold under the current keys).
+    let session = if scopes.is_empty() || crate::auth::presented(req.headers()).is_some() {
+        None
+    } else {
+        ui::current(state, req.headers()).and_then(|(_, s)| {
+            let p = state.sessions.principal(&s, &auth, &config, now_ms)?;
+            Some((p, s))
+        })
+    };
     let checked = if scopes.is_empty() {
         // Open routes ignore credentials: a probe with a stale key still
         // works, and is no failed attempt.
         Ok(Principal::Anonymous)
+    } else if let Some((principal, s)) = &session {
+        let changes_state = !matches!(
+            *req.method(),
+            hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
+        );
+        if changes_state && !s.csrf_matches(ui::presented_csrf(req.headers())) {
+            return Ok(ui::csrf_refused());
+        }
+        auth.authorize(principal, scopes)
+            .map(|()| principal.clone())
     } else {
-        auth.authenticate(peer, req.headers(), crate::events::now_ms())
+        auth.authenticate(peer, req.headers(), now_ms)
             .and_then(|principal| auth.authorize(&principal, scopes).map(|()| principal))
     };
     let principal = match checked {
@@ -231,6 +272,16 @@ async fn dispatch(
         Route::AdminStats => admin::stats(ctx, query).await,
         Route::AdminBackup => admin::backup(ctx).await,
         Route::AdminAudit => admin::audit_list(ctx, query).await,
+        Route::UiRoot => Ok(ui::root()),
+        Route::UiAsset(a) => Ok(ui::serve_asset(state, a, req.headers())),
+        Route::UiLogin if req.method() == hyper::Method::POST => ui::login(state, peer, req).await,
+        Route::UiLogin => Ok(ui::serve_asset(
+            state,
+            routes::UiAsset::Login,
+            req.headers(),
+        )),
+        Route::UiSession => ui::get_session(state, peer, req.headers()),
+        Route::UiLogout => ui::logout(state, peer, req.headers()),
     }
 }
 

@@ -22,6 +22,9 @@
 //! | GET  /admin/history[/{id}], /admin/stats | request history, per-model figures |
 //! | POST /admin/backup                      | a consistent copy of the history DB |
 //! | GET  /admin/audit                       | admin actions and rejected keys     |
+//! | GET  /ui, /ui/, /ui/login, /ui/*.js, *.css | the dashboard's pages and assets (open: they hold no data) |
+//! | GET  /ui/session                        | the session's principal, scopes and CSRF token |
+//! | POST /ui/login, /ui/logout              | start a session (password or key), end it (CSRF) |
 //! | GET, HEAD /                             | Ollama's "Ollama is running" probe  |
 //! | GET  /api/version                       | Ollama's version answer             |
 //! | POST /api/chat, /api/generate, /api/embed, /api/embeddings | Ollama, translated to the child's OpenAI endpoints |
@@ -107,6 +110,18 @@ impl Inference {
     }
 }
 
+/// One of the dashboard's embedded files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UiAsset {
+    /// `/ui/`: the app.
+    Index,
+    /// `/ui/login`.
+    Login,
+    AppJs,
+    LoginJs,
+    Css,
+}
+
 /// An Ollama route (`/api/*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ollama {
@@ -170,9 +185,25 @@ pub enum Route {
     AdminStats,
     AdminBackup,
     AdminAudit,
+    /// `/ui` without the slash: a redirect to `/ui/`.
+    UiRoot,
+    UiAsset(UiAsset),
+    /// `GET /ui/session`: the handler checks the cookie itself.
+    UiSession,
+    UiLogin,
+    UiLogout,
 }
 
 impl Route {
+    /// The dashboard's routes, whose every response carries its security
+    /// headers.
+    pub fn is_ui(&self) -> bool {
+        matches!(
+            self,
+            Route::UiRoot | Route::UiAsset(_) | Route::UiSession | Route::UiLogin | Route::UiLogout
+        )
+    }
+
     /// The scopes of which a principal needs one; empty: open to all.
     /// `/metrics` is open only when the config says so.
     pub fn scopes(&self, metrics_public: bool) -> &'static [Scope] {
@@ -184,6 +215,13 @@ impl Route {
             Route::Inference(_) => INFERENCE,
             Route::Models | Route::Model { .. } => LISTING,
             Route::Health | Route::Live | Route::Ready => &[],
+            // The assets hold no data, and the session routes check the
+            // cookie (or the login) themselves.
+            Route::UiRoot
+            | Route::UiAsset(_)
+            | Route::UiSession
+            | Route::UiLogin
+            | Route::UiLogout => &[],
             Route::OllamaRoot | Route::Ollama(Ollama::Version) => &[],
             Route::Ollama(Ollama::Chat | Ollama::Generate | Ollama::Embed | Ollama::Embeddings) => {
                 INFERENCE
@@ -222,6 +260,7 @@ const POST: &[Method] = &[Method::POST];
 const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
 const HEAD_POST: &[Method] = &[Method::HEAD, Method::POST];
 const DELETE: &[Method] = &[Method::DELETE];
+const GET_POST: &[Method] = &[Method::GET, Method::POST];
 
 /// The route for a request line. Pure and total.
 pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
@@ -297,6 +336,14 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["admin", "stats"] => (Route::AdminStats, GET),
         ["admin", "backup"] => (Route::AdminBackup, POST),
         ["admin", "audit"] => (Route::AdminAudit, GET),
+        ["ui"] => (Route::UiRoot, GET_HEAD),
+        ["ui", ""] => (Route::UiAsset(UiAsset::Index), GET_HEAD),
+        ["ui", "login"] => (Route::UiLogin, GET_POST),
+        ["ui", "app.js"] => (Route::UiAsset(UiAsset::AppJs), GET_HEAD),
+        ["ui", "login.js"] => (Route::UiAsset(UiAsset::LoginJs), GET_HEAD),
+        ["ui", "app.css"] => (Route::UiAsset(UiAsset::Css), GET_HEAD),
+        ["ui", "session"] => (Route::UiSession, GET),
+        ["ui", "logout"] => (Route::UiLogout, POST),
         _ => return Err(NoRoute::NotFound),
     };
     if allow.contains(method) {
@@ -372,6 +419,22 @@ mod tests {
         assert_eq!(ok(Method::GET, "/admin/stats"), Route::AdminStats);
         assert_eq!(ok(Method::POST, "/admin/backup"), Route::AdminBackup);
         assert_eq!(ok(Method::GET, "/admin/audit"), Route::AdminAudit);
+        assert_eq!(ok(Method::GET, "/ui/"), Route::UiAsset(UiAsset::Index));
+        assert_eq!(ok(Method::GET, "/ui"), Route::UiRoot);
+        assert_eq!(
+            ok(Method::GET, "/ui/app.js"),
+            Route::UiAsset(UiAsset::AppJs)
+        );
+        assert_eq!(ok(Method::GET, "/ui/login"), Route::UiLogin);
+        assert_eq!(ok(Method::POST, "/ui/login"), Route::UiLogin);
+        assert_eq!(ok(Method::GET, "/ui/session"), Route::UiSession);
+        assert_eq!(ok(Method::POST, "/ui/logout"), Route::UiLogout);
+        assert_eq!(
+            parse(&Method::GET, "/ui/logout"),
+            Err(NoRoute::WrongMethod { allow: POST })
+        );
+        assert_eq!(parse(&Method::GET, "/ui/x"), Err(NoRoute::NotFound));
+        assert!(Route::UiSession.scopes(false).is_empty() && Route::UiLogout.is_ui());
         assert_eq!(ok(Method::GET, "/"), Route::OllamaRoot);
         assert_eq!(ok(Method::HEAD, "/"), Route::OllamaRoot);
         for (m, path, r) in [

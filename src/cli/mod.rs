@@ -115,6 +115,9 @@ pub enum Command {
     /// API keys: `key new NAME --scope …` makes one
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The dashboard's login: `dashboard hash-password` makes a password hash
+    #[command(subcommand)]
+    Dashboard(DashboardCommand),
     /// Shell completions and man pages, for packages to install
     #[command(subcommand, hide = true)]
     Generate(generate::Generate),
@@ -126,6 +129,93 @@ pub enum KeyCommand {
     /// A new key: prints the token once, and the config lines that hold
     /// only its hash
     New(NewKey),
+}
+
+/// `claracore dashboard …`.
+#[derive(Debug, PartialEq, Eq, Subcommand)]
+pub enum DashboardCommand {
+    /// Reads a password from stdin (without echo on a terminal) and prints
+    /// its argon2id hash for `[dashboard] password_hash` or a credential
+    /// file
+    HashPassword,
+}
+
+impl DashboardCommand {
+    pub fn run(&self) -> Result<String, String> {
+        match self {
+            DashboardCommand::HashPassword => {
+                let password = read_password()?;
+                let phc = crate::auth::session::hash_password(&password)?;
+                Ok(format!("{phc}\n"))
+            }
+        }
+    }
+}
+
+/// A password from stdin: on a terminal asked twice with echo off, else
+/// the first line.
+fn read_password() -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let line = |prompt: Option<&str>| -> Result<String, String> {
+        if let Some(p) = prompt {
+            eprint!("{p}");
+        }
+        let mut text = String::new();
+        stdin
+            .lock()
+            .read_line(&mut text)
+            .map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        if prompt.is_some() {
+            eprintln!();
+        }
+        Ok(text.trim_end_matches(['\n', '\r']).to_string())
+    };
+    let password = if stdin.is_terminal() {
+        let echo_off = EchoOff::new(&stdin);
+        let first = line(Some("Dashboard password: "))?;
+        let again = line(Some("Again: "))?;
+        drop(echo_off);
+        if first != again {
+            return Err("the two passwords differ".into());
+        }
+        first
+    } else {
+        line(None)?
+    };
+    if password.is_empty() {
+        return Err("the password is empty".into());
+    }
+    Ok(password)
+}
+
+/// The terminal's echo, off while this lives.
+struct EchoOff<'a> {
+    fd: std::os::fd::BorrowedFd<'a>,
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl<'a> EchoOff<'a> {
+    fn new(stdin: &'a std::io::Stdin) -> EchoOff<'a> {
+        use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+        use std::os::fd::AsFd;
+        let fd = stdin.as_fd();
+        let saved = tcgetattr(fd).ok();
+        if let Some(t) = &saved {
+            let mut quiet = t.clone();
+            quiet.local_flags.remove(LocalFlags::ECHO);
+            let _ = tcsetattr(fd, SetArg::TCSANOW, &quiet);
+        }
+        EchoOff { fd, saved }
+    }
+}
+
+impl Drop for EchoOff<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(self.fd, nix::sys::termios::SetArg::TCSANOW, t);
+        }
+    }
 }
 
 /// `key new`'s arguments.
