@@ -338,6 +338,17 @@ async function submitLogin(page) {
   ]);
   return resp.status();
 }
+// A step whose failure is recorded (in out.soft_errors[name], with a
+// screenshot) without ending the flow: the pages after it still get
+// checked, and the Rust side names the step that failed.
+async function soft(page, out, name, fn) {
+  try { await fn(); }
+  catch (e) {
+    out.soft_errors = out.soft_errors || {};
+    out.soft_errors[name] = String((e && e.message) || e);
+    await shot(page, `failure-${process.env.TEST_NAME || "script"}-${name}`).catch(() => {});
+  }
+}
 // Follows a navigation link and waits for its page's root.
 async function open(page, name) {
   await page.click(`a[data-page=${name}]`);
@@ -360,6 +371,17 @@ function run(steps) {
       page = await context.newPage();
       page.on("pageerror", (e) => out.page_errors.push(String(e)));
       page.on("console", (m) => { if (m.type() === "error") out.console_errors.push(m.text()); });
+      // Every response of the dashboard's own paths, with its security
+      // headers, as the browser got them.
+      out.ui_responses = [];
+      page.on("response", (r) => {
+        const p = new URL(r.url()).pathname;
+        if (!p.startsWith("/ui")) return;
+        const h = r.headers();
+        out.ui_responses.push({ path: p, status: r.status(), csp: h["content-security-policy"] || null,
+                                frame: h["x-frame-options"] || null, nosniff: h["x-content-type-options"] || null,
+                                referrer: h["referrer-policy"] || null });
+      });
       await steps({ context, page, out });
     } catch (e) {
       out.error = String((e && e.stack) || e);
@@ -414,7 +436,7 @@ run(async ({ context, page, out }) => {
   out.login_status = await submitLogin(page);
   await page.waitForSelector("main[data-page=models]");
   out.logged_in_path = new URL(page.url()).pathname;
-  out.open_banner = await page.locator("[data-testid=open-banner]").count();
+  out.open_banner = await page.locator("[data-testid=open-banner]").isVisible();
   const row = page.locator("tr[data-model=tiny]");
   const state = () => text(row.locator("[data-field=state]"));
   out.initial_state = await until(state, "the tiny model's state cell");
@@ -454,6 +476,9 @@ run(async ({ context, page, out }) => {
     return t.includes(String(ps.pid)) && t;
   }, `pid ${ps.pid} in its cell`);
   out.load_time_cell = await text(row.locator("[data-field=load-time]"));
+  out.uptime_cell = await text(row.locator("[data-field=uptime]"));
+  out.memory_cell = await text(row.locator("[data-field=memory]"));
+  await shot(page, "models-ready");
   out.stayed_after_load = await page.evaluate(() => window.__stay === true);
 
   await open(page, "activity");
@@ -492,8 +517,10 @@ run(async ({ context, page, out }) => {
   await shot(page, "stats");
 
   await open(page, "logs");
-  await page.selectOption("select[name=model]", "tiny");
-  out.log_lines = await until(() => text(page.locator("pre[data-testid=log-lines]")), "log lines of tiny");
+  await soft(page, out, "logs", async () => {
+    await page.selectOption("select[name=model]", "tiny");
+    out.log_lines = await until(() => text(page.locator("pre[data-testid=log-lines]")), "log lines of tiny");
+  });
   await shot(page, "logs");
 
   await open(page, "audit");
@@ -566,7 +593,7 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
     assert_eq!(s.status, StatusCode::OK, "{}", s.text());
     let rows = d.wait_rows(1, STEP).await;
     let row = rows[0].clone();
-    b.reply(&json!({"id": row["id"]}));
+    b.reply(&json!({"id": row["request_id"]}));
 
     b.ask("stopped").await;
     d.wait_state("tiny", "stopped", STEP).await;
@@ -593,7 +620,7 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
     assert_eq!(out["wrong_status"], 401, "{out}");
     assert!(!out["wrong_error"].as_str().unwrap().is_empty(), "{out}");
     assert!(out["login_status"].as_u64().unwrap() < 400, "{out}");
-    assert_eq!(out["open_banner"], 0, "a password is configured: {out}");
+    assert_eq!(out["open_banner"], false, "a password is configured: {out}");
     assert_eq!(out["initial_state"], "stopped", "{out}");
     for (field, n) in out["fields"].as_object().unwrap() {
         assert_eq!(n, 1, "one [data-field={field}] in the model's row: {out}");
@@ -671,19 +698,52 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
         assert_eq!(n, 1, "one svg[data-chart={chart}]: {out}");
     }
     assert_eq!(out["stats_window"], 1, "{out}");
-    assert!(
-        out["log_lines"].as_str().unwrap().contains("llama"),
-        "llama-server's own output on the logs page: {out}"
-    );
     let audit = out["audit_rows"].as_array().unwrap().len();
     assert!(audit >= 2, "the load and the stop are audited: {out}");
     assert_eq!(out["after_logout_path"], "/ui/login", "{out}");
     assert!(out["page_errors"].as_array().unwrap().is_empty(), "{out}");
+    assert_security_headers(&out);
+    // Last, as it rests on the per-model log route (GET /admin/logs/{model}).
+    assert!(
+        out["soft_errors"]["logs"].is_null(),
+        "the logs page: {}",
+        out["soft_errors"]["logs"]
+    );
+    assert!(
+        out["log_lines"].as_str().unwrap().contains("llama"),
+        "llama-server's own output on the logs page: {out}"
+    );
 }
 
-/// A prompt that runs script if it is ever parsed as HTML.
+/// Every `/ui` response the browser got carries the security headers,
+/// and the page broke none of its Content-Security-Policy.
+fn assert_security_headers(out: &Value) {
+    let responses = out["ui_responses"].as_array().unwrap();
+    assert!(responses.len() >= 5, "pages, scripts, styles: {out}");
+    for r in responses {
+        let csp = r["csp"].as_str().unwrap_or_default();
+        assert!(
+            csp.split(';').next() == Some("default-src 'self'") && !csp.contains("unsafe"),
+            "{r}"
+        );
+        assert_eq!(r["frame"], "DENY", "{r}");
+        assert_eq!(r["nosniff"], "nosniff", "{r}");
+        assert!(r["referrer"].is_string(), "{r}");
+    }
+    let csp_broken = out["console_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.as_str().unwrap().contains("Content Security Policy"))
+        .count();
+    assert_eq!(csp_broken, 0, "{out}");
+}
+
+/// A prompt that runs script if it is ever parsed as HTML. No quotes or
+/// backslashes: the detail shows the request body as recorded, JSON, where
+/// those would be escaped.
 const PROMPT: &str =
-    "hi <script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\"> there";
+    "hi <script>window.__pwned = 1</script><img src=x onerror=window.__pwned=2> there";
 
 /// Seven logins from one browser: five wrong, a sixth wrong one, then the
 /// right password.
@@ -734,6 +794,7 @@ async fn a_wrong_password_is_refused_and_throttled_after_five() {
         attempts.iter().all(|a| a["path"] == "/ui/login"),
         "never let in: {out}"
     );
+    assert_security_headers(&out);
 
     // Each failure is in the audit trail with the browser's IP.
     let (_, page) = d.get("/admin/audit").await;
@@ -758,7 +819,7 @@ run(async ({ context, page, out }) => {
   const row = page.locator("tr[data-model=tiny]");
   out.state = await until(() => text(row.locator("[data-field=state]")), "the tiny model's state cell");
   out.buttons = await page.locator("button[data-action=load], button[data-action=stop]").count();
-  out.audit_link = await page.locator("a[data-page=audit]").count();
+  out.audit_link = await page.locator("a[data-page=audit]:visible").count();
   out.session = await page.evaluate(() => fetch("/ui/session").then((r) => r.json()));
   // The page's own fetches, with the CSRF token, still cannot do admin work.
   out.load_status = await page.evaluate(async (csrf) =>
@@ -821,6 +882,7 @@ async fn a_read_keys_session_sees_no_admin_buttons_and_is_refused_admin_routes()
     assert_eq!(out["load_status"], 403, "{out}");
     assert_eq!(out["audit_status"], 403, "{out}");
     assert_eq!(d.model("tiny").await["state"], "stopped", "nothing loaded");
+    assert_security_headers(&out);
 }
 
 /// A keyless loopback daemon without a password: the dashboard opens
@@ -830,7 +892,8 @@ run(async ({ page, out }) => {
   await page.goto(BASE + "/ui/");
   await page.waitForSelector("main[data-page=models]");
   out.path = new URL(page.url()).pathname;
-  out.banner = await text(page.locator("[data-testid=open-banner]"));
+  out.banner = (await page.locator("[data-testid=open-banner]").isVisible())
+    && await text(page.locator("[data-testid=open-banner]"));
   out.state = await until(() => text(page.locator("tr[data-model=tiny] [data-field=state]")), "the tiny model's state cell");
   out.session = await page.evaluate(() => fetch("/ui/session").then((r) => r.json()));
   await shot(page, "open-banner");
@@ -844,9 +907,10 @@ async fn a_keyless_loopback_daemon_opens_the_dashboard_with_a_banner() {
     let out = b.finish().await;
     assert_eq!(out["path"], "/ui/", "no login page: {out}");
     assert!(
-        !out["banner"].as_str().unwrap().is_empty(),
+        out["banner"].as_str().is_some_and(|b| !b.is_empty()),
         "the open-mode banner says so: {out}"
     );
     assert_eq!(out["state"], "stopped", "{out}");
     assert_eq!(out["session"]["open"], true, "{out}");
+    assert_security_headers(&out);
 }
