@@ -1456,6 +1456,48 @@ health = "/health"
         assert!(e.contains("at most 4294967295"), "{e}");
     }
 
+    /// A real argon2id PHC string (of "pw"), as `claracore dashboard
+    /// hash-password` prints.
+    const PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$1sGHDcE6HaFBFQe6mgoYJA$8ApO4nFsT8+C+d1YBN1syU6JPL0sdqmNaN71jRnHvGU";
+
+    #[test]
+    fn the_dashboard_table_reads_a_hash_or_a_credential_file_and_says_what_is_wrong() {
+        let c = parse("").unwrap();
+        assert_eq!(c.dashboard, DashboardConfig::default());
+        assert_eq!(c.dashboard.session_lifetime, Duration::from_secs(86400));
+        let c = parse(&format!(
+            "[dashboard]\npassword_hash = \"{PHC}\"\nsession_lifetime = \"8h\"\ntrusted_proxies = [\"10.0.0.1\", \"::1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.dashboard.password_hash.as_deref(), Some(PHC));
+        assert_eq!(c.dashboard.session_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(c.dashboard.trusted_proxies.len(), 2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dashboard-password");
+        std::fs::write(&file, format!("{PHC}\n")).unwrap();
+        let c = parse(&format!(
+            "[dashboard]\npassword_hash_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.dashboard.password_hash.as_deref(), Some(PHC), "trimmed");
+
+        for (text, want) in [
+            ("[dashboard]\npassword_hash = \"hunter2\"", "test.toml:2:17: dashboard.password_hash: not a PHC string"),
+            ("[dashboard]\npassword_hash = \"$argon2i$v=19$m=19456,t=2,p=1$1sGHDcE6HaFBFQe6mgoYJA$8ApO4nFsT8+C+d1YBN1syU6JPL0sdqmNaN71jRnHvGU\"", "is argon2i, not argon2id"),
+            ("[dashboard]\npassword_hash_file = \"/nonexistent/pw\"", "test.toml:2:22: dashboard.password_hash_file: cannot read /nonexistent/pw"),
+            ("[dashboard]\npassword_hash = \"x\"\npassword_hash_file = \"/y\"", "not both"),
+            ("[dashboard]\nsession_lifetime = \"0\"", "dashboard.session_lifetime: must be greater than 0"),
+            ("[dashboard]\nsession_lifetime = \"soon\"", "dashboard.session_lifetime"),
+            ("[dashboard]\ntrusted_proxies = [\"proxy.lan\"]", "test.toml:2:20: dashboard.trusted_proxies: \"proxy.lan\" is not an IP address"),
+            ("[dashboard]\npasword_hash = \"x\"", "unknown field `pasword_hash`"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
     #[test]
     fn unknown_key_names_line_column_and_key() {
         let e = err("listen = []\n\n[scheduler]\nmax_loadd = 2\n");

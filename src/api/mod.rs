@@ -273,13 +273,9 @@ async fn dispatch(
         Route::AdminBackup => admin::backup(ctx).await,
         Route::AdminAudit => admin::audit_list(ctx, query).await,
         Route::UiRoot => Ok(ui::root()),
-        Route::UiAsset(a) => Ok(ui::serve_asset(state, a, req.headers())),
+        Route::UiAsset(a) => Ok(ui::serve_asset(a, req.headers())),
         Route::UiLogin if req.method() == hyper::Method::POST => ui::login(state, peer, req).await,
-        Route::UiLogin => Ok(ui::serve_asset(
-            state,
-            routes::UiAsset::Login,
-            req.headers(),
-        )),
+        Route::UiLogin => Ok(ui::serve_asset(routes::UiAsset::Login, req.headers())),
         Route::UiSession => ui::get_session(state, peer, req.headers()),
         Route::UiLogout => ui::logout(state, peer, req.headers()),
     }

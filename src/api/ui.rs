@@ -137,19 +137,9 @@ pub(super) fn root() -> Response<BoxBody> {
     redirect("/ui/", StatusCode::PERMANENT_REDIRECT)
 }
 
-/// An embedded file; `/ui/` without a live session (and not open) sends
-/// the browser to the login page.
-pub(super) fn serve_asset(
-    state: &AppState,
-    which: UiAsset,
-    headers: &HeaderMap,
-) -> Response<BoxBody> {
-    if which == UiAsset::Index {
-        let config = state.config();
-        if !session::open_mode(&config) && current(state, headers).is_none() {
-            return redirect("/ui/login", StatusCode::SEE_OTHER);
-        }
-    }
+/// An embedded file. The app page is served without a session too (it
+/// holds no data; its script sends a browser without one to the login).
+pub(super) fn serve_asset(which: UiAsset, headers: &HeaderMap) -> Response<BoxBody> {
     let a = asset(which);
     let tag = etag(which);
     let matches = headers
@@ -211,13 +201,12 @@ fn cookie(value: &str, max_age_s: u64, secure: bool) -> Option<HeaderValue> {
     .ok()
 }
 
-fn session_body(state: &AppState, s: &Session, open: bool) -> serde_json::Value {
+fn session_body(s: &Session, open: bool) -> serde_json::Value {
     let scopes: Vec<&str> = s.login.scopes().iter().map(|s| s.as_str()).collect();
     let models = match &s.login {
         Login::Key(k) => json!(k.models),
         _ => serde_json::Value::Null,
     };
-    let _ = state;
     json!({
         "principal": s.login.principal_name(),
         "login": match s.login { Login::Password => "password", Login::Open => "open", Login::Key(_) => "key" },
@@ -262,10 +251,7 @@ pub(super) fn get_session(
             .principal(&s, &auth, &config, crate::events::now_ms())
             .is_some()
         {
-            return Ok(json_response(
-                StatusCode::OK,
-                &session_body(state, &s, open),
-            ));
+            return Ok(json_response(StatusCode::OK, &session_body(&s, open)));
         }
     }
     if !open {
@@ -278,15 +264,14 @@ pub(super) fn get_session(
             "an open dashboard is served only to pages loaded from localhost",
         )));
     }
-    let (id, s) = state
-        .sessions
-        .create(
-            Login::Open,
-            config.dashboard.session_lifetime,
-            crate::events::now_ms(),
-        )
-        .map_err(|_| ApiError::History)?;
-    let mut resp = json_response(StatusCode::OK, &session_body(state, &s, true));
+    let Ok((id, s)) = state.sessions.create(
+        Login::Open,
+        config.dashboard.session_lifetime,
+        crate::events::now_ms(),
+    ) else {
+        return Ok(no_randomness());
+    };
+    let mut resp = json_response(StatusCode::OK, &session_body(&s, true));
     set_cookie(&mut resp, &config, peer, headers, &id);
     Ok(resp)
 }
@@ -430,14 +415,13 @@ pub(super) async fn login(
             return Ok(refusal(StatusCode::FORBIDDEN, why, "insufficient_scope"));
         }
     };
-    let (id, s) = state
-        .sessions
-        .create(
-            login,
-            config.dashboard.session_lifetime,
-            crate::events::now_ms(),
-        )
-        .map_err(|_| ApiError::History)?;
+    let Ok((id, s)) = state.sessions.create(
+        login,
+        config.dashboard.session_lifetime,
+        crate::events::now_ms(),
+    ) else {
+        return Ok(no_randomness());
+    };
     super::audit(
         state,
         s.login.principal_name(),
@@ -446,7 +430,7 @@ pub(super) async fn login(
         kind,
     );
     let open = session::open_mode(&config);
-    let mut resp = json_response(StatusCode::OK, &session_body(state, &s, open));
+    let mut resp = json_response(StatusCode::OK, &session_body(&s, open));
     set_cookie(&mut resp, &config, peer, &headers, &id);
     Ok(resp)
 }
@@ -500,6 +484,14 @@ pub(super) fn refusal(status: StatusCode, message: &str, code: &str) -> Response
     json_response(
         status,
         &json!({"error": {"message": message, "type": "permission_error", "code": code}}),
+    )
+}
+
+/// The OS gave no random bytes for a session id (never seen in practice).
+fn no_randomness() -> Response<BoxBody> {
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({"error": {"message": "no randomness from the OS for a session id", "type": "server_error", "code": "no_randomness"}}),
     )
 }
 

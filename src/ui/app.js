@@ -81,7 +81,8 @@ function note(text, cls = "note") {
 
 function fmtMs(v) {
   if (v === null || v === undefined) return "—";
-  return v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${Math.round(v)} ms`;
+  if (v >= 1000) return `${(v / 1000).toFixed(2)} s`;
+  return v < 10 ? `${v.toFixed(1)} ms` : `${Math.round(v)} ms`;
 }
 
 function fmtDuration(s) {

@@ -119,6 +119,8 @@ enum Needs {
     Listing,
     Read,
     Admin,
+    /// `/ui/session`: only a session cookie (which no cell has) answers.
+    Session,
 }
 
 const FORM_TYPE: &str = "multipart/form-data; boundary=b0";
@@ -239,6 +241,10 @@ fn routes() -> Vec<(Method, &'static str, Option<serde_json::Value>, Needs, bool
         (Method::POST, "/admin/backup", None, Needs::Admin, false),
         (Method::GET, "/admin/audit", None, Needs::Admin, false),
         (Method::GET, "/upstream/f/health", None, Needs::Admin, true),
+        (Method::GET, "/ui/", None, Needs::Open, false),
+        (Method::GET, "/ui/login", None, Needs::Open, false),
+        (Method::GET, "/ui/app.js", None, Needs::Open, false),
+        (Method::GET, "/ui/session", None, Needs::Session, false),
         (Method::GET, "/", None, Needs::Open, false),
         (Method::HEAD, "/", None, Needs::Open, false),
         (Method::GET, "/api/version", None, Needs::Open, false),
@@ -330,6 +336,8 @@ fn expected(needs: Needs, names_f: bool, who: Who) -> u16 {
     use Needs::*;
     match (who, needs) {
         (_, Open) => 200,
+        // A key is no session, whoever holds it.
+        (_, Session) => 401,
         (Who::NoKey | Who::Wrong | Who::Expired, _) => 401,
         // Both inference and read keys may list models: no key lacks it.
         (Who::LacksScope, Listing) => 200,
@@ -349,7 +357,7 @@ fn key_for(who: Who, needs: Needs) -> Option<&'static str> {
             Needs::Inference => READER,
             Needs::Read | Needs::Listing => INF,
             Needs::Admin => READER,
-            Needs::Open => INF,
+            Needs::Open | Needs::Session => INF,
         }),
         Who::LacksModel => Some(G_ONLY),
         Who::Right => Some(FULL),
@@ -429,7 +437,12 @@ async fn every_route_against_every_kind_of_key_over_tcp_and_the_local_socket() {
                 key,
             )
             .await;
-            if got.as_u16() != passed(path) {
+            let want_unix = if needs == Needs::Session {
+                401
+            } else {
+                passed(path)
+            };
+            if got.as_u16() != want_unix {
                 failures.push(format!(
                     "unix {method} {path} {who:?}: {got}: {}",
                     &text[..text.len().min(200)]
@@ -496,11 +509,18 @@ async fn without_keys_tcp_runs_inference_and_read_and_admin_need_the_local_socke
         let (got, text, _) = call(&tcp, method.clone(), path, body.clone(), None).await;
         let want = match needs {
             Needs::Open | Needs::Inference | Needs::Listing => passed(path),
-            Needs::Read | Needs::Admin => 401,
+            // Open, but only to a page loaded from localhost (these
+            // requests name host "x").
+            Needs::Read | Needs::Admin | Needs::Session => 401,
         };
         assert_eq!(got.as_u16(), want, "TCP {method} {path}: {text}");
         let (got, text, _) = call(&Target::Unix(&sock), method.clone(), path, body, None).await;
-        assert_eq!(got.as_u16(), passed(path), "unix {method} {path}: {text}");
+        let want_unix = if needs == Needs::Session {
+            401
+        } else {
+            passed(path)
+        };
+        assert_eq!(got.as_u16(), want_unix, "unix {method} {path}: {text}");
     }
     // Clients that always send a key (the OpenAI client does) are served
     // as anyone else, however often.

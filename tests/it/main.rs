@@ -16,6 +16,8 @@
 //!   the real llama-server; bad input on the routes they use.
 //! - `connections`: the connection cap, idle connections past the fd
 //!   limit, memory after crowds of them.
+//! - `dashboard`: `/ui/` over HTTP: security headers, cookie flags,
+//!   logins, throttling, CSRF, logout, session ends, the open mode.
 //! - `faults`: the fake upstream (`tests/tools/fake_upstream.py`) for what
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `files`: modes of the state files under a permissive umask; the demo
@@ -43,6 +45,7 @@ mod cli;
 mod clients;
 mod common;
 mod connections;
+mod dashboard;
 mod faults;
 mod files;
 mod history;
