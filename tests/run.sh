@@ -8,12 +8,13 @@
 # Set CLARACORE_SKIP_VM=1 to leave out the systemd scenarios (they need root).
 # Files the tests leave for a person to look at (the dashboard's screenshots
 # from tests/it/browser.rs) go to CLARACORE_TEST_ARTIFACTS, by default
-# test-artifacts/ in cargo's target directory; its path and contents are
+# tmp/test-artifacts/ in cargo's target directory (CARGO_TARGET_TMPDIR, where
+# the tests put them when run by cargo alone); its path and contents are
 # printed at the end, pass or fail, for CI to keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-artifacts="${CLARACORE_TEST_ARTIFACTS:-${CARGO_TARGET_DIR:-$PWD/target}/test-artifacts}"
+artifacts="${CLARACORE_TEST_ARTIFACTS:-${CARGO_TARGET_DIR:-$PWD/target}/tmp/test-artifacts}"
 mkdir -p "$artifacts"
 artifacts="$(cd "$artifacts" && pwd)"
 export CLARACORE_TEST_ARTIFACTS="$artifacts"

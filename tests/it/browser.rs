@@ -25,7 +25,7 @@
 //! Screenshots of every page go to `dashboard/` under the artifact folder
 //! (`CLARACORE_TEST_ARTIFACTS`, which `tests/run.sh` sets and prints at the
 //! end; without it, cargo's `CARGO_TARGET_TMPDIR/test-artifacts`). The
-//! README's screenshot is `models-1280x800.png` from
+//! README's screenshot is `models-ready.png` from
 //! `password_login_models_activity_load_stop_stats_logs_audit_logout`,
 //! copied to `tests/it/dashboard-models.png`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -713,6 +713,18 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
         out["log_lines"].as_str().unwrap().contains("llama"),
         "llama-server's own output on the logs page: {out}"
     );
+    // A ready model's memory and uptime are figures, not placeholders.
+    for cell in ["memory_cell", "uptime_cell"] {
+        assert!(
+            out[cell]
+                .as_str()
+                .unwrap()
+                .chars()
+                .any(|c| c.is_ascii_digit()),
+            "{cell} of the ready model shows no figure: {}",
+            out[cell]
+        );
+    }
 }
 
 /// Every `/ui` response the browser got carries the security headers,
