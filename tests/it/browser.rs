@@ -508,6 +508,14 @@ run(async ({ context, page, out }) => {
   out.stayed_after_stop = await page.evaluate(() => window.__stay === true);
   await ask("stopped");
 
+  // A load from outside the browser shows on the page by itself.
+  await ask("loaded_elsewhere");
+  const t0 = Date.now();
+  out.external_state = await until(async () => (await state()) === "ready" && "ready",
+                                   "ready after a load from outside the browser");
+  out.external_ms = Date.now() - t0;
+  out.stayed_after_external = await page.evaluate(() => window.__stay === true);
+
   await open(page, "stats");
   out.charts = {};
   for (const c of ["requests", "latency", "ttft", "tokens"]) {
@@ -599,6 +607,12 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
     d.wait_state("tiny", "stopped", STEP).await;
     b.reply(&json!({}));
 
+    b.ask("loaded_elsewhere").await;
+    let (status, body) = d.post_unix("/admin/models/tiny/load").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    d.wait_state("tiny", "ready", STEP).await;
+    b.reply(&json!({}));
+
     b.ask("logged_out").await;
     let (status, _, body) = send_with_headers(
         &d.addr,
@@ -656,6 +670,11 @@ async fn password_login_models_activity_load_stop_stats_logs_audit_logout() {
     assert_eq!(out["stayed_after_load"], true, "the page reloaded: {out}");
     assert_eq!(out["stayed_after_chat"], true, "the page reloaded: {out}");
     assert_eq!(out["stayed_after_stop"], true, "the page reloaded: {out}");
+    assert_eq!(out["external_state"], "ready", "{out}");
+    assert_eq!(
+        out["stayed_after_external"], true,
+        "the page reloaded: {out}"
+    );
     assert!(!out["load_time_cell"].as_str().unwrap().is_empty(), "{out}");
     for f in ["model", "outcome", "window", "key"] {
         assert_eq!(

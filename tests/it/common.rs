@@ -317,6 +317,11 @@ impl Daemon {
         request_unix(&self.socket(), Method::GET, path, None).await
     }
 
+    /// A POST without a body on the local socket (admin).
+    pub async fn post_unix(&self, path: &str) -> (StatusCode, Value) {
+        request_unix(&self.socket(), Method::POST, path, None).await
+    }
+
     /// A GET over TCP, as a client without a key.
     pub async fn get_tcp(&self, path: &str) -> (StatusCode, Value) {
         request(&self.addr, Method::GET, path, None).await

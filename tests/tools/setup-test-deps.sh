@@ -235,6 +235,10 @@ fi
 # Chromium and point CLARACORE_TEST_CHROMIUM at it before running.
 chromium="${CLARACORE_TEST_CHROMIUM:-/usr/bin/chromium}"
 if [ ! -x "$chromium" ]; then
+    if [ -n "${CLARACORE_TEST_CHROMIUM:-}" ]; then
+        log "CLARACORE_TEST_CHROMIUM=$chromium is not an executable"
+        exit 1
+    fi
     log "$chromium not found; installing Debian's chromium"
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
