@@ -349,10 +349,12 @@ async function soft(page, out, name, fn) {
     await shot(page, `failure-${process.env.TEST_NAME || "script"}-${name}`).catch(() => {});
   }
 }
-// Follows a navigation link and waits for its page's root.
-async function open(page, name) {
+// Follows a navigation link and waits for its page's root, then for
+// `ready` inside it: the root exists before the page has fetched and drawn
+// its content.
+async function open(page, name, ready) {
   await page.click(`a[data-page=${name}]`);
-  await page.waitForSelector(`main[data-page=${name}]`);
+  await page.locator(`main[data-page=${name}] ${ready}`).first().waitFor();
 }
 
 function run(steps) {
@@ -434,7 +436,7 @@ run(async ({ context, page, out }) => {
 
   await page.fill("input[name=password]", process.env.PASSWORD);
   out.login_status = await submitLogin(page);
-  await page.waitForSelector("main[data-page=models]");
+  await page.locator("main[data-page=models] tr[data-model=tiny]").waitFor();
   out.logged_in_path = new URL(page.url()).pathname;
   out.open_banner = await page.locator("[data-testid=open-banner]").isVisible();
   const row = page.locator("tr[data-model=tiny]");
@@ -481,7 +483,7 @@ run(async ({ context, page, out }) => {
   await shot(page, "models-ready");
   out.stayed_after_load = await page.evaluate(() => window.__stay === true);
 
-  await open(page, "activity");
+  await open(page, "activity", "select[name=window]");
   for (const f of ["model", "outcome", "window"]) {
     out[`filter_${f}`] = await page.locator(`select[name=${f}]`).count();
   }
@@ -502,7 +504,7 @@ run(async ({ context, page, out }) => {
   out.pwned = await page.evaluate(() => (window.__pwned === undefined ? null : window.__pwned));
   await shot(page, "detail");
 
-  await open(page, "models");
+  await open(page, "models", "tr[data-model=tiny]");
   await row.locator("button[data-action=stop]").click();
   out.state_after_stop = await until(async () => (await state()) === "stopped" && "stopped", "stopped after the stop button");
   out.stayed_after_stop = await page.evaluate(() => window.__stay === true);
@@ -516,7 +518,7 @@ run(async ({ context, page, out }) => {
   out.external_ms = Date.now() - t0;
   out.stayed_after_external = await page.evaluate(() => window.__stay === true);
 
-  await open(page, "stats");
+  await open(page, "stats", "svg[data-chart]");
   out.charts = {};
   for (const c of ["requests", "latency", "ttft", "tokens"]) {
     out.charts[c] = await page.locator(`svg[data-chart=${c}]`).count();
@@ -524,15 +526,14 @@ run(async ({ context, page, out }) => {
   out.stats_window = await page.locator("select[name=window]").count();
   await shot(page, "stats");
 
-  await open(page, "logs");
+  await open(page, "logs", "select[name=model]");
   await soft(page, out, "logs", async () => {
     await page.selectOption("select[name=model]", "tiny");
     out.log_lines = await until(() => text(page.locator("pre[data-testid=log-lines]")), "log lines of tiny");
   });
   await shot(page, "logs");
 
-  await open(page, "audit");
-  await page.locator("tr[data-audit]").first().waitFor();
+  await open(page, "audit", "tr[data-audit]");
   out.audit_rows = await page.locator("tr[data-audit]").allTextContents();
   await shot(page, "audit");
 
@@ -846,7 +847,7 @@ run(async ({ context, page, out }) => {
   await page.goto(BASE + "/ui/login");
   await page.fill("input[name=key]", process.env.READ_KEY);
   out.login_status = await submitLogin(page);
-  await page.waitForSelector("main[data-page=models]");
+  await page.locator("main[data-page=models] tr[data-model=tiny]").waitFor();
   const row = page.locator("tr[data-model=tiny]");
   out.state = await until(() => text(row.locator("[data-field=state]")), "the tiny model's state cell");
   out.buttons = await page.locator("button[data-action=load], button[data-action=stop]").count();
@@ -921,7 +922,7 @@ async fn a_read_keys_session_sees_no_admin_buttons_and_is_refused_admin_routes()
 const OPEN_FLOW: &str = r#"
 run(async ({ page, out }) => {
   await page.goto(BASE + "/ui/");
-  await page.waitForSelector("main[data-page=models]");
+  await page.locator("main[data-page=models] tr[data-model=tiny]").waitFor();
   out.path = new URL(page.url()).pathname;
   out.banner = (await page.locator("[data-testid=open-banner]").isVisible())
     && await text(page.locator("[data-testid=open-banner]"));
