@@ -6,8 +6,23 @@
 # Debian trixie guests (~3 min); all are cached in
 # ${CLARACORE_CACHE:-~/.cache/claracore}, keyed by version.
 # Set CLARACORE_SKIP_VM=1 to leave out the systemd scenarios (they need root).
+# Files the tests leave for a person to look at (the dashboard's screenshots
+# from tests/it/browser.rs) go to CLARACORE_TEST_ARTIFACTS, by default
+# tmp/test-artifacts/ in cargo's target directory (CARGO_TARGET_TMPDIR, where
+# the tests put them when run by cargo alone); its path and contents are
+# printed at the end, pass or fail, for CI to keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+artifacts="${CLARACORE_TEST_ARTIFACTS:-${CARGO_TARGET_DIR:-$PWD/target}/tmp/test-artifacts}"
+mkdir -p "$artifacts"
+artifacts="$(cd "$artifacts" && pwd)"
+export CLARACORE_TEST_ARTIFACTS="$artifacts"
+show_artifacts() {
+    echo "=== test artifacts in $artifacts:" >&2
+    (cd "$artifacts" && find . -type f | sort) >&2
+}
+trap show_artifacts EXIT
 
 eval "$(tests/tools/setup-test-deps.sh)"
 echo "llama-server: $CLARACORE_TEST_LLAMA_SERVER" >&2

@@ -317,6 +317,11 @@ impl Daemon {
         request_unix(&self.socket(), Method::GET, path, None).await
     }
 
+    /// A POST without a body on the local socket (admin).
+    pub async fn post_unix(&self, path: &str) -> (StatusCode, Value) {
+        request_unix(&self.socket(), Method::POST, path, None).await
+    }
+
     /// A GET over TCP, as a client without a key.
     pub async fn get_tcp(&self, path: &str) -> (StatusCode, Value) {
         request(&self.addr, Method::GET, path, None).await
@@ -760,6 +765,54 @@ pub async fn send_raw(
     let headers = resp.headers().clone();
     let (status, value) = json_of(resp).await;
     (status, headers, value)
+}
+
+/// One request on a fresh TCP connection with extra `headers` (a session
+/// cookie, a CSRF token) and an optional JSON body; status, headers and
+/// the body as JSON (or a JSON string of the text).
+pub async fn send_with_headers(
+    addr: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, hyper::HeaderMap, Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr);
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let headers = resp.headers().clone();
+    let (status, value) = json_of(resp).await;
+    (status, headers, value)
+}
+
+/// Every live descendant of `pid` (children, their children, …), parents
+/// before their children.
+pub fn descendants_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            next.push(c);
+        }
+    }
+    out
 }
 
 /// A multipart/form-data body with `fields` (name, value) and one file

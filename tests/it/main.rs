@@ -8,6 +8,9 @@
 //!
 //! - `access`: every route against every kind of key, over TCP and the
 //!   local socket; brute force, rates, the key leaking nowhere.
+//! - `browser`: the dashboard in a real headless Chromium through
+//!   playwright-core: login, throttling, every page, live updates, the
+//!   load and stop buttons, a read key's view, logout, screenshots.
 //! - `cli`: config errors and exit codes, the client commands.
 //! - `clients`: the official openai and anthropic Python clients against
 //!   the real llama-server; bad input on the routes they use.
@@ -43,6 +46,7 @@
 //!   socket activation, capabilities, JSON logs).
 
 mod access;
+mod browser;
 mod cli;
 mod clients;
 mod common;

@@ -12,9 +12,13 @@
 #                                make-tiny-model.py (cached, keyed by the
 #                                script's content and the vocab file)
 #   CLARACORE_TEST_NODE_MODULES  node_modules with the pinned ollama and
-#                                openai npm clients (cached, keyed by the
-#                                lock and the node version); node and npm
-#                                come from Debian's packages if missing
+#                                openai npm clients and playwright-core
+#                                (cached, keyed by the lock and the node
+#                                version); node and npm come from Debian's
+#                                packages if missing
+#   CLARACORE_TEST_CHROMIUM      Debian's chromium, which tests/it/browser.rs
+#                                drives through playwright-core (installed
+#                                with apt-get if /usr/bin/chromium is missing)
 #
 # Nothing is downloaded from a model hub. Everything is cached under
 # CLARACORE_CACHE (default ~/.cache/claracore); reruns are fast no-ops.
@@ -112,13 +116,16 @@ fi
 # differs from the lock): ollama 0.6.4 (the newest) needs only whatwg-fetch;
 # openai has no dependencies (its peers ws and zod are optional). openai is
 # the newest 5.x, whose README asks for Node >= 20 (Debian trixie's nodejs
-# is 20); 7.x needs Node >= 22 (its `engines`).
+# is 20); 7.x needs Node >= 22 (its `engines`). playwright-core 1.65.1
+# (the newest; no dependencies, Node >= 20) drives the system's Chromium
+# for tests/it/browser.rs: the -core package downloads no browser.
 node_package_json='{
   "name": "claracore-test-clients",
   "private": true,
   "dependencies": {
     "ollama": "0.6.4",
     "openai": "5.23.2",
+    "playwright-core": "1.65.1",
     "whatwg-fetch": "3.6.20"
   }
 }'
@@ -132,6 +139,7 @@ node_package_lock='{
       "dependencies": {
         "ollama": "0.6.4",
         "openai": "5.23.2",
+        "playwright-core": "1.65.1",
         "whatwg-fetch": "3.6.20"
       }
     },
@@ -163,6 +171,17 @@ node_package_lock='{
         }
       }
     },
+    "node_modules/playwright-core": {
+      "version": "1.65.1",
+      "integrity": "sha512-hqPpz7blSMPxWVdoeE1yiBSzXsKiVOd2k+kjCvmUywD2GPO2Dd9HfcWnq9NN0GHbNZDFgZ9JfBFr+X5/BLo0qw==",
+      "license": "Apache-2.0",
+      "bin": {
+        "playwright-core": "cli.js"
+      },
+      "engines": {
+        "node": ">=20"
+      }
+    },
     "node_modules/whatwg-fetch": {
       "version": "3.6.20",
       "integrity": "sha512-EqhiFU6daOA8kpjOWTL0olhVOF3i7OrFzSYiGsEMB8GcXS+RrzauAERX65xMeNWVqxA6HXH2m69Z9LaKKdisfg==",
@@ -192,21 +211,42 @@ node_dir="$cache/node-$node_key"
 if [ ! -f "$node_dir/.complete" ]; then
     rm -rf "$node_dir"
     mkdir -p "$node_dir"
-    log "installing the ollama and openai npm clients into $node_dir"
+    log "installing the ollama and openai npm clients and playwright-core into $node_dir"
     printf '%s\n' "$node_package_json" >"$node_dir/package.json"
     printf '%s\n' "$node_package_lock" >"$node_dir/package-lock.json"
     # No package here runs install scripts; refusing them keeps it so.
     (cd "$node_dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >&2)
     NODE_PATH="$node_dir/node_modules" node -e '
         const fs = require("fs"), path = require("path");
-        require("ollama"); require("openai");
-        for (const [name, want] of [["ollama", "0.6.4"], ["openai", "5.23.2"], ["whatwg-fetch", "3.6.20"]]) {
+        require("ollama"); require("openai"); require("playwright-core");
+        for (const [name, want] of [["ollama", "0.6.4"], ["openai", "5.23.2"],
+                                    ["playwright-core", "1.65.1"], ["whatwg-fetch", "3.6.20"]]) {
             const file = path.join(process.env.NODE_PATH, name, "package.json");
             const got = JSON.parse(fs.readFileSync(file, "utf8")).version;
             if (got !== want) { console.error(`${name} is ${got}, not ${want}`); process.exit(1); }
         }' >&2
     touch "$node_dir/.complete"
 fi
+
+# --- Chromium for the dashboard tests -----------------------------------------
+# Debian's package (its own security updates, no browser download by
+# playwright); tests/it/browser.rs launches it headless through
+# playwright-core. On a distribution without this package, install a
+# Chromium and point CLARACORE_TEST_CHROMIUM at it before running.
+chromium="${CLARACORE_TEST_CHROMIUM:-/usr/bin/chromium}"
+if [ ! -x "$chromium" ]; then
+    if [ -n "${CLARACORE_TEST_CHROMIUM:-}" ]; then
+        log "CLARACORE_TEST_CHROMIUM=$chromium is not an executable"
+        exit 1
+    fi
+    log "$chromium not found; installing Debian's chromium"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
+fi
+"$chromium" --version >/dev/null 2>&1 || {
+    log "$chromium does not run: $("$chromium" --version 2>&1 | tail -1)"
+    exit 1
+}
 
 # --- tiny model ---------------------------------------------------------------
 maker="$here/make-tiny-model.py"
@@ -222,3 +262,4 @@ printf 'export CLARACORE_TEST_LLAMA_SERVER=%q\n' "$server"
 printf 'export CLARACORE_TEST_MODEL=%q\n' "$model"
 printf 'export CLARACORE_TEST_PYTHON=%q\n' "$py"
 printf 'export CLARACORE_TEST_NODE_MODULES=%q\n' "$node_dir/node_modules"
+printf 'export CLARACORE_TEST_CHROMIUM=%q\n' "$chromium"
