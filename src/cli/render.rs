@@ -54,8 +54,8 @@ fn load_column(m: &serde_json::Value) -> String {
 /// Renders `/admin/ps`: only models that hold a process.
 pub fn format_ps(value: &serde_json::Value) -> String {
     let mut out = format!(
-        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10} {:>15}\n",
-        "NAME", "STATE", "PID", "PORT", "INFLIGHT", "IDLE", "UPTIME", "LOAD"
+        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
+        "NAME", "STATE", "PID", "PORT", "MEM", "INFLIGHT", "IDLE", "UPTIME", "LOAD"
     );
     for m in value["models"]
         .as_array()
@@ -64,11 +64,14 @@ pub fn format_ps(value: &serde_json::Value) -> String {
         .filter(|m| !m["pid"].is_null())
     {
         out.push_str(&format!(
-            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>10} {:>15}\n",
+            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
             m["name"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             opt(&m["pid"]),
             port_or_unix(m),
+            m["rss_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |b| format!("{:.0}M", b as f64 / 1048576.0)),
             m["inflight"].as_u64().unwrap_or(0),
             secs(&m["idle_s"]),
             secs(&m["uptime_s"]),
@@ -290,13 +293,13 @@ mod tests {
     #[test]
     fn ps_table_lists_only_models_with_a_process() {
         let v = serde_json::json!({"models": [
-            {"name": "a", "state": "ready", "pid": 12, "port": 3456, "socket": null, "inflight": 1, "idle_s": null, "uptime_s": 75.0},
+            {"name": "a", "state": "ready", "pid": 12, "port": 3456, "socket": null, "inflight": 1, "idle_s": null, "uptime_s": 75.0, "rss_bytes": 41943040},
             {"name": "b", "state": "stopped", "pid": null, "port": null, "socket": null, "inflight": 0, "idle_s": null, "uptime_s": null},
             {"name": "c", "state": "ready", "pid": 13, "port": null, "socket": "/run/claracore/claracore.x/c-2.sock", "inflight": 0, "idle_s": 3.0, "uptime_s": 5.0}
         ]});
         let t = format_ps(&v);
         assert!(
-            t.contains("a ") && t.contains("3456") && t.contains("1m 15s"),
+            t.contains("a ") && t.contains("3456") && t.contains("1m 15s") && t.contains(" 40M "),
             "{t}"
         );
         assert!(!t.contains("\nb "), "{t}");

@@ -347,6 +347,11 @@ impl Slot {
             last_error: self.last_error.clone(),
             progress: self.progress(now),
             load_ms: self.load_times.back().copied().map(millis),
+            rss_bytes: self
+                .pid
+                .filter(|_| self.phase.is_loaded())
+                .and_then(crate::procfs::pid_figures)
+                .and_then(|(rss, _)| u64::try_from(rss).ok()),
         }
     }
 }

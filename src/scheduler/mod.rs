@@ -207,6 +207,10 @@ pub struct ModelStatus {
     /// Its last successful load time (this run or, seeded, from history).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<u64>,
+    /// The child's resident memory, read from /proc when the status is
+    /// asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
 }
 
 /// A requester waiting for a model.

@@ -279,7 +279,7 @@ async fn every_request_is_started_then_finished_in_order_and_matches_history_one
                 );
                 assert!(finished.insert(id, (i, e.data.clone())).is_none());
             }
-            "state" | "queue" => {}
+            "state" | "queue" | "progress" => {}
             other => panic!("unexpected {other}: {}", e.raw),
         }
     }

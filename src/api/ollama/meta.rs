@@ -216,10 +216,7 @@ pub async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
         };
         // What the child holds in memory; the file size until it can be
         // read.
-        let size = s
-            .pid
-            .and_then(crate::procfs::pid_figures)
-            .map_or(info.size, |(rss, _)| u64::try_from(rss).unwrap_or(0));
+        let size = s.rss_bytes.unwrap_or(info.size);
         let mut entry = json!({
             "name": tagged(&m.name),
             "model": tagged(&m.name),
