@@ -286,7 +286,7 @@ async function pageModels(main) {
   modelsBody = el("tbody");
   main.append(
     el("h1", { text: "Models" }),
-    el("div", { class: "table-wrap" }, el("table", { class: "models" }, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { scope: "col", text: h })))), modelsBody)),
+    el("div", { class: "table-wrap" }, el("table", { class: isAdmin() ? "models admin" : "models" }, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { scope: "col", text: h })))), modelsBody)),
   );
   await refreshModels();
   let pending = null;
