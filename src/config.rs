@@ -475,6 +475,11 @@ struct RawModel {
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Whether files the config names only for the running system
+    /// (`dashboard.password_hash_file`, often a systemd credential) are
+    /// read now; `check-config` without `--strict` (the Nix module's
+    /// build-time check) leaves them to the daemon.
+    read_runtime_files: bool,
 }
 
 impl Source<'_> {
@@ -522,18 +527,42 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file, and the files it names that
+    /// the daemon reads at start (the dashboard's password hash file).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, true)
+    }
+
+    /// [`Config::load`] without reading the files that only the running
+    /// system has (`check-config` without `--strict`, run at build time
+    /// by the Nix module, where a systemd credential does not exist yet).
+    pub fn load_syntax(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, read_runtime_files: bool) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml(path, &text)
+        Config::parse_toml(path, &text, read_runtime_files)
     }
 
     /// Validates config text; `path` is only used in messages.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let src = Source { path, text };
+        Config::parse_toml(path, text, true)
+    }
+
+    fn parse_toml(
+        path: &Path,
+        text: &str,
+        read_runtime_files: bool,
+    ) -> Result<Config, ConfigError> {
+        let src = Source {
+            path,
+            text,
+            read_runtime_files,
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
             Some(span) => src.error_at(span.start, e.message().trim_end().to_string()),
             None => ConfigError::Unpositioned {
@@ -1155,6 +1184,12 @@ fn validate_dashboard(
                 check_password_hash(text)
                     .map_err(|e| src.error(h, format!("dashboard.password_hash: {e}")))?;
                 Some(text.to_string())
+            }
+            (None, Some(file)) if !src.read_runtime_files => {
+                if file.get_ref().trim().is_empty() {
+                    return Err(src.error(file, "dashboard.password_hash_file: must not be empty"));
+                }
+                None
             }
             (None, Some(file)) => {
                 let path = credential_path(file.get_ref());

@@ -28,13 +28,11 @@ const FORCED_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `claracore check-config`: validates a file without starting anything.
 pub fn check_config(file: &Path, strict: bool) -> ExitCode {
-    let result = Config::load(file).and_then(|c| {
-        if strict {
-            c.check_files().map(|()| c)
-        } else {
-            Ok(c)
-        }
-    });
+    let result = if strict {
+        Config::load(file).and_then(|c| c.check_files().map(|()| c))
+    } else {
+        Config::load_syntax(file)
+    };
     match result {
         Ok(c) => {
             println!(

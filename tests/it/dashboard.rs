@@ -716,8 +716,23 @@ fn a_bad_dashboard_table_exits_78_naming_file_line_and_key() {
         ),
     ] {
         write_file(&path, text);
+        // Without --strict, check-config (the Nix module's build-time
+        // check) leaves the hash file to the running system.
+        let strict = ["check-config", "--strict", path.to_str().unwrap()];
+        let lenient = ["check-config", path.to_str().unwrap()];
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_claracore"))
+            .args(lenient)
+            .output()
+            .unwrap();
+        let reads_file = text.contains("password_hash_file");
+        assert_eq!(
+            out.status.code(),
+            Some(if reads_file { 0 } else { 78 }),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for args in [
-            vec!["check-config", path.to_str().unwrap()],
+            strict.to_vec(),
             vec!["serve", "--config", path.to_str().unwrap()],
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_claracore"))
