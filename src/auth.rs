@@ -70,6 +70,14 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// The priority its requests wait with: a key's `priority`, else 0.
+    pub fn priority(&self) -> i32 {
+        match self {
+            Principal::Key(k) => k.config.priority,
+            _ => 0,
+        }
+    }
+
     /// The history row's `key_name`: the key's name, or `local:uid=…`.
     pub fn name(&self) -> Option<String> {
         match self {
@@ -396,6 +404,7 @@ mod tests {
             models: None,
             rate_per_minute: None,
             expires_at_ms: None,
+            priority: 0,
         }
     }
 

@@ -254,6 +254,16 @@ pub struct SchedulerConfig {
     pub shutdown_timeout: Duration,
     /// Period of health pings to ready children; `None` = off.
     pub health_interval: Option<Duration>,
+    /// Requests waiting for a model (one that is not ready) at once, over
+    /// all models; more are refused with 503 and `Retry-After`.
+    pub max_queue: usize,
+    /// How long the oldest request for a model that is not loaded waits
+    /// while a loaded model it would evict is still in use, before that
+    /// model is drained for it (the fairness bound of grouping requests
+    /// by model). Zero: swap at once.
+    pub max_wait_before_swap: Duration,
+    /// GPU memory kept free on every GPU when placing a model.
+    pub vram_reserve_bytes: u64,
 }
 
 /// One configured model.
@@ -282,7 +292,31 @@ pub struct ModelConfig {
     /// Requests forwarded to the child at once; more wait in claracore.
     /// `None`: no limit (the default for `cmd` models).
     pub max_connections: Option<usize>,
+    /// `vram_mb`: the GPU memory it needs, as declared; `None`: learned
+    /// from its last runs, else estimated from its GGUF.
+    pub vram_bytes: Option<u64>,
+    /// `gpus`: the GPU indices (NVML's, in PCI bus order) it may be
+    /// placed on; `None`: any.
+    pub gpus: Option<Vec<u32>>,
+    /// Added to the priority of every request for it (a key's own
+    /// `priority` is the rest); higher is served first.
+    pub priority: i32,
 }
+
+/// Default [`SchedulerConfig::max_queue`].
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Default [`SchedulerConfig::max_wait_before_swap`].
+pub const DEFAULT_MAX_WAIT_BEFORE_SWAP: Duration = Duration::from_secs(5);
+/// Default `scheduler.vram_reserve_mb`.
+pub const DEFAULT_VRAM_RESERVE_MB: u64 = 512;
+/// The largest `vram_mb` or `vram_reserve_mb` taken (1 TiB).
+const MAX_VRAM_MB: u64 = 1 << 20;
+/// A GPU index beyond this is a typo.
+const MAX_GPU_INDEX: i64 = 63;
+/// Bounds of a model's or a key's `priority`.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1000..=1000;
+/// Bytes in a MiB, the unit of the `*_mb` keys.
+pub const MIB: u64 = 1 << 20;
 
 /// Default [`ModelConfig::max_connections`] of `model` entries, unless
 /// their `--parallel` asks for more.
@@ -319,6 +353,7 @@ impl ModelConfig {
             || self.env != other.env
             || self.health != other.health
             || self.max_connections != other.max_connections
+            || self.gpus != other.gpus
     }
 
     /// Whether the child listens on a unix socket (its argv names one).
@@ -449,6 +484,9 @@ struct RawScheduler {
     stop_grace: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     health_interval: Option<Spanned<String>>,
+    max_queue: Option<Spanned<i64>>,
+    max_wait_before_swap: Option<Spanned<String>>,
+    vram_reserve_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -469,6 +507,9 @@ struct RawModel {
     #[serde(default)]
     env: BTreeMap<String, String>,
     max_connections: Option<Spanned<i64>>,
+    vram_mb: Option<Spanned<i64>>,
+    gpus: Option<Spanned<Vec<Spanned<i64>>>>,
+    priority: Option<Spanned<i64>>,
 }
 
 /// Positions byte offsets in the source as 1-based line and column.
@@ -727,6 +768,34 @@ impl Config {
                 None => Some(Duration::from_secs(10)),
                 Some(v) => src.optional_duration("scheduler.health_interval", v)?,
             },
+            max_queue: match &s.max_queue {
+                None => DEFAULT_MAX_QUEUE,
+                Some(v) => usize::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|n| (1..=1_000_000).contains(n))
+                    .ok_or_else(|| {
+                        src.error(v, "scheduler.max_queue: must be between 1 and 1000000")
+                    })?,
+            },
+            max_wait_before_swap: match &s.max_wait_before_swap {
+                None => DEFAULT_MAX_WAIT_BEFORE_SWAP,
+                Some(v) => src.duration("scheduler.max_wait_before_swap", v)?,
+            },
+            vram_reserve_bytes: match &s.vram_reserve_mb {
+                None => DEFAULT_VRAM_RESERVE_MB * MIB,
+                Some(v) => u64::try_from(*v.get_ref())
+                    .ok()
+                    .filter(|n| *n <= MAX_VRAM_MB)
+                    .map(|n| n * MIB)
+                    .ok_or_else(|| {
+                        src.error(
+                            v,
+                            format!(
+                                "scheduler.vram_reserve_mb: must be between 0 and {MAX_VRAM_MB}"
+                            ),
+                        )
+                    })?,
+            },
         };
 
         let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or("/var/lib/claracore"));
@@ -917,6 +986,10 @@ pub struct KeyConfig {
     pub rate_per_minute: Option<u32>,
     /// Unix milliseconds after which it is refused.
     pub expires_at_ms: Option<i64>,
+    /// Added to the priority of its requests while they wait for a model:
+    /// higher is served first and may swap a busy model out before the
+    /// fairness bound.
+    pub priority: i32,
 }
 
 impl KeyConfig {
@@ -961,6 +1034,7 @@ struct RawKey {
     models: Option<Vec<Spanned<String>>>,
     rate: Option<Spanned<i64>>,
     expires: Option<Spanned<String>>,
+    priority: Option<Spanned<i64>>,
 }
 
 /// The `hash` of a key: `sha256:` and 64 hex digits.
@@ -1082,6 +1156,7 @@ fn validate_auth(
                 )
             })?),
         };
+        let priority = priority(src, &at("priority"), k.priority.as_ref())?;
         keys.push(KeyConfig {
             name: name.get_ref().clone(),
             sha256,
@@ -1089,6 +1164,7 @@ fn validate_auth(
             models: allowed,
             rate_per_minute,
             expires_at_ms,
+            priority,
         });
     }
     let open = raw.open.unwrap_or(false);
@@ -1250,6 +1326,28 @@ fn credential_path(text: &str) -> PathBuf {
     }
 }
 
+/// The child environment variable that names the GPUs it may use;
+/// claracore sets it from the placement unless the model's `env` does.
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
+/// A `priority` key: an integer in [`PRIORITY_RANGE`], 0 when absent.
+fn priority(src: &Source<'_>, key: &str, v: Option<&Spanned<i64>>) -> Result<i32, ConfigError> {
+    let Some(v) = v else { return Ok(0) };
+    i32::try_from(*v.get_ref())
+        .ok()
+        .filter(|p| PRIORITY_RANGE.contains(&i64::from(*p)))
+        .ok_or_else(|| {
+            src.error(
+                v,
+                format!(
+                    "{key}: must be between {} and {}",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end()
+                ),
+            )
+        })
+}
+
 fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {
     let d = src.duration(key, v)?;
     if d.is_zero() {
@@ -1377,6 +1475,59 @@ fn validate_model(
             return Err(src.error(alias, format!("{key}.aliases: an alias must not be empty")));
         }
     }
+    let vram_bytes = match &raw.vram_mb {
+        None => None,
+        Some(v) => Some(
+            u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_VRAM_MB).contains(n))
+                .map(|n| n * MIB)
+                .ok_or_else(|| {
+                    src.error(
+                        v,
+                        format!("{key}.vram_mb: must be between 1 and {MAX_VRAM_MB}"),
+                    )
+                })?,
+        ),
+    };
+    let gpus = match &raw.gpus {
+        None => None,
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(src.error(
+                    list,
+                    format!("{key}.gpus: name at least one GPU index, or leave `gpus` out for any"),
+                ));
+            }
+            let mut gpus: Vec<u32> = Vec::new();
+            for g in list.get_ref() {
+                let index = u32::try_from(*g.get_ref())
+                    .ok()
+                    .filter(|i| i64::from(*i) <= MAX_GPU_INDEX)
+                    .ok_or_else(|| {
+                        src.error(
+                            g,
+                            format!(
+                                "{key}.gpus: {} is not a GPU index (0 to {MAX_GPU_INDEX})",
+                                g.get_ref()
+                            ),
+                        )
+                    })?;
+                if gpus.contains(&index) {
+                    return Err(src.error(g, format!("{key}.gpus: GPU {index} is listed twice")));
+                }
+                gpus.push(index);
+            }
+            if raw.env.contains_key(CUDA_VISIBLE_DEVICES) {
+                return Err(src.error(
+                    list,
+                    format!("{key}: give either `gpus` or env {CUDA_VISIBLE_DEVICES}, not both"),
+                ));
+            }
+            Some(gpus)
+        }
+    };
+    let priority = priority(src, &format!("{key}.priority"), raw.priority.as_ref())?;
     Ok(ModelConfig {
         name: name.get_ref().clone(),
         argv,
@@ -1388,6 +1539,9 @@ fn validate_model(
         pin: raw.pin,
         health,
         max_connections,
+        vram_bytes,
+        gpus,
+        priority,
         env: raw
             .env
             .iter()

@@ -266,7 +266,15 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             watchdog,
             config_path: path.to_path_buf(),
         };
-        server::serve(config, listeners, control_rx, systemd, recorder).await;
+        server::serve(
+            config,
+            listeners,
+            control_rx,
+            systemd,
+            recorder,
+            crate::gpu::Gpus::absent(),
+        )
+        .await;
         ExitCode::SUCCESS
     });
     if let Some(writer) = writer {

@@ -46,6 +46,13 @@ pub enum Event {
     /// The number of requests waiting for `model` (to start, or to drain
     /// and restart) changed.
     Queue { model: Arc<str>, waiting: usize },
+    /// The GPU memory `model`'s process tree uses changed (a GPU reading);
+    /// 0 once its child is gone.
+    Vram {
+        model: Arc<str>,
+        gpu: Option<u32>,
+        bytes: u64,
+    },
     /// A config reload ended (SIGHUP, `systemctl reload`).
     Reload(Arc<ReloadResult>),
     /// History rows dropped since start grew to `dropped` (the running
@@ -70,6 +77,7 @@ impl Event {
             | Event::Removed { .. }
             | Event::Audit(_)
             | Event::Progress(_)
+            | Event::Vram { .. }
             | Event::Reload(_)
             | Event::HistoryDrops { .. } => Topic::Models,
             // One or more per request: kept off the topic the STATUS=
@@ -378,6 +386,24 @@ pub struct RequestRecord {
     pub request_content: Option<String>,
     pub response_content: Option<String>,
     pub content_truncated: bool,
+    /// How long it waited for its model (a start, a swap, the queue);
+    /// `None` when it never asked for one.
+    pub queue_wait_ms: Option<f64>,
+    /// The GPU its model ran on, with readings around it.
+    pub gpu: Option<GpuUse>,
+}
+
+/// A request's GPU figures, from the GPU readings (sampled every
+/// `gpu.sample_interval`, so as fine as that).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuUse {
+    pub index: u32,
+    /// The GPU's used memory as last read when its model was leased.
+    pub mem_before_bytes: Option<u64>,
+    /// As last read when the request ended.
+    pub mem_after_bytes: Option<u64>,
+    /// The GPU's utilization (0 to 1) as last read when it ended.
+    pub utilization: Option<f64>,
 }
 
 /// A starting model's load progress, as the bus, the SSE stream and the
@@ -427,6 +453,11 @@ pub struct ModelEvent {
     pub exit_status: Option<String>,
     pub pid: Option<u32>,
     pub rss_bytes: Option<i64>,
+    /// The GPU the child was placed on.
+    pub gpu: Option<u32>,
+    /// On a stop or crash: the most GPU memory its process tree used in
+    /// that run (what the model learns to need).
+    pub vram_bytes: Option<u64>,
 }
 
 impl ModelEvent {
@@ -441,6 +472,8 @@ impl ModelEvent {
             exit_status: None,
             pid: None,
             rss_bytes: None,
+            gpu: None,
+            vram_bytes: None,
         }
     }
 }

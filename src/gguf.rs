@@ -519,6 +519,80 @@ pub fn human_number(n: u64) -> String {
     }
 }
 
+/// CUDA context, cuBLAS workspace and compute buffers of a child with
+/// any layer on a GPU: measured real runs put these at a few hundred MiB.
+pub const GPU_OVERHEAD_BYTES: u64 = 384 << 20;
+/// llama-server's context size when its arguments give none.
+const DEFAULT_CONTEXT: u64 = 4096;
+
+/// A first estimate of the GPU memory llama-server takes for this model
+/// with these arguments, before it has ever been measured: the offloaded
+/// share of the weights (the file's size, by layers: `-ngl`/
+/// `--n-gpu-layers`, all when absent or `auto`/-1), the f16 KV cache of
+/// those layers for the context (`-c`/`--ctx-size`, else 4096, at most the
+/// trained context; 0 = the trained context) from the header's attention
+/// dimensions, plus [`GPU_OVERHEAD_BYTES`]. Zero with no layer offloaded.
+/// Replaced by the measurement as soon as the model has run.
+pub fn vram_estimate(header: &Header, file_size: u64, args: &[String]) -> u64 {
+    let layers = header.arch_u64("block_count").unwrap_or(1).max(1);
+    let offloaded = match arg_value(args, &["-ngl", "--n-gpu-layers", "--gpu-layers"]) {
+        None => layers,
+        Some(v) if v == "auto" || v == "all" => layers,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n < 0 => layers,
+            Ok(n) => u64::try_from(n).unwrap_or(0).min(layers),
+            Err(_) => layers,
+        },
+    };
+    if offloaded == 0 {
+        return 0;
+    }
+    let weights = if offloaded >= layers {
+        file_size
+    } else {
+        file_size / layers * offloaded
+    };
+    let trained = header.context_length().unwrap_or(DEFAULT_CONTEXT);
+    let context = match arg_value(args, &["-c", "--ctx-size"]).and_then(|v| v.parse::<u64>().ok()) {
+        Some(0) => trained,
+        Some(n) => n,
+        None => DEFAULT_CONTEXT.min(trained),
+    };
+    let heads = header.arch_u64("attention.head_count").unwrap_or(1).max(1);
+    let kv_heads = header.arch_u64("attention.head_count_kv").unwrap_or(heads);
+    let embedding = header.embedding_length().unwrap_or(0);
+    let key_len = header
+        .arch_u64("attention.key_length")
+        .unwrap_or(embedding / heads);
+    let value_len = header.arch_u64("attention.value_length").unwrap_or(key_len);
+    let per_token_layer = kv_heads
+        .saturating_mul(key_len + value_len)
+        .saturating_mul(2);
+    let kv = per_token_layer
+        .saturating_mul(context)
+        .saturating_mul(offloaded);
+    weights
+        .saturating_add(kv)
+        .saturating_add(GPU_OVERHEAD_BYTES)
+}
+
+/// The value after the first of `names` in `args` (`-c 8192` or
+/// `--ctx-size=8192`).
+fn arg_value<'a>(args: &'a [String], names: &[&str]) -> Option<&'a str> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if names.contains(&a.as_str()) {
+            return it.next().map(String::as_str);
+        }
+        if let Some((name, value)) = a.split_once('=') {
+            if names.contains(&name) {
+                return Some(value);
+            }
+        }
+    }
+    None
+}
+
 /// Reads the header of the GGUF file at `path` (through a buffer; the
 /// tensor data is never read). Blocks.
 pub fn read(path: &Path) -> Result<Header, GgufError> {

@@ -21,6 +21,7 @@
 //! - [`gguf`]: GGUF model headers (metadata, tensor infos) and the file
 //!   digest and header caches behind the Ollama routes.
 //! - [`supervisor`]: one child process's lifecycle.
+//! - [`gpu`]: GPU readings (NVML) sampled off the request path.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
 //! - [`metrics`]: Prometheus figures.
@@ -41,7 +42,7 @@
 //!     api
 //!       proxy
 //!         scheduler, metrics, auth
-//!           history, supervisor, upstream, listen, logging, systemd
+//!           history, supervisor, upstream, listen, logging, systemd, gpu
 //!             config, events, procfs, gguf   (leaves)
 //! ```
 
@@ -52,6 +53,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod gguf;
+pub mod gpu;
 pub mod history;
 pub mod listen;
 pub mod logging;
@@ -74,12 +76,13 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 21] = [
+    const RANKS: [(&str, u8); 22] = [
         ("config", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),
         ("history", 1),
+        ("gpu", 1),
         ("supervisor", 1),
         ("upstream", 1),
         ("listen", 1),

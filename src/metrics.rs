@@ -38,6 +38,12 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VramLabels {
+    model: String,
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     model: String,
     kind: String,
@@ -89,6 +95,9 @@ pub struct Metrics {
     fds: Gauge,
     event_clients: Gauge,
     event_clients_dropped: Counter,
+    queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    queue_waiting: Family<ModelLabels, Gauge>,
+    model_vram: Family<VramLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -204,7 +213,30 @@ impl Metrics {
             "Event stream clients disconnected for falling behind",
             event_clients_dropped.clone(),
         );
+        let queue_wait = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "claracore_queue_wait_seconds",
+            "Time a request waited for its model (start, swap, queue)",
+            queue_wait.clone(),
+        );
+        let queue_waiting = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "claracore_queue_waiting",
+            "Requests waiting for each model now",
+            queue_waiting.clone(),
+        );
+        let model_vram = Family::<VramLabels, Gauge>::default();
+        registry.register(
+            "claracore_model_vram_bytes",
+            "GPU memory used by each model's process tree, by GPU",
+            model_vram.clone(),
+        );
         Metrics {
+            queue_wait,
+            queue_waiting,
+            model_vram,
             registry,
             requests,
             duration,
@@ -251,6 +283,13 @@ impl Metrics {
                 endpoint: r.endpoint.clone(),
             })
             .observe(r.latency_ms / 1000.0);
+        if let Some(wait) = r.queue_wait_ms {
+            self.queue_wait
+                .get_or_create(&ModelLabels {
+                    model: model.clone(),
+                })
+                .observe(wait / 1000.0);
+        }
         if let Some(ttft) = r.ttft_ms {
             self.ttft
                 .get_or_create(&ModelLabels {
@@ -339,11 +378,27 @@ impl Sink for Metrics {
             Event::Request(r) => self.observe_request(r),
             Event::Model(e) => self.observe_lifecycle(e),
             Event::State { model, state } => self.observe_state(model, *state),
+            Event::Queue { model, waiting } => {
+                self.queue_waiting
+                    .get_or_create(&ModelLabels {
+                        model: model.to_string(),
+                    })
+                    .set(i64::try_from(*waiting).unwrap_or(i64::MAX));
+            }
+            Event::Vram { model, gpu, bytes } => {
+                if let Some(gpu) = gpu {
+                    self.model_vram
+                        .get_or_create(&VramLabels {
+                            model: model.to_string(),
+                            gpu: gpu.to_string(),
+                        })
+                        .set(i64::try_from(*bytes).unwrap_or(i64::MAX));
+                }
+            }
             Event::Progress(_)
             | Event::Removed { .. }
             | Event::Audit(_)
             | Event::RequestStarted(_)
-            | Event::Queue { .. }
             | Event::Reload(_)
             | Event::HistoryDrops { .. } => {}
         }
@@ -382,6 +437,8 @@ mod tests {
             request_content: None,
             response_content: None,
             content_truncated: false,
+            queue_wait_ms: None,
+            gpu: None,
         };
         m.on_event(&Event::Request(Arc::new(r)));
         let mut ready = ModelEvent::new("tiny", ModelEventKind::Ready, 0);

@@ -33,6 +33,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::api::{self, AppState};
 use crate::config::{default_max_open_connections, Config, HttpConfig};
 use crate::events::{Bus, Event, ModelState, Topic};
+use crate::gpu::Gpus;
 use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener, Peer};
 use crate::metrics::Metrics;
@@ -83,6 +84,7 @@ pub async fn serve(
     mut control: mpsc::UnboundedReceiver<Control>,
     systemd: Systemd,
     recorder: Recorder,
+    gpus: Gpus,
 ) -> Drained {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
@@ -96,7 +98,7 @@ pub async fn serve(
     // Before the scheduler starts, so the first states are seen.
     let model_events = bus.subscribe(Topic::Models);
     let state = Arc::new(AppState {
-        scheduler: Scheduler::start(&config, bus.clone()),
+        scheduler: Scheduler::start(&config, bus.clone(), gpus.clone()),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
         config: std::sync::RwLock::new(config.clone()),
@@ -111,6 +113,7 @@ pub async fn serve(
         next_request: std::sync::atomic::AtomicU64::new(0),
         ollama: Default::default(),
         sessions: Default::default(),
+        gpus,
     });
     // Before any request can start a model, so its first load already
     // has an expected time.
@@ -123,6 +126,15 @@ pub async fn serve(
         .unwrap_or_default()
     };
     state.scheduler.seed_load_times(loads);
+    let peaks = {
+        let recorder = state.recorder.clone();
+        tokio::task::spawn_blocking(move || {
+            recorder.recent_vram_peaks(crate::scheduler::VRAM_RUNS_KEPT)
+        })
+        .await
+        .unwrap_or_default()
+    };
+    state.scheduler.seed_vram(peaks);
     let fd_limit = fd_limit();
     let conns = Connections::new(connection_cap(&config, fd_limit));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -547,6 +559,7 @@ async fn sample(state: Arc<AppState>) {
             rss_bytes: daemon.map(|d| d.0),
             cpu_seconds: daemon.map(|d| d.1),
             inflight: Some(models.iter().map(|m| m.inflight as i64).sum()),
+            vram_bytes: None,
         });
         for m in models {
             let Some(pid) = m.pid else { continue };
@@ -557,6 +570,7 @@ async fn sample(state: Arc<AppState>) {
                 rss_bytes: figures.map(|f| f.0),
                 cpu_seconds: figures.map(|f| f.1),
                 inflight: Some(m.inflight as i64),
+                vram_bytes: m.vram_bytes,
             });
         }
     }

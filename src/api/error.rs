@@ -104,7 +104,11 @@ impl ApiError {
             | ApiError::Denied(_)
             | ApiError::HistoryDisabled
             | ApiError::Unavailable(
-                AcquireError::ShuttingDown | AcquireError::Unknown(_) | AcquireError::Pinned { .. },
+                AcquireError::ShuttingDown
+                | AcquireError::Unknown(_)
+                | AcquireError::Pinned { .. }
+                | AcquireError::QueueFull { .. }
+                | AcquireError::NoRoom { .. },
             ) => Outcome::Rejected,
             ApiError::Unavailable(AcquireError::StartFailed {
                 reason: StartFailure::Timeout { .. },
@@ -141,6 +145,11 @@ impl ApiError {
             ApiError::Unavailable(AcquireError::ShuttingDown) => ("server_error", "shutting_down"),
             // Nothing failed: the operator pinned what would have to go.
             ApiError::Unavailable(AcquireError::Pinned { .. }) => ("server_error", "model_pinned"),
+            ApiError::Unavailable(AcquireError::QueueFull { .. }) => ("server_error", "queue_full"),
+            // It can never fit as configured: the numbers say why.
+            ApiError::Unavailable(AcquireError::NoRoom { .. }) => {
+                ("server_error", "insufficient_gpu_memory")
+            }
             ApiError::Unavailable(_) => ("server_error", "model_unavailable"),
             ApiError::Upstream => ("server_error", "upstream_error"),
             ApiError::HistoryDisabled => ("invalid_request_error", "history_disabled"),
@@ -152,9 +161,10 @@ impl ApiError {
     /// server with no room now is `overloaded_error`.
     fn anthropic_kind(&self) -> &'static str {
         match self {
-            ApiError::Busy | ApiError::Unavailable(AcquireError::BackingOff { .. }) => {
-                "overloaded_error"
-            }
+            ApiError::Busy
+            | ApiError::Unavailable(
+                AcquireError::BackingOff { .. } | AcquireError::QueueFull { .. },
+            ) => "overloaded_error",
             _ => match self.status().as_u16() {
                 401 => "authentication_error",
                 403 => "permission_error",
@@ -197,9 +207,10 @@ impl ApiError {
         let status = self.status();
         let mut resp = json_response(status, &self.body(shape));
         let retry_after = match &self {
-            ApiError::Unavailable(AcquireError::BackingOff { retry_after, .. }) => {
-                Some(retry_after.as_secs().max(1))
-            }
+            ApiError::Unavailable(
+                AcquireError::BackingOff { retry_after, .. }
+                | AcquireError::QueueFull { retry_after, .. },
+            ) => Some(retry_after.as_secs().max(1)),
             ApiError::Busy => Some(1),
             ApiError::Denied(
                 Denied::Throttled { retry_after } | Denied::RateLimited { retry_after },

@@ -301,6 +301,14 @@ struct AuditData<'a> {
 }
 
 #[derive(Serialize)]
+struct VramData<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu: Option<u32>,
+    bytes: u64,
+}
+
+#[derive(Serialize)]
 struct QueueData<'a> {
     model: &'a str,
     waiting: usize,
@@ -361,6 +369,14 @@ fn render(event: &Event) -> Option<(&'static str, String)> {
             json(&QueueData {
                 model,
                 waiting: *waiting,
+            }),
+        ),
+        Event::Vram { model, gpu, bytes } => (
+            "vram",
+            json(&VramData {
+                model,
+                gpu: *gpu,
+                bytes: *bytes,
             }),
         ),
         Event::Reload(r) => (
@@ -808,6 +824,8 @@ mod tests {
             request_content: Some("SECRET-PROMPT".into()),
             response_content: Some("SECRET-ANSWER".into()),
             content_truncated: false,
+            queue_wait_ms: None,
+            gpu: None,
         })));
         let (replay, _) = join(&log, Resume::After(0)).await;
         let t = text(&replay);

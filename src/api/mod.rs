@@ -42,11 +42,13 @@ use hyper::{Request, Response, StatusCode};
 use crate::auth::session::Sessions;
 use crate::auth::{Auth, Peer, Principal};
 use crate::config::Config;
-use crate::events::{AuditAction, AuditRecord, Bus, Event};
+use crate::events::{AuditAction, AuditRecord, Bus, Event, GpuUse, RequestRecord};
+use crate::gpu::Gpus;
+use crate::history::tap::Pending;
 use crate::history::Recorder;
 use crate::metrics::Metrics;
 use crate::proxy::BoxBody;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Lease, Scheduler};
 pub use error::ApiError;
 use routes::{NoRoute, Route};
 
@@ -79,6 +81,8 @@ pub struct AppState {
     /// Dashboard sessions and login throttling; outlive reloads (which
     /// end the sessions whose login no longer holds).
     pub sessions: Sessions,
+    /// GPU readings (absent without NVML).
+    pub gpus: Gpus,
 }
 
 impl AppState {
@@ -326,6 +330,40 @@ pub fn audit(
 }
 
 impl Ctx<'_> {
+    /// Waits for `model` with the principal's priority and leases it; the
+    /// row (if any) gets how long that took and the GPU's figures around
+    /// the request, read from the last GPU readings (no NVML call here).
+    async fn acquire(&self, model: &str, pending: &mut Option<Pending>) -> Result<Lease, ApiError> {
+        let began = Instant::now();
+        let lease = self
+            .state
+            .scheduler
+            .acquire(model, self.principal.priority())
+            .await
+            .map_err(ApiError::Unavailable)?;
+        if let Some(p) = pending.as_mut() {
+            p.record.queue_wait_ms = Some(began.elapsed().as_secs_f64() * 1000.0);
+            if let Some(index) = lease.gpu() {
+                let gpus = self.state.gpus.clone();
+                let used = move |gpus: &Gpus| {
+                    let snap = gpus.latest()?;
+                    snap.gpu(index).map(|g| (g.used_bytes, g.utilization))
+                };
+                let before = used(&gpus).map(|(b, _)| b);
+                p.seal = Some(Box::new(move |record: &mut RequestRecord| {
+                    let after = used(&gpus);
+                    record.gpu = Some(GpuUse {
+                        index,
+                        mem_before_bytes: before,
+                        mem_after_bytes: after.map(|(b, _)| b),
+                        utilization: after.and_then(|(_, u)| u),
+                    });
+                }));
+            }
+        }
+        Ok(lease)
+    }
+
     /// Who this is, for the audit trail.
     fn who(&self) -> String {
         self.principal

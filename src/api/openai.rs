@@ -257,11 +257,7 @@ async fn forward_model_request(
         p.record.model = Some(model.clone());
     }
     announce(&state.bus, pending);
-    let lease = state
-        .scheduler
-        .acquire(&model)
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let lease = ctx.acquire(&model, pending).await?;
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -330,12 +326,7 @@ async fn forward_raw(
     if content_length(&req).is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let lease = ctx
-        .state
-        .scheduler
-        .acquire(&model)
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let lease = ctx.acquire(&model, &mut None).await?;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|b| Limited::new(b, limit_usize).boxed_unsync());
     proxy::forward(lease, path_and_query, req, |_, _| None)

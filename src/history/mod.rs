@@ -46,6 +46,8 @@ pub struct Sample {
     pub rss_bytes: Option<i64>,
     pub cpu_seconds: Option<f64>,
     pub inflight: Option<i64>,
+    /// GPU memory of its process tree at the last reading.
+    pub vram_bytes: Option<u64>,
 }
 
 /// Kept one pointer wide: the channel allocates (and touches) every slot
@@ -202,6 +204,26 @@ impl Recorder {
         }
     }
 
+    /// The peak GPU memory of each model's last `per_model` runs, oldest
+    /// first: what it is learned to need. Empty (logged) when history
+    /// cannot be read.
+    pub fn recent_vram_peaks(&self, per_model: usize) -> HashMap<String, Vec<u64>> {
+        let Some(path) = self.path() else {
+            return HashMap::new();
+        };
+        let read = store::open_for_reading(path)
+            .map_err(|e| e.to_string())
+            .and_then(|conn| store::recent_vram_peaks(&conn, per_model).map_err(|e| e.to_string()));
+        match read {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot read past GPU memory use; models are placed by their estimates until they run");
+                HashMap::new()
+            }
+        }
+    }
+
     fn send(&self, item: Item) {
         let Some(tx) = &self.tx else { return };
         match tx.try_send(item) {
@@ -275,6 +297,7 @@ impl Sink for Recorder {
             | Event::Removed { .. }
             | Event::RequestStarted(_)
             | Event::Queue { .. }
+            | Event::Vram { .. }
             | Event::Reload(_)
             | Event::HistoryDrops { .. } => {}
         }

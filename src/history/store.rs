@@ -35,6 +35,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_audit",
         include_str!("../../migrations/0003_audit.sql"),
     ),
+    (
+        "0004_queue_gpu",
+        include_str!("../../migrations/0004_queue_gpu.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.
@@ -305,11 +309,13 @@ pub fn write_batch(
             "INSERT INTO requests (request_id, started_at_ms, finished_at_ms, client, key_name, endpoint, model,
                 status, outcome, error, latency_ms, ttfb_ms, ttft_ms, prompt_tokens, completion_tokens,
                 cached_tokens, prompt_ms, predicted_ms, prompt_per_second, predicted_per_second, streamed,
-                request_content, response_content, content_truncated)
+                request_content, response_content, content_truncated, queue_wait_ms, gpu,
+                gpu_mem_before_bytes, gpu_mem_after_bytes, gpu_utilization)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-                ?21, ?22, ?23, ?24)",
+                ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)",
         )?;
         for r in requests {
+            let gpu = r.gpu.as_ref();
             stmt.execute(params![
                 r.request_id,
                 r.started_at_ms,
@@ -335,11 +341,17 @@ pub fn write_batch(
                 r.request_content,
                 r.response_content,
                 r.content_truncated,
+                r.queue_wait_ms,
+                gpu.map(|g| g.index),
+                gpu.and_then(|g| g.mem_before_bytes).map(sql_int),
+                gpu.and_then(|g| g.mem_after_bytes).map(sql_int),
+                gpu.and_then(|g| g.utilization),
             ])?;
         }
         let mut stmt = tx.prepare_cached(
-            "INSERT INTO model_events (at_ms, model, event, reason, load_ms, exit_status, pid, rss_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO model_events (at_ms, model, event, reason, load_ms, exit_status, pid, rss_bytes,
+                gpu, vram_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         for e in events {
             stmt.execute(params![
@@ -350,11 +362,14 @@ pub fn write_batch(
                 e.load_ms,
                 e.exit_status,
                 e.pid,
-                e.rss_bytes
+                e.rss_bytes,
+                e.gpu,
+                e.vram_bytes.map(sql_int),
             ])?;
         }
         let mut stmt = tx.prepare_cached(
-            "INSERT OR REPLACE INTO samples (at_ms, model, rss_bytes, cpu_seconds, inflight) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO samples (at_ms, model, rss_bytes, cpu_seconds, inflight, vram_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for s in samples {
             stmt.execute(params![
@@ -362,7 +377,8 @@ pub fn write_batch(
                 s.model,
                 s.rss_bytes,
                 s.cpu_seconds,
-                s.inflight
+                s.inflight,
+                s.vram_bytes.map(sql_int),
             ])?;
         }
     }
@@ -541,12 +557,17 @@ pub struct RequestRow {
     pub request_content: Option<String>,
     pub response_content: Option<String>,
     pub content_truncated: bool,
+    pub queue_wait_ms: Option<f64>,
+    pub gpu: Option<u32>,
+    pub gpu_mem_before_bytes: Option<i64>,
+    pub gpu_mem_after_bytes: Option<i64>,
+    pub gpu_utilization: Option<f64>,
 }
 
 const ROW_COLUMNS: &str = "id, request_id, started_at_ms, finished_at_ms, client, key_name, endpoint, model, status,
     outcome, error, latency_ms, ttfb_ms, ttft_ms, prompt_tokens, completion_tokens, cached_tokens, prompt_ms,
     predicted_ms, prompt_per_second, predicted_per_second, streamed, request_content, response_content,
-    content_truncated";
+    content_truncated, queue_wait_ms, gpu, gpu_mem_before_bytes, gpu_mem_after_bytes, gpu_utilization";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     Ok(RequestRow {
@@ -575,7 +596,46 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         request_content: r.get(22)?,
         response_content: r.get(23)?,
         content_truncated: r.get(24)?,
+        queue_wait_ms: r.get(25)?,
+        gpu: r.get(26)?,
+        gpu_mem_before_bytes: r.get(27)?,
+        gpu_mem_after_bytes: r.get(28)?,
+        gpu_utilization: r.get(29)?,
     })
+}
+
+/// A byte count as SQLite's INTEGER (i64), saturating.
+fn sql_int(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
+/// The peak GPU memory of each model's last `per_model` runs (from its
+/// stop and crash events), oldest first.
+pub fn recent_vram_peaks(
+    conn: &Connection,
+    per_model: usize,
+) -> rusqlite::Result<Vec<(String, Vec<u64>)>> {
+    let mut stmt = conn.prepare(
+        "SELECT model, vram_bytes FROM (
+             SELECT model, vram_bytes, at_ms, id,
+                    row_number() OVER (PARTITION BY model ORDER BY at_ms DESC, id DESC) AS newest
+             FROM model_events WHERE vram_bytes IS NOT NULL AND vram_bytes > 0)
+         WHERE newest <= ?1 ORDER BY model, at_ms, id",
+    )?;
+    let limit = i64::try_from(per_model).unwrap_or(i64::MAX);
+    let rows = stmt.query_map([limit], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    let mut out: Vec<(String, Vec<u64>)> = Vec::new();
+    for row in rows {
+        let (model, bytes) = row?;
+        let bytes = u64::try_from(bytes).unwrap_or(0);
+        match out.last_mut() {
+            Some((m, peaks)) if *m == model => peaks.push(bytes),
+            _ => out.push((model, vec![bytes])),
+        }
+    }
+    Ok(out)
 }
 
 /// Filters for [`list_requests`]; `cursor` is the last id of the previous
@@ -857,6 +917,7 @@ mod tests {
             rss_bytes: Some(1),
             cpu_seconds: None,
             inflight: None,
+            vram_bytes: None,
         };
         let event = |at_ms| Arc::new(ModelEvent::new("m", ModelEventKind::Ready, at_ms));
         write_batch(

@@ -38,10 +38,16 @@ pub const TRUNCATE_CHARS: usize = 1000;
 /// Larger non-streamed bodies are not parsed for usage.
 const MAX_JSON_BODY: usize = 4 * 1024 * 1024;
 
+/// What fills in a row's last figures as it is recorded (the GPU memory
+/// after the request).
+pub type Seal = Box<dyn FnOnce(&mut RequestRecord) + Send + Sync>;
+
 /// The part of a row known when the request arrives.
 pub struct Pending {
     pub record: RequestRecord,
     pub started: Instant,
+    /// Run once, just before the row goes out.
+    pub seal: Option<Seal>,
 }
 
 impl Pending {
@@ -66,8 +72,20 @@ impl Pending {
                 request_content: None,
                 response_content: None,
                 content_truncated: false,
+                queue_wait_ms: None,
+                gpu: None,
             },
             started,
+            seal: None,
+        }
+    }
+
+    /// Ends the row: its finish time, latency and the seal's figures.
+    fn close(&mut self) {
+        self.record.finished_at_ms = now_ms();
+        self.record.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(seal) = self.seal.take() {
+            seal(&mut self.record);
         }
     }
 
@@ -85,8 +103,7 @@ impl Pending {
         self.record.status = status;
         self.record.outcome = outcome;
         self.record.error = error;
-        self.record.finished_at_ms = now_ms();
-        self.record.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.close();
         bus.emit(Event::Request(Arc::new(self.record)));
     }
 }
@@ -340,8 +357,7 @@ impl Tap {
         let Some(mut p) = self.pending.take() else {
             return;
         };
-        p.record.finished_at_ms = now_ms();
-        p.record.latency_ms = p.started.elapsed().as_secs_f64() * 1000.0;
+        p.close();
         if self.content != ContentPolicy::None && !self.text.is_empty() {
             p.record.response_content = Some(std::mem::take(&mut self.text));
             p.record.content_truncated |= self.text_full;

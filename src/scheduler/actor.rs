@@ -16,14 +16,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::gate::{Gate, Gates};
-use super::planner::{plan, Plan, Resident, Rule};
+use super::planner::{mib, place, plan, Occupant, Placement, Plan, Resident, Room, Rule};
 use super::{
-    AcquireError, KeepAlive, Lease, ModelState, ModelStatus, Msg, Progress, Waiter,
-    LOAD_TIMES_KEPT, PROGRESS_PERIOD,
+    AcquireError, KeepAlive, Lease, ModelState, ModelStatus, Msg, Progress, Reply, Waiter,
+    LOAD_TIMES_KEPT, PROGRESS_PERIOD, VRAM_RUNS_KEPT,
 };
-use crate::config::{Config, ModelConfig, SchedulerConfig};
+use crate::config::{Config, ModelConfig, SchedulerConfig, CUDA_VISIBLE_DEVICES};
 use crate::events::{Bus, Event, LoadProgress, ModelEvent, ModelEventKind, Reason};
-use crate::supervisor::{ChildEvent, ChildHandle, ChildSpec, ExitReason, Spawner};
+use crate::gpu::{Gpus, Snapshot};
+use crate::supervisor::{ChildEvent, ChildHandle, ChildSpec, ExitReason, Spawner, StartFailure};
 use crate::upstream::Upstream;
 
 /// Starts the actor task for `config`'s models.
@@ -31,12 +32,20 @@ pub(super) fn spawn(
     config: &Config,
     bus: Bus,
     spawner: Arc<dyn Spawner>,
+    gpus: Gpus,
     gates: Gates,
     self_tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
 ) {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let readings = gpus.subscribe();
+    let snapshot = readings.borrow().clone();
     let actor = Actor {
+        snapshot,
+        snapshots: 0,
+        stale_until: 0,
+        readings,
+        gpus,
         gates,
         limits: config.scheduler.clone(),
         slots: config
@@ -45,6 +54,7 @@ pub(super) fn spawn(
             .map(|m| (Arc::<str>::from(m.name.as_str()), Slot::new(m.clone())))
             .collect(),
         next_instance: 1,
+        swap_due: None,
         next_progress: Instant::now(),
         events_tx,
         self_tx,
@@ -52,6 +62,10 @@ pub(super) fn spawn(
         bus,
         spawner,
     };
+    let mut actor = actor;
+    for name in actor.slots.keys().cloned().collect::<Vec<_>>() {
+        actor.estimate(&name);
+    }
     tokio::spawn(actor.run(rx, events_rx));
 }
 
@@ -93,6 +107,12 @@ impl StopReason {
 const STABLE_UPTIME: Duration = Duration::from_secs(60);
 /// Upper bound of the restart backoff after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A loaded model counts as in use for this long after its last request
+/// ends, so that a client's back-to-back requests keep it loaded while
+/// another model's requests wait (up to the fairness bound).
+const IN_USE_GAP: Duration = Duration::from_millis(250);
+/// While a swap waits for a model in use, how often the actor looks again.
+const SWAP_RECHECK: Duration = Duration::from_millis(100);
 /// An idle TTL shorter than this is not polled while the model is busy:
 /// its gate reports the last lease instead (`Msg::Idle`), so a zero TTL
 /// stops the model the moment it goes idle without a timer spinning.
@@ -173,6 +193,29 @@ struct Slot {
     load_times: VecDeque<Duration>,
     /// The waiter count last published on the bus.
     shown_waiting: usize,
+    /// The GPU the current child was placed on.
+    gpu: Option<u32>,
+    /// GPU memory of the current child's process tree, last reading.
+    vram_now: u64,
+    /// The most it used in the current run.
+    vram_peak: u64,
+    /// The peak of its last runs (this daemon's or, seeded, from history),
+    /// oldest first, at most [`VRAM_RUNS_KEPT`].
+    vram_runs: VecDeque<u64>,
+    /// The estimate from its GGUF: `None` until worked out (off the
+    /// actor), `Some(None)` where there is none.
+    estimate: Option<Option<u64>>,
+    /// The measurement of this run already exceeded `vram_mb` (warned).
+    warned_over: bool,
+    /// This pending start already made room once after running out of
+    /// memory.
+    oom_retried: bool,
+    /// GPU readings received when it became Pending: it is placed by a
+    /// later (fresh) one.
+    pending_reading: u64,
+    /// A reading taken since its Ready has measured it (until then it is
+    /// taken to hold its whole need).
+    measured_ready: bool,
 }
 
 impl Slot {
@@ -202,7 +245,73 @@ impl Slot {
             child_fraction: None,
             load_times: VecDeque::new(),
             shown_waiting: 0,
+            gpu: None,
+            vram_now: 0,
+            vram_peak: 0,
+            vram_runs: VecDeque::new(),
+            estimate: None,
+            warned_over: false,
+            oom_retried: false,
+            pending_reading: 0,
+            measured_ready: false,
         }
+    }
+
+    /// The GPU memory it is taken to need, and where that comes from:
+    /// `vram_mb`, else the most it used in its recent runs (this one
+    /// included), else the GGUF estimate.
+    fn vram_need(&self) -> Option<(u64, &'static str)> {
+        if let Some(declared) = self.config.vram_bytes {
+            return Some((declared, "declared"));
+        }
+        let measured = self
+            .vram_runs
+            .iter()
+            .copied()
+            .chain(Some(self.vram_peak))
+            .max()
+            .filter(|b| *b > 0);
+        if let Some(m) = measured {
+            return Some((m, "measured"));
+        }
+        self.estimate.flatten().map(|e| (e, "estimated"))
+    }
+
+    /// The GPUs it may go on: its `gpus`, or the numeric list of its own
+    /// `CUDA_VISIBLE_DEVICES`.
+    fn allowed_gpus(&self) -> Option<Vec<u32>> {
+        if let Some(g) = &self.config.gpus {
+            return Some(g.clone());
+        }
+        let (_, own) = self
+            .config
+            .env
+            .iter()
+            .find(|(k, _)| k == CUDA_VISIBLE_DEVICES)?;
+        own.split(',').map(|g| g.trim().parse().ok()).collect()
+    }
+
+    /// The highest priority and the earliest wait among live waiters.
+    fn queue_head(&self) -> Option<(i32, Instant)> {
+        let live = self.waiters.iter().filter(|w| !w.is_closed());
+        let priority = live.clone().map(|w| w.priority).max()?;
+        let since = live.map(|w| w.since).min()?;
+        Some((priority, since))
+    }
+
+    /// Ends the current run's GPU measurement: its peak joins the learned
+    /// need. The caller marks the readings stale.
+    fn end_vram_run(&mut self) {
+        if self.vram_peak > 0 {
+            if self.vram_runs.len() == VRAM_RUNS_KEPT {
+                self.vram_runs.pop_front();
+            }
+            self.vram_runs.push_back(self.vram_peak);
+        }
+        self.vram_now = 0;
+        self.vram_peak = 0;
+        self.warned_over = false;
+        self.gpu = None;
     }
 
     /// The median of the kept load times.
@@ -280,7 +389,7 @@ impl Slot {
 
     fn fail_waiters(&mut self, err: &AcquireError) {
         for w in self.waiters.drain(..) {
-            let _ = w.send(Err(err.clone()));
+            let _ = w.reply.send(Err(err.clone()));
         }
     }
 
@@ -347,6 +456,11 @@ impl Slot {
             last_error: self.last_error.clone(),
             progress: self.progress(now),
             load_ms: self.load_times.back().copied().map(millis),
+            gpu: self.gpu.filter(|_| self.phase.is_loaded()),
+            vram_bytes: (self.phase.is_loaded() && self.gpu.is_some()).then_some(self.vram_now),
+            vram_need_bytes: self.vram_need().map(|(b, _)| b),
+            vram_need_source: self.vram_need().map(|(_, s)| s),
+            waiting_priority: self.queue_head().map(|(p, _)| p),
             rss_bytes: self
                 .pid
                 .filter(|_| self.phase.is_loaded())
@@ -381,6 +495,16 @@ fn backoff(failures: u32) -> Duration {
 
 struct Actor {
     gates: Gates,
+    /// Where GPU readings come from (none without NVML).
+    gpus: Gpus,
+    readings: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
+    /// The last GPU reading.
+    snapshot: Option<Arc<Snapshot>>,
+    /// GPU readings received so far.
+    snapshots: u64,
+    /// Readings received when a child last went away: its memory shows in
+    /// readings until a later one, so placement waits for that.
+    stale_until: u64,
     limits: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_instance: u64,
@@ -388,6 +512,9 @@ struct Actor {
     next_progress: Instant,
     events_tx: mpsc::UnboundedSender<ChildEvent>,
     self_tx: mpsc::UnboundedSender<Msg>,
+    /// The earliest time a swap held back for a model in use becomes due
+    /// (set by each reconcile).
+    swap_due: Option<Instant>,
     /// Set once shutdown began: who to tell when the last child is gone.
     shutdown: Option<Vec<oneshot::Sender<()>>>,
     bus: Bus,
@@ -401,9 +528,11 @@ impl Actor {
         mut events: mpsc::UnboundedReceiver<ChildEvent>,
     ) {
         self.publish_states();
+        let mut readings_open = true;
         loop {
             let ttl_deadline = self.next_ttl_deadline();
             let progress_deadline = self.next_progress_deadline();
+            let swap_deadline = self.next_swap_deadline();
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -415,6 +544,18 @@ impl Actor {
                 Some(event) = events.recv() => self.on_child_event(event),
                 _ = sleep_until_opt(ttl_deadline) => self.expire_idle(),
                 _ = sleep_until_opt(progress_deadline) => self.emit_progress(),
+                _ = sleep_until_opt(swap_deadline) => {
+                    if self.shutdown.is_none() {
+                        self.reconcile();
+                    }
+                }
+                changed = self.readings.changed(), if readings_open => match changed {
+                    Ok(()) => {
+                        let snapshot = self.readings.borrow_and_update().clone();
+                        self.on_reading(snapshot);
+                    }
+                    Err(_) => readings_open = false,
+                },
             }
             self.publish_states();
             if self.shutdown.is_some() && self.slots.values().all(|s| s.child.is_none()) {
@@ -477,7 +618,11 @@ impl Actor {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Acquire { model, reply } => self.acquire(&model, reply),
+            Msg::Acquire {
+                model,
+                priority,
+                reply,
+            } => self.acquire(&model, priority, reply),
             Msg::Drained { model, instance } => self.drained(&model, instance),
             Msg::Idle { model, instance } => {
                 if current(&mut self.slots, &model, instance).is_some() {
@@ -512,6 +657,24 @@ impl Actor {
                     waiting.push(reply);
                 }
             }
+            Msg::SeedVram { peaks } => {
+                for (model, runs) in peaks {
+                    if let Some(slot) = self.slots.get_mut(model.as_str()) {
+                        if slot.vram_runs.is_empty() {
+                            let skip = runs.len().saturating_sub(VRAM_RUNS_KEPT);
+                            slot.vram_runs.extend(runs.into_iter().skip(skip));
+                        }
+                    }
+                }
+            }
+            Msg::Estimated { model, bytes } => {
+                if let Some(slot) = self.slots.get_mut(model.as_str()) {
+                    slot.estimate = Some(bytes);
+                }
+                if self.shutdown.is_none() {
+                    self.reconcile();
+                }
+            }
             Msg::SeedLoadTimes { loads } => {
                 for (model, times) in loads {
                     if let Some(slot) = self.slots.get_mut(model.as_str()) {
@@ -533,7 +696,7 @@ impl Actor {
         Some(Lease { gate: gate.clone() })
     }
 
-    fn acquire(&mut self, model: &str, reply: Waiter) {
+    fn acquire(&mut self, model: &str, priority: i32, reply: Reply) {
         if self.shutdown.is_some() {
             let _ = reply.send(Err(AcquireError::ShuttingDown));
             return;
@@ -542,14 +705,29 @@ impl Actor {
             let _ = reply.send(Err(AcquireError::Unknown(model.to_string())));
             return;
         };
+        let ready = self
+            .slots
+            .get(&name)
+            .is_some_and(|s| s.phase == Phase::Ready);
+        if !ready {
+            if let Some(full) = self.queue_full() {
+                let _ = reply.send(Err(full));
+                return;
+            }
+        }
         let Some(slot) = self.slots.get_mut(&name) else {
             return;
+        };
+        let reply = Waiter {
+            reply,
+            since: Instant::now(),
+            priority: priority.saturating_add(slot.config.priority),
         };
         match slot.phase {
             Phase::Ready => {
                 // The gate opened after the requester looked.
                 if let Some(lease) = Actor::lease(slot) {
-                    if let Err(Ok(lease)) = reply.send(Ok(lease)) {
+                    if let Err(Ok(lease)) = reply.reply.send(Ok(lease)) {
                         drop(lease); // the requester left; Release follows
                     }
                 }
@@ -561,7 +739,7 @@ impl Actor {
                 let retry_after = slot.retry_at.map_or(Duration::ZERO, |t| {
                     t.saturating_duration_since(Instant::now())
                 });
-                let _ = reply.send(Err(AcquireError::BackingOff {
+                let _ = reply.reply.send(Err(AcquireError::BackingOff {
                     model: name.to_string(),
                     reason: slot.last_error.clone().unwrap_or_default(),
                     retry_after,
@@ -569,10 +747,126 @@ impl Actor {
             }
             Phase::Stopped | Phase::Failed => {
                 slot.waiters.push(reply);
-                slot.phase = Phase::Pending;
-                slot.pending_since = Instant::now();
+                self.make_pending(&name);
                 self.reconcile();
             }
+        }
+    }
+
+    /// Refuses a new waiter when `max_queue` are already waiting (those
+    /// whose client left are dropped first).
+    fn queue_full(&mut self) -> Option<AcquireError> {
+        let limit = self.limits.max_queue;
+        let count = |slots: &HashMap<Arc<str>, Slot>| -> usize {
+            slots.values().map(|s| s.waiters.len()).sum()
+        };
+        if count(&self.slots) < limit {
+            return None;
+        }
+        for slot in self.slots.values_mut() {
+            slot.waiters.retain(|w| !w.is_closed());
+        }
+        let waiting = count(&self.slots);
+        (waiting >= limit).then(|| AcquireError::QueueFull {
+            waiting,
+            retry_after: self
+                .slots
+                .values()
+                .filter(|s| !s.waiters.is_empty())
+                .filter_map(Slot::expected_load)
+                .min()
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_secs(1)),
+        })
+    }
+
+    /// A model with waiters (or a preload) and no child: it is placed by
+    /// the next GPU reading, so the memory it is placed by is fresh.
+    fn make_pending(&mut self, name: &str) {
+        let fresh = self.snapshots;
+        if let Some(slot) = self.slots.get_mut(name) {
+            slot.phase = Phase::Pending;
+            slot.pending_since = Instant::now();
+            slot.pending_reading = fresh;
+        }
+        if self.snapshot.is_some() {
+            self.gpus.refresh();
+        }
+    }
+
+    /// Works out a model's GGUF estimate off the actor (header reads
+    /// block); `Msg::Estimated` brings it back.
+    fn estimate(&mut self, name: &Arc<str>) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        let Some(path) = slot.config.model_path.clone() else {
+            slot.estimate = Some(None);
+            return;
+        };
+        slot.estimate = None;
+        let args = slot.config.argv.clone();
+        let tx = self.self_tx.clone();
+        let model = name.to_string();
+        // Outside a runtime (some unit tests build an actor by hand) there
+        // is no estimate.
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            slot.estimate = Some(None);
+            return;
+        };
+        handle.spawn_blocking(move || {
+            let bytes = std::fs::metadata(&path).ok().and_then(|meta| {
+                crate::gguf::read(&path)
+                    .ok()
+                    .map(|h| crate::gguf::vram_estimate(&h, meta.len(), &args))
+            });
+            let _ = tx.send(Msg::Estimated { model, bytes });
+        });
+    }
+
+    /// A new GPU reading: each loaded model's use (its process tree's)
+    /// is taken from it; a model using more than its `vram_mb` is warned
+    /// about once a run; waiting starts are planned again.
+    fn on_reading(&mut self, snapshot: Option<Arc<Snapshot>>) {
+        self.snapshots += 1;
+        self.snapshot = snapshot;
+        if let Some(snap) = self.snapshot.clone() {
+            for (name, slot) in &mut self.slots {
+                let Some(pid) = slot.pid.filter(|_| slot.phase.is_loaded()) else {
+                    continue;
+                };
+                let usage = snap.tree_usage(pid);
+                let total: u64 = usage.iter().map(|(_, b)| b).sum();
+                if slot.gpu.is_none() {
+                    slot.gpu = usage.iter().max_by_key(|(_, b)| *b).map(|(g, _)| *g);
+                    if let Some(gate) = &slot.gate {
+                        gate.set_gpu(slot.gpu);
+                    }
+                }
+                if slot.phase == Phase::Ready {
+                    slot.measured_ready = true;
+                }
+                if slot.vram_now != total {
+                    self.bus.emit(Event::Vram {
+                        model: name.clone(),
+                        gpu: slot.gpu,
+                        bytes: total,
+                    });
+                }
+                slot.vram_now = total;
+                slot.vram_peak = slot.vram_peak.max(total);
+                if let Some(declared) = slot.config.vram_bytes {
+                    if total > declared && !slot.warned_over {
+                        slot.warned_over = true;
+                        tracing::warn!(model = %name, measured_mib = mib(total),
+                            vram_mb = mib(declared),
+                            "model uses more GPU memory than its vram_mb declares; raise vram_mb or leave it out to use the measurement");
+                    }
+                }
+            }
+        }
+        if self.shutdown.is_none() {
+            self.reconcile();
         }
     }
 
@@ -762,6 +1056,7 @@ impl Actor {
                     upstream,
                     self.self_tx.clone(),
                 ));
+                gate.set_gpu(slot.gpu);
                 slot.gate = Some(gate.clone());
                 slot.sync_idle_watch();
                 self.gates.insert(model.clone(), gate);
@@ -771,11 +1066,17 @@ impl Actor {
                     e.pid = Some(pid);
                     e.rss_bytes = crate::procfs::pid_figures(pid).map(|(rss, _)| rss);
                 });
+                slot.oom_retried = false;
+                slot.measured_ready = false;
                 let waiters = std::mem::take(&mut slot.waiters);
                 for w in waiters {
                     if let Some(lease) = Actor::lease(slot) {
-                        let _ = w.send(Ok(lease));
+                        let _ = w.reply.send(Ok(lease));
                     }
+                }
+                // Measure what it took as soon as possible.
+                if self.snapshot.is_some() {
+                    self.gpus.refresh();
                 }
             }
             ChildEvent::StartFailed {
@@ -790,6 +1091,40 @@ impl Actor {
                 slot.pid = None;
                 slot.starting_since = None;
                 slot.child_fraction = None;
+                let placed_on = slot.gpu;
+                slot.end_vram_run();
+                if self.snapshot.is_some() {
+                    // Its memory shows in readings until the next one.
+                    self.stale_until = self.snapshots;
+                    self.gpus.refresh();
+                }
+                let retry = matches!(reason, StartFailure::OutOfMemory { .. })
+                    && !slot.oom_retried
+                    && !slot.removed
+                    && (slot.preloading || slot.prune_waiters());
+                if retry {
+                    slot.oom_retried = true;
+                    lifecycle(&self.bus, &model, ModelEventKind::StartFailed, |e| {
+                        e.reason = Some(Reason::StartFailed(reason.to_string()));
+                        e.gpu = placed_on;
+                    });
+                    if let Some(victim) = self.oom_victim(&model, placed_on) {
+                        tracing::warn!(model = %model, evicting = %victim, error = %reason,
+                            "model ran out of GPU memory while starting; evicting one more model and trying once more");
+                        if let Some(v) = self.slots.get_mut(&victim) {
+                            retire(v, StopReason::Evicted);
+                        }
+                    } else {
+                        tracing::warn!(model = %model, error = %reason,
+                            "model ran out of memory while starting; nothing idle to evict, trying once more");
+                    }
+                    self.make_pending(&model);
+                    if self.shutdown.is_none() {
+                        self.reconcile();
+                    }
+                    return;
+                }
+                slot.oom_retried = false;
                 if std::mem::take(&mut slot.preloading) {
                     tracing::warn!(model = %model, reason = %reason, "preload failed");
                 }
@@ -821,6 +1156,20 @@ impl Actor {
                 slot.last_used = slot.last_used();
                 let pid = slot.pid;
                 let stop_reason = slot.stop_reason.take();
+                let (gpu, peak) = (slot.gpu, slot.vram_peak);
+                if slot.vram_now > 0 {
+                    self.bus.emit(Event::Vram {
+                        model: model.clone(),
+                        gpu,
+                        bytes: 0,
+                    });
+                }
+                slot.end_vram_run();
+                if self.snapshot.is_some() {
+                    // Its memory shows in readings until the next one.
+                    self.stale_until = self.snapshots;
+                    self.gpus.refresh();
+                }
                 lifecycle(
                     &self.bus,
                     &model,
@@ -831,6 +1180,8 @@ impl Actor {
                     },
                     |e| {
                         e.pid = pid;
+                        e.gpu = gpu;
+                        e.vram_bytes = (peak > 0).then_some(peak);
                         (e.reason, e.exit_status) = match &reason {
                             ExitReason::Stopped => (stop_reason.map(StopReason::reason), None),
                             ExitReason::Crashed(why) => (Some(Reason::Crash), Some(why.clone())),
@@ -851,12 +1202,11 @@ impl Actor {
                         if ran.is_some() {
                             slot.failures = 0;
                         }
-                        slot.phase = if !slot.prune_waiters() && !slot.preloading {
-                            Phase::Stopped
+                        if !slot.prune_waiters() && !slot.preloading {
+                            slot.phase = Phase::Stopped;
                         } else {
-                            slot.pending_since = Instant::now();
-                            Phase::Pending
-                        };
+                            self.make_pending(&model);
+                        }
                     }
                     ExitReason::Crashed(why) | ExitReason::Unhealthy(why) => {
                         if ran.is_some_and(|r| r >= STABLE_UPTIME) {
@@ -869,8 +1219,7 @@ impl Actor {
                         slot.phase = Phase::Failed;
                         if slot.prune_waiters() {
                             if backoff(slot.failures).is_zero() {
-                                slot.phase = Phase::Pending;
-                                slot.pending_since = Instant::now();
+                                self.make_pending(&model);
                             } else {
                                 slot.fail_waiters(&AcquireError::Stopped {
                                     model: model.to_string(),
@@ -887,72 +1236,74 @@ impl Actor {
         }
     }
 
-    /// Starts pending models where capacity allows, evicting as needed.
+    /// Starts pending models where capacity allows, evicting as needed:
+    /// the highest-priority, longest-waiting first. A model still in use
+    /// (busy, or used within [`IN_USE_GAP`]) is not swapped out for
+    /// another's requests until the oldest of them has waited
+    /// `max_wait_before_swap`, unless they have a higher priority than
+    /// the model in use: so ABAB traffic is served AABB without starving
+    /// anyone.
     fn reconcile(&mut self) {
-        let mut pending: Vec<(Instant, Arc<str>)> = self
+        let now = Instant::now();
+        self.swap_due = None;
+        let mut pending: Vec<(std::cmp::Reverse<i32>, Instant, Arc<str>)> = self
             .slots
             .iter()
             .filter(|(_, s)| s.phase == Phase::Pending)
-            .map(|(n, s)| (s.pending_since, n.clone()))
+            .map(|(n, s)| {
+                let (priority, since) = s
+                    .queue_head()
+                    .unwrap_or((s.config.priority, s.pending_since));
+                (std::cmp::Reverse(priority), since, n.clone())
+            })
             .collect();
         pending.sort();
-        for (_, name) in pending {
+        for (std::cmp::Reverse(priority), since, name) in pending {
             // A request whose client left starts and evicts nothing.
             if let Some(slot) = self.slots.get_mut(&name) {
                 if !slot.prune_waiters() && !slot.preloading {
                     tracing::debug!(model = %name, "every request waiting for the model has gone; not starting it");
                     slot.phase = Phase::Stopped;
+                    slot.oom_retried = false;
                     continue;
                 }
             }
-            let group = self.slots.get(&name).and_then(|s| s.config.group.clone());
-            let decision = {
-                let loaded: Vec<Resident<'_>> = self
-                    .slots
-                    .iter()
-                    .filter(|(_, s)| s.phase.is_loaded())
-                    .map(|(n, s)| Resident {
-                        name: n,
-                        group: s.config.group.as_deref(),
-                        ready: s.phase == Phase::Ready,
-                        leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
-                        busy: s.inflight() > 0,
-                        pinned: s.config.pin,
-                        last_used: s.last_used(),
-                    })
-                    .collect();
-                match plan(group.as_deref(), &loaded, self.limits.max_loaded) {
-                    Plan::Start => Decision::Start,
-                    Plan::Wait => Decision::Evict(Vec::new()),
-                    Plan::Evict(names) => {
-                        Decision::Evict(names.into_iter().map(Arc::<str>::from).collect())
-                    }
-                    Plan::Blocked { pinned, rule } => {
-                        let mut pinned: Vec<String> =
-                            pinned.into_iter().map(str::to_string).collect();
-                        pinned.sort();
-                        Decision::Blocked(AcquireError::Pinned {
-                            model: name.to_string(),
-                            pinned,
-                            why: match rule {
-                                Rule::Group(g) => format!("group {g}"),
-                                Rule::MaxLoaded(n) => format!("max_loaded = {n}"),
-                            },
-                        })
-                    }
-                }
+            let decision = match self.rules(&name) {
+                Decision::Start => self.placement(&name),
+                other => other,
             };
             match decision {
-                Decision::Start => self.start_child(&name),
+                Decision::Start => self.start_child(&name, None),
+                Decision::StartOn(gpu) => self.start_child(&name, Some(gpu)),
                 Decision::Blocked(err) => {
                     if let Some(slot) = self.slots.get_mut(&name) {
                         tracing::warn!(model = %name, error = %err, "cannot start model");
                         slot.preloading = false;
+                        slot.oom_retried = false;
                         slot.phase = Phase::Stopped;
                         slot.fail_waiters(&err);
                     }
                 }
                 Decision::Evict(victims) => {
+                    if victims.is_empty() {
+                        continue;
+                    }
+                    let due_at = since + self.limits.max_wait_before_swap;
+                    let outranks = victims.iter().all(|v| {
+                        self.slots
+                            .get(v)
+                            .is_some_and(|s| priority > s.config.priority)
+                    });
+                    let in_use = victims.iter().any(|v| {
+                        self.slots.get(v).is_some_and(|s| {
+                            s.inflight() > 0
+                                || now.saturating_duration_since(s.last_used()) < IN_USE_GAP
+                        })
+                    });
+                    if in_use && !outranks && now < due_at {
+                        self.swap_due = Some(self.swap_due.map_or(due_at, |d| d.min(due_at)));
+                        continue;
+                    }
                     for victim in victims {
                         if let Some(v) = self.slots.get_mut(&victim) {
                             tracing::info!(model = %victim, for_model = %name, inflight = v.inflight(),
@@ -965,23 +1316,178 @@ impl Actor {
         }
     }
 
-    fn start_child(&mut self, name: &Arc<str>) {
+    /// What groups and `max_loaded` say of starting `name` now.
+    fn rules(&self, name: &Arc<str>) -> Decision {
+        let group = self.slots.get(name).and_then(|s| s.config.group.as_deref());
+        let loaded: Vec<Resident<'_>> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.phase.is_loaded())
+            .map(|(n, s)| Resident {
+                name: n,
+                group: s.config.group.as_deref(),
+                ready: s.phase == Phase::Ready,
+                leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
+                busy: s.inflight() > 0,
+                pinned: s.config.pin,
+                last_used: s.last_used(),
+            })
+            .collect();
+        match plan(group, &loaded, self.limits.max_loaded) {
+            Plan::Start => Decision::Start,
+            Plan::Wait => Decision::Evict(Vec::new()),
+            Plan::Evict(names) => {
+                Decision::Evict(names.into_iter().map(Arc::<str>::from).collect())
+            }
+            Plan::Blocked { pinned, rule } => {
+                let mut pinned: Vec<String> = pinned.into_iter().map(str::to_string).collect();
+                pinned.sort();
+                Decision::Blocked(AcquireError::Pinned {
+                    model: name.to_string(),
+                    pinned,
+                    why: match rule {
+                        Rule::Group(g) => format!("group {g}"),
+                        Rule::MaxLoaded(n) => format!("max_loaded = {n}"),
+                    },
+                })
+            }
+        }
+    }
+
+    /// Where `name` goes by GPU memory, once the rules let it start: with
+    /// no GPU readings, or no need known, anywhere (no placement).
+    fn placement(&self, name: &Arc<str>) -> Decision {
+        let (Some(snap), Some(slot)) = (&self.snapshot, self.slots.get(name)) else {
+            return Decision::Start;
+        };
+        if snap.gpus.is_empty() {
+            return Decision::Start;
+        }
+        let need = match slot.vram_need() {
+            Some((0, _)) => return Decision::Start,
+            Some((need, _)) => need,
+            // Its estimate is still being worked out: Estimated follows.
+            None if slot.estimate.is_none() => return Decision::Evict(Vec::new()),
+            None => return Decision::Start,
+        };
+        // Placed by a reading taken after it began to wait, and after the
+        // last child went away.
+        if self.snapshots <= slot.pending_reading.max(self.stale_until) {
+            return Decision::Evict(Vec::new());
+        }
+        let rooms: Vec<Room> = snap
+            .gpus
+            .iter()
+            .map(|g| Room {
+                gpu: g.index,
+                total: g.total_bytes,
+                used: g.used_bytes,
+            })
+            .collect();
+        let occupants: Vec<Occupant<'_>> = self
+            .slots
+            .iter()
+            .filter(|(n, s)| *n != name && s.phase.is_loaded())
+            .filter_map(|(n, s)| {
+                let gpu = s.gpu?;
+                let loading =
+                    s.phase == Phase::Starting || (s.phase == Phase::Ready && !s.measured_ready);
+                let promised = if loading {
+                    s.vram_need()
+                        .map_or(0, |(need, _)| need.saturating_sub(s.vram_now))
+                } else {
+                    0
+                };
+                Some(Occupant {
+                    name: n,
+                    gpu,
+                    measured: s.vram_now,
+                    promised,
+                    ready: s.phase == Phase::Ready,
+                    leaving: matches!(s.phase, Phase::Draining | Phase::Stopping),
+                    busy: s.inflight() > 0,
+                    pinned: s.config.pin,
+                    last_used: s.last_used(),
+                })
+            })
+            .collect();
+        let allowed = slot.allowed_gpus();
+        match place(
+            need,
+            allowed.as_deref(),
+            &rooms,
+            &occupants,
+            self.limits.vram_reserve_bytes,
+        ) {
+            Placement::On(gpu) => Decision::StartOn(gpu),
+            Placement::Evict(names) => {
+                Decision::Evict(names.into_iter().map(Arc::<str>::from).collect())
+            }
+            Placement::Wait => Decision::Evict(Vec::new()),
+            Placement::NeverFits(detail) => Decision::Blocked(AcquireError::NoRoom {
+                model: name.to_string(),
+                detail,
+            }),
+        }
+    }
+
+    /// One more model to evict after `model` ran out of memory while
+    /// starting: the least recently used idle, unpinned, ready one, on
+    /// the GPU it was placed on if it was.
+    fn oom_victim(&self, model: &str, gpu: Option<u32>) -> Option<Arc<str>> {
+        self.slots
+            .iter()
+            .filter(|(n, s)| {
+                &***n != model
+                    && s.phase == Phase::Ready
+                    && !s.config.pin
+                    && s.inflight() == 0
+                    && (gpu.is_none() || s.gpu == gpu)
+            })
+            .min_by_key(|(_, s)| s.last_used())
+            .map(|(n, _)| n.clone())
+    }
+
+    /// When a swap held back for a model in use is looked at again.
+    fn next_swap_deadline(&self) -> Option<Instant> {
+        let due = self.swap_due?;
+        Some(due.min(Instant::now() + SWAP_RECHECK))
+    }
+
+    fn start_child(&mut self, name: &Arc<str>, gpu: Option<u32>) {
         let instance = self.next_instance;
         self.next_instance += 1;
         let Some(slot) = self.slots.get_mut(name) else {
             return;
         };
+        let mut env = slot.config.env.clone();
+        if let Some(g) = gpu {
+            // NVML numbers GPUs in PCI bus order; CUDA, unless told,
+            // fastest first.
+            for (key, value) in [
+                (CUDA_VISIBLE_DEVICES, g.to_string()),
+                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
+            ] {
+                if !env.iter().any(|(k, _)| k == key) {
+                    env.push((key.to_string(), value));
+                }
+            }
+            tracing::info!(model = %name, gpu = g, need_mib = slot.vram_need().map(|(b, _)| mib(b)),
+                source = slot.vram_need().map(|(_, s)| s), "placing model on GPU");
+        }
         let spec = ChildSpec {
             model: name.clone(),
             instance,
             argv: slot.config.argv.clone(),
-            env: slot.config.env.clone(),
+            env,
             health_path: slot.config.health.clone(),
             start_timeout: self.limits.start_timeout,
             stop_grace: self.limits.stop_grace,
             health_interval: self.limits.health_interval,
         };
-        lifecycle(&self.bus, name, ModelEventKind::StartRequested, |_| {});
+        lifecycle(&self.bus, name, ModelEventKind::StartRequested, |e| {
+            e.gpu = gpu
+        });
         let now = Instant::now();
         if !self.slots.values().any(|s| s.phase == Phase::Starting) {
             self.next_progress = now + PROGRESS_PERIOD;
@@ -989,6 +1495,7 @@ impl Actor {
         let Some(slot) = self.slots.get_mut(name) else {
             return;
         };
+        slot.gpu = gpu;
         slot.starting_since = Some(now);
         slot.child_fraction = None;
         slot.phase = Phase::Starting;
@@ -1040,6 +1547,8 @@ impl Actor {
 /// What [`Actor::reconcile`] does for one pending model.
 enum Decision {
     Start,
+    /// Start it on this GPU.
+    StartOn(u32),
     /// Retire these first (none: wait).
     Evict(Vec<Arc<str>>),
     /// Fail its waiters: only evicting pinned models would make room.
@@ -1186,7 +1695,7 @@ mod tests {
 
     fn acquire(s: &Scheduler, model: &str) -> tokio::task::JoinHandle<Result<Lease, AcquireError>> {
         let (s, model) = (s.clone(), model.to_string());
-        tokio::spawn(async move { s.acquire(&model).await })
+        tokio::spawn(async move { s.acquire(&model, 0).await })
     }
 
     /// Starts `model` through a request and returns that request's lease.
@@ -1199,7 +1708,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_busy_model_is_drained_before_a_swap_and_the_other_starts_after() {
-        let (s, fake) = start(&format!("[scheduler]\nmax_loaded = 1\n{TWO_MODELS}"));
+        // Grouping off: the busy model is drained for the other at once.
+        let (s, fake) = start(&format!(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"0s\"\n{TWO_MODELS}"
+        ));
         let a = lease(&s, &fake, "a").await;
         let b = acquire(&s, "b");
         assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
@@ -1248,7 +1760,7 @@ mod tests {
         drop(lease(&s, &fake, "a").await);
         fake.exit("a", ExitReason::Crashed("signal 9".into()));
         assert_eq!(state_of(&s, "a").await, ModelState::Failed);
-        match s.acquire("a").await {
+        match s.acquire("a", 0).await {
             Err(AcquireError::BackingOff { retry_after, .. }) => {
                 assert_eq!(retry_after, Duration::from_secs(1))
             }
@@ -1266,7 +1778,7 @@ mod tests {
         drop(lease(&s, &fake, "a").await);
         // A use inside the TTL moves the deadline.
         tokio::time::advance(Duration::from_secs(9)).await;
-        drop(s.acquire("a").await.unwrap());
+        drop(s.acquire("a", 0).await.unwrap());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(state_of(&s, "a").await, ModelState::Ready);
         tokio::time::advance(Duration::from_secs(9)).await;
@@ -1337,7 +1849,7 @@ mod tests {
         let (s, fake) = start(PINNED_A);
         drop(lease(&s, &fake, "a").await);
         tokio::time::advance(Duration::from_secs(60)).await;
-        let b = tokio::time::timeout(Duration::from_secs(1), s.acquire("b"))
+        let b = tokio::time::timeout(Duration::from_secs(1), s.acquire("b", 0))
             .await
             .expect("fails at once, does not wait");
         match b {
@@ -1379,7 +1891,7 @@ mod tests {
              [models.b]\ncmd = [\"b\", \"{port}\"]\ngroup = \"g\"\n",
         );
         drop(lease(&s, &fake, "a").await);
-        match s.acquire("b").await {
+        match s.acquire("b", 0).await {
             Err(AcquireError::Pinned { pinned, why, .. }) => {
                 assert_eq!((pinned, why.as_str()), (vec!["a".to_string()], "group g"))
             }
@@ -1391,7 +1903,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unpinned_model_is_evicted_instead_of_an_older_pinned_one() {
         let (s, fake) = start(
-            "[scheduler]\nmax_loaded = 2\n[models.a]\ncmd = [\"a\", \"{port}\"]\npin = true\n\
+            "[scheduler]\nmax_loaded = 2\nmax_wait_before_swap = \"0s\"\n[models.a]\ncmd = [\"a\", \"{port}\"]\npin = true\n\
              [models.b]\ncmd = [\"b\", \"{port}\"]\n[models.c]\ncmd = [\"c\", \"{port}\"]\n",
         );
         drop(lease(&s, &fake, "a").await);
@@ -1419,7 +1931,7 @@ mod tests {
         let status = s.status().await;
         assert_eq!(status[0].ttl_s, Some(0.0), "{status:?}");
         // A second request in and out while the first is held: not idle yet.
-        drop(s.acquire("a").await.unwrap());
+        drop(s.acquire("a", 0).await.unwrap());
         settle().await;
         assert!(!fake.stop_asked("a"), "one lease is still out");
         drop(held);
@@ -1451,7 +1963,7 @@ mod tests {
                 .await
         );
         tokio::time::advance(Duration::from_secs(20)).await;
-        drop(s.acquire("a").await.unwrap());
+        drop(s.acquire("a", 0).await.unwrap());
         tokio::time::advance(Duration::from_secs(25)).await;
         assert_eq!(
             state_of(&s, "a").await,
@@ -1707,6 +2219,393 @@ mod tests {
         // A later seed does not replace what this run has measured.
         s.seed_load_times(HashMap::from([("a".to_string(), vec![ms(7)])]));
         assert_eq!(status_of(&s, "a").await.load_ms, Some(50));
+    }
+
+    fn acquire_with(
+        s: &Scheduler,
+        model: &str,
+        priority: i32,
+    ) -> tokio::task::JoinHandle<Result<Lease, AcquireError>> {
+        let (s, model) = (s.clone(), model.to_string());
+        tokio::spawn(async move { s.acquire(&model, priority).await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_in_use_is_not_swapped_out_until_the_fairness_bound() {
+        let (s, fake) = start(&format!(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n{TWO_MODELS}"
+        ));
+        let a = lease(&s, &fake, "a").await;
+        let b = acquire(&s, "b");
+        settle().await;
+        assert_eq!(
+            state_of(&s, "a").await,
+            ModelState::Ready,
+            "a keeps serving"
+        );
+        // More requests for the loaded model go straight in meanwhile.
+        let again = s.acquire("a", 0).await.unwrap();
+        drop(a);
+        tokio::time::advance(Duration::from_millis(4800)).await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(
+            state_of(&s, "a").await,
+            ModelState::Stopping,
+            "b's request has waited 5 s: a drains for it"
+        );
+        drop(again);
+        settle().await;
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        fake.ready("b");
+        assert_eq!(b.await.unwrap().unwrap().model(), "b");
+        assert_eq!(fake.started(), ["a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_idle_past_the_gap_is_swapped_at_once() {
+        let (s, fake) = start(&format!(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n{TWO_MODELS}"
+        ));
+        drop(lease(&s, &fake, "a").await);
+        // Used 100 ms ago: still in use by a client's back-to-back requests.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        let _b = acquire(&s, "b");
+        settle().await;
+        assert!(!fake.stop_asked("a"));
+        // Once the gap has passed with no request, it goes.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        assert!(fake.stop_asked("a"), "an idle model does not hold b back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_higher_priority_request_swaps_a_busy_model_at_once_and_goes_first() {
+        let (s, fake) = start(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"60s\"\n\
+             [models.a]\ncmd = [\"a\", \"{port}\"]\n[models.b]\ncmd = [\"b\", \"{port}\"]\n\
+             [models.c]\ncmd = [\"c\", \"{port}\"]\n",
+        );
+        let a = lease(&s, &fake, "a").await;
+        let _b = acquire_with(&s, "b", 0);
+        settle().await;
+        assert_eq!(state_of(&s, "a").await, ModelState::Ready);
+        let c = acquire_with(&s, "c", 10);
+        assert_eq!(
+            state_of(&s, "a").await,
+            ModelState::Stopping,
+            "priority 10 outranks a"
+        );
+        let status = s.status().await;
+        let c_status = status.iter().find(|m| m.name == "c").unwrap();
+        assert_eq!(c_status.waiting_priority, Some(10));
+        drop(a);
+        settle().await;
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        assert_eq!(
+            fake.started(),
+            ["a", "c"],
+            "c, waiting later, starts before b"
+        );
+        fake.ready("c");
+        assert!(c.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_priority_counts_for_its_requests() {
+        let (s, fake) = start(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"60s\"\n\
+             [models.a]\ncmd = [\"a\", \"{port}\"]\n\
+             [models.urgent]\ncmd = [\"u\", \"{port}\"]\npriority = 5\n",
+        );
+        let _a = lease(&s, &fake, "a").await;
+        let _u = acquire(&s, "urgent");
+        assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn beyond_max_queue_a_request_is_refused_with_retry_after_and_no_start() {
+        let (s, fake) = start(&format!("[scheduler]\nmax_queue = 2\n{TWO_MODELS}"));
+        let w1 = acquire(&s, "a");
+        let w2 = acquire(&s, "a");
+        settle().await;
+        match s.acquire("b", 0).await {
+            Err(AcquireError::QueueFull {
+                waiting,
+                retry_after,
+            }) => {
+                assert_eq!(waiting, 2);
+                assert!(retry_after >= Duration::from_secs(1));
+            }
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        assert_eq!(fake.started(), ["a"], "the refused request started nothing");
+        // A waiter whose client left makes room.
+        w2.abort();
+        settle().await;
+        let w3 = acquire(&s, "a");
+        settle().await;
+        fake.ready("a");
+        assert!(w1.await.unwrap().is_ok());
+        assert!(w3.await.unwrap().is_ok());
+    }
+
+    fn reading(gpus: &[(u32, u64, u64)], procs: &[(u32, u32, u64)]) -> Option<Arc<Snapshot>> {
+        const MB: u64 = 1 << 20;
+        Some(Arc::new(Snapshot {
+            taken_at_ms: 0,
+            gpus: gpus
+                .iter()
+                .map(|&(index, total, used)| crate::gpu::GpuReading {
+                    index,
+                    name: "fake".into(),
+                    total_bytes: total * MB,
+                    used_bytes: used * MB,
+                    free_bytes: (total - used) * MB,
+                    utilization: Some(0.5),
+                    temperature_c: None,
+                    power_watts: None,
+                })
+                .collect(),
+            processes: procs
+                .iter()
+                .map(|&(pid, gpu, used)| crate::gpu::ProcessReading {
+                    pid,
+                    gpu,
+                    used_bytes: used * MB,
+                })
+                .collect(),
+        }))
+    }
+
+    type Readings = Arc<tokio::sync::watch::Sender<Option<Arc<Snapshot>>>>;
+
+    fn start_with_gpus(text: &str) -> (Scheduler, Arc<Fake>, Readings) {
+        let fake = Arc::new(Fake::default());
+        let (gpus, tx) = Gpus::manual();
+        let s =
+            Scheduler::with_spawner_and_gpus(&config(text), Bus::detached(), fake.clone(), gpus);
+        (s, fake, tx)
+    }
+
+    impl Fake {
+        fn ready_as(&self, model: &str, pid: u32) {
+            self.with_last(model, |s| {
+                let _ = s.events.send(ChildEvent::Ready {
+                    model: s.spec.model.clone(),
+                    instance: s.spec.instance,
+                    addr: ChildAddr::Unix("/run/test/model-1.sock".into()),
+                    pid,
+                    load_time: Duration::from_millis(5),
+                });
+            });
+        }
+
+        fn env_of(&self, model: &str, key: &str) -> Option<String> {
+            self.with_last(model, |s| {
+                s.spec
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.clone())
+            })
+        }
+
+        fn fail_start(&self, model: &str, reason: StartFailure) {
+            self.with_last(model, |s| {
+                let _ = s.events.send(ChildEvent::StartFailed {
+                    model: s.spec.model.clone(),
+                    instance: s.spec.instance,
+                    reason,
+                });
+            });
+        }
+    }
+
+    const GPU_MODELS: &str = "[scheduler]\nmax_loaded = 4\nvram_reserve_mb = 500\n\
+         [models.a]\ncmd = [\"a\", \"{port}\"]\nvram_mb = 6000\n\
+         [models.b]\ncmd = [\"b\", \"{port}\"]\nvram_mb = 6000\n\
+         [models.big]\ncmd = [\"big\", \"{port}\"]\nvram_mb = 20000\n\
+         [models.one]\ncmd = [\"one\", \"{port}\"]\nvram_mb = 1000\ngpus = [1]\n";
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_goes_on_a_gpu_it_fits_by_a_fresh_reading_with_cuda_visible_devices() {
+        let (s, fake, tx) = start_with_gpus(GPU_MODELS);
+        tx.send_replace(reading(&[(0, 8000, 4000), (1, 8000, 500)], &[]));
+        settle().await;
+        let a = acquire(&s, "a");
+        settle().await;
+        assert!(
+            fake.started().is_empty(),
+            "waits for a reading taken after it asked"
+        );
+        tx.send_replace(reading(&[(0, 8000, 4000), (1, 8000, 500)], &[]));
+        settle().await;
+        assert_eq!(fake.started(), ["a"]);
+        assert_eq!(
+            fake.env_of("a", "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            fake.env_of("a", "CUDA_DEVICE_ORDER").as_deref(),
+            Some("PCI_BUS_ID")
+        );
+        fake.ready_as("a", 101);
+        let lease = a.await.unwrap().unwrap();
+        assert_eq!(lease.gpu(), Some(1));
+        // The reading after the start is its measurement.
+        tx.send_replace(reading(
+            &[(0, 8000, 4000), (1, 8000, 5500)],
+            &[(101, 1, 5000)],
+        ));
+        settle().await;
+        let st = status_of(&s, "a").await;
+        assert_eq!((st.gpu, st.vram_bytes), (Some(1), Some(5000 << 20)));
+        assert_eq!(st.vram_need_source, Some("declared"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_of_memory_the_idle_least_recently_used_model_on_that_gpu_goes() {
+        let (s, fake, tx) = start_with_gpus(GPU_MODELS);
+        let gpus = [(0, 8000, 500)];
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        let a = acquire(&s, "a");
+        settle().await;
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        fake.ready_as("a", 101);
+        drop(a.await.unwrap().unwrap());
+        tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let b = acquire(&s, "b");
+        settle().await;
+        tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        assert!(fake.stop_asked("a"), "a (idle) makes room for b");
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        assert_eq!(fake.started(), ["a", "b"]);
+        fake.ready_as("b", 102);
+        assert!(b.await.unwrap().is_ok());
+        let st = status_of(&s, "a").await;
+        assert_eq!(st.vram_need_source, Some("declared"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_that_can_never_fit_fails_at_once_with_the_numbers() {
+        let (s, fake, tx) = start_with_gpus(GPU_MODELS);
+        tx.send_replace(reading(&[(0, 16000, 1000), (1, 8000, 500)], &[]));
+        settle().await;
+        let big = acquire(&s, "big");
+        settle().await;
+        tx.send_replace(reading(&[(0, 16000, 1000), (1, 8000, 500)], &[]));
+        settle().await;
+        match big.await.unwrap() {
+            Err(AcquireError::NoRoom { model, detail }) => {
+                assert_eq!(model, "big");
+                assert!(detail.contains("needs 20000 MiB"), "{detail}");
+                assert!(detail.contains("GPU 0: 16000 MiB total"), "{detail}");
+                assert!(detail.contains("other processes 1000 MiB"), "{detail}");
+            }
+            other => panic!("expected NoRoom, got {other:?}"),
+        }
+        assert!(fake.started().is_empty());
+        // `gpus` that name no present GPU never fit either.
+        tx.send_replace(reading(&[(0, 16000, 1000)], &[]));
+        let one = acquire(&s, "one");
+        settle().await;
+        tx.send_replace(reading(&[(0, 16000, 1000)], &[]));
+        settle().await;
+        assert!(matches!(
+            one.await.unwrap(),
+            Err(AcquireError::NoRoom { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn measured_use_is_learned_and_replaces_the_estimate() {
+        let (s, fake, tx) = start_with_gpus(
+            "[models.m]\ncmd = [\"m\", \"{port}\"]\n[models.n]\ncmd = [\"n\", \"{port}\"]\n",
+        );
+        s.seed_vram(HashMap::from([("n".to_string(), vec![3 << 30, 2 << 30])]));
+        let gpus = [(0, 8000, 500)];
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        assert_eq!(
+            status_of(&s, "m").await.vram_need_bytes,
+            None,
+            "no estimate for a cmd model"
+        );
+        let n = status_of(&s, "n").await;
+        assert_eq!(
+            (n.vram_need_bytes, n.vram_need_source),
+            (Some(3 << 30), Some("measured"))
+        );
+        let m = acquire(&s, "m");
+        settle().await;
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        fake.ready_as("m", 201);
+        drop(m.await.unwrap().unwrap());
+        tx.send_replace(reading(&[(0, 8000, 2548)], &[(201, 0, 2048)]));
+        settle().await;
+        let st = status_of(&s, "m").await;
+        assert_eq!(st.vram_need_bytes, Some(2048 << 20));
+        assert_eq!(st.gpu, Some(0), "learned from where it was measured");
+        s.stop("m").await;
+        fake.exit("m", ExitReason::Stopped);
+        settle().await;
+        let st = status_of(&s, "m").await;
+        assert_eq!(
+            (st.vram_need_bytes, st.vram_need_source),
+            (Some(2048 << 20), Some("measured")),
+            "the run's peak outlives the run"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_memory_while_starting_evicts_one_more_and_retries_once() {
+        let (s, fake, tx) = start_with_gpus(GPU_MODELS);
+        let gpus = [(0, 16000, 500)];
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        let a = acquire(&s, "a");
+        settle().await;
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        fake.ready_as("a", 101);
+        drop(a.await.unwrap().unwrap());
+        tx.send_replace(reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // b fits by the numbers, but runs out of memory while loading.
+        let b = acquire(&s, "b");
+        settle().await;
+        tx.send_replace(reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        assert_eq!(fake.started(), ["a", "b"]);
+        let oom = || StartFailure::OutOfMemory {
+            status: "exit status 1".into(),
+        };
+        fake.fail_start("b", oom());
+        settle().await;
+        assert!(fake.stop_asked("a"), "one more model is evicted");
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        tx.send_replace(reading(&gpus, &[]));
+        settle().await;
+        assert_eq!(fake.started(), ["a", "b", "b"], "and b tries once more");
+        fake.fail_start("b", oom());
+        match b.await.unwrap() {
+            Err(AcquireError::StartFailed { reason, .. }) => assert_eq!(reason, oom()),
+            other => panic!("a second out-of-memory fails the request, got {other:?}"),
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! last lease goes unseen.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,6 +25,9 @@ use tokio::time::Instant;
 
 use super::Msg;
 use crate::upstream::Upstream;
+
+/// [`Gate::gpu`] when no GPU is known.
+const NO_GPU: u32 = u32::MAX;
 
 /// The "open" bit of [`Gate::state`]; the bits below count leases.
 const OPEN: usize = 1 << (usize::BITS - 1);
@@ -40,6 +43,9 @@ pub(crate) struct Gate {
     epoch: Instant,
     /// Whether the last lease of an open gate sends `Idle`.
     watch_idle: AtomicBool,
+    /// The GPU the child runs on ([`NO_GPU`]: none known); the actor sets
+    /// it when placed or first measured.
+    gpu: AtomicU32,
     pub(crate) model: Arc<str>,
     pub(crate) instance: u64,
     /// Where `Drained` goes.
@@ -59,11 +65,20 @@ impl Gate {
             last_used: AtomicU64::new(0),
             epoch: Instant::now(),
             watch_idle: AtomicBool::new(false),
+            gpu: AtomicU32::new(NO_GPU),
             model,
             instance,
             actor,
             upstream,
         }
+    }
+
+    pub(crate) fn set_gpu(&self, gpu: Option<u32>) {
+        self.gpu.store(gpu.unwrap_or(NO_GPU), Ordering::Relaxed);
+    }
+
+    pub(crate) fn gpu(&self) -> Option<u32> {
+        Some(self.gpu.load(Ordering::Relaxed)).filter(|g| *g != NO_GPU)
     }
 
     fn touch(&self) {

@@ -82,6 +82,7 @@ use crate::events::Bus;
 #[cfg(doc)]
 use crate::events::Event;
 pub use crate::events::ModelState;
+use crate::gpu::Gpus;
 use crate::supervisor::{ModelLogs, Processes, Spawner, StartFailure};
 use crate::upstream::Upstream;
 use gate::{Gate, Gates};
@@ -103,6 +104,13 @@ pub enum AcquireError {
     ShuttingDown,
     #[error("unknown model {0}")]
     Unknown(String),
+    #[error("{waiting} requests are already waiting for models (scheduler.max_queue); retry after {}s", retry_after.as_secs().max(1))]
+    QueueFull {
+        waiting: usize,
+        retry_after: Duration,
+    },
+    #[error("model {model} does not fit on any GPU: {detail}")]
+    NoRoom { model: String, detail: String },
     #[error("model {model} cannot start without evicting pinned model {} ({why}); stop it first or remove its `pin`", pinned.join(", "))]
     Pinned {
         model: String,
@@ -150,6 +158,11 @@ impl Lease {
     pub fn upstream(&self) -> &Upstream {
         &self.gate.upstream
     }
+
+    /// The GPU the child runs on, where known.
+    pub fn gpu(&self) -> Option<u32> {
+        self.gate.gpu()
+    }
 }
 
 impl Drop for Lease {
@@ -162,6 +175,8 @@ impl Drop for Lease {
 pub const PROGRESS_PERIOD: Duration = Duration::from_millis(250);
 /// Successful load times kept per model for the expected load time.
 pub const LOAD_TIMES_KEPT: usize = 5;
+/// Peak GPU memory of past runs kept per model for its learned need.
+pub const VRAM_RUNS_KEPT: usize = 5;
 
 /// A starting model's load progress, as `ps` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -211,16 +226,51 @@ pub struct ModelStatus {
     /// asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_bytes: Option<u64>,
+    /// The GPU it was placed on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<u32>,
+    /// GPU memory its process tree uses, at the last reading.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram_bytes: Option<u64>,
+    /// The GPU memory it is taken to need (only with GPU readings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram_need_bytes: Option<u64>,
+    /// Where that need comes from: `declared` (`vram_mb`), `measured` (its
+    /// past runs) or `estimated` (its GGUF).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vram_need_source: Option<&'static str>,
+    /// The highest priority among its waiting requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_priority: Option<i32>,
 }
 
+/// Where a requester waits for its lease.
+type Reply = oneshot::Sender<Result<Lease, AcquireError>>;
+
 /// A requester waiting for a model.
-type Waiter = oneshot::Sender<Result<Lease, AcquireError>>;
+#[derive(Debug)]
+struct Waiter {
+    reply: Reply,
+    /// When it began to wait: the fairness bound counts from here.
+    since: tokio::time::Instant,
+    /// Its key's priority plus its model's.
+    priority: i32,
+}
+
+impl Waiter {
+    /// Whether its requester has gone.
+    fn is_closed(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
 
 #[derive(Debug)]
 enum Msg {
     Acquire {
         model: String,
-        reply: Waiter,
+        /// The requester's own (its key's) priority.
+        priority: i32,
+        reply: Reply,
     },
     /// The last lease of a closed gate was returned.
     Drained {
@@ -255,6 +305,16 @@ enum Msg {
     SeedLoadTimes {
         loads: HashMap<String, Vec<Duration>>,
     },
+    /// A model's GGUF estimate of GPU memory, worked out off the actor.
+    Estimated {
+        model: String,
+        bytes: Option<u64>,
+    },
+    /// Peak GPU memory of past runs from history, oldest first, for
+    /// models that have none yet.
+    SeedVram {
+        peaks: HashMap<String, Vec<u64>>,
+    },
     Reconfigure {
         limits: SchedulerConfig,
         models: Vec<ModelConfig>,
@@ -273,30 +333,43 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the actor for a config's models, with real child processes
     /// whose sockets go in the config's runtime directory.
-    pub fn start(config: &Config, bus: Bus) -> Scheduler {
+    pub fn start(config: &Config, bus: Bus, gpus: Gpus) -> Scheduler {
         let logs = ModelLogs::new(config.model_log_lines);
         let processes = Processes {
             runtime_dir: config.runtime_dir.as_deref().map(Arc::from),
             logs: logs.clone(),
         };
-        Scheduler::with_spawner_and_logs(config, bus, Arc::new(processes), logs)
+        Scheduler::with_parts(config, bus, Arc::new(processes), logs, gpus)
     }
 
-    /// Starts the actor with children made by `spawner`.
+    /// Starts the actor with children made by `spawner`, without GPU
+    /// readings.
     pub fn with_spawner(config: &Config, bus: Bus, spawner: Arc<dyn Spawner>) -> Scheduler {
-        let logs = ModelLogs::new(config.model_log_lines);
-        Scheduler::with_spawner_and_logs(config, bus, spawner, logs)
+        Scheduler::with_spawner_and_gpus(config, bus, spawner, Gpus::absent())
     }
 
-    fn with_spawner_and_logs(
+    /// Starts the actor with children made by `spawner` and readings from
+    /// `gpus`.
+    pub fn with_spawner_and_gpus(
+        config: &Config,
+        bus: Bus,
+        spawner: Arc<dyn Spawner>,
+        gpus: Gpus,
+    ) -> Scheduler {
+        let logs = ModelLogs::new(config.model_log_lines);
+        Scheduler::with_parts(config, bus, spawner, logs, gpus)
+    }
+
+    fn with_parts(
         config: &Config,
         bus: Bus,
         spawner: Arc<dyn Spawner>,
         logs: ModelLogs,
+        gpus: Gpus,
     ) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let gates = Gates::default();
-        actor::spawn(config, bus, spawner, gates.clone(), tx.clone(), rx);
+        actor::spawn(config, bus, spawner, gpus, gates.clone(), tx.clone(), rx);
         Scheduler { tx, gates, logs }
     }
 
@@ -312,10 +385,17 @@ impl Scheduler {
         let _ = self.tx.send(Msg::SeedLoadTimes { loads });
     }
 
+    /// Gives models the peak GPU memory of their past runs (from history,
+    /// oldest first): what they are learned to need.
+    pub fn seed_vram(&self, peaks: HashMap<String, Vec<u64>>) {
+        let _ = self.tx.send(Msg::SeedVram { peaks });
+    }
+
     /// Waits until `model` (a canonical name) is ready and leases it.
+    /// `priority` is the requester's own (its key's); the model's is added.
     /// Dropping the future withdraws the request: if it was still waiting,
     /// it starts and evicts nothing.
-    pub async fn acquire(&self, model: &str) -> Result<Lease, AcquireError> {
+    pub async fn acquire(&self, model: &str, priority: i32) -> Result<Lease, AcquireError> {
         if let Some(gate) = self.gates.get(model) {
             if gate.enter() {
                 return Ok(Lease { gate });
@@ -325,6 +405,7 @@ impl Scheduler {
         self.tx
             .send(Msg::Acquire {
                 model: model.to_string(),
+                priority,
                 reply,
             })
             .map_err(|_| AcquireError::ShuttingDown)?;
@@ -338,7 +419,7 @@ impl Scheduler {
     /// [`Scheduler::acquire`].
     pub async fn load(&self, model: &str) -> Result<Duration, AcquireError> {
         let began = tokio::time::Instant::now();
-        drop(self.acquire(model).await?);
+        drop(self.acquire(model, 0).await?);
         Ok(began.elapsed())
     }
 

@@ -1,6 +1,12 @@
-//! Eviction as a pure function: given the models that hold a place and the
-//! limits, which must go before a pending model may start. The actor applies
-//! the answer; nothing here has effects, so every rule is a unit test.
+//! Eviction and placement as pure functions: given the models that hold a
+//! place, the limits and the GPU readings, which must go before a pending
+//! model may start, and on which GPU it goes. The actor applies the answer;
+//! nothing here has effects, so every rule is a unit test.
+//!
+//! Two rules, applied in turn by the actor: [`plan`] (groups and
+//! `max_loaded`) and then, for a model that needs GPU memory while GPU
+//! readings exist, [`place`] (measured free memory per GPU, less the
+//! reserve and what starting models have been promised).
 //!
 //! Pinned residents are never chosen. When the start needs a pinned one
 //! gone (it shares the group, or too few unpinned places can be freed
@@ -101,6 +107,181 @@ pub fn plan<'a>(group: Option<&'a str>, loaded: &[Resident<'a>], max_loaded: usi
     } else {
         Plan::Evict(evict.into_iter().map(|r| r.name).collect())
     }
+}
+
+/// One GPU as [`place`] sees it: its last reading.
+#[derive(Debug, Clone)]
+pub struct Room {
+    pub gpu: u32,
+    pub total: u64,
+    /// In use by every process on it, as last read.
+    pub used: u64,
+}
+
+/// A model's child that holds GPU memory, or has been promised some.
+#[derive(Debug, Clone)]
+pub struct Occupant<'a> {
+    pub name: &'a str,
+    pub gpu: u32,
+    /// What it was measured to use in the last reading.
+    pub measured: u64,
+    /// What it will take beyond `measured` (a model still loading: its
+    /// need less what it has allocated so far); 0 once loaded.
+    pub promised: u64,
+    pub ready: bool,
+    /// Already draining or stopping: its memory is on its way back.
+    pub leaving: bool,
+    pub busy: bool,
+    pub pinned: bool,
+    pub last_used: Instant,
+}
+
+impl Occupant<'_> {
+    /// What its going gives back.
+    fn holds(&self) -> u64 {
+        self.measured + self.promised
+    }
+
+    fn evictable(&self) -> bool {
+        self.ready && !self.leaving && !self.pinned
+    }
+}
+
+/// Where a model that needs GPU memory goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placement<'a> {
+    /// Start it on this GPU.
+    On(u32),
+    /// Drain and stop these first (all on one GPU), then ask again.
+    Evict(Vec<&'a str>),
+    /// Memory is on its way back (models leaving) or will become
+    /// evictable (models still starting): ask again when that changes.
+    Wait,
+    /// It cannot fit even with every unpinned model gone: why, in numbers.
+    NeverFits(String),
+}
+
+/// Chooses a GPU for a model that needs `need` bytes, on one of `allowed`
+/// (all when `None`), keeping `reserve` free on each: the fullest GPU it
+/// fits on as things are (so larger holes stay for larger models); else
+/// the GPU where evicting ready, unpinned models frees enough, idle before
+/// busy and least recently used first, with the fewest busy and then the
+/// fewest victims; else wait while memory is coming back; else it never
+/// fits, and the answer says what occupies each GPU.
+pub fn place<'a>(
+    need: u64,
+    allowed: Option<&[u32]>,
+    rooms: &[Room],
+    occupants: &[Occupant<'a>],
+    reserve: u64,
+) -> Placement<'a> {
+    let rooms: Vec<&Room> = rooms
+        .iter()
+        .filter(|r| allowed.is_none_or(|a| a.contains(&r.gpu)))
+        .collect();
+    if rooms.is_empty() {
+        return Placement::NeverFits(match allowed {
+            Some(a) => format!(
+                "none of its GPUs ({}) is present",
+                a.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            None => "no GPU is present".into(),
+        });
+    }
+    let on = |g: u32| occupants.iter().filter(move |o| o.gpu == g);
+    // Free now, less the reserve and what starting models will still take.
+    let free = |r: &Room| -> i128 {
+        let promised: u64 = on(r.gpu).map(|o| o.promised).sum();
+        i128::from(r.total) - i128::from(reserve) - i128::from(r.used) - i128::from(promised)
+    };
+    let need_i = i128::from(need);
+    if let Some(r) = rooms
+        .iter()
+        .filter(|r| free(r) >= need_i)
+        .min_by_key(|r| (free(r), r.gpu))
+    {
+        return Placement::On(r.gpu);
+    }
+    let coming_back = |r: &Room| -> i128 {
+        on(r.gpu)
+            .filter(|o| o.leaving)
+            .map(|o| i128::from(o.holds()))
+            .sum()
+    };
+    if rooms.iter().any(|r| free(r) + coming_back(r) >= need_i) {
+        return Placement::Wait;
+    }
+    let mut best: Option<(usize, usize, Vec<&'a str>)> = None;
+    for r in &rooms {
+        let mut candidates: Vec<&Occupant<'a>> = on(r.gpu).filter(|o| o.evictable()).collect();
+        candidates.sort_by_key(|o| (o.busy, o.last_used));
+        let mut room = free(r) + coming_back(r);
+        let mut victims = Vec::new();
+        let mut busy = 0;
+        for o in candidates {
+            if room >= need_i {
+                break;
+            }
+            room += i128::from(o.holds());
+            busy += usize::from(o.busy);
+            victims.push(o.name);
+        }
+        if room >= need_i
+            && best
+                .as_ref()
+                .is_none_or(|b| (busy, victims.len()) < (b.0, b.1))
+        {
+            best = Some((busy, victims.len(), victims));
+        }
+    }
+    if let Some((_, _, victims)) = best {
+        return Placement::Evict(victims);
+    }
+    // Could it fit once every unpinned model has gone? Then what blocks it
+    // is still starting: wait.
+    let capacity = |r: &Room| -> i128 {
+        let ours: u64 = on(r.gpu).map(|o| o.measured).sum();
+        let foreign = r.used.saturating_sub(ours);
+        let pinned: u64 = on(r.gpu)
+            .filter(|o| o.pinned && !o.leaving)
+            .map(Occupant::holds)
+            .sum();
+        i128::from(r.total) - i128::from(reserve) - i128::from(foreign) - i128::from(pinned)
+    };
+    if rooms.iter().any(|r| capacity(r) >= need_i) {
+        return Placement::Wait;
+    }
+    let describe = |r: &&Room| {
+        let ours: u64 = on(r.gpu).map(|o| o.measured).sum();
+        let mut parts = vec![format!(
+            "GPU {}: {} MiB total, {} MiB reserved",
+            r.gpu,
+            mib(r.total),
+            mib(reserve)
+        )];
+        for o in on(r.gpu).filter(|o| o.pinned && !o.leaving) {
+            parts.push(format!("{} pinned ({} MiB)", o.name, mib(o.holds())));
+        }
+        let foreign = r.used.saturating_sub(ours);
+        if foreign > 0 {
+            parts.push(format!("other processes {} MiB", mib(foreign)));
+        }
+        parts.push(format!(
+            "at most {} MiB could be freed for it",
+            mib(u64::try_from(capacity(r).max(0)).unwrap_or(0))
+        ));
+        parts.join(", ")
+    };
+    Placement::NeverFits(format!(
+        "needs {} MiB of GPU memory; {}",
+        mib(need),
+        rooms.iter().map(describe).collect::<Vec<_>>().join("; ")
+    ))
+}
+
+/// Whole MiB, rounded up (a need is never shown smaller than it is).
+pub fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 #[cfg(test)]

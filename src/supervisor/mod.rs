@@ -94,6 +94,11 @@ pub enum StartFailure {
     /// It exited before its health check passed.
     #[error("model process exited while starting ({status})")]
     Exited { status: String },
+    /// It exited before its health check passed, out of memory: its output
+    /// said so (CUDA's or llama.cpp's allocation failures) or the OOM
+    /// killer took it. The scheduler may make room and try once more.
+    #[error("model process ran out of memory while starting ({status})")]
+    OutOfMemory { status: String },
     /// Its health check did not pass within `start_timeout`.
     #[error("model did not become healthy within {}", humantime::format_duration(*.after))]
     Timeout { after: Duration },
@@ -224,6 +229,19 @@ impl Tail {
         let text = self.text().to_ascii_lowercase();
         text.contains("address already in use") || text.contains("couldn't bind")
     }
+
+    /// Whether the output reports a failed (GPU) memory allocation.
+    fn mentions_out_of_memory(&self) -> bool {
+        mentions_out_of_memory(&self.text())
+    }
+}
+
+/// Whether a child's output reports that an allocation failed: CUDA's
+/// "out of memory" (cudaMalloc, cuBLAS), or llama.cpp's own "failed to
+/// allocate" of a buffer.
+fn mentions_out_of_memory(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("out of memory") || text.contains("failed to allocate")
 }
 
 /// A running child and the tasks copying its output.
@@ -381,10 +399,16 @@ async fn supervise(
                     continue;
                 }
                 let tail = running.tail.text();
+                let oom = running.tail.mentions_out_of_memory()
+                    || oom_killed(running.oom_kills_at_start, oom_kill_count());
                 let status = running.exit_text(status);
                 tracing::error!(model = %model, status = %status, stderr_tail = %tail,
                     "child exited while starting");
-                return start_failed(StartFailure::Exited { status });
+                return start_failed(if oom {
+                    StartFailure::OutOfMemory { status }
+                } else {
+                    StartFailure::Exited { status }
+                });
             }
             Readiness::TimedOut => {
                 running.stop(&model, spec.stop_grace).await;

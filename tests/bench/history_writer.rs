@@ -39,6 +39,8 @@ fn row(i: u64) -> RequestRecord {
         ),
         response_content: Some("a short answer of a few words".into()),
         content_truncated: false,
+        queue_wait_ms: Some(0.01),
+        gpu: None,
     }
 }
 

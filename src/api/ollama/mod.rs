@@ -568,11 +568,7 @@ async fn call(
 ) -> Result<Response<BoxBody>, ApiError> {
     let state = ctx.state;
     let waited = Instant::now();
-    let lease = state
-        .scheduler
-        .acquire(&plan.model)
-        .await
-        .map_err(ApiError::Unavailable)?;
+    let lease = ctx.acquire(&plan.model, pending).await?;
     let load = waited.elapsed();
     // keep_alive counts from this use on; set once the model is up, so a
     // zero unloads it after this request, not before.
