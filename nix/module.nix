@@ -79,6 +79,8 @@ let
       };
   validListen =
     addr: if isUnix addr then lib.hasPrefix "/" (lib.removePrefix "unix:" addr) else parseTcp addr != null;
+  # The TCP addresses that parse (the others fail an assertion).
+  validTcp = lib.filter validListen tcpListen;
   tcpPort = addr: (parseTcp addr).port;
   isLoopback =
     addr:
@@ -739,8 +741,7 @@ in
         }
         {
           assertion =
-            !lib.all validListen tcpListen
-            || lib.all isLoopback tcpListen
+            lib.all isLoopback validTcp
             || (cfg.settings.auth.keys or { }) != { }
             || (cfg.settings.auth.open or false);
           message = "services.claracore.settings.listen has an address beyond loopback and no API key is configured: add services.claracore.apiKeys (claracore key new prints one) or set services.claracore.settings.auth.open = true if every client on the network may run inference.";
@@ -757,7 +758,7 @@ in
         }
       ];
 
-    warnings = lib.optional (cfg.openFirewall && tcpListen != [ ] && lib.all isLoopback tcpListen) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
+    warnings = lib.optional (cfg.openFirewall && validTcp != [ ] && lib.all isLoopback validTcp) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
 
     services.claracore.settings.models = lib.mapAttrs renderModel cfg.models;
     services.claracore.settings.auth.keys = lib.mapAttrs (
@@ -786,7 +787,7 @@ in
     environment.systemPackages = [ cfg.package ];
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
-      lib.unique (lib.filter (p: p != null) (map tcpPort tcpListen))
+      lib.unique (map tcpPort validTcp)
     );
 
     systemd.sockets.claracore = mkIf (cfg.socketActivation && tcpListen != [ ]) {

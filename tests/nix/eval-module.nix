@@ -117,6 +117,7 @@ let
     # What ListenAddr::parse refuses (host names, no port, a port out of
     # range, a bad address, a relative unix path), and port 0, which it
     # takes but ListenStream= does not.
+    bad-listen.config.services.claracore.openFirewall = true;
     bad-listen.config.services.claracore.settings.listen = [
       "localhost:5800"
       "127.0.0.1"
