@@ -41,10 +41,22 @@
         };
       });
 
-      # The module builds claracore with the host's nixpkgs unless
-      # services.claracore.package is set (or this flake's overlay is applied).
+      # nix/module.nix with this flake's own claracore as the package's
+      # default, built with the nixpkgs pinned here: the system's nixpkgs may
+      # have a Rust older than Cargo.toml's rust-version. (nix/module.nix on
+      # its own uses pkgs.claracore, else builds nix/package.nix with the
+      # system's nixpkgs.) services.claracore.package still overrides it.
       nixosModules = {
-        claracore = ./nix/module.nix;
+        claracore =
+          { lib, pkgs, ... }:
+          {
+            _file = "${toString ./flake.nix}#nixosModules.claracore";
+            imports = [ ./nix/module.nix ];
+            services.claracore.package = lib.mkDefault (
+              self.packages.${pkgs.stdenv.hostPlatform.system}.claracore
+                or (pkgs.callPackage ./nix/package.nix { })
+            );
+          };
         default = self.nixosModules.claracore;
       };
 
@@ -83,7 +95,9 @@
           };
       });
 
-      # RFC 166 style; `nixfmt-rfc-style` is the old name of this package.
-      formatter = forAllSystems (pkgs: pkgs.nixfmt);
+      # nixfmt (RFC 166 style) run by treefmt over the whole tree: since Nix
+      # 2.25 `nix fmt` passes no paths, and plain nixfmt would then wait for
+      # a file on stdin.
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
     };
 }

@@ -12,6 +12,7 @@
 # with a literal default) so that check can read them without evaluating.
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -35,22 +36,71 @@ let
   isUnix = lib.hasPrefix "unix:";
   unixListen = map (lib.removePrefix "unix:") (lib.filter isUnix cfg.settings.listen);
   tcpListen = lib.filter (a: !isUnix a) cfg.settings.listen;
-  # "host:port" or "[v6]:port" -> port, null when there is none.
-  tcpPort =
+
+  # What `ListenAddr::parse` in src/config.rs accepts, which is also what
+  # ListenStream= accepts: `unix:/absolute/path`, or a literal IP socket
+  # address, `a.b.c.d:port` or `[v6]:port` (v6 may end in a dotted quad and
+  # carry a numeric `%scope`). No host names: `localhost:5800` is refused by
+  # both. Port 0 ("any port" to the daemon) is refused as ListenStream= does.
+  decOctet = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+  ipv4 = "${decOctet}[.]${decOctet}[.]${decOctet}[.]${decOctet}";
+  isIPv6 =
     addr:
     let
-      m = builtins.match ".*:([0-9]+)" addr;
+      # A trailing dotted quad stands for the last two groups.
+      quad = builtins.match "(.*:)${ipv4}" addr;
+      hex = if quad == null then addr else "${builtins.head quad}0:0";
+      halves = lib.splitString "::" hex;
+      groups = s: if s == "" then [ ] else lib.splitString ":" s;
+      valid = lib.all (g: builtins.match "[0-9a-fA-F]{1,4}" g != null);
+      head = groups (builtins.elemAt halves 0);
+      tail = groups (builtins.elemAt halves 1);
     in
-    if m == null then null else lib.toInt (builtins.head m);
-  isLoopback = addr: lib.hasPrefix "127." addr || lib.hasPrefix "[::1]:" addr;
+    if builtins.length halves == 1 then
+      builtins.length head == 8 && valid head
+    else
+      builtins.length halves == 2 && valid head && valid tail && builtins.length head + builtins.length tail <= 7;
+  # "a.b.c.d:port" or "[v6]:port" -> { host; port; }, null if it is neither.
+  parseTcp =
+    addr:
+    let
+      v4 = builtins.match "(${ipv4}):0*([0-9]{1,5})" addr;
+      v6 = builtins.match "\\[([0-9a-fA-F:.]+)(%[0-9]+)?]:0*([0-9]{1,5})" addr;
+      port = lib.toInt (lib.last (if v4 != null then v4 else v6));
+    in
+    if (v4 == null && v6 == null) || (v6 != null && !isIPv6 (builtins.head v6)) then
+      null
+    else if port < 1 || port > 65535 then
+      null
+    else
+      {
+        host = builtins.head (if v4 != null then v4 else v6);
+        inherit port;
+      };
+  validListen =
+    addr: if isUnix addr then lib.hasPrefix "/" (lib.removePrefix "unix:" addr) else parseTcp addr != null;
+  # The TCP addresses that parse (the others fail an assertion).
+  validTcp = lib.filter validListen tcpListen;
+  tcpPort = addr: (parseTcp addr).port;
+  isLoopback =
+    addr:
+    let
+      host = (parseTcp addr).host;
+    in
+    lib.hasPrefix "127." host || builtins.elem host [
+      "::1"
+      "0:0:0:0:0:0:0:1"
+    ];
 
   socketUnits =
     lib.optional (cfg.socketActivation && tcpListen != [ ]) "claracore.socket"
     ++ lib.optional (cfg.socketActivation && unixListen != [ ]) "claracore-local.socket";
 
-  # null follows nixpkgs' own flags, as pkgs.llama-cpp does.
+  # null follows nixpkgs' own flags, as pkgs.llama-cpp does; false is CPU.
   acceleration =
-    if cfg.acceleration != null then
+    if cfg.acceleration == false then
+      null
+    else if cfg.acceleration != null then
       cfg.acceleration
     else if pkgs.config.cudaSupport or false then
       "cuda"
@@ -68,6 +118,8 @@ let
       "char-nvidia-caps"
       "char-nvidia-frontend"
       "char-nvidia-uvm"
+      # CUDA under WSL2 goes through the paravirtualised GPU, /dev/dxg.
+      "/dev/dxg"
     ];
     rocm = [
       "char-drm"
@@ -114,12 +166,13 @@ let
       }
     );
 
-  storeDir = builtins.storeDir;
-  inStore = p: lib.hasPrefix "${storeDir}/" (toString p);
-
-  # `--strict` also checks that model files exist, which the build can only
-  # see for files in the store.
-  allModelsInStore = lib.all (m: !(m ? model) || inStore m.model) (
+  # `--strict` also checks that model files exist, which the build sandbox
+  # can see only for store paths it has as inputs: a path literal or a
+  # derivation (whose string carries its context, so the generated TOML
+  # refers to it and the check below gets it). A plain string that merely
+  # starts with /nix/store has no context, is no input, and is not there.
+  isStoreInput = v: builtins.isPath v || (builtins.isString v && builtins.hasContext v);
+  allModelsInStore = lib.all (m: !(m ? model) || isStoreInput m.model) (
     lib.attrValues (cfg.settings.models or { })
   );
 
@@ -127,27 +180,29 @@ let
 
   configFile =
     if cfg.checkConfig then
-      pkgs.runCommand "claracore-checked.toml"
-        {
-          nativeBuildInputs = [ cfg.package ];
-          preferLocalBuild = true;
-        }
-        ''
-          claracore check-config ${lib.optionalString allModelsInStore "--strict "}${generatedConfig}
-          cp ${generatedConfig} $out
-        ''
+      pkgs.runCommand "claracore-checked.toml" { preferLocalBuild = true; } ''
+        ${lib.getExe cfg.package} check-config ${lib.optionalString allModelsInStore "--strict "}${generatedConfig}
+        cp ${generatedConfig} $out
+      ''
     else
       generatedConfig;
 
-  secretFiles =
-    lib.optional (cfg.environmentFile != null) {
-      option = "services.claracore.environmentFile";
-      path = cfg.environmentFile;
-    }
-    ++ lib.mapAttrsToList (name: path: {
-      option = "services.claracore.credentials.${name}";
-      inherit path;
-    }) cfg.credentials;
+  # A path outside the Nix store given as a string (a path literal would be
+  # copied into the store). nixpkgs has it as types.externalPath; the same
+  # check for a nixpkgs without it.
+  externalPath =
+    types.externalPath or (types.addCheck types.str (
+      p: lib.hasPrefix "/" p && !lib.hasPrefix "${builtins.storeDir}/" p
+    ) // { description = "absolute path not in the Nix store"; });
+
+  # The directory the local socket units put their sockets in must not be
+  # one the service owns: systemd chowns those (recursively) to the service
+  # user at every start, which would take the socket from root.
+  serviceOwnedDirs = [
+    "/run/claracore/daemon"
+    cfg.settings.state_dir
+    "/var/lib/claracore"
+  ];
 
   duration =
     default: what:
@@ -245,13 +300,21 @@ in
     package = mkOption {
       type = types.package;
       default = pkgs.claracore or (pkgs.callPackage ./package.nix { });
-      defaultText = literalExpression "pkgs.claracore (this flake's overlay), else built from nix/package.nix";
+      defaultText = lib.literalMD ''
+        With the flake's `nixosModules.default`: the flake's own
+        `packages.''${system}.claracore`, built with the nixpkgs the flake
+        pins (its Rust is new enough for claracore's `rust-version`).
+        With `nix/module.nix` imported directly: `pkgs.claracore` where the
+        flake's overlay is applied, else `nix/package.nix` built with the
+        system's nixpkgs.
+      '';
       description = "The claracore package (daemon and CLI).";
     };
 
     acceleration = mkOption {
       type = types.nullOr (
         types.enum [
+          false
           "cuda"
           "rocm"
           "vulkan"
@@ -262,10 +325,21 @@ in
       description = ''
         GPU backend. Chooses the llama.cpp build
         (`pkgs.llama-cpp.override { cudaSupport = true; }` and so on) and
-        which device classes and groups the service may use. `null` is
-        nixpkgs' default build: CPU-only unless `nixpkgs.config.cudaSupport`
-        or `rocmSupport` is set (devices then follow those flags), with
-        `PrivateDevices=yes` when it is CPU-only.
+        which device classes and groups the service may use.
+
+        - `null`: nixpkgs' default build, CPU-only unless
+          `nixpkgs.config.cudaSupport` or `rocmSupport` is set (devices then
+          follow those flags).
+        - `false`: a CPU build even where `nixpkgs.config.cudaSupport` or
+          `rocmSupport` is set (`cudaSupport = false; rocmSupport = false;`),
+          with `PrivateDevices=yes`.
+        - `"cuda"`: NVIDIA, also under WSL2 (`/dev/dxg`). CUDA is unfree:
+          it needs `nixpkgs.config.allowUnfree = true` (or an
+          `allowUnfreePredicate` that accepts the CUDA packages), and as
+          cache.nixos.org builds no unfree packages, llama.cpp is compiled
+          from source (an hour or more) unless a binary cache with CUDA
+          builds is configured.
+        - `"rocm"`: AMD; `"vulkan"`: most GPUs.
       '';
     };
 
@@ -274,10 +348,17 @@ in
       default =
         if cfg.acceleration == null then
           pkgs.llama-cpp
+        else if cfg.acceleration == false then
+          pkgs.llama-cpp.override {
+            cudaSupport = false;
+            rocmSupport = false;
+          }
         else
           pkgs.llama-cpp.override { "${cfg.acceleration}Support" = true; };
       defaultText = literalExpression ''
         if config.services.claracore.acceleration == null then pkgs.llama-cpp
+        else if config.services.claracore.acceleration == false
+        then pkgs.llama-cpp.override { cudaSupport = false; rocmSupport = false; }
         else pkgs.llama-cpp.override { ''${acceleration}Support = true; }  # cudaSupport, rocmSupport, vulkanSupport
       '';
       example = literalExpression "pkgs.llama-cpp.override { vulkanSupport = true; }";
@@ -309,12 +390,15 @@ in
 
     checkConfig = mkOption {
       type = types.bool;
-      default = true;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
       description = ''
         Run `claracore check-config` on the generated file at build time, so a
         wrong key or value fails the system build instead of the service.
         (`--strict`, which also checks model files exist, when every model is
-        a store path.) Turn off when cross-compiling.
+        a path literal or a derivation, i.e. an input of the build.) It runs
+        `package`, a binary for the machine being configured, on the build
+        machine: off by default when that cannot run it (cross builds).
       '';
     };
 
@@ -323,9 +407,10 @@ in
       default = "claracore";
       example = "llm";
       description = ''
-        User the daemon and its models run as; created when left at
-        `"claracore"`. A static user (like the repository's unit) so that the
-        history database and the local socket's group keep one owner.
+        User the daemon and its models run as, created as a system user
+        (home `/var/lib/claracore`, primary group `group`). A static user
+        (like the repository's unit) so that the history database and the
+        local socket's group keep one owner.
       '';
     };
 
@@ -334,14 +419,15 @@ in
       default = "claracore";
       example = "llm";
       description = ''
-        Group of the daemon, the state directory and the local unix socket:
-        add users to it (`users.users.<name>.extraGroups`) to let them use the
-        `claracore` CLI over `/run/claracore/claracore.sock`.
+        Group of the daemon, the state directory and the local unix socket,
+        created with the user: add users to it
+        (`users.users.<name>.extraGroups`) to let them use the `claracore`
+        CLI over `/run/claracore/claracore.sock`.
       '';
     };
 
     environmentFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr externalPath;
       default = null;
       example = "/run/secrets/claracore.env";
       description = ''
@@ -352,7 +438,7 @@ in
     };
 
     credentials = mkOption {
-      type = types.attrsOf types.path;
+      type = types.attrsOf externalPath;
       default = { };
       example = {
         api-keys = "/run/secrets/claracore-api-keys";
@@ -428,9 +514,16 @@ in
               "unix:/run/claracore/claracore.sock"
             ];
             description = ''
-              Addresses clients connect to: `host:port`, `[v6]:port`, or
-              `unix:/absolute/path`. With `socketActivation` these become the
-              `ListenStream=`s of the socket units.
+              Addresses clients connect to: `a.b.c.d:port`, `[v6]:port` (literal
+              IP addresses, as the daemon and `ListenStream=` take them: no host
+              names), or `unix:/absolute/path`. With `socketActivation` these
+              become the `ListenStream=`s of the socket units.
+
+              A rebuild that changes them restarts the daemon, but
+              switch-to-configuration leaves changed `.socket` units as they
+              are (and the service's `stopIfChanged = false` keeps them up across
+              restarts), so apply new addresses with
+              `systemctl restart claracore.socket claracore-local.socket claracore.service`.
             '';
           };
           socket_mode = mkOption {
@@ -633,10 +726,14 @@ in
         assertion = (m.model == null) != (m.cmd == null);
         message = "services.claracore.models.${name}: set exactly one of `model` (a GGUF file) and `cmd` (a full argv).";
       }) cfg.models
-      ++ map (s: {
-        assertion = !(inStore s.path);
-        message = "${s.option} is in the Nix store (${toString s.path}), which every user can read; give a path outside it, e.g. under /run/secrets.";
-      }) secretFiles
+      ++ map (a: {
+        assertion = validListen a;
+        message = "services.claracore.settings.listen: ${builtins.toJSON a} is not an address claracore (or ListenStream=) accepts: give `unix:/absolute/path`, `a.b.c.d:port` or `[v6]:port`, with a literal IP address (no host names such as localhost) and a port from 1 to 65535.";
+      }) cfg.settings.listen
+      ++ map (path: {
+        assertion = !lib.any (dir: lib.hasPrefix "${dir}/" path) serviceOwnedDirs;
+        message = "services.claracore.settings.listen: unix:${path} is inside a directory that claracore.service owns (${lib.concatStringsSep ", " serviceOwnedDirs}); systemd would hand the socket to the service user at each start. Put it elsewhere, e.g. /run/claracore/claracore.sock.";
+      }) (lib.optionals cfg.socketActivation unixListen)
       ++ [
         {
           assertion = cfg.settings.listen != [ ];
@@ -644,40 +741,53 @@ in
         }
         {
           assertion =
-            lib.all isLoopback tcpListen
+            lib.all isLoopback validTcp
             || (cfg.settings.auth.keys or { }) != { }
             || (cfg.settings.auth.open or false);
           message = "services.claracore.settings.listen has an address beyond loopback and no API key is configured: add services.claracore.apiKeys (claracore key new prints one) or set services.claracore.settings.auth.open = true if every client on the network may run inference.";
         }
         {
-          assertion = lib.all (a: tcpPort a != null) tcpListen;
-          message = "services.claracore.settings.listen: every address that is not `unix:/path` must be `host:port` or `[v6]:port`.";
+          # nixpkgs would refuse too, but later and without saying why.
+          assertion =
+            cfg.acceleration != "cuda"
+            || options.services.claracore.llamaCpp.package.highestPrio < (lib.mkOptionDefault { }).priority
+            || pkgs.config.allowUnfree or false
+            || pkgs.config ? allowUnfreePredicate
+            || builtins.getEnv "NIXPKGS_ALLOW_UNFREE" == "1";
+          message = "services.claracore.acceleration = \"cuda\" needs CUDA, which is unfree: set nixpkgs.config.allowUnfree = true (or an allowUnfreePredicate accepting the CUDA packages). Without a binary cache that has CUDA builds, llama.cpp then compiles from source.";
         }
       ];
 
-    warnings = lib.optional (cfg.openFirewall && tcpListen != [ ] && lib.all isLoopback tcpListen) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
+    warnings = lib.optional (cfg.openFirewall && validTcp != [ ] && lib.all isLoopback validTcp) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
 
     services.claracore.settings.models = lib.mapAttrs renderModel cfg.models;
     services.claracore.settings.auth.keys = lib.mapAttrs (
       _: k: lib.filterAttrs (_: v: v != null) k
     ) cfg.apiKeys;
 
-    users.users = mkIf (cfg.user == "claracore") {
-      claracore = {
-        isSystemUser = true;
-        inherit (cfg) group;
-        home = "/var/lib/claracore";
-        description = "claracore LLM server";
-      };
+    # Whatever user and group are configured exist (NixOS would otherwise
+    # refuse a user whose primary group is not defined).
+    users.users.${cfg.user} = {
+      isSystemUser = true;
+      inherit (cfg) group;
+      home = "/var/lib/claracore";
+      description = "claracore LLM server";
     };
-    users.groups = mkIf (cfg.group == "claracore") { claracore = { }; };
+    users.groups.${cfg.group} = { };
+
+    # /run/claracore holds the local socket and belongs to root, not to the
+    # service: the service's own runtime directory is /run/claracore/daemon,
+    # and systemd chowns only that at each start. (Also puts an existing
+    # /run/claracore from before back to root.) Without socket activation
+    # the daemon binds the socket itself and owns the directory.
+    systemd.tmpfiles.rules = lib.optional cfg.socketActivation "d /run/claracore 0755 root root -";
 
     environment.etc."claracore/config.toml".source = configFile;
     # The CLI (`claracore ps`, `history`, `stats`, `check-config`).
     environment.systemPackages = [ cfg.package ];
 
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
-      lib.unique (lib.filter (p: p != null) (map tcpPort tcpListen))
+      lib.unique (map tcpPort validTcp)
     );
 
     systemd.sockets.claracore = mkIf (cfg.socketActivation && tcpListen != [ ]) {
@@ -685,7 +795,8 @@ in
       wantedBy = [ "sockets.target" ];
       listenStreams = tcpListen;
       # No partOf: the socket outlives service restarts, so connections
-      # queue for the new daemon instead of being refused.
+      # queue for the new daemon instead of being refused (see also the
+      # service's stopIfChanged).
       socketConfig = {
         # drift:socket-http-begin
         FileDescriptorName = "http";
@@ -724,6 +835,11 @@ in
       # running models that did not change and serves on); only listener
       # changes need a restart.
       reloadTriggers = [ configFile ];
+      # Restart in one step on a rebuild that must restart it. With the
+      # default (stop, then start) switch-to-configuration also stops and
+      # starts the socket units of a socket-activated service, which closes
+      # the listeners, drops queued connections and makes a new unix socket.
+      stopIfChanged = false;
       restartTriggers = [
         (builtins.hashString "sha256" (
           builtins.toJSON {
@@ -732,84 +848,91 @@ in
         ))
       ];
 
-      serviceConfig = {
-        # drift:service-begin
-        Type = "notify-reload";
-        NotifyAccess = "main";
-        ExecStart = "${lib.getExe cfg.package} serve --config /etc/claracore/config.toml";
-        WatchdogSec = "30s";
-        Restart = "on-failure";
-        RestartSec = "2s";
-        RestartPreventExitStatus = 78;
-        KillMode = "mixed";
-        TimeoutStopSec = "60s";
-        TimeoutStartSec = "30s";
+      serviceConfig = lib.mkMerge [
+        {
+          # drift:service-begin
+          Type = "notify-reload";
+          NotifyAccess = "main";
+          ExecStart = "${lib.getExe cfg.package} serve --config /etc/claracore/config.toml";
+          WatchdogSec = "30s";
+          Restart = "on-failure";
+          RestartSec = "2s";
+          RestartPreventExitStatus = 78;
+          KillMode = "mixed";
+          TimeoutStopSec = "60s";
+          TimeoutStartSec = "30s";
 
-        User = cfg.user;
-        Group = cfg.group;
-        SupplementaryGroups = supplementaryGroups;
-        StateDirectory = "claracore";
-        StateDirectoryMode = "0750";
-        ConfigurationDirectory = "claracore";
-        RuntimeDirectory = "claracore";
-        RuntimeDirectoryMode = "0750";
-        RuntimeDirectoryPreserve = true;
+          User = cfg.user;
+          Group = cfg.group;
+          SupplementaryGroups = supplementaryGroups;
+          StateDirectory = "claracore";
+          StateDirectoryMode = "0750";
+          ConfigurationDirectory = "claracore";
+          # Not /run/claracore itself, where the local socket lives: systemd
+          # would chown it and the socket in it to the service user.
+          RuntimeDirectory = "claracore/daemon";
+          RuntimeDirectoryMode = "0750";
 
-        MemoryHigh = optionalSetting cfg.memoryHigh;
-        MemoryMax = optionalSetting cfg.memoryMax;
-        OOMPolicy = "continue";
-        TasksMax = optionalSetting cfg.tasksMax;
-        CPUQuota = optionalSetting cfg.cpuQuota;
-        LimitNOFILE = 65536;
+          MemoryHigh = optionalSetting cfg.memoryHigh;
+          MemoryMax = optionalSetting cfg.memoryMax;
+          OOMPolicy = "continue";
+          TasksMax = optionalSetting cfg.tasksMax;
+          CPUQuota = optionalSetting cfg.cpuQuota;
+          LimitNOFILE = 65536;
 
-        CapabilityBoundingSet = "";
-        AmbientCapabilities = "";
-        NoNewPrivileges = true;
-        DevicePolicy = "closed";
-        DeviceAllow = deviceAllow;
-        PrivateDevices = acceleration == null;
-        PrivateTmp = true;
-        # Listeners come from the socket units and model processes listen
-        # on unix sockets: no network of its own (loopback only). Without
-        # socket activation the daemon binds itself and needs the host's.
-        PrivateNetwork = cfg.socketActivation;
-        PrivateMounts = true;
-        ProtectSystem = "strict";
-        ProtectHome = true;
-        ProtectClock = true;
-        ProtectControlGroups = true;
-        ProtectHostname = true;
-        ProtectKernelLogs = true;
-        ProtectKernelModules = true;
-        ProtectKernelTunables = true;
-        ProtectProc = "invisible";
-        RestrictAddressFamilies = [
-          "AF_INET"
-          "AF_INET6"
-          "AF_UNIX"
-        ];
-        RestrictNamespaces = true;
-        RestrictRealtime = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        MemoryDenyWriteExecute = true;
-        RemoveIPC = true;
-        SystemCallArchitectures = "native";
-        SystemCallFilter = [
-          "@system-service"
-          "~@privileged"
-        ];
-        SystemCallErrorNumber = "EPERM";
-        UMask = "0027";
-        # drift:service-end
+          CapabilityBoundingSet = "";
+          AmbientCapabilities = "";
+          NoNewPrivileges = true;
+          DevicePolicy = "closed";
+          DeviceAllow = deviceAllow;
+          PrivateDevices = acceleration == null;
+          PrivateTmp = true;
+          # Listeners come from the socket units and model processes listen
+          # on unix sockets: no network of its own (loopback only). Without
+          # socket activation the daemon binds itself and needs the host's.
+          PrivateNetwork = cfg.socketActivation;
+          PrivateMounts = true;
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          ProtectClock = true;
+          ProtectControlGroups = true;
+          ProtectHostname = true;
+          ProtectKernelLogs = true;
+          ProtectKernelModules = true;
+          ProtectKernelTunables = true;
+          ProtectProc = "invisible";
+          RestrictAddressFamilies = [
+            "AF_INET"
+            "AF_INET6"
+            "AF_UNIX"
+          ];
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          RestrictSUIDSGID = true;
+          LockPersonality = true;
+          MemoryDenyWriteExecute = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [
+            "@system-service"
+            "~@privileged"
+          ];
+          SystemCallErrorNumber = "EPERM";
+          UMask = "0027";
+          # drift:service-end
 
-        # switch-to-configuration restarts these sockets (not the service)
-        # when the service must restart; it finds them here.
-        Sockets = socketUnits;
-        EnvironmentFile = mkIf (cfg.environmentFile != null) (toString cfg.environmentFile);
-        LoadCredential = lib.mapAttrsToList (name: path: "${name}:${toString path}") cfg.credentials;
-        ReadWritePaths = lib.optional (cfg.settings.state_dir != "/var/lib/claracore") cfg.settings.state_dir;
-      };
+          # The units whose fds the daemon gets (both name this service).
+          Sockets = socketUnits;
+          EnvironmentFile = mkIf (cfg.environmentFile != null) cfg.environmentFile;
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
+          ReadWritePaths = lib.optional (cfg.settings.state_dir != "/var/lib/claracore") cfg.settings.state_dir;
+        }
+        # Without socket activation the daemon binds unix:/run/claracore/...
+        # itself, so it owns that directory too (listed after
+        # claracore/daemon: the first is $RUNTIME_DIRECTORY, where the models'
+        # sockets go).
+        (mkIf (!cfg.socketActivation) { RuntimeDirectory = [ "claracore" ]; })
+      ];
     };
   };
 }

@@ -25,8 +25,22 @@
         machine.succeed("claracore check-config --strict /etc/claracore/config.toml")
         machine.succeed("grep -q '^llama_server = \"/nix/store/.*/bin/llama-server\"' /etc/claracore/config.toml")
 
-    with subtest("the local unix socket: mode 0660, group claracore, serves the CLI"):
-        assert machine.succeed("stat -c '%a %U %G' /run/claracore/claracore.sock").strip() == "660 root claracore"
+    with subtest("the local unix socket: root's, mode 0660, group claracore, serves the CLI"):
+        def owners():
+            return {
+                path: machine.succeed(f"stat -c '%a %U %G' {path}").strip()
+                for path in ("/run/claracore", "/run/claracore/claracore.sock", "/run/claracore/daemon")
+            }
+        # The socket and its directory are root's; the service owns only
+        # its runtime directory below them (systemd chowns that at start).
+        expected = {
+            "/run/claracore": "755 root root",
+            "/run/claracore/claracore.sock": "660 root claracore",
+            "/run/claracore/daemon": "750 claracore claracore",
+        }
+        assert owners() == expected, owners()
+        machine.succeed("systemctl restart claracore.service && cc-chat tiny")
+        assert owners() == expected, owners()
         out = machine.succeed("claracore ps --host unix:/run/claracore/claracore.sock")
         assert "tiny" in out, out
         models = json.loads(machine.succeed(

@@ -10,8 +10,11 @@
 #      nix/tests/*.nix is one VM test (name, nodes, testScript);
 #   4. only with NIXPKGS_LIB=DIR, a checkout of nixpkgs or of
 #      nix-community/nixpkgs.lib (DIR/lib/default.nix):
-#      - nix/module.nix evaluated with lib.evalModules for 19 scenarios
-#        (tests/nix/eval-module.nix) and compared exactly with the units;
+#      - nix/module.nix evaluated with lib.evalModules for its scenarios
+#        (tests/nix/eval-module.nix, against NixOS's option types and unit
+#        checks as tests/nix/nixos-stubs.nix declares them) and compared
+#        exactly with the units; the scenarios NixOS must refuse while
+#        evaluating fail, each with its own error;
 #      - flake.nix's outputs evaluated against a stub nixpkgs
 #        (tests/nix/eval-flake.nix);
 #      - every rendered config run through `claracore check-config`, as the
@@ -81,12 +84,36 @@ elif [ ! -f "$NIXPKGS_LIB/lib/default.nix" ]; then
 else
     export NIXPKGS_LIB
     lib="import $(cd "$NIXPKGS_LIB" && pwd)/lib"
-    if nix-instantiate --eval --strict --json tests/nix/eval-module.nix --arg lib "$lib" \
+    if nix-instantiate --eval --strict --json tests/nix/eval-module.nix --arg lib "$lib" -A scenarios \
         >"$tmp/module.json" 2>"$tmp/module.err"; then
         pass "eval nix/module.nix with lib.evalModules (tests/nix/eval-module.nix)"
         nixcheck eval "$tmp/module.json"
     else
         fail "eval nix/module.nix: $(cat "$tmp/module.err")"
+    fi
+    # Scenarios NixOS refuses while evaluating: each must fail, and with its
+    # own message (not some other error).
+    if nix-instantiate --eval --strict --json tests/nix/eval-module.nix --arg lib "$lib" -A expectedErrors \
+        >"$tmp/errors.json" 2>"$tmp/errors.err"; then
+        while IFS=$'\t' read -r scenario pieces; do
+            rc=0
+            nix-instantiate --eval --strict --json tests/nix/eval-module.nix --arg lib "$lib" \
+                -A "failing.$scenario" >/dev/null 2>"$tmp/failing.err" || rc=$?
+            missing="$(python3 -c 'import json, sys
+err = open(sys.argv[1]).read()
+print("; ".join(p for p in json.loads(sys.argv[2]) if p not in err))' "$tmp/failing.err" "$pieces")"
+            if [ "$rc" = 0 ]; then
+                fail "eval refuses the $scenario scenario: it evaluated"
+            elif [ -n "$missing" ]; then
+                fail "eval refuses the $scenario scenario with its error: missing '$missing' in: $(grep -v nixbld "$tmp/failing.err" | head -5)"
+            else
+                pass "eval refuses the $scenario scenario ($(python3 -c 'import json, sys; print(json.loads(sys.argv[1])[0])' "$pieces"))"
+            fi
+        done < <(python3 -c 'import json, sys
+for name, pieces in json.load(open(sys.argv[1])).items():
+    print(name + "\t" + json.dumps(pieces))' "$tmp/errors.json")
+    else
+        fail "eval the expected errors of tests/nix/eval-module.nix: $(cat "$tmp/errors.err")"
     fi
     if nix-instantiate --eval --strict --json tests/nix/eval-flake.nix \
         >"$tmp/flake.json" 2>"$tmp/flake.err"; then
@@ -106,7 +133,7 @@ else
         skip "claracore check-config of the rendered configs: no binary (set CLARACORE_BIN or cargo build)"
     else
         # Scenarios whose settings claracore must reject (the build would fail).
-        rejected=" typo model-and-cmd exposed-no-key "
+        rejected=" typo model-and-cmd exposed-no-key bad-listen "
         while IFS= read -r scenario; do
             rc=0
             out="$("$bin" check-config "$tmp/toml/$scenario.toml" 2>&1)" || rc=$?

@@ -2,7 +2,8 @@
 # (tests/nix/stub-nixpkgs.nix: the real `lib`, stub packages) to check the
 # wiring only `nix flake check` would otherwise see: outputs per system, the
 # overlay, the package's source file set and test flags, the checks (VM tests
-# picked up from nix/tests/), the dev shell and the formatter.
+# picked up from nix/tests/), the dev shell, the formatter, and the NixOS
+# module the flake exports (evaluated with tests/nix/nixos-stubs.nix).
 #
 #   NIXPKGS_LIB=/path/to/nixpkgs.lib \
 #     nix-instantiate --eval --strict --json tests/nix/eval-flake.nix
@@ -26,6 +27,25 @@ let
   shell = outputs.devShells.${system}.default;
   checks = outputs.checks.${system};
   relative = map (p: lib.removePrefix (toString root + "/") (toString p));
+
+  # nixosModules.default in a system, as nixosSystem would import it.
+  stubs = import ./nixos-stubs.nix { inherit lib; };
+  evalNixos =
+    extra:
+    (lib.evalModules {
+      modules = [
+        stubs.module
+        outputs.nixosModules.default
+        { _module.args.pkgs = stubs.pkgs { hostSystem = system; }; }
+        { services.claracore.enable = true; }
+        extra
+      ];
+    }).config.services.claracore.package;
+  moduleArgs = {
+    inherit lib;
+    pkgs = stubs.pkgs { };
+    config = { };
+  };
 in
 {
   inputs = builtins.attrNames flake.inputs;
@@ -56,7 +76,18 @@ in
     inherit (outputs.apps.${system}.default) type program;
   };
   nixosModules = builtins.attrNames outputs.nixosModules;
-  moduleFile = relative [ outputs.nixosModules.default ];
+  moduleImports = lib.unique (
+    relative (
+      (outputs.nixosModules.default moduleArgs).imports
+      ++ (outputs.nixosModules.claracore moduleArgs).imports
+    )
+  );
+  modulePackage = toString (evalNixos { });
+  modulePackagePriority =
+    ((outputs.nixosModules.default moduleArgs).services.claracore.package).priority;
+  flakePackage = toString outputs.packages.${system}.claracore;
+  modulePackageOverride =
+    (evalNixos { services.claracore.package = stubs.mkPkg "override" { }; }).name;
   checks = builtins.attrNames checks;
   vmTests = lib.mapAttrs (_: t: {
     inherit (t)

@@ -1,271 +1,21 @@
 # Evaluates nix/module.nix for real, without nixpkgs or NixOS: the module
-# system from a nixpkgs `lib` checkout, stub declarations for the NixOS
-# options the module sets (typed like NixOS's, so type errors surface), and a
-# stub `pkgs` (formats.toml, runCommand, llama-cpp, claracore).
+# system from a nixpkgs `lib` checkout, NixOS's option declarations and checks
+# for what the module sets, and a stub `pkgs` (tests/nix/nixos-stubs.nix).
 #
 #   nix-instantiate --eval --strict --json tests/nix/eval-module.nix \
-#     --arg lib 'import /path/to/nixpkgs.lib/lib'
+#     --arg lib 'import /path/to/nixpkgs.lib/lib' -A scenarios
 #
 # prints, for each scenario below, the generated unit settings, sockets,
 # rendered settings (the TOML as JSON), the build-time check command, failed
-# assertions and warnings. tests/nix/drift.py compares them with the unit
-# files in systemd/ and with what each scenario expects.
+# assertions and warnings; tests/nix/nixcheck.py compares them with the unit
+# files in systemd/ and with what each scenario expects. `-A expectedErrors`
+# names the scenarios NixOS refuses at evaluation (a type or unit check, not
+# an assertion) with a piece of the error; `-A failing.NAME` evaluates one of
+# them, which must fail with it (tests/nix/check.sh runs each).
 { lib }:
 let
-  inherit (lib) mkOption types;
-
-  # A store path that changes with `seed`, as a real output changes with its
-  # inputs (so reloadTriggers can be compared between scenarios).
-  fakePath =
-    seed: name:
-    "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" "${seed}${name}")}-${name}";
-  mkPkg =
-    name: attrs:
-    {
-      type = "derivation";
-      inherit name;
-      outPath = fakePath (attrs.seed or "") name;
-      outputs = [ "out" ];
-      meta = { };
-    }
-    // removeAttrs attrs [ "seed" ];
-
-  llamaCpp = mkPkg "llama-cpp" {
-    meta.mainProgram = "llama";
-    src = mkPkg "llama-cpp-source" { };
-    override =
-      args:
-      mkPkg "llama-cpp-${lib.concatStringsSep "-" (lib.attrNames (lib.filterAttrs (_: v: v) args))}" {
-        meta.mainProgram = "llama";
-      };
-  };
-
-  stubPkgs = nixpkgsConfig: {
-    config = nixpkgsConfig;
-    claracore = mkPkg "claracore" { meta.mainProgram = "claracore"; };
-    llama-cpp = llamaCpp;
-    formats.toml =
-      { }:
-      {
-        # nixpkgs' TOML value type: no null in TOML.
-        type =
-          let
-            valueType =
-              types.oneOf [
-                types.bool
-                types.int
-                types.float
-                types.str
-                types.path
-                (types.attrsOf valueType)
-                (types.listOf valueType)
-              ]
-              // {
-                description = "TOML value";
-              };
-          in
-          valueType;
-        generate =
-          name: value:
-          mkPkg name {
-            seed = builtins.toJSON value;
-            passthru.settings = value;
-          };
-      };
-    runCommand =
-      name: env: script:
-      mkPkg name {
-        seed = script;
-        inherit env script;
-      };
-    callPackage = _: _: throw "stub pkgs: callPackage is not expected to be called";
-  };
-
-  # NixOS's systemd option value: atoms (derivations count, as in
-  # `reloadTriggers = [ configFile ]`) or lists of atoms; lists concatenate.
-  # NixOS itself does not check; this catches what would render badly.
-  atom = v: builtins.isBool v || builtins.isInt v || lib.isStringLike v;
-  unitOption = types.mkOptionType {
-    name = "systemd option";
-    check = v: atom v || (builtins.isList v && lib.all atom v);
-    merge =
-      loc: defs:
-      let
-        defs' = lib.filterOverrides defs;
-      in
-      if builtins.isList (builtins.head defs').value then
-        lib.concatMap (d: lib.toList d.value) defs'
-      else
-        lib.mergeEqualOption loc defs';
-  };
-  oneOfCheck =
-    key: allowed: cfg:
-    !(cfg ? ${key}) || builtins.elem cfg.${key} allowed;
-  serviceConfigType = types.addCheck (types.attrsOf unitOption) (
-    cfg:
-    oneOfCheck "Type" [
-      "exec"
-      "simple"
-      "forking"
-      "oneshot"
-      "dbus"
-      "notify"
-      "notify-reload"
-      "idle"
-    ] cfg
-    && oneOfCheck "Restart" [
-      "no"
-      "on-success"
-      "on-failure"
-      "on-abnormal"
-      "on-abort"
-      "on-watchdog"
-      "always"
-    ] cfg
-  );
-  unitNames = types.listOf types.str;
-  common = {
-    description = mkOption {
-      type = types.singleLineStr;
-      default = "";
-    };
-    wantedBy = mkOption {
-      type = unitNames;
-      default = [ ];
-    };
-    after = mkOption {
-      type = unitNames;
-      default = [ ];
-    };
-    wants = mkOption {
-      type = unitNames;
-      default = [ ];
-    };
-    requires = mkOption {
-      type = unitNames;
-      default = [ ];
-    };
-    partOf = mkOption {
-      type = unitNames;
-      default = [ ];
-    };
-    restartTriggers = mkOption {
-      type = types.listOf types.unspecified;
-      default = [ ];
-    };
-    reloadTriggers = mkOption {
-      type = types.listOf unitOption;
-      default = [ ];
-    };
-    unitConfig = mkOption {
-      type = types.attrsOf unitOption;
-      default = { };
-    };
-  };
-
-  nixosStubs = {
-    options = {
-      assertions = mkOption {
-        type = types.listOf types.unspecified;
-        default = [ ];
-      };
-      warnings = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-      systemd.services = mkOption {
-        default = { };
-        type = types.attrsOf (
-          types.submodule {
-            options = common // {
-              environment = mkOption {
-                type = types.attrsOf (
-                  types.nullOr (
-                    types.oneOf [
-                      types.str
-                      types.path
-                      types.package
-                    ]
-                  )
-                );
-                default = { };
-              };
-              path = mkOption {
-                type = types.listOf (types.either types.package types.str);
-                default = [ ];
-              };
-              serviceConfig = mkOption {
-                type = serviceConfigType;
-                default = { };
-              };
-            };
-          }
-        );
-      };
-      systemd.sockets = mkOption {
-        default = { };
-        type = types.attrsOf (
-          types.submodule {
-            options = common // {
-              listenStreams = mkOption {
-                type = types.listOf types.str;
-                default = [ ];
-              };
-              socketConfig = mkOption {
-                type = types.attrsOf unitOption;
-                default = { };
-              };
-            };
-          }
-        );
-      };
-      users.users = mkOption {
-        default = { };
-        type = types.attrsOf (
-          types.submodule {
-            options = {
-              isSystemUser = mkOption {
-                type = types.bool;
-                default = false;
-              };
-              group = mkOption {
-                type = types.str;
-                default = "";
-              };
-              home = mkOption {
-                type = types.path;
-                default = "/var/empty";
-              };
-              description = mkOption {
-                type = types.singleLineStr;
-                default = "";
-              };
-            };
-          }
-        );
-      };
-      users.groups = mkOption {
-        default = { };
-        type = types.attrsOf (types.submodule { });
-      };
-      networking.firewall.allowedTCPPorts = mkOption {
-        type = types.listOf types.port;
-        default = [ ];
-      };
-      environment.etc = mkOption {
-        default = { };
-        type = types.attrsOf (
-          types.submodule {
-            options.source = mkOption { type = types.path; };
-          }
-        );
-      };
-      environment.systemPackages = mkOption {
-        type = types.listOf types.package;
-        default = [ ];
-      };
-    };
-  };
+  stubs = import ./nixos-stubs.nix { inherit lib; };
+  inherit (stubs) mkPkg;
 
   storeModel = mkPkg "tiny.gguf" { };
 
@@ -280,15 +30,57 @@ let
     group = "small";
   };
 
-  # name -> { config = module; nixpkgs = pkgs.config; }
+  # name -> { config = module; nixpkgs = pkgs.config; buildSystem; }
   scenarios = {
     default.config.services.claracore.models.tiny = tinyModel;
     store-model.config.services.claracore.models.tiny = tinyModel // {
       model = storeModel;
     };
-    cuda.config.services.claracore = {
+    # A path literal is copied into the store: an input of the check.
+    path-model.config.services.claracore.models.tiny = tinyModel // {
+      model = ./nixos-stubs.nix;
+    };
+    # A string that looks like a store path but has no context is no input
+    # of the check derivation: the build could not see it, so no --strict.
+    store-string-model.config.services.claracore.models.tiny = tinyModel // {
+      model = "${builtins.storeDir}/00000000000000000000000000000000-tiny.gguf";
+    };
+    # The same path with its context (as "${drv}/file" would have).
+    store-context-model.config.services.claracore.models.tiny = tinyModel // {
+      model = "${storeModel}";
+    };
+    cuda = {
+      nixpkgs.allowUnfree = true;
+      config.services.claracore = {
+        acceleration = "cuda";
+        models.tiny = tinyModel;
+      };
+    };
+    cuda-not-unfree.config.services.claracore = {
       acceleration = "cuda";
       models.tiny = tinyModel;
+    };
+    cuda-unfree-predicate = {
+      nixpkgs.allowUnfreePredicate = _: true;
+      config.services.claracore.acceleration = "cuda";
+    };
+    # nixpkgs.config.cudaSupport set, but this service on the CPU.
+    cpu-forced = {
+      nixpkgs.cudaSupport = true;
+      config.services.claracore = {
+        acceleration = false;
+        models.tiny = tinyModel;
+      };
+    };
+    custom-user.config.services.claracore = {
+      user = "llm";
+      group = "llm-users";
+    };
+    custom-group.config.services.claracore.group = "llm";
+    # Cross build: the build machine cannot run the host's claracore.
+    cross = {
+      buildSystem = "aarch64-linux";
+      config.services.claracore.models.tiny = tinyModel;
     };
     rocm.config.services.claracore = {
       acceleration = "rocm";
@@ -322,14 +114,50 @@ let
       };
     };
     exposed-no-key.config.services.claracore.settings.listen = [ "0.0.0.0:5800" ];
+    # What ListenAddr::parse refuses (host names, no port, a port out of
+    # range, a bad address, a relative unix path), and port 0, which it
+    # takes but ListenStream= does not.
+    bad-listen.config.services.claracore.openFirewall = true;
+    bad-listen.config.services.claracore.settings.listen = [
+      "localhost:5800"
+      "127.0.0.1"
+      "127.0.0.1:0"
+      "127.0.0.1:65536"
+      "256.0.0.1:5800"
+      "01.2.3.4:5800"
+      "[::1:5800"
+      "[1::2::3]:5800"
+      "[1:2:3:4:5:6:7:8:9]:5800"
+      "[::1]"
+      "[fe80::1%eth0]:5800"
+      "unix:run/claracore.sock"
+      "unix:/run/claracore/claracore.sock"
+    ];
+    # ... and what it accepts.
+    good-listen.config.services.claracore = {
+      settings.listen = [
+        "127.0.0.1:5800"
+        "127.0.0.2:05801"
+        "[::1]:5802"
+        "[0:0:0:0:0:0:0:1]:5803"
+        "[::ffff:127.0.0.1]:5804"
+        "[fe80::1%2]:5805"
+        "[1:2:3:4:5:6:7::]:5806"
+        "unix:/run/claracore/claracore.sock"
+        "unix:/run/claracore-other.sock"
+      ];
+      # [::ffff:127.0.0.1] and [fe80::1%2] are not loopback to the daemon.
+      settings.auth.open = true;
+    };
+    # A unix socket in the service's own runtime directory would be chowned
+    # to the service user at each start.
+    socket-in-service-dir.config.services.claracore.settings.listen = [
+      "unix:/run/claracore/daemon/claracore.sock"
+    ];
     firewall-loopback.config.services.claracore.openFirewall = true;
     secrets.config.services.claracore = {
       environmentFile = "/run/secrets/claracore.env";
       credentials.api-keys = "/run/secrets/claracore-keys";
-    };
-    secrets-in-store.config.services.claracore = {
-      environmentFile = "${builtins.storeDir}/00000000000000000000000000000000-claracore.env";
-      credentials.api-keys = "${builtins.storeDir}/00000000000000000000000000000000-keys";
     };
     model-and-cmd.config.services.claracore.models.bad = {
       model = "/m.gguf";
@@ -363,14 +191,58 @@ let
     disabled.config.services.claracore.enable = lib.mkForce false;
   };
 
+  # Refused by NixOS while evaluating (types, unit checks): name -> the
+  # scenario and the pieces of the error message it must fail with.
+  errorScenarios = {
+    env-file-in-store = {
+      config.services.claracore.environmentFile = "${builtins.storeDir}/00000000000000000000000000000000-claracore.env";
+      error = [ "services.claracore.environmentFile' is not of type `null or absolute path not in the Nix store'" ];
+    };
+    credential-in-store = {
+      config.services.claracore.credentials.api-keys = "${builtins.storeDir}/00000000000000000000000000000000-keys";
+      error = [ "services.claracore.credentials.api-keys' is not of type `absolute path not in the Nix store'" ];
+    };
+    # A path literal would be copied into the store, readable by everyone.
+    env-file-path-literal = {
+      config.services.claracore.environmentFile = ./nixos-stubs.nix;
+      error = [ "services.claracore.environmentFile' is not of type `null or absolute path not in the Nix store'" ];
+    };
+    # systemd knows on-watchdog, NixOS's checkService does not.
+    restart-on-watchdog = {
+      config.systemd.services.claracore.serviceConfig.Restart = lib.mkForce "on-watchdog";
+      error = [
+        "Systemd Service field `Restart' cannot have value `on-watchdog'."
+        "systemd.services.claracore.serviceConfig' is not of type"
+      ];
+    };
+    # Unit names are checked as NixOS checks them.
+    bad-unit-name = {
+      config.systemd.services.claracore.after = [ "network" ];
+      error = [
+        "option `systemd.services.claracore.after."
+        "is not of type `string matching the pattern"
+      ];
+    };
+    # stopIfChanged is an option of services only.
+    socket-stop-if-changed = {
+      config.systemd.sockets.claracore.stopIfChanged = false;
+      error = [ "The option `systemd.sockets.claracore.stopIfChanged' does not exist" ];
+    };
+  };
+
   evalScenario =
     s:
     let
       eval = lib.evalModules {
         modules = [
-          nixosStubs
+          stubs.module
           ../../nix/module.nix
-          { _module.args.pkgs = stubPkgs (s.nixpkgs or { }); }
+          {
+            _module.args.pkgs = stubs.pkgs {
+              nixpkgsConfig = s.nixpkgs or { };
+              buildSystem = s.buildSystem or "x86_64-linux";
+            };
+          }
           { services.claracore.enable = lib.mkDefault true; }
           (s.config or { })
         ];
@@ -395,6 +267,9 @@ let
               serviceConfig
               reloadTriggers
               restartTriggers
+              stopIfChanged
+              restartIfChanged
+              reloadIfChanged
               ;
           };
       sockets = lib.mapAttrs (_: s: {
@@ -409,13 +284,19 @@ let
       configFile = if etc == null then null else toString etc;
       configCheck = if etc == null then null else etc.script or null;
       firewall = c.networking.firewall.allowedTCPPorts;
-      users = c.users.users;
+      users = lib.mapAttrs (_: u: removeAttrs u [ "name" ]) c.users.users;
       groups = lib.attrNames c.users.groups;
+      tmpfiles = c.systemd.tmpfiles.rules;
       systemPackages = map toString c.environment.systemPackages;
       stubs = {
-        llamaCpp = toString llamaCpp;
+        llamaCpp = toString (stubs.pkgs { }).llama-cpp;
         storeModel = toString storeModel;
+        package = toString (stubs.pkgs { }).claracore;
       };
     };
 in
-lib.mapAttrs (_: evalScenario) scenarios
+{
+  scenarios = lib.mapAttrs (_: evalScenario) scenarios;
+  expectedErrors = lib.mapAttrs (_: s: s.error) errorScenarios;
+  failing = lib.mapAttrs (_: evalScenario) errorScenarios;
+}

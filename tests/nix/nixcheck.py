@@ -39,6 +39,7 @@ MODULE = ROOT / "nix/module.nix"
 SERVICE = ROOT / "systemd/claracore.service"
 SOCKET_HTTP = ROOT / "systemd/claracore.socket"
 SOCKET_LOCAL = ROOT / "systemd/claracore-local.socket"
+TMPFILES = ROOT / "systemd/claracore.tmpfiles"
 
 # [Service] keys of the unit file the module deliberately does not set.
 UNIT_ONLY: dict[str, str] = {}
@@ -392,10 +393,14 @@ def scenario_checks(data: dict) -> None:
     def cfg(name):
         return data[name]["service"]["serviceConfig"]
 
+    bad_listen = ["localhost:5800", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", "256.0.0.1:5800", "01.2.3.4:5800",
+                  "[::1:5800", "[1::2::3]:5800", "[1:2:3:4:5:6:7:8:9]:5800", "[::1]", "[fe80::1%eth0]:5800", "unix:run/claracore.sock"]
     expected_failures = {
         "model-and-cmd": ["models.bad"],
-        "secrets-in-store": ["environmentFile", "credentials.api-keys"],
         "exposed-no-key": ["beyond loopback and no API key"],
+        "cuda-not-unfree": ['acceleration = "cuda" needs CUDA, which is unfree'],
+        "bad-listen": [f"listen: {json.dumps(a)} is not an address" for a in bad_listen],
+        "socket-in-service-dir": ["unix:/run/claracore/daemon/claracore.sock is inside a directory that claracore.service owns"],
     }
     for name, result in sorted(data.items()):
         want = expected_failures.get(name)
@@ -413,9 +418,17 @@ def scenario_checks(data: dict) -> None:
           "eval default: models.tiny rendered without empty keys", json.dumps(s["models"]))
     check(s["state_dir"] == "/var/lib/claracore" and s["listen"] == ["127.0.0.1:5800", "unix:/run/claracore/claracore.sock"],
           "eval default: state_dir and listen defaults", json.dumps(s))
-    check(d["configCheck"] is not None and d["configCheck"].startswith("claracore check-config /") and "--strict" not in d["configCheck"],
-          "eval default: check-config runs at build time (not --strict: model outside the store)", str(d["configCheck"]))
-    check("--strict" in (data["store-model"]["configCheck"] or ""), "eval store-model: --strict when every model is in the store", str(data["store-model"]["configCheck"]))
+    check(d["configCheck"] is not None and d["configCheck"].startswith(d["stubs"]["package"] + "/bin/claracore check-config /") and "--strict" not in d["configCheck"],
+          "eval default: the package's check-config runs at build time (not --strict: model outside the store)", str(d["configCheck"]))
+    check("--strict" in (data["store-model"]["configCheck"] or ""), "eval store-model: --strict when every model is a derivation", str(data["store-model"]["configCheck"]))
+    check("--strict" in (data["path-model"]["configCheck"] or ""), "eval path-model: --strict for a path literal (copied into the store)", str(data["path-model"]["configCheck"]))
+    check("--strict" in (data["store-context-model"]["configCheck"] or ""), "eval store-context-model: --strict for a store path string with its context", str(data["store-context-model"]["configCheck"]))
+    ssm = data["store-string-model"]
+    check(ssm["configCheck"] is not None and "--strict" not in ssm["configCheck"] and ssm["settings"]["models"]["tiny"]["model"].startswith("/nix/store/"),
+          "eval store-string-model: no --strict for a /nix/store string without context (not an input of the check)", str(ssm["configCheck"]))
+    cross = data["cross"]
+    check(cross["configCheck"] is None and cross["configFile"].endswith("-claracore.toml") and cross["failedAssertions"] == [],
+          "eval cross: no build-time check when the build machine cannot run the host's claracore", str(cross["configFile"]))
     check(data["store-model"]["settings"]["models"]["tiny"]["model"] == d["stubs"]["storeModel"], "eval store-model: a derivation renders as its store path",
           data["store-model"]["settings"]["models"]["tiny"]["model"])
     check(d["service"]["reloadTriggers"] == [d["configFile"]], "eval default: the checked config file is the reload trigger", str(d["service"]["reloadTriggers"]))
@@ -425,13 +438,49 @@ def scenario_checks(data: dict) -> None:
           and d["service"]["restartTriggers"] == data["store-model"]["service"]["restartTriggers"],
           "eval: a model change changes only the reload trigger", "")
     check(d["service"]["restartTriggers"] != data["firewall"]["service"]["restartTriggers"], "eval: a listen change changes the restart trigger", "")
-    check(d["users"].get("claracore", {}).get("isSystemUser") is True and "claracore" in d["groups"], "eval default: static claracore user and group", json.dumps(d["users"]))
+    check(d["users"].get("claracore", {}).get("isSystemUser") is True and d["users"]["claracore"]["group"] == "claracore" and d["groups"] == ["claracore"],
+          "eval default: static claracore user and group", json.dumps(d["users"]))
+    for name, user, group in (("custom-user", "llm", "llm-users"), ("custom-group", "claracore", "llm")):
+        r = data[name]
+        svc = r["service"]["serviceConfig"]
+        check(list(r["users"]) == [user] and r["users"][user]["isSystemUser"] and r["users"][user]["group"] == group and r["groups"] == [group]
+              and svc["User"] == user and svc["Group"] == group and r["sockets"]["claracore-local"]["socketConfig"]["SocketGroup"] == group,
+              f"eval {name}: user {user} and group {group} are both created and used by the service and the local socket",
+              json.dumps({"users": r["users"], "groups": r["groups"]}))
+
+    # The local socket: root's, in a directory of root's that the service
+    # does not own (its runtime directory is below it).
+    local = d["sockets"]["claracore-local"]["socketConfig"]
+    check(local["SocketUser"] == "root" and cfg("default")["RuntimeDirectory"] == "claracore/daemon"
+          and all(not s.startswith("/run/claracore/daemon/") for s in d["sockets"]["claracore-local"]["listenStreams"]),
+          "eval default: the local socket is root's and outside the service's RuntimeDirectory", json.dumps(local))
+    tmpfiles = [line for line in TMPFILES.read_text().splitlines() if line and not line.startswith("#")]
+    check(d["tmpfiles"] == ["d /run/claracore 0755 root root -"] and all(r in tmpfiles for r in d["tmpfiles"]),
+          "eval default: /run/claracore is root's (tmpfiles rule, as in systemd/claracore.tmpfiles)", str(d["tmpfiles"]))
+    check(data["no-socket"]["tmpfiles"] == [] and cfg("no-socket")["RuntimeDirectory"] == ["claracore/daemon", "claracore"],
+          "eval no-socket: the daemon binds the unix socket itself and owns /run/claracore (claracore/daemon stays $RUNTIME_DIRECTORY)",
+          json.dumps(cfg("no-socket")["RuntimeDirectory"]))
+
+    # Sockets outlive restarts, also those of a rebuild.
+    svc = d["service"]
+    check(svc["stopIfChanged"] is False and svc["restartIfChanged"] is True and svc["reloadIfChanged"] is False,
+          "eval default: stopIfChanged = false (a rebuild restarts the service alone, not its socket units)",
+          json.dumps({k: svc[k] for k in ("stopIfChanged", "restartIfChanged", "reloadIfChanged")}))
     check(d["systemPackages"] == [cfg("default")["ExecStart"].split("/bin/")[0]], "eval default: the CLI is installed", str(d["systemPackages"]))
     check(cfg("default")["Sockets"] == ["claracore.socket", "claracore-local.socket"], "eval default: Sockets= names both socket units", str(cfg("default")["Sockets"]))
 
     check(data["cuda"]["settings"]["llama_server"].endswith("-llama-cpp-cudaSupport/bin/llama-server"), "eval cuda: llama-cpp.override { cudaSupport = true; }", data["cuda"]["settings"]["llama_server"])
     check(data["rocm"]["settings"]["llama_server"].endswith("-llama-cpp-rocmSupport/bin/llama-server"), "eval rocm: llama-cpp.override { rocmSupport = true; }", data["rocm"]["settings"]["llama_server"])
     check(data["vulkan"]["settings"]["llama_server"].endswith("-llama-cpp-vulkanSupport/bin/llama-server"), "eval vulkan: llama-cpp.override { vulkanSupport = true; }", data["vulkan"]["settings"]["llama_server"])
+    check("/dev/dxg" in cfg("cuda")["DeviceAllow"], "eval cuda: /dev/dxg for CUDA under WSL2", json.dumps(cfg("cuda")["DeviceAllow"]))
+    check(data["cuda-unfree-predicate"]["failedAssertions"] == [], "eval cuda-unfree-predicate: an allowUnfreePredicate is enough", "")
+    cpu = data["cpu-forced"]
+    check(cpu["settings"]["llama_server"].endswith("-llama-cpp-no-cudaSupport-no-rocmSupport/bin/llama-server")
+          and cfg("cpu-forced")["PrivateDevices"] is True and cfg("cpu-forced")["DeviceAllow"] == [],
+          "eval cpu-forced: acceleration = false is a CPU build without devices despite nixpkgs.config.cudaSupport", cpu["settings"]["llama_server"])
+    gl = data["good-listen"]
+    check(gl["sockets"]["claracore"]["listenStreams"] == [a for a in gl["settings"]["listen"] if not a.startswith("unix:")] and gl["firewall"] == [],
+          "eval good-listen: every address ListenAddr::parse takes is accepted", json.dumps(gl["sockets"]["claracore"]["listenStreams"]))
     nc = cfg("nixpkgs-cuda")
     check(nc["PrivateDevices"] is False and "char-nvidiactl" in nc["DeviceAllow"] and data["nixpkgs-cuda"]["settings"]["llama_server"] == s["llama_server"],
           "eval nixpkgs-cuda: acceleration = null follows nixpkgs.config.cudaSupport for devices", json.dumps(nc["DeviceAllow"]))
@@ -616,7 +665,12 @@ def flake_checks(path: str) -> None:
     check("x86_64-linux" in pkg["platforms"] and "aarch64-linux" in pkg["platforms"], "flake: package platforms include both systems", "")
     check(f["overlay"] == ["claracore"], "flake: overlays.default adds claracore", str(f["overlay"]))
     check(f["app"]["type"] == "app" and f["app"]["program"].endswith("/bin/claracore"), "flake: apps.default runs bin/claracore", json.dumps(f["app"]))
-    check(f["nixosModules"] == ["claracore", "default"] and f["moduleFile"] == ["nix/module.nix"], "flake: nixosModules.{default,claracore} = nix/module.nix", str(f["moduleFile"]))
+    check(f["nixosModules"] == ["claracore", "default"] and f["moduleImports"] == ["nix/module.nix"],
+          "flake: nixosModules.{default,claracore} import nix/module.nix", str(f["moduleImports"]))
+    check(f["modulePackage"] == f["flakePackage"] and f["modulePackagePriority"] == 1000,
+          "flake: nixosModules.default defaults services.claracore.package to the flake's own package (mkDefault)",
+          json.dumps({k: f[k] for k in ("modulePackage", "flakePackage", "modulePackagePriority")}))
+    check(f["modulePackageOverride"] == "override", "flake: an explicit services.claracore.package wins over the flake's", f["modulePackageOverride"])
     for name in ("package", "clippy", "fmt", "unit-drift"):
         check(name in f["checks"], f"flake: checks.{name}", str(f["checks"]))
     want_vm = {f"vm-{p.stem}" for p in vm_test_files()}
@@ -636,7 +690,7 @@ def flake_checks(path: str) -> None:
     env = shell["env"]
     check(env.get("CLARACORE_TEST_LLAMA_SERVER", "").endswith("/bin/llama-server") and env.get("CLARACORE_TEST_MODEL", "").endswith("-claracore-tiny-model.gguf"),
           "flake: devShell points the integration tests at llama-cpp and the tiny model", json.dumps(env))
-    check(f["formatter"] == "nixfmt", "flake: formatter is nixfmt (RFC style)", f["formatter"])
+    check(f["formatter"] == "nixfmt-tree", "flake: formatter is nixfmt-tree (`nix fmt` without paths formats the tree)", f["formatter"])
 
 
 def main() -> None:

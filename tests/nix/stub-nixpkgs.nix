@@ -98,6 +98,7 @@ let
     "rust-analyzer"
     "sqlite"
     "nixfmt"
+    "nixfmt-tree"
   ] (name: mkPkg name { meta.mainProgram = name; });
 in
 lib.fix (lib.foldl' (acc: overlay: lib.extends overlay acc) base overlays)

@@ -444,6 +444,26 @@ scenario_socket_activation() {
     check "journal: socket-activated listener named local" wait_for 5 socket_activated_with local
     info "journal lines about listeners:"
     cx journalctl -u claracore.service --no-pager -o cat | grep -iE 'socket-activated|listen' | head -5 | sed 's/^/      /'
+
+    # The service is running, so systemd has set up its RuntimeDirectory:
+    # that chown must not have reached the socket or its directory.
+    local_socket_owners "with the service running"
+    local rc=0
+    cx timeout 90 systemctl restart claracore.service || rc=$?
+    check "systemctl restart claracore.service" is_eq "$rc" 0
+    local_socket_owners "after a restart of the service"
+}
+
+# The local socket is root:claracore 0660 in /run/claracore (root's, 0755);
+# the service owns only /run/claracore/daemon.
+local_socket_owners() { # LABEL
+    local dir sock own
+    dir="$(cx stat -c '%a %U %G' /run/claracore)"
+    sock="$(cx stat -c '%a %U %G' /run/claracore/claracore.sock)"
+    own="$(cx stat -c '%a %U %G' /run/claracore/daemon)"
+    check "$1: /run/claracore is 755 root root ($dir)" is_eq "$dir" "755 root root"
+    check "$1: the local socket is 660 root claracore ($sock)" is_eq "$sock" "660 root claracore"
+    check "$1: /run/claracore/daemon is 750 claracore claracore ($own)" is_eq "$own" "750 claracore claracore"
 }
 
 # From PID $1's network namespace: "ok" if 127.0.0.1:$2 accepts, else the error.
