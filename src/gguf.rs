@@ -1460,6 +1460,51 @@ mod tests {
     }
 
     #[test]
+    fn the_vram_estimate_counts_offloaded_weights_kv_cache_and_overhead() {
+        // 32 layers, 4096 wide, 32 heads of which 8 hold K/V (GQA), trained
+        // for 8192 tokens.
+        let header = parse_bytes(
+            &Builder::new(3)
+                .string("general.architecture", "llama")
+                .u32("llama.block_count", 32)
+                .u32("llama.embedding_length", 4096)
+                .u32("llama.attention.head_count", 32)
+                .u32("llama.attention.head_count_kv", 8)
+                .u32("llama.context_length", 8192)
+                .bytes(),
+        )
+        .unwrap();
+        let file = 4u64 << 30;
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // K and V: 8 heads x 128 dims x 2 bytes each, per token and layer.
+        let kv_per_token_layer = 8 * 128 * 2 * 2;
+        let all = vram_estimate(&header, file, &[]);
+        assert_eq!(
+            all,
+            file + kv_per_token_layer * 4096 * 32 + GPU_OVERHEAD_BYTES,
+            "all layers, the default 4096 context"
+        );
+        assert_eq!(
+            vram_estimate(&header, file, &args(&["-c", "8192"])),
+            file + kv_per_token_layer * 8192 * 32 + GPU_OVERHEAD_BYTES
+        );
+        assert_eq!(
+            vram_estimate(&header, file, &args(&["--ctx-size=0"])),
+            file + kv_per_token_layer * 8192 * 32 + GPU_OVERHEAD_BYTES,
+            "0 is the trained context"
+        );
+        assert_eq!(
+            vram_estimate(&header, file, &args(&["-ngl", "16"])),
+            file / 2 + kv_per_token_layer * 4096 * 16 + GPU_OVERHEAD_BYTES,
+            "half the layers, half the weights and half the cache"
+        );
+        assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "0"])), 0);
+        assert_eq!(vram_estimate(&header, file, &args(&["--n-gpu-layers", "-1"])), all);
+        assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "auto"])), all);
+        assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "999"])), all);
+    }
+
+    #[test]
     fn quantization_names() {
         let with_ftype =
             |ft: u32| parse_bytes(&Builder::new(3).u32("general.file_type", ft).bytes()).unwrap();

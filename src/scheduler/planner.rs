@@ -407,3 +407,211 @@ mod tests {
         assert_eq!(plan(Some("g"), &[g], 5), Plan::Wait);
     }
 }
+
+#[cfg(test)]
+mod placement_tests {
+    use super::*;
+    use std::time::Duration;
+
+    const GB: u64 = 1 << 30;
+    const RESERVE: u64 = GB / 2;
+
+    fn room(gpu: u32, total_gb: u64, used_gb: u64) -> Room {
+        Room {
+            gpu,
+            total: total_gb * GB,
+            used: used_gb * GB,
+        }
+    }
+
+    /// A ready, idle, unpinned model using `gb` on `gpu`, last used
+    /// `age_s` ago.
+    fn occ(name: &str, gpu: u32, gb: u64, age_s: u64) -> Occupant<'_> {
+        Occupant {
+            name,
+            gpu,
+            measured: gb * GB,
+            promised: 0,
+            ready: true,
+            leaving: false,
+            busy: false,
+            pinned: false,
+            last_used: Instant::now() - Duration::from_secs(age_s),
+        }
+    }
+
+    fn busy(mut o: Occupant<'_>) -> Occupant<'_> {
+        o.busy = true;
+        o
+    }
+
+    fn pinned(mut o: Occupant<'_>) -> Occupant<'_> {
+        o.pinned = true;
+        o
+    }
+
+    fn leaving(mut o: Occupant<'_>) -> Occupant<'_> {
+        o.leaving = true;
+        o
+    }
+
+    fn starting(mut o: Occupant<'_>, promised_gb: u64) -> Occupant<'_> {
+        o.ready = false;
+        o.promised = promised_gb * GB;
+        o
+    }
+
+    struct Row<'a> {
+        what: &'a str,
+        need_gb: u64,
+        allowed: Option<&'a [u32]>,
+        rooms: Vec<Room>,
+        occupants: Vec<Occupant<'a>>,
+        expect: Placement<'a>,
+    }
+
+    #[test]
+    fn placement_table() {
+        let rows = [
+            Row {
+                what: "one GPU with room",
+                need_gb: 4,
+                allowed: None,
+                rooms: vec![room(0, 24, 2)],
+                occupants: vec![],
+                expect: Placement::On(0),
+            },
+            Row {
+                what: "two GPUs: the fullest that fits, leaving the larger hole",
+                need_gb: 4,
+                allowed: None,
+                rooms: vec![room(0, 24, 2), room(1, 24, 16)],
+                occupants: vec![],
+                expect: Placement::On(1),
+            },
+            Row {
+                what: "the reserve counts: 24 - 19.5 used - 0.5 reserve < 4.5",
+                need_gb: 5,
+                allowed: None,
+                rooms: vec![room(0, 24, 19)],
+                occupants: vec![occ("a", 0, 19, 5)],
+                expect: Placement::Evict(vec!["a"]),
+            },
+            Row {
+                what: "gpus restricts the choice",
+                need_gb: 6,
+                allowed: Some(&[0]),
+                rooms: vec![room(0, 24, 18), room(1, 24, 0)],
+                occupants: vec![occ("a", 0, 18, 5)],
+                expect: Placement::Evict(vec!["a"]),
+            },
+            Row {
+                what: "a starting model's promise is not free memory",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 2)],
+                occupants: vec![starting(occ("s", 0, 2, 0), 14)],
+                expect: Placement::Wait,
+            },
+            Row {
+                what: "idle least recently used first, only as many as needed",
+                need_gb: 10,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![
+                    occ("new", 0, 6, 1),
+                    occ("old", 0, 6, 100),
+                    occ("mid", 0, 8, 50),
+                ],
+                expect: Placement::Evict(vec!["old", "mid"]),
+            },
+            Row {
+                what: "idle before busy, even if the busy one is older",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![busy(occ("busy-old", 0, 10, 100)), occ("idle", 0, 10, 1)],
+                expect: Placement::Evict(vec!["idle"]),
+            },
+            Row {
+                what: "a busy model drains when nothing idle frees enough",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![busy(occ("busy", 0, 20, 1))],
+                expect: Placement::Evict(vec!["busy"]),
+            },
+            Row {
+                what: "of two GPUs, the one where only idle models go",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20), room(1, 24, 20)],
+                occupants: vec![busy(occ("b0", 0, 20, 100)), occ("i1", 1, 20, 1)],
+                expect: Placement::Evict(vec!["i1"]),
+            },
+            Row {
+                what: "pinned models stay; an unpinned one goes instead",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![pinned(occ("p", 0, 10, 100)), occ("u", 0, 10, 1)],
+                expect: Placement::Evict(vec!["u"]),
+            },
+            Row {
+                what: "memory on its way back: wait, evict nothing more",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![leaving(occ("l", 0, 10, 1)), occ("u", 0, 10, 100)],
+                expect: Placement::Wait,
+            },
+            Row {
+                what: "still starting, not evictable, but it will fit later: wait",
+                need_gb: 8,
+                allowed: None,
+                rooms: vec![room(0, 24, 20)],
+                occupants: vec![starting(occ("s", 0, 20, 1), 0)],
+                expect: Placement::Wait,
+            },
+        ];
+        for row in rows {
+            let got = place(
+                row.need_gb * GB,
+                row.allowed,
+                &row.rooms,
+                &row.occupants,
+                RESERVE,
+            );
+            assert_eq!(got, row.expect, "{}", row.what);
+        }
+    }
+
+    #[test]
+    fn never_fits_says_what_occupies_each_gpu() {
+        let rooms = [room(0, 24, 10), room(1, 16, 1)];
+        let occupants = [pinned(occ("p", 0, 8, 1))];
+        let Placement::NeverFits(why) = place(30 * GB, None, &rooms, &occupants, RESERVE) else {
+            panic!("30 GB fits on neither");
+        };
+        assert_eq!(
+            why,
+            "needs 30720 MiB of GPU memory; GPU 0: 24576 MiB total, 512 MiB reserved, \
+             p pinned (8192 MiB), other processes 2048 MiB, at most 13824 MiB could be freed for it; \
+             GPU 1: 16384 MiB total, 512 MiB reserved, other processes 1024 MiB, \
+             at most 14848 MiB could be freed for it"
+        );
+        // Blocked by a pinned model alone is "never" too.
+        let Placement::NeverFits(_) = place(20 * GB, Some(&[0]), &rooms, &occupants, RESERVE)
+        else {
+            panic!("only the pinned model's going would make room");
+        };
+        assert_eq!(
+            place(4 * GB, Some(&[7]), &rooms, &occupants, RESERVE),
+            Placement::NeverFits("none of its GPUs (7) is present".into())
+        );
+        assert_eq!(
+            place(4 * GB, None, &[], &[], RESERVE),
+            Placement::NeverFits("no GPU is present".into())
+        );
+    }
+}
