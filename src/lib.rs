@@ -23,6 +23,8 @@
 //! - [`supervisor`]: one child process's lifecycle.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
+//! - [`gpu`]: NVIDIA GPU readings (memory, use, per process) from NVML,
+//!   sampled by one thread; absent without a driver.
 //! - [`metrics`]: Prometheus figures.
 //! - [`systemd`]: sd_notify, watchdog interval, journald detection,
 //!   privilege drop.
@@ -41,7 +43,7 @@
 //!     api
 //!       proxy
 //!         scheduler, metrics, auth
-//!           history, supervisor, upstream, listen, logging, systemd
+//!           history, supervisor, upstream, listen, logging, systemd, gpu
 //!             config, events, procfs, gguf   (leaves)
 //! ```
 
@@ -52,6 +54,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod gguf;
+pub mod gpu;
 pub mod history;
 pub mod listen;
 pub mod logging;
@@ -74,7 +77,7 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 21] = [
+    const RANKS: [(&str, u8); 22] = [
         ("config", 0),
         ("events", 0),
         ("gguf", 0),
@@ -85,6 +88,7 @@ mod layout {
         ("listen", 1),
         ("logging", 1),
         ("systemd", 1),
+        ("gpu", 1),
         ("scheduler", 2),
         ("auth", 2),
         ("metrics", 2),
