@@ -33,6 +33,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::api::{self, AppState};
 use crate::config::{default_max_open_connections, Config, HttpConfig};
 use crate::events::{Bus, Event, ModelState, Topic};
+use crate::gpu::Gpus;
 use crate::history::{now_ms, Recorder, Sample};
 use crate::listen::{Bound, Conn, Listener, Peer};
 use crate::metrics::Metrics;
@@ -83,6 +84,7 @@ pub async fn serve(
     mut control: mpsc::UnboundedReceiver<Control>,
     systemd: Systemd,
     recorder: Recorder,
+    gpus: Gpus,
 ) -> Drained {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
@@ -96,7 +98,7 @@ pub async fn serve(
     // Before the scheduler starts, so the first states are seen.
     let model_events = bus.subscribe(Topic::Models);
     let state = Arc::new(AppState {
-        scheduler: Scheduler::start(&config, bus.clone()),
+        scheduler: Scheduler::start(&config, bus.clone(), gpus.clone()),
         started: Instant::now(),
         accepting: AtomicBool::new(true),
         config: std::sync::RwLock::new(config.clone()),
@@ -111,6 +113,7 @@ pub async fn serve(
         next_request: std::sync::atomic::AtomicU64::new(0),
         ollama: Default::default(),
         sessions: Default::default(),
+        gpus,
     });
     // Before any request can start a model, so its first load already
     // has an expected time.
@@ -286,6 +289,13 @@ async fn reload(
                     old = old.http.body_memory_bytes,
                     new = new.http.body_memory_bytes,
                     "http.body_memory_bytes takes effect only after a restart"
+                );
+            }
+            if old.gpu != new.gpu {
+                tracing::warn!(
+                    old = ?old.gpu,
+                    new = ?new.gpu,
+                    "the [gpu] table takes effect only after a restart; GPU readings go on as before"
                 );
             }
             if old.http.worker_threads != new.http.worker_threads {

@@ -43,6 +43,7 @@ use crate::auth::session::Sessions;
 use crate::auth::{Auth, Peer, Principal};
 use crate::config::Config;
 use crate::events::{AuditAction, AuditRecord, Bus, Event};
+use crate::gpu::Gpus;
 use crate::history::Recorder;
 use crate::metrics::Metrics;
 use crate::proxy::BoxBody;
@@ -79,6 +80,9 @@ pub struct AppState {
     /// Dashboard sessions and login throttling; outlive reloads (which
     /// end the sessions whose login no longer holds).
     pub sessions: Sessions,
+    /// GPU readings (metrics read the latest at each scrape); started once
+    /// by the bootstrap, kept across reloads.
+    pub gpus: Gpus,
 }
 
 impl AppState {

@@ -273,7 +273,9 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the actor for a config's models, with real child processes
     /// whose sockets go in the config's runtime directory.
-    pub fn start(config: &Config, bus: Bus) -> Scheduler {
+    pub fn start(config: &Config, bus: Bus, gpus: crate::gpu::Gpus) -> Scheduler {
+        // Not read yet: the planner will place by these readings (issue 15).
+        let _ = gpus;
         let logs = ModelLogs::new(config.model_log_lines);
         let processes = Processes {
             runtime_dir: config.runtime_dir.as_deref().map(Arc::from),
