@@ -244,6 +244,34 @@ async fn metrics_follow_the_gpus_and_the_models_on_them() {
     )
     .await;
     assert_eq!(gpu_log_lines(&d).len(), 1, "nothing more logged about it");
+
+    // A reload keeps the sampler, and says that a changed [gpu] waits
+    // for a restart.
+    let config_path = d.dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    write_file(
+        &config_path,
+        &text.replace("sample_interval = \"200ms\"", "sample_interval = \"5s\""),
+    );
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let warned: Vec<String> = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("the [gpu] table takes effect only after a restart"))
+        .map(String::from)
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", d.log_text());
+    assert!(warned[0].contains("WARN"), "{warned:?}");
+    write_state(
+        &state,
+        "gpu 0 Fake-H100 total_mib=81920 used_mib=7\ngpu 1 Fake-L4 total_mib=24576 used_mib=8\n",
+    );
+    wait_metrics(&d, &[series("claracore_gpu_memory_used_bytes", 1, 8 * MIB)]).await;
 }
 
 /// Spawns `sh -c SCRIPT NAME` in a process group of its own (so it and
