@@ -266,6 +266,27 @@ pub struct SchedulerConfig {
     pub vram_reserve_bytes: u64,
 }
 
+/// `[gpu]`: NVIDIA GPU readings through NVML, loaded at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Use NVML if it loads; `false` never tries.
+    pub enabled: bool,
+    /// Time between two samples of every GPU.
+    pub sample_interval: Duration,
+    /// The NVML library to load; `None`: `libnvidia-ml.so.1` by the
+    /// dynamic loader's search, then NixOS's driver directory
+    /// ([`NIXOS_NVML_LIBRARY`]).
+    pub nvml_library: Option<PathBuf>,
+}
+
+/// Shortest `gpu.sample_interval`: NVML queries take milliseconds per GPU.
+pub const MIN_GPU_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `gpu.sample_interval`.
+pub const MAX_GPU_SAMPLE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Where NixOS puts the driver's libraries (`hardware.graphics`), outside
+/// the loader's search path of a Nix-built binary.
+pub const NIXOS_NVML_LIBRARY: &str = "/run/opengl-driver/lib/libnvidia-ml.so.1";
+
 /// One configured model.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -413,6 +434,7 @@ pub struct Config {
     /// Sorted by name.
     pub auth: AuthConfig,
     pub dashboard: DashboardConfig,
+    pub gpu: GpuConfig,
     pub models: Vec<ModelConfig>,
     /// The private (0700) directory for the children's unix sockets. Not a
     /// key of the file: the daemon's bootstrap creates the directory and
@@ -441,6 +463,8 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     dashboard: RawDashboard,
+    #[serde(default)]
+    gpu: RawGpu,
     #[serde(default)]
     models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
 }
@@ -487,6 +511,14 @@ struct RawScheduler {
     max_queue: Option<Spanned<i64>>,
     max_wait_before_swap: Option<Spanned<String>>,
     vram_reserve_mb: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    enabled: Option<bool>,
+    sample_interval: Option<Spanned<String>>,
+    nvml_library: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -879,6 +911,7 @@ impl Config {
 
         let auth = validate_auth(&src, &raw.auth, &listen, &models)?;
         let dashboard = validate_dashboard(&src, &raw.dashboard)?;
+        let gpu = validate_gpu(&src, &raw.gpu)?;
 
         Ok(Config {
             source: path.to_path_buf(),
@@ -894,6 +927,7 @@ impl Config {
             model_log_lines,
             auth,
             dashboard,
+            gpu,
             models,
             runtime_dir: None,
         })
@@ -1348,6 +1382,40 @@ fn priority(src: &Source<'_>, key: &str, v: Option<&Spanned<i64>>) -> Result<i32
         })
 }
 
+fn validate_gpu(src: &Source<'_>, raw: &RawGpu) -> Result<GpuConfig, ConfigError> {
+    let sample_interval = match &raw.sample_interval {
+        None => Duration::from_secs(2),
+        Some(v) => {
+            let d = src.duration("gpu.sample_interval", v)?;
+            if !(MIN_GPU_SAMPLE_INTERVAL..=MAX_GPU_SAMPLE_INTERVAL).contains(&d) {
+                return Err(src.error(v, "gpu.sample_interval: must be between 100ms and 1h"));
+            }
+            d
+        }
+    };
+    let nvml_library = match &raw.nvml_library {
+        None => None,
+        Some(v) => {
+            let path = PathBuf::from(v.get_ref());
+            if !path.is_absolute() {
+                return Err(src.error(
+                    v,
+                    format!(
+                        "gpu.nvml_library: {:?} must be an absolute path (leave it out to let the dynamic loader find libnvidia-ml.so.1)",
+                        v.get_ref()
+                    ),
+                ));
+            }
+            Some(path)
+        }
+    };
+    Ok(GpuConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        sample_interval,
+        nvml_library,
+    })
+}
+
 fn nonzero(src: &Source<'_>, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {
     let d = src.duration(key, v)?;
     if d.is_zero() {
@@ -1782,6 +1850,62 @@ health = "/health"
         let e = err("[http]\nworker_threads = 0\n");
         assert!(
             e.starts_with("test.toml:2:18: http.worker_threads: must be between 1 and 256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gpu_table_defaults_bounds_and_positioned_errors() {
+        let cfg = parse("").unwrap();
+        assert_eq!(
+            cfg.gpu,
+            GpuConfig {
+                enabled: true,
+                sample_interval: Duration::from_secs(2),
+                nvml_library: None,
+            }
+        );
+        let cfg = parse(
+            "[gpu]\nenabled = false\nsample_interval = \"100ms\"\nnvml_library = \"/opt/nvml/libnvidia-ml.so.1\"\n",
+        )
+        .unwrap();
+        assert!(!cfg.gpu.enabled);
+        assert_eq!(cfg.gpu.sample_interval, Duration::from_millis(100));
+        assert_eq!(
+            cfg.gpu.nvml_library.as_deref(),
+            Some(Path::new("/opt/nvml/libnvidia-ml.so.1"))
+        );
+        assert_eq!(
+            parse("[gpu]\nsample_interval = \"1h\"\n")
+                .unwrap()
+                .gpu
+                .sample_interval,
+            Duration::from_secs(3600)
+        );
+        for bad in ["99ms", "0", "1h 1s"] {
+            let e = err(&format!("[gpu]\nsample_interval = \"{bad}\"\n"));
+            assert!(
+                e.starts_with("test.toml:2:19: gpu.sample_interval: must be between 100ms and 1h"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err("[gpu]\nsample_interval = \"often\"\n");
+        assert!(
+            e.starts_with("test.toml:2:19: gpu.sample_interval: "),
+            "{e}"
+        );
+        let e = err("[gpu]\nnvml_library = \"libnvidia-ml.so.1\"\n");
+        assert!(
+            e.starts_with(
+                "test.toml:2:16: gpu.nvml_library: \"libnvidia-ml.so.1\" must be an absolute path"
+            ),
+            "{e}"
+        );
+        let e = err("[gpu]\nenabled = \"yes\"\n");
+        assert!(e.starts_with("test.toml:2:11: "), "{e}");
+        let e = err("[gpu]\nindex = 0\n");
+        assert!(
+            e.starts_with("test.toml:2:1: ") && e.contains("index"),
             "{e}"
         );
     }

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
+use crate::gpu::Gpus;
 use crate::history::Recorder;
 use crate::listen::{Bound, ListenError};
 use crate::logging::{self, LogTarget};
@@ -183,6 +184,10 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
         (Recorder::disabled(), None)
     };
 
+    // After the drop, so the sampling thread holds no capabilities; before
+    // the runtime, so it is no tokio worker (NVML calls block).
+    let gpus = Gpus::start(&config.gpu);
+
     let runtime_dir = match RuntimeDir::create(&env.runtime_bases(&config)) {
         Ok(dir) => dir,
         Err(e) => {
@@ -266,15 +271,7 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             watchdog,
             config_path: path.to_path_buf(),
         };
-        server::serve(
-            config,
-            listeners,
-            control_rx,
-            systemd,
-            recorder,
-            crate::gpu::Gpus::absent(),
-        )
-        .await;
+        server::serve(config, listeners, control_rx, systemd, recorder, gpus).await;
         ExitCode::SUCCESS
     });
     if let Some(writer) = writer {

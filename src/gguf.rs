@@ -1499,7 +1499,10 @@ mod tests {
             "half the layers, half the weights and half the cache"
         );
         assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "0"])), 0);
-        assert_eq!(vram_estimate(&header, file, &args(&["--n-gpu-layers", "-1"])), all);
+        assert_eq!(
+            vram_estimate(&header, file, &args(&["--n-gpu-layers", "-1"])),
+            all
+        );
         assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "auto"])), all);
         assert_eq!(vram_estimate(&header, file, &args(&["-ngl", "999"])), all);
     }

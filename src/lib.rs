@@ -21,9 +21,10 @@
 //! - [`gguf`]: GGUF model headers (metadata, tensor infos) and the file
 //!   digest and header caches behind the Ollama routes.
 //! - [`supervisor`]: one child process's lifecycle.
-//! - [`gpu`]: GPU readings (NVML) sampled off the request path.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
+//! - [`gpu`]: NVIDIA GPU readings (memory, use, per process) from NVML,
+//!   sampled by one thread; absent without a driver.
 //! - [`metrics`]: Prometheus figures.
 //! - [`systemd`]: sd_notify, watchdog interval, journald detection,
 //!   privilege drop.

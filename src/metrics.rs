@@ -3,8 +3,9 @@
 //!
 //! Request, lifecycle and model-state figures come from the event bus
 //! ([`Metrics`] is a [`Sink`]), fed by the same events that become history
-//! rows, so the two agree. In-flight requests, history queue figures and
-//! process figures are read when scraped.
+//! rows, so the two agree. In-flight requests, history queue figures,
+//! process figures and GPU readings are read when scraped; without GPU
+//! readings no `claracore_gpu_*` family appears at all.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,6 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::events::{Event, ModelEvent, ModelEventKind, ModelState, RequestRecord, Sink};
+use crate::gpu::Snapshot;
 use crate::history::Recorder;
 use crate::procfs::process_figures;
 
@@ -66,6 +68,115 @@ struct BuildLabels {
     version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuInfoLabels {
+    gpu: String,
+    name: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The GPU families, in a registry of their own that is rendered only
+/// when there is a snapshot. Filled afresh from it at each scrape.
+struct GpuFamilies {
+    registry: Registry,
+    info: Family<GpuInfoLabels, Gauge>,
+    memory_used: Family<GpuLabels, Gauge>,
+    memory_total: Family<GpuLabels, Gauge>,
+    utilization: Family<GpuLabels, FloatGauge>,
+    temperature: Family<GpuLabels, Gauge>,
+    power: Family<GpuLabels, FloatGauge>,
+}
+
+impl GpuFamilies {
+    fn new() -> GpuFamilies {
+        let mut registry = Registry::default();
+        let info = Family::<GpuInfoLabels, Gauge>::default();
+        registry.register(
+            "claracore_gpu_info",
+            "1 for each GPU, with its name",
+            info.clone(),
+        );
+        let memory_used = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "claracore_gpu_memory_used_bytes",
+            "GPU memory in use (NVML)",
+            memory_used.clone(),
+        );
+        let memory_total = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "claracore_gpu_memory_total_bytes",
+            "GPU memory installed (NVML)",
+            memory_total.clone(),
+        );
+        let utilization = Family::<GpuLabels, FloatGauge>::default();
+        registry.register(
+            "claracore_gpu_utilization_ratio",
+            "Share of the last sample period a kernel ran on the GPU, 0 to 1",
+            utilization.clone(),
+        );
+        let temperature = Family::<GpuLabels, Gauge>::default();
+        registry.register(
+            "claracore_gpu_temperature_celsius",
+            "GPU die temperature",
+            temperature.clone(),
+        );
+        let power = Family::<GpuLabels, FloatGauge>::default();
+        registry.register("claracore_gpu_power_watts", "GPU power draw", power.clone());
+        GpuFamilies {
+            registry,
+            info,
+            memory_used,
+            memory_total,
+            utilization,
+            temperature,
+            power,
+        }
+    }
+
+    /// Sets every series from `snapshot`; a reading the GPU does not give
+    /// has no series.
+    fn observe(&self, snapshot: &Snapshot) {
+        self.info.clear();
+        self.memory_used.clear();
+        self.memory_total.clear();
+        self.utilization.clear();
+        self.temperature.clear();
+        self.power.clear();
+        for g in &snapshot.gpus {
+            let gpu = GpuLabels {
+                gpu: g.index.to_string(),
+            };
+            self.info
+                .get_or_create(&GpuInfoLabels {
+                    gpu: gpu.gpu.clone(),
+                    name: g.name.clone(),
+                })
+                .set(1);
+            self.memory_used
+                .get_or_create(&gpu)
+                .set(i64::try_from(g.used_bytes).unwrap_or(i64::MAX));
+            self.memory_total
+                .get_or_create(&gpu)
+                .set(i64::try_from(g.total_bytes).unwrap_or(i64::MAX));
+            if let Some(u) = g.utilization {
+                self.utilization.get_or_create(&gpu).set(u);
+            }
+            if let Some(t) = g.temperature_c {
+                self.temperature.get_or_create(&gpu).set(i64::from(t));
+            }
+            if let Some(w) = g.power_watts {
+                self.power.get_or_create(&gpu).set(w);
+            }
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -98,6 +209,9 @@ pub struct Metrics {
     queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
     queue_waiting: Family<ModelLabels, Gauge>,
     model_vram: Family<VramLabels, Gauge>,
+    /// Rendered after `registry`, only with a GPU snapshot; the lock
+    /// orders concurrent scrapes (fill, then encode).
+    gpus: std::sync::Mutex<GpuFamilies>,
 }
 
 impl Default for Metrics {
@@ -254,6 +368,7 @@ impl Metrics {
             fds,
             event_clients,
             event_clients_dropped,
+            gpus: std::sync::Mutex::new(GpuFamilies::new()),
         }
     }
 
@@ -350,8 +465,9 @@ impl Metrics {
     }
 
     /// Renders the exposition text, refreshing the figures read at scrape:
-    /// `inflight` is the number of requests holding a model now.
-    pub fn render(&self, inflight: usize, recorder: &Recorder) -> String {
+    /// `inflight` is the number of requests holding a model now, `gpus`
+    /// the latest GPU readings (`None`: no GPU families at all).
+    pub fn render(&self, inflight: usize, recorder: &Recorder, gpus: Option<&Snapshot>) -> String {
         self.inflight.set(inflight as i64);
         let dropped = recorder.dropped();
         let seen = self.dropped_seen.swap(dropped, Ordering::Relaxed);
@@ -368,7 +484,30 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        if let Some(snapshot) = gpus {
+            self.render_gpus(snapshot, &mut out);
+        }
         out
+    }
+
+    /// Inserts the GPU families before the closing `# EOF` of `out`.
+    fn render_gpus(&self, snapshot: &Snapshot, out: &mut String) {
+        let families = match self.gpus.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        families.observe(snapshot);
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &families.registry).is_err() {
+            return;
+        }
+        let Some(body) = text.strip_suffix("# EOF\n") else {
+            return;
+        };
+        match out.strip_suffix("# EOF\n").map(str::len) {
+            Some(end) => out.insert_str(end, body),
+            None => out.push_str(body),
+        }
     }
 }
 
@@ -448,7 +587,7 @@ mod tests {
             model: Arc::from("tiny"),
             state: ModelState::Ready,
         });
-        let text = m.render(2, &Recorder::disabled());
+        let text = m.render(2, &Recorder::disabled(), None);
         assert!(text.contains("claracore_requests_total{model=\"tiny\",endpoint=\"/v1/chat/completions\",outcome=\"ok\"} 1"), "{text}");
         assert!(
             text.contains("claracore_tokens_total{model=\"tiny\",kind=\"completion\"} 8"),
@@ -477,5 +616,67 @@ mod tests {
         );
         assert!(text.contains("claracore_inflight_requests 2"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(!text.contains("claracore_gpu"), "no GPU readings: {text}");
+    }
+
+    #[test]
+    fn gpu_families_appear_with_readings_only() {
+        use crate::gpu::GpuReading;
+        let m = Metrics::new();
+        let gpu = |index, name: &str, utilization, power_watts| GpuReading {
+            index,
+            name: name.into(),
+            total_bytes: 8 << 30,
+            used_bytes: 1 << 30,
+            free_bytes: 7 << 30,
+            utilization,
+            temperature_c: Some(41),
+            power_watts,
+        };
+        let snapshot = Snapshot {
+            taken_at_ms: 1,
+            gpus: vec![
+                gpu(0, "NVIDIA \"Fast\" One", Some(0.25), Some(71.5)),
+                gpu(1, "Slow", None, None),
+            ],
+            processes: vec![],
+        };
+        let text = m.render(0, &Recorder::disabled(), Some(&snapshot));
+        for line in [
+            "claracore_gpu_info{gpu=\"0\",name=\"NVIDIA \\\"Fast\\\" One\"} 1",
+            "claracore_gpu_info{gpu=\"1\",name=\"Slow\"} 1",
+            "claracore_gpu_memory_used_bytes{gpu=\"0\"} 1073741824",
+            "claracore_gpu_memory_total_bytes{gpu=\"1\"} 8589934592",
+            "claracore_gpu_utilization_ratio{gpu=\"0\"} 0.25",
+            "claracore_gpu_temperature_celsius{gpu=\"1\"} 41",
+            "claracore_gpu_power_watts{gpu=\"0\"} 71.5",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(
+            !text.contains("claracore_gpu_utilization_ratio{gpu=\"1\"}"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("claracore_gpu_power_watts{gpu=\"1\"}"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("# EOF\n") && text.matches("# EOF").count() == 1,
+            "{text}"
+        );
+        // The next scrape shows what the next snapshot says, nothing stale.
+        let later = Snapshot {
+            gpus: vec![gpu(1, "Slow", Some(1.0), None)],
+            ..snapshot
+        };
+        let text = m.render(0, &Recorder::disabled(), Some(&later));
+        assert!(!text.contains("gpu=\"0\""), "{text}");
+        assert!(
+            text.contains("claracore_gpu_utilization_ratio{gpu=\"1\"} 1.0"),
+            "{text}"
+        );
+        let text = m.render(0, &Recorder::disabled(), None);
+        assert!(!text.contains("claracore_gpu"), "{text}");
     }
 }

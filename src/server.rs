@@ -300,6 +300,13 @@ async fn reload(
                     "http.body_memory_bytes takes effect only after a restart"
                 );
             }
+            if old.gpu != new.gpu {
+                tracing::warn!(
+                    old = ?old.gpu,
+                    new = ?new.gpu,
+                    "the [gpu] table takes effect only after a restart; GPU readings go on as before"
+                );
+            }
             if old.http.worker_threads != new.http.worker_threads {
                 tracing::warn!(
                     old = old.worker_threads(),

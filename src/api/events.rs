@@ -776,7 +776,7 @@ mod tests {
         let ids = reading.await.unwrap();
         let expected: Vec<String> = (1..=n).map(|i| format!("id: {i}")).collect();
         assert_eq!(ids, expected);
-        let text = metrics.render(0, &crate::history::Recorder::disabled());
+        let text = metrics.render(0, &crate::history::Recorder::disabled(), None);
         assert!(
             text.contains("claracore_event_clients_dropped_total 1"),
             "{text}"

@@ -47,12 +47,15 @@ pub(super) fn ready(ctx: &Ctx<'_>) -> Response<BoxBody> {
 }
 
 /// Model states and counters come from the event bus; only the figures
-/// read at scrape (in-flight requests, queue, process) are read here.
+/// read at scrape (in-flight requests, queue, process, GPU readings) are
+/// read here.
 pub(super) fn metrics(ctx: &Ctx<'_>) -> Response<BoxBody> {
     let state = ctx.state;
-    let text = state
-        .metrics
-        .render(state.scheduler.inflight(), &state.recorder);
+    let text = state.metrics.render(
+        state.scheduler.inflight(),
+        &state.recorder,
+        state.gpus.latest().as_deref(),
+    );
     let mut resp = Response::new(full(text));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -81,7 +81,8 @@ pub struct AppState {
     /// Dashboard sessions and login throttling; outlive reloads (which
     /// end the sessions whose login no longer holds).
     pub sessions: Sessions,
-    /// GPU readings (absent without NVML).
+    /// GPU readings (metrics read the latest at each scrape); started once
+    /// by the bootstrap, kept across reloads.
     pub gpus: Gpus,
 }
 

@@ -2380,7 +2380,7 @@ mod tests {
         }))
     }
 
-    type Readings = Arc<tokio::sync::watch::Sender<Option<Arc<Snapshot>>>>;
+    type Readings = tokio::sync::watch::Sender<Option<Arc<Snapshot>>>;
 
     fn start_with_gpus(text: &str) -> (Scheduler, Arc<Fake>, Readings) {
         let fake = Arc::new(Fake::default());

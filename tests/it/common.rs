@@ -7,7 +7,7 @@
 //! (unix socket mode, removal at exit) start it with [`Listen::Itself`]:
 //! it binds `127.0.0.1:0`, and the port is read from /proc.
 //!
-//! The real llama-server and the tiny model come from
+//! The real llama-server, the tiny model and the fake NVML come from
 //! `tests/tools/setup-test-deps.sh` through `CLARACORE_TEST_*` variables;
 //! `tests/run.sh` sets them. Tests that need them fail (never skip) when
 //! they are missing.
@@ -40,6 +40,12 @@ pub fn llama_server() -> String {
 
 pub fn tiny_model() -> String {
     required_env("CLARACORE_TEST_MODEL")
+}
+
+/// The directory of the fake NVML (`libnvidia-ml.so.1`) built from
+/// `tests/fake-nvml/fake_nvml.c`.
+pub fn fake_nvml_dir() -> PathBuf {
+    PathBuf::from(required_env("CLARACORE_TEST_FAKE_NVML_DIR"))
 }
 
 /// A python3 with nothing special: the fake upstream needs only the stdlib.
@@ -216,6 +222,22 @@ impl Daemon {
 
     /// [`Daemon::start_with`], run through `wrapper` (see [`serve_wrapped`]).
     pub fn start_wrapped(listen: Listen, wrapper: &[&str], body: &str) -> Daemon {
+        Daemon::start_full(listen, wrapper, body, &[])
+    }
+
+    /// [`Daemon::start`] with more environment variables for the daemon
+    /// (such as `LD_LIBRARY_PATH` and `FAKE_NVML_STATE` for the fake NVML).
+    pub fn start_env(body: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(Listen::Prebound, &[], body, env)
+    }
+
+    /// [`Daemon::start_wrapped`] with `env` added to the daemon's own.
+    pub fn start_full(
+        listen: Listen,
+        wrapper: &[&str],
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("claracore.sock");
         let (listener, listen_line) = match listen {
@@ -254,13 +276,9 @@ impl Daemon {
             let unix = std::os::unix::net::UnixListener::bind(&socket).unwrap();
             fds.push((OwnedFd::from(unix), "local"));
         }
-        let mut child = serve_activated(
-            wrapper,
-            &config_path,
-            &log,
-            fds,
-            &[("CLARACORE_LOG", "info,claracore=debug"), ("NO_COLOR", "1")],
-        );
+        let mut daemon_env = vec![("CLARACORE_LOG", "info,claracore=debug"), ("NO_COLOR", "1")];
+        daemon_env.extend_from_slice(env);
+        let mut child = serve_activated(wrapper, &config_path, &log, fds, &daemon_env);
         let addr = addr.unwrap_or_else(|| own_listener(&mut child, Some(&log)));
         wait_live(&addr, &mut child, &log);
         Daemon {

@@ -24,6 +24,8 @@
 //!   llama-server won't do on demand; draining, limits, error shapes.
 //! - `files`: modes of the state files under a permissive umask; the demo
 //!   script's refusal of a directory it cannot write safely.
+//! - `gpu`: GPU readings through the fake NVML: absence said once, the
+//!   state file's values in /metrics, memory per process and process tree.
 //! - `history`: request rows, model events, retention, recovery, metrics.
 //! - `hostile`: bodies that would hold memory or time, malformed requests,
 //!   wrong methods, oversized names.
@@ -55,6 +57,7 @@ mod dashboard;
 mod events;
 mod faults;
 mod files;
+mod gpu;
 mod history;
 mod hostile;
 mod llama;

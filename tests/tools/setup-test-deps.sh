@@ -19,6 +19,11 @@
 #   CLARACORE_TEST_CHROMIUM      Debian's chromium, which tests/it/browser.rs
 #                                drives through playwright-core (installed
 #                                with apt-get if /usr/bin/chromium is missing)
+#   CLARACORE_TEST_FAKE_NVML_DIR a directory with a fake NVML
+#                                (libnvidia-ml.so.1 and a libnvidia-ml.so
+#                                link) built by cc from
+#                                tests/fake-nvml/fake_nvml.c (cached, keyed
+#                                by the file's content)
 #
 # Nothing is downloaded from a model hub. Everything is cached under
 # CLARACORE_CACHE (default ~/.cache/claracore); reruns are fast no-ops.
@@ -38,6 +43,22 @@ log() { echo "setup-test-deps: $*" >&2; }
 if command -v flock >/dev/null; then
     exec 9>"$cache/.setup-test-deps.lock"
     flock 9
+fi
+
+# --- fake NVML ----------------------------------------------------------------
+# tests/it/gpu.rs loads it through the real nvml-wrapper path in place of
+# NVIDIA's library; no GPU or driver is needed.
+fake_nvml_src="$here/../fake-nvml/fake_nvml.c"
+fake_nvml_key="$(sha256sum "$fake_nvml_src" | cut -c1-12)"
+fake_nvml_dir="$cache/fake-nvml-$fake_nvml_key"
+if [ ! -f "$fake_nvml_dir/.complete" ]; then
+    command -v cc >/dev/null || { log "cc not found: a C compiler builds the fake NVML"; exit 1; }
+    rm -rf "$fake_nvml_dir"
+    mkdir -p "$fake_nvml_dir"
+    log "building the fake NVML into $fake_nvml_dir"
+    cc -shared -fPIC -O2 -Wall -o "$fake_nvml_dir/libnvidia-ml.so.1" "$fake_nvml_src" >&2
+    ln -s libnvidia-ml.so.1 "$fake_nvml_dir/libnvidia-ml.so"
+    touch "$fake_nvml_dir/.complete"
 fi
 
 # --- llama-server -----------------------------------------------------------
@@ -263,3 +284,4 @@ printf 'export CLARACORE_TEST_MODEL=%q\n' "$model"
 printf 'export CLARACORE_TEST_PYTHON=%q\n' "$py"
 printf 'export CLARACORE_TEST_NODE_MODULES=%q\n' "$node_dir/node_modules"
 printf 'export CLARACORE_TEST_CHROMIUM=%q\n' "$chromium"
+printf 'export CLARACORE_TEST_FAKE_NVML_DIR=%q\n' "$fake_nvml_dir"
