@@ -1633,6 +1633,80 @@ mod tests {
     }
 
     #[test]
+    fn queue_priority_and_gpu_keys_have_defaults_and_bounds() {
+        let cfg = parse("[models.a]\nmodel = \"/a\"\n").unwrap();
+        assert_eq!(cfg.scheduler.max_queue, DEFAULT_MAX_QUEUE);
+        assert_eq!(
+            cfg.scheduler.max_wait_before_swap,
+            DEFAULT_MAX_WAIT_BEFORE_SWAP
+        );
+        assert_eq!(
+            cfg.scheduler.vram_reserve_bytes,
+            DEFAULT_VRAM_RESERVE_MB * MIB
+        );
+        let a = cfg.model("a").unwrap();
+        assert_eq!((a.vram_bytes, &a.gpus, a.priority), (None, &None, 0));
+
+        let cfg = parse(
+            "[scheduler]\nmax_queue = 10\nmax_wait_before_swap = \"0s\"\nvram_reserve_mb = 0\n\
+             [models.a]\nmodel = \"/a\"\nvram_mb = 6000\ngpus = [1, 0]\npriority = -5\n\
+             [auth.keys.k]\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000001\"\n\
+             scopes = [\"inference\"]\npriority = 100\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.scheduler.max_queue, 10);
+        assert_eq!(cfg.scheduler.max_wait_before_swap, Duration::ZERO);
+        assert_eq!(cfg.scheduler.vram_reserve_bytes, 0);
+        let a = cfg.model("a").unwrap();
+        assert_eq!(a.vram_bytes, Some(6000 * MIB));
+        assert_eq!(a.gpus, Some(vec![1, 0]));
+        assert_eq!(a.priority, -5);
+        assert_eq!(cfg.auth.keys[0].priority, 100);
+
+        for (text, says) in [
+            (
+                "[scheduler]\nmax_queue = 0\n",
+                "2:13: scheduler.max_queue: must be between 1 and 1000000",
+            ),
+            (
+                "[scheduler]\nvram_reserve_mb = -1\n",
+                "2:19: scheduler.vram_reserve_mb: must be between 0 and",
+            ),
+            (
+                "[scheduler]\nmax_wait_before_swap = \"soon\"\n",
+                "scheduler.max_wait_before_swap",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\nvram_mb = 0\n",
+                "3:11: models.a.vram_mb: must be between 1 and",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\ngpus = []\n",
+                "3:8: models.a.gpus: name at least one GPU index",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\ngpus = [0, 64]\n",
+                "3:12: models.a.gpus: 64 is not a GPU index (0 to 63)",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\ngpus = [1, 1]\n",
+                "models.a.gpus: GPU 1 is listed twice",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\ngpus = [0]\nenv = { CUDA_VISIBLE_DEVICES = \"1\" }\n",
+                "models.a: give either `gpus` or env CUDA_VISIBLE_DEVICES, not both",
+            ),
+            (
+                "[models.a]\nmodel = \"/a\"\npriority = 1001\n",
+                "3:12: models.a.priority: must be between -1000 and 1000",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
     fn issue_example_shape_parses() {
         let cfg = parse(
             r#"

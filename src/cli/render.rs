@@ -51,28 +51,54 @@ fn load_column(m: &serde_json::Value) -> String {
     m["load_ms"].as_u64().map_or_else(|| "-".into(), tenths)
 }
 
-/// Renders `/admin/ps`: only models that hold a process.
+/// `5000M` or `-`.
+fn mebibytes(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "-".into(), |b| format!("{:.0}M", b as f64 / 1048576.0))
+}
+
+/// The GPU memory column: `5000M@1` (on GPU 1), or `-`.
+fn vram_column(m: &serde_json::Value) -> String {
+    match (m["vram_bytes"].as_u64(), m["gpu"].as_u64()) {
+        (Some(_), Some(gpu)) => format!("{}@{gpu}", mebibytes(&m["vram_bytes"])),
+        (Some(_), None) => mebibytes(&m["vram_bytes"]),
+        _ => "-".into(),
+    }
+}
+
+/// Renders `/admin/ps`: models that hold a process or have requests
+/// waiting for them.
 pub fn format_ps(value: &serde_json::Value) -> String {
     let mut out = format!(
-        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
-        "NAME", "STATE", "PID", "PORT", "MEM", "INFLIGHT", "IDLE", "UPTIME", "LOAD"
+        "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
+        "NAME",
+        "STATE",
+        "PID",
+        "PORT",
+        "MEM",
+        "VRAM",
+        "INFLIGHT",
+        "WAITING",
+        "IDLE",
+        "UPTIME",
+        "LOAD"
     );
     for m in value["models"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|m| !m["pid"].is_null())
+        .filter(|m| !m["pid"].is_null() || m["waiting"].as_u64().unwrap_or(0) > 0)
     {
         out.push_str(&format!(
-            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
+            "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
             m["name"].as_str().unwrap_or("?"),
             m["state"].as_str().unwrap_or("?"),
             opt(&m["pid"]),
             port_or_unix(m),
-            m["rss_bytes"]
-                .as_u64()
-                .map_or_else(|| "-".into(), |b| format!("{:.0}M", b as f64 / 1048576.0)),
+            mebibytes(&m["rss_bytes"]),
+            vram_column(m),
             m["inflight"].as_u64().unwrap_or(0),
+            m["waiting"].as_u64().unwrap_or(0),
             secs(&m["idle_s"]),
             secs(&m["uptime_s"]),
             load_column(m),
@@ -308,5 +334,21 @@ mod tests {
                 .any(|l| l.starts_with("c ") && l.contains(" unix ")),
             "{t}"
         );
+    }
+
+    #[test]
+    fn ps_shows_gpu_memory_by_gpu_and_models_with_requests_waiting() {
+        let v = serde_json::json!({"models": [
+            {"name": "g", "state": "ready", "pid": 12, "inflight": 2, "waiting": 0, "gpu": 1, "vram_bytes": 5242880000u64},
+            {"name": "q", "state": "stopped", "pid": null, "inflight": 0, "waiting": 3},
+            {"name": "idle", "state": "stopped", "pid": null, "inflight": 0, "waiting": 0}
+        ]});
+        let t = format_ps(&v);
+        let g = t.lines().find(|l| l.starts_with("g ")).unwrap_or_default();
+        assert!(g.contains(" 5000M@1 "), "{t}");
+        let q = t.lines().find(|l| l.starts_with("q ")).unwrap_or_default();
+        let cols: Vec<&str> = q.split_whitespace().collect();
+        assert_eq!(cols.get(7), Some(&"3"), "the WAITING column: {t}");
+        assert!(!t.contains("\nidle "), "{t}");
     }
 }

@@ -214,9 +214,11 @@ pub async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
                 now + Duration::from_secs_f64(left)
             }
         };
-        // What the child holds in memory; the file size until it can be
-        // read.
-        let size = s.rss_bytes.unwrap_or(info.size);
+        // What the child holds in memory, host and GPU (Ollama's `size` is
+        // the whole, `size_vram` the GPU's part); the file size until it
+        // can be read.
+        let vram = s.vram_bytes.unwrap_or(0);
+        let size = s.rss_bytes.map_or(info.size, |rss| rss + vram);
         let mut entry = json!({
             "name": tagged(&m.name),
             "model": tagged(&m.name),
@@ -224,7 +226,7 @@ pub async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
             "digest": info.digest,
             "details": details(&info),
             "expires_at": timestamp(expires),
-            "size_vram": 0,
+            "size_vram": vram,
         });
         if let Some(n) = context_length(m, info.header.as_deref()) {
             entry["context_length"] = json!(n);
