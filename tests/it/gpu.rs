@@ -421,3 +421,178 @@ fn process_memory_goes_to_the_visible_gpu_and_up_the_tree() {
     assert_eq!(after.gpu(1).unwrap().used_bytes, 0);
     assert!(after.tree_usage(std::process::id()).is_empty());
 }
+
+/// Polls `/admin/ps` until `name` shows `vram_bytes` of `bytes`; returns
+/// its entry.
+async fn wait_vram(d: &Daemon, name: &str, bytes: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = d.model(name).await;
+        if m["vram_bytes"].as_u64() == Some(bytes) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never showed {bytes} bytes of GPU memory: {m}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Real llama-server children placed by the fake GPUs' memory: the
+/// fullest GPU a model fits on, with CUDA_VISIBLE_DEVICES set to it (the
+/// fake charges the child to that GPU); a model declared smaller than it
+/// measures is warned about with both numbers; `gpus = [0]` evicts the
+/// idle model there rather than going elsewhere; one that can never fit
+/// fails at once with the numbers; the figures reach ps, /metrics,
+/// Ollama's /api/ps, the request rows and the stop event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_are_placed_evicted_and_refused_by_measured_gpu_memory() {
+    let fake = fake_nvml_dir().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mark = marker("place");
+    let (x, y, z, huge) = (
+        format!("{mark}-x"),
+        format!("{mark}-y"),
+        format!("{mark}-z"),
+        format!("{mark}-huge"),
+    );
+    write_state(
+        &state,
+        &format!(
+            "gpu 0 Fake-A total_mib=4000 used_mib=0 util=50\n\
+             gpu 1 Fake-B total_mib=4000 used_mib=0 util=10\n\
+             proc 2500 --alias {x} \n\
+             proc 2500 --alias {y} \n\
+             proc 3000 --alias {z} \n"
+        ),
+    );
+    let d = Daemon::start_env(
+        &format!(
+            "[gpu]\nsample_interval = \"200ms\"\n\
+             [scheduler]\nmax_loaded = 4\nvram_reserve_mb = 500\n\
+             [history]\nbatch_window = \"10ms\"\n{}{}{}{}",
+            tiny_model_table(&x, "vram_mb = 2000"),
+            tiny_model_table(&y, "vram_mb = 2500"),
+            tiny_model_table(&z, "vram_mb = 3000\ngpus = [0]"),
+            tiny_model_table(&huge, "vram_mb = 5000"),
+        ),
+        &[
+            ("LD_LIBRARY_PATH", &fake),
+            ("FAKE_NVML_STATE", state.to_str().unwrap()),
+        ],
+    );
+    // The trailing space in the rules keeps "-x " from matching "-xy".
+    assert_eq!(chat_status(&d.addr, &x).await, StatusCode::OK);
+    let m = wait_vram(&d, &x, 2500 * MIB).await;
+    assert_eq!(m["gpu"], 0, "both GPUs equally free: the first: {m}");
+    assert_eq!(m["vram_need_source"], "declared");
+    let warned: Vec<String> = d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("more GPU memory than its vram_mb"))
+        .map(String::from)
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        warned[0].contains("\"measured_mib\":2500") && warned[0].contains("\"vram_mb\":2000"),
+        "{warned:?}"
+    );
+
+    // 4000 - 500 reserved - 2500 leaves 1000 on GPU 0: y goes on GPU 1.
+    assert_eq!(chat_status(&d.addr, &y).await, StatusCode::OK);
+    assert_eq!(wait_vram(&d, &y, 2500 * MIB).await["gpu"], 1);
+
+    // z may only use GPU 0: x, idle, is evicted for it; y stays.
+    assert_eq!(chat_status(&d.addr, &z).await, StatusCode::OK);
+    assert_eq!(wait_vram(&d, &z, 3000 * MIB).await["gpu"], 0);
+    assert_eq!(d.model(&x).await["state"], "stopped");
+    assert_eq!(d.model(&y).await["state"], "ready");
+
+    // 5000 MiB fits on neither 4000 MiB GPU: refused at once, with why.
+    let began = Instant::now();
+    let (status, body) = request(
+        &d.addr,
+        hyper::Method::POST,
+        "/v1/chat/completions",
+        Some(chat(&huge, 1, false).to_string()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(began.elapsed() < Duration::from_secs(5));
+    assert_eq!(body["error"]["code"], "insufficient_gpu_memory", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs 5000 MiB of GPU memory")
+            && message.contains("GPU 0: 4000 MiB total, 500 MiB reserved"),
+        "{message}"
+    );
+    assert_eq!(d.model(&huge).await["starts"], 0);
+
+    let text = wait_metrics(
+        &d,
+        &[
+            format!(
+                "claracore_model_vram_bytes{{model=\"{z}\",gpu=\"0\"}} {}",
+                3000 * MIB
+            ),
+            format!(
+                "claracore_model_vram_bytes{{model=\"{y}\",gpu=\"1\"}} {}",
+                2500 * MIB
+            ),
+            format!("claracore_model_vram_bytes{{model=\"{x}\",gpu=\"0\"}} 0"),
+        ],
+    )
+    .await;
+    assert!(
+        text.contains("claracore_queue_wait_seconds_bucket"),
+        "{text}"
+    );
+
+    let (_, ollama_ps) = d.get("/api/ps").await;
+    let entry = ollama_ps["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == format!("{y}:latest"))
+        .cloned()
+        .unwrap_or_else(|| panic!("{y} not in {ollama_ps}"));
+    assert_eq!(entry["size_vram"], 2500 * MIB, "{entry}");
+
+    // The rows: z's request ran on GPU 0, which held x's 2500 MiB when it
+    // was leased (before z had allocated) at the earliest.
+    let rows = d.wait_rows(4, Duration::from_secs(10)).await;
+    let row = rows.iter().find(|r| r["model"] == z).unwrap();
+    assert_eq!(row["gpu"], 0, "{row}");
+    assert!(row["gpu_mem_before_bytes"].as_u64().is_some(), "{row}");
+    assert!(row["gpu_mem_after_bytes"].as_u64().is_some(), "{row}");
+    assert_eq!(row["gpu_utilization"], 0.5, "{row}");
+    assert!(row["queue_wait_ms"].as_f64().unwrap() > 0.0, "{row}");
+    let refused = rows.iter().find(|r| r["model"] == huge).unwrap();
+    assert_eq!(refused["outcome"], "rejected", "{refused}");
+
+    // x's stop event holds its run's peak: what it learns to need.
+    let db = rusqlite::Connection::open_with_flags(
+        d.dir.path().join("state/history.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (gpu, peak): (i64, i64) = loop {
+        let found = db.query_row(
+            "SELECT gpu, vram_bytes FROM model_events WHERE model = ?1 AND event = 'stopped'",
+            [&x],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        );
+        match found {
+            Ok(v) => break v,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("no stop event for {x}: {e}"),
+        }
+    };
+    assert_eq!((gpu, peak as u64), (0, 2500 * MIB));
+}
