@@ -290,6 +290,27 @@ let
           };
           description = "Environment variables for this model's process.";
         };
+        vram_mb = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          example = 6000;
+          description = ''
+            The GPU memory (MiB) the model needs. `null`: the most it used in its
+            last runs (measured through NVML), else an estimate from its GGUF.
+          '';
+        };
+        gpus = mkOption {
+          type = types.nullOr (types.nonEmptyListOf (types.ints.between 0 63));
+          default = null;
+          example = [ 0 ];
+          description = "The GPUs (NVML indices) it may be placed on; `null`: any.";
+        };
+        priority = mkOption {
+          type = types.nullOr (types.ints.between (-1000) 1000);
+          default = null;
+          example = 10;
+          description = "Added to the priority of its requests while they wait: higher is served first and may swap a busy model out before the fairness bound.";
+        };
       };
     };
 in
@@ -608,6 +629,42 @@ in
                 stop_grace = duration "10s" "SIGTERM to SIGKILL grace for a model's process group.";
                 shutdown_timeout = duration "30s" "How long a stop waits for requests in flight.";
                 health_interval = duration "10s" "Period of health pings to ready models; `\"0\"` = off.";
+                max_queue = mkOption {
+                  type = types.ints.between 1 1000000;
+                  default = 256;
+                  description = "Requests waiting for models (not ready yet) at once, over all models; beyond it 503 with Retry-After.";
+                };
+                max_wait_before_swap = duration "5s" ''
+                  The fairness bound of grouping requests by model: a loaded model still
+                  in use is swapped out for another model's requests once the oldest of
+                  them has waited this long (sooner for a higher priority). `"0s"` swaps
+                  at once.
+                '';
+                vram_reserve_mb = mkOption {
+                  type = types.ints.unsigned;
+                  default = 512;
+                  description = "GPU memory (MiB) kept free on every GPU when placing a model.";
+                };
+              };
+            };
+          };
+          gpu = mkOption {
+            default = { };
+            description = ''
+              GPU readings through NVML (loaded at run time; without an NVIDIA driver
+              there are none, which is normal). `nvml_library` (an absolute path) may be
+              set here too; by default the loader's search and then
+              `/run/opengl-driver/lib/libnvidia-ml.so.1` are tried.
+            '';
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                enabled = mkOption {
+                  type = types.bool;
+                  default = true;
+                  description = "Read GPU memory, use, temperature and power, and place models by measured GPU memory.";
+                };
+                sample_interval = duration "2s" "How often the GPUs are read (100ms to 1h).";
               };
             };
           };
@@ -680,6 +737,12 @@ in
               default = null;
               example = "2027-01-31";
               description = "When the key stops working: a date or an RFC 3339 time.";
+            };
+            priority = mkOption {
+              type = types.nullOr (types.ints.between (-1000) 1000);
+              default = null;
+              example = 10;
+              description = "Added to the priority of its requests while they wait for a model.";
             };
           };
         }

@@ -181,6 +181,25 @@ let
       cpuQuota = "200%";
     };
     state-dir.config.services.claracore.settings.state_dir = "/srv/claracore";
+    # The queue and GPU settings, typed in the module, as the daemon reads them.
+    queue-gpu.config.services.claracore = {
+      settings.scheduler = {
+        max_queue = 64;
+        max_wait_before_swap = "2s";
+        vram_reserve_mb = 1024;
+      };
+      settings.gpu.sample_interval = "500ms";
+      models.tiny = tinyModel // {
+        vram_mb = 1200;
+        gpus = [ 0 ];
+        priority = 5;
+      };
+      apiKeys.batch = {
+        hash = "sha256:18fdf5a0a968df83bcbe43255e56234f270b03b5e479f70adc4a8db3edb9fd58";
+        scopes = [ "inference" ];
+        priority = -10;
+      };
+    };
     freeform.config.services.claracore = {
       settings.log_format = "json";
       settings.models."qwen2.5".model = "/models/qwen.gguf";

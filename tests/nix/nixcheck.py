@@ -497,6 +497,14 @@ def scenario_checks(data: dict) -> None:
     check(fw["firewall"] == [5800, 5801] and fw["sockets"]["claracore"]["listenStreams"] == ["0.0.0.0:5800", "[::]:5801"] and fw["warnings"] == [],
           "eval firewall: TCP ports of listen opened, v6 included", str(fw["firewall"]))
     check(d["firewall"] == [], "eval default: firewall closed unless openFirewall", str(d["firewall"]))
+    qg = data["queue-gpu"]["settings"]
+    check(qg["scheduler"]["max_queue"] == 64 and qg["scheduler"]["max_wait_before_swap"] == "2s"
+          and qg["scheduler"]["vram_reserve_mb"] == 1024 and qg["gpu"] == {"enabled": True, "sample_interval": "500ms"}
+          and {k: qg["models"]["tiny"][k] for k in ("vram_mb", "gpus", "priority")} == {"vram_mb": 1200, "gpus": [0], "priority": 5}
+          and qg["auth"]["keys"]["batch"]["priority"] == -10,
+          "eval queue-gpu: queue, GPU, model and key settings render as the daemon reads them", json.dumps(qg))
+    check(all(k not in d["settings"]["models"].get(m, {}) for m in d["settings"].get("models", {}) for k in ("vram_mb", "gpus", "priority")),
+          "eval default: unset vram_mb, gpus and priority stay out of the file", json.dumps(d["settings"].get("models")))
     check(len(data["firewall-loopback"]["warnings"]) == 1, "eval firewall-loopback: warns that openFirewall has no effect", str(data["firewall-loopback"]["warnings"]))
 
     sec = cfg("secrets")
