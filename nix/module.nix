@@ -635,10 +635,10 @@ in
                   description = "Requests waiting for models (not ready yet) at once, over all models; beyond it 503 with Retry-After.";
                 };
                 max_wait_before_swap = duration "5s" ''
-                  The fairness bound of grouping requests by model: a loaded model still
-                  in use is swapped out for another model's requests once the oldest of
-                  them has waited this long (sooner for a higher priority). `"0s"` swaps
-                  at once.
+                  The fairness bound of grouping requests by model: a busy loaded model
+                  is swapped out for another model's requests once the oldest of them
+                  has waited this long (sooner for a higher priority); an idle one at
+                  once. `"0s"` swaps at once.
                 '';
                 vram_reserve_mb = mkOption {
                   type = types.ints.unsigned;

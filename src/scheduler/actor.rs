@@ -107,11 +107,8 @@ impl StopReason {
 const STABLE_UPTIME: Duration = Duration::from_secs(60);
 /// Upper bound of the restart backoff after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A loaded model counts as in use for this long after its last request
-/// ends, so that a client's back-to-back requests keep it loaded while
-/// another model's requests wait (up to the fairness bound).
-const IN_USE_GAP: Duration = Duration::from_millis(250);
-/// While a swap waits for a model in use, how often the actor looks again.
+/// While a swap waits for a busy model, how often the actor looks again
+/// whether it has gone idle.
 const SWAP_RECHECK: Duration = Duration::from_millis(100);
 /// An idle TTL shorter than this is not polled while the model is busy:
 /// its gate reports the last lease instead (`Msg::Idle`), so a zero TTL
@@ -512,8 +509,9 @@ struct Actor {
     next_progress: Instant,
     events_tx: mpsc::UnboundedSender<ChildEvent>,
     self_tx: mpsc::UnboundedSender<Msg>,
-    /// The earliest time a swap held back for a model in use becomes due
-    /// (set by each reconcile).
+    /// When a swap held back for a busy model is looked at again: its
+    /// fairness bound, or sooner to see whether the model went idle (set by
+    /// each reconcile).
     swap_due: Option<Instant>,
     /// Set once shutdown began: who to tell when the last child is gone.
     shutdown: Option<Vec<oneshot::Sender<()>>>,
@@ -718,7 +716,7 @@ impl Actor {
         let Some(slot) = self.slots.get_mut(&name) else {
             return;
         };
-        let reply = Waiter {
+        let waiter = Waiter {
             reply,
             since: Instant::now(),
             priority: priority.saturating_add(slot.config.priority),
@@ -727,26 +725,26 @@ impl Actor {
             Phase::Ready => {
                 // The gate opened after the requester looked.
                 if let Some(lease) = Actor::lease(slot) {
-                    if let Err(Ok(lease)) = reply.reply.send(Ok(lease)) {
+                    if let Err(Ok(lease)) = waiter.reply.send(Ok(lease)) {
                         drop(lease); // the requester left; Release follows
                     }
                 }
             }
             Phase::Pending | Phase::Starting | Phase::Draining | Phase::Stopping => {
-                slot.waiters.push(reply);
+                slot.waiters.push(waiter);
             }
             Phase::Failed if slot.retry_at.is_some_and(|t| t > Instant::now()) => {
                 let retry_after = slot.retry_at.map_or(Duration::ZERO, |t| {
                     t.saturating_duration_since(Instant::now())
                 });
-                let _ = reply.reply.send(Err(AcquireError::BackingOff {
+                let _ = waiter.reply.send(Err(AcquireError::BackingOff {
                     model: name.to_string(),
                     reason: slot.last_error.clone().unwrap_or_default(),
                     retry_after,
                 }));
             }
             Phase::Stopped | Phase::Failed => {
-                slot.waiters.push(reply);
+                slot.waiters.push(waiter);
                 self.make_pending(&name);
                 self.reconcile();
             }
@@ -1237,12 +1235,13 @@ impl Actor {
     }
 
     /// Starts pending models where capacity allows, evicting as needed:
-    /// the highest-priority, longest-waiting first. A model still in use
-    /// (busy, or used within [`IN_USE_GAP`]) is not swapped out for
-    /// another's requests until the oldest of them has waited
-    /// `max_wait_before_swap`, unless they have a higher priority than
-    /// the model in use: so ABAB traffic is served AABB without starving
-    /// anyone.
+    /// the highest-priority, longest-waiting first. A busy model is not
+    /// swapped out for another's requests until the oldest of them has
+    /// waited `max_wait_before_swap`, unless they have a higher priority
+    /// than the busy model: its own requests keep going straight in
+    /// meanwhile, so ABAB traffic from concurrent clients is served AABB
+    /// without starving anyone, while an idle model (a lone client
+    /// alternating models) is swapped at once.
     fn reconcile(&mut self) {
         let now = Instant::now();
         self.swap_due = None;
@@ -1294,14 +1293,13 @@ impl Actor {
                             .get(v)
                             .is_some_and(|s| priority > s.config.priority)
                     });
-                    let in_use = victims.iter().any(|v| {
-                        self.slots.get(v).is_some_and(|s| {
-                            s.inflight() > 0
-                                || now.saturating_duration_since(s.last_used()) < IN_USE_GAP
-                        })
-                    });
+                    let in_use = victims
+                        .iter()
+                        .any(|v| self.slots.get(v).is_some_and(|s| s.inflight() > 0));
                     if in_use && !outranks && now < due_at {
-                        self.swap_due = Some(self.swap_due.map_or(due_at, |d| d.min(due_at)));
+                        let look_again = due_at.min(now + SWAP_RECHECK);
+                        self.swap_due =
+                            Some(self.swap_due.map_or(look_again, |d| d.min(look_again)));
                         continue;
                     }
                     for victim in victims {
@@ -1448,10 +1446,11 @@ impl Actor {
             .map(|(n, _)| n.clone())
     }
 
-    /// When a swap held back for a model in use is looked at again.
+    /// When a swap held back for a busy model is looked at again: fixed
+    /// when it was held back, so a stream of other messages cannot keep
+    /// pushing it out.
     fn next_swap_deadline(&self) -> Option<Instant> {
-        let due = self.swap_due?;
-        Some(due.min(Instant::now() + SWAP_RECHECK))
+        self.swap_due
     }
 
     fn start_child(&mut self, name: &Arc<str>, gpu: Option<u32>) {
@@ -2264,20 +2263,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_model_idle_past_the_gap_is_swapped_at_once() {
+    async fn an_idle_model_is_swapped_at_once_and_a_busy_one_once_it_goes_idle() {
         let (s, fake) = start(&format!(
             "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n{TWO_MODELS}"
         ));
+        // A lone client alternating models waits for no bound.
         drop(lease(&s, &fake, "a").await);
-        // Used 100 ms ago: still in use by a client's back-to-back requests.
-        tokio::time::advance(Duration::from_millis(100)).await;
-        let _b = acquire(&s, "b");
-        settle().await;
-        assert!(!fake.stop_asked("a"));
-        // Once the gap has passed with no request, it goes.
-        tokio::time::advance(Duration::from_millis(300)).await;
+        let b = acquire(&s, "b");
         settle().await;
         assert!(fake.stop_asked("a"), "an idle model does not hold b back");
+        fake.exit("a", ExitReason::Stopped);
+        settle().await;
+        fake.ready("b");
+        let b = b.await.unwrap().unwrap();
+        // Busy: held; idle before the bound: it goes at the next look.
+        let _a = acquire(&s, "a");
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        settle().await;
+        assert!(!fake.stop_asked("b"));
+        drop(b);
+        tokio::time::advance(SWAP_RECHECK).await;
+        settle().await;
+        assert!(fake.stop_asked("b"), "once idle, b goes before the bound");
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,12 +58,31 @@
 //! The scheduler owns every model's output ring ([`ModelLogs`], written by
 //! the supervisor's readers); [`Scheduler::logs`] is the reading side.
 //!
+//! Waiters queue per model, bounded over all models by
+//! `scheduler.max_queue` ([`AcquireError::QueueFull`] beyond it). Pending
+//! starts are granted by priority (the requester's key's plus the model's),
+//! then age. A start that needs a loaded model gone waits while that model
+//! is busy until the oldest waiter has waited
+//! `scheduler.max_wait_before_swap`, unless the waiters outrank the model:
+//! requests for the loaded model keep going straight in, so ABAB traffic
+//! is served AABB and nobody waits past the bound.
+//!
+//! With GPU readings ([`Gpus`]), a model that needs GPU memory (declared
+//! `vram_mb`, else the peak of its last runs, else its GGUF estimate) is
+//! placed by [`planner::place`] over a reading taken after it began to
+//! wait and after the last child went away, and its child gets
+//! `CUDA_VISIBLE_DEVICES` for the chosen GPU. Each reading updates every
+//! running model's measured use ([`Event::Vram`]); a run's peak is kept
+//! (and stored with its stop event) as what the model needs next time. A
+//! start that runs out of memory evicts one more idle model and is tried
+//! once more.
+//!
 //! The scheduler reports through the event bus (lifecycle steps, state
 //! changes, progress); it never calls metrics, history or the API. Its clock is
 //! tokio's, so tests drive TTLs and backoff under `tokio::time::pause()`.
 //!
 //! - [`gate`]: the atomic fast path to a ready child.
-//! - [`planner`]: pure eviction (groups, `max_loaded`).
+//! - [`planner`]: pure eviction (groups, `max_loaded`) and GPU placement.
 //! - [`actor`]: the run loop, behind a [`Spawner`].
 
 mod actor;

@@ -96,7 +96,7 @@ async fn a_priority_key_swaps_a_busy_model_out_before_an_older_plain_request() {
          [auth.keys.vip]\nhash = \"{}\"\nscopes = [\"inference\"]\npriority = 10\n{}{}{}",
         hash(PLAIN),
         hash(VIP),
-        tiny_model_table("a", ""),
+        fake_model_table("a", &["--chunk-delay-ms", "100"], ""),
         tiny_model_table("b", ""),
         tiny_model_table("c", "")
     ));
@@ -116,41 +116,42 @@ async fn a_priority_key_swaps_a_busy_model_out_before_an_older_plain_request() {
             (status, began.elapsed())
         }
     };
-    // `a` stays in use: one client sends to it back to back.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // `a` stays busy: one stream of 40 chunks 100 ms apart (the fake
+    // upstream), so the swap below can only come from the priority.
     let busy = {
-        let stop = stop.clone();
         let addr = d.addr.clone();
         tokio::spawn(async move {
             let auth = format!("Bearer {PLAIN}");
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (status, _, _) = send_with_headers(
-                    &addr,
-                    Method::POST,
-                    "/v1/chat/completions",
-                    &[("authorization", &auth)],
-                    Some(chat("a", 2, false).to_string()),
-                )
-                .await;
-                assert_eq!(status, StatusCode::OK);
-            }
+            send_with_headers(
+                &addr,
+                Method::POST,
+                "/v1/chat/completions",
+                &[("authorization", &auth)],
+                Some(chat("a", 40, true).to_string()),
+            )
+            .await
+            .0
         })
     };
     d.wait_state("a", "ready", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let plain = tokio::spawn(ask("b", PLAIN));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (vip_status, vip_took) = ask("c", VIP).await;
     assert_eq!(vip_status, StatusCode::OK);
     assert!(
         !plain.is_finished(),
-        "the older plain request for b still waits while a is in use"
+        "the older plain request for b still waits while a is busy"
     );
     assert!(
         vip_took < Duration::from_secs(30),
         "the priority request swapped a out at once: {vip_took:?}"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    busy.await.unwrap();
+    assert_eq!(
+        busy.await.unwrap(),
+        StatusCode::OK,
+        "a's stream was drained, not cut"
+    );
     let (plain_status, plain_took) = plain.await.unwrap();
     assert_eq!(plain_status, StatusCode::OK);
     assert!(plain_took > vip_took, "{plain_took:?} vs {vip_took:?}");
