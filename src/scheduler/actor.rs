@@ -622,6 +622,16 @@ impl Actor {
                 reply,
             } => self.acquire(&model, priority, reply),
             Msg::Drained { model, instance } => self.drained(&model, instance),
+            Msg::Left { model } => {
+                if let Some(slot) = self.slots.get_mut(model.as_str()) {
+                    let anyone = slot.prune_waiters();
+                    if slot.phase == Phase::Pending && !anyone && !slot.preloading {
+                        tracing::debug!(model = %model, "every request waiting for the model has gone; not starting it");
+                        slot.phase = Phase::Stopped;
+                        slot.oom_retried = false;
+                    }
+                }
+            }
             Msg::Idle { model, instance } => {
                 if current(&mut self.slots, &model, instance).is_some() {
                     self.expire_idle();
@@ -2330,6 +2340,27 @@ mod tests {
         let _a = lease(&s, &fake, "a").await;
         let _u = acquire(&s, "urgent");
         assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_whose_client_left_leaves_the_queue_at_once() {
+        let (s, fake) = start(&format!(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"60s\"\n{TWO_MODELS}"
+        ));
+        let _a = lease(&s, &fake, "a").await;
+        let b = acquire(&s, "b");
+        settle().await;
+        assert_eq!(status_of(&s, "b").await.waiting, 1);
+        b.abort();
+        settle().await;
+        let st = status_of(&s, "b").await;
+        assert_eq!((st.waiting, st.state), (0, ModelState::Stopped));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        settle().await;
+        assert!(
+            !fake.stop_asked("a"),
+            "the bound of a gone waiter evicts nothing"
+        );
     }
 
     #[tokio::test(start_paused = true)]

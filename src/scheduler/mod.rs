@@ -140,6 +140,23 @@ pub enum AcquireError {
     },
 }
 
+/// Tells the actor when a waiting acquire is dropped before its answer.
+struct Withdraw<'a> {
+    tx: &'a mpsc::UnboundedSender<Msg>,
+    model: &'a str,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Msg::Left {
+                model: self.model.to_string(),
+            });
+        }
+    }
+}
+
 /// An idle TTL set at run time (Ollama's `keep_alive`), replacing the
 /// model's configured `ttl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +308,11 @@ enum Msg {
         priority: i32,
         reply: Reply,
     },
+    /// A requester waiting for `model` went away (its request was
+    /// dropped): its place in the queue is freed now.
+    Left {
+        model: String,
+    },
     /// The last lease of a closed gate was returned.
     Drained {
         model: Arc<str>,
@@ -428,7 +450,14 @@ impl Scheduler {
                 reply,
             })
             .map_err(|_| AcquireError::ShuttingDown)?;
-        rx.await.unwrap_or(Err(AcquireError::ShuttingDown))
+        let mut waiting = Withdraw {
+            tx: &self.tx,
+            model,
+            armed: true,
+        };
+        let result = rx.await.unwrap_or(Err(AcquireError::ShuttingDown));
+        waiting.armed = false;
+        result
     }
 
     /// Starts `model` (a canonical name) if needed and returns once it is
