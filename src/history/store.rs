@@ -837,6 +837,42 @@ mod tests {
     }
 
     #[test]
+    fn recent_vram_peaks_are_the_last_runs_per_model_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = open_for_writing(&dir.path().join("h.db")).unwrap();
+        let event = |model: &str, kind, at_ms, vram: Option<u64>| {
+            let mut e = ModelEvent::new(model, kind, at_ms);
+            e.vram_bytes = vram;
+            e.gpu = vram.map(|_| 1);
+            Arc::new(e)
+        };
+        let mut events = Vec::new();
+        for i in 0..4u64 {
+            events.push(event(
+                "a",
+                ModelEventKind::Stopped,
+                1000 + i as i64,
+                Some(i << 30),
+            ));
+        }
+        events.push(event("a", ModelEventKind::Crashed, 2000, Some(9 << 30)));
+        events.push(event("a", ModelEventKind::Ready, 3000, None));
+        events.push(event("b", ModelEventKind::Stopped, 10, None));
+        write_batch(&mut conn, &[], &events, &[], &[]).unwrap();
+        assert_eq!(
+            recent_vram_peaks(&conn, 3).unwrap(),
+            [("a".to_string(), vec![2 << 30, 3 << 30, 9 << 30])],
+            "the newest three with a figure (a run of 0 bytes says nothing)"
+        );
+        let gpu: i64 = conn
+            .query_row("SELECT gpu FROM model_events WHERE at_ms = 2000", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(gpu, 1);
+    }
+
+    #[test]
     fn migrates_an_empty_file_and_refuses_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.db");
