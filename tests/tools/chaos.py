@@ -584,9 +584,8 @@ class Chaos:
         self.reloads.append(r)
         return r
 
-    def fill_disk(self):
-        if not self.args.tmpfs:
-            return {"skipped": "the history directory is not a tmpfs this run could mount (needs root)"}
+    def fill(self):
+        """Fills the history tmpfs with a file; returns (start, MiB)."""
         filler = os.path.join(self.args.state, "filler")
         t = time.time()
         written = 0
@@ -605,17 +604,30 @@ class Chaos:
                     except OSError:
                         pass
                     break
-        hold = self.rng.uniform(3, 6)
-        time.sleep(hold)
-        os.unlink(filler)
+        return t, round(written / (1 << 20), 1)
+
+    def free(self, t):
+        os.unlink(os.path.join(self.args.state, "filler"))
         end = time.time()
         self.full_periods.append((t, end))
-        return {"filled_mib": round(written / (1 << 20), 1), "held_s": round(end - t, 1)}
+        return round(end - t, 1)
+
+    def fill_disk(self):
+        if not self.args.tmpfs:
+            return {"skipped": "the history directory is not a tmpfs this run could mount (needs root)"}
+        t, mib = self.fill()
+        time.sleep(self.rng.uniform(3, 6))
+        return {"filled_mib": mib, "held_s": self.free(t)}
 
     def kill_daemon(self):
+        # The smoke always, the full run by the seed's choice: the daemon is
+        # killed, and starts again, while the history disk is full.
+        full = self.args.tmpfs and (self.args.smoke or self.rng.random() < 0.5)
         dropped = self.daemon.dropped()
         if dropped is not None:
             self.dropped_before_kills += dropped
+        if full:
+            t_full, mib = self.fill()
         pid = self.daemon.pid
         kids = [p for p, v in soak_llama_servers(self.args.llama_exe, self.args.marker).items() if v[1] == pid]
         t = time.time()
@@ -624,21 +636,40 @@ class Chaos:
         self.daemon.mark_ended()
         gone_after = None
         while time.time() - t < 5:
-            if all(proc_stat(k) in (None,) or proc_stat(k)[0] == "Z" for k in kids):
+            if all(proc_stat(k) is None or proc_stat(k)[0] == "Z" for k in kids):
                 gone_after = time.time() - t
                 break
             time.sleep(0.02)
-        left = [k for k in kids if proc_stat(k) not in (None,) and proc_stat(k)[0] != "Z"]
-        restart_s = self.daemon.start()
+        left = [k for k in kids if proc_stat(k) is not None and proc_stat(k)[0] != "Z"]
+        start_error = None
+        try:
+            restart_s = self.daemon.start()
+        except RuntimeError as e:
+            # Recorded as a failure; the soak goes on with the disk freed.
+            start_error = str(e)
+            restart_s = None
         r = {
             "pid": pid,
+            "disk_full": full,
             "children": len(kids),
             "children_gone_after_s": None if gone_after is None else round(gone_after, 3),
             "children_left": left,
-            "restarted_in_s": round(restart_s, 2),
+            "restarted_in_s": None if restart_s is None else round(restart_s, 2),
+            "start_error": start_error,
             "dropped_metric_before": dropped,
             "t": t,
         }
+        if full:
+            time.sleep(2)
+            r["filled_mib"] = mib
+            r["full_for_s"] = self.free(t_full)
+        if start_error:
+            t_retry = time.time()
+            try:
+                self.daemon.start()
+            except RuntimeError as e:
+                r["second_start_error"] = str(e)
+            r["second_start_after_s"] = round(time.time() - t_retry, 2)
         self.kills.append(r)
         return r
 
@@ -942,8 +973,12 @@ def main():
     for k in chaos.kills:
         checks.check(
             not k["children_left"] and k["children_gone_after_s"] is not None,
-            f"children gone after the daemon SIGKILL: {k['children']}, in {k['children_gone_after_s']} s;"
-            f" daemon restarted in {k['restarted_in_s']} s",
+            f"children gone after the daemon SIGKILL: {k['children']} in {k['children_gone_after_s']} s",
+        )
+        checks.check(
+            k["start_error"] is None,
+            f"daemon started again after its SIGKILL{' on a full history disk' if k['disk_full'] else ''}"
+            f" in {k['restarted_in_s']} s" + (f": {k['start_error']}" if k["start_error"] else ""),
         )
     if not chaos.kills:
         checks.check(False, "the daemon SIGKILL happened")
