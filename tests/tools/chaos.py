@@ -527,11 +527,28 @@ class Chaos:
             return {"skipped": "child gone"}
         return {"pid": pid, "model": model}
 
+    def ready_pids(self):
+        try:
+            status, body = self.daemon.admin("GET", "/admin/ps", timeout=5)
+            if status == 200:
+                return {m["pid"] for m in json.loads(body)["models"] if m.get("state") == "ready" and m.get("pid")}
+        except (OSError, ValueError, KeyError):
+            pass
+        return set()
+
     def stop_child(self):
-        procs = self.children()
-        if not procs:
-            return {"skipped": "no running child"}
-        pid = self.rng.choice(sorted(procs))
+        # A ready child: the health checks watch those. One stopped while
+        # it loads is bounded by start_timeout instead (60 s here).
+        deadline = time.time() + 10
+        while True:
+            procs = self.children(wait_s=0)
+            ready = self.ready_pids() & set(procs)
+            if ready or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        if not ready:
+            return {"skipped": "no ready child"}
+        pid = self.rng.choice(sorted(ready))
         model = model_of(procs[pid][2], self.args.work)
         cmdline = procs[pid][2]
         t = time.time()
@@ -861,6 +878,13 @@ def main():
     ):
         rows.setdefault(rid, []).append((status, outcome, pt, ct, fin))
     events = conn.execute("SELECT event, reason, count(*) FROM model_events GROUP BY event, reason").fetchall()
+    stop_reasons = {}
+    for s in chaos.stopped:
+        row = conn.execute(
+            "SELECT event || '/' || coalesce(reason, '-') FROM model_events WHERE pid = ? AND event IN ('crashed', 'stopped') ORDER BY id DESC LIMIT 1",
+            (s["pid"],),
+        ).fetchone()
+        stop_reasons[row[0] if row else "no event"] = stop_reasons.get(row[0] if row else "no event", 0) + 1
     conn.close()
 
     kill_t = [k["t"] for k in chaos.kills]
@@ -994,7 +1018,8 @@ def main():
             f" (slowest {max(s['killed_by_claracore_after_s'] for s in chaos.stopped if s['killed_by_claracore_after_s'] is not None):.1f} s)"
             if len(slow) < len(chaos.stopped)
             else ""
-        ),
+        )
+        + (" by " + ", ".join(f"{k} ×{v}" for k, v in sorted(stop_reasons.items())) if stop_reasons else ""),
     )
     bad_reload = [r for r in chaos.reloads if r["applied_after_s"] is None]
     checks.check(not bad_reload, f"reloads applied within 10 s: {len(chaos.reloads) - len(bad_reload)}/{len(chaos.reloads)}")
