@@ -6,7 +6,9 @@
 //! batch window after the first). A full queue or a failing disk drops rows
 //! — counted (`dropped`), warned about at most every 10 s, shown in STATUS
 //! and `/metrics` — and the proxy keeps serving; writing resumes by itself
-//! when the disk recovers. On shutdown everything queued is committed
+//! when the disk recovers. That holds at start too: a database that cannot
+//! be opened because its disk is full or failing is retried by the writer
+//! while the daemon serves. On shutdown everything queued is committed
 //! before the thread exits.
 //!
 //! - [`store`]: the file, migrations, queries, retention, backup.
