@@ -492,6 +492,9 @@ class Chaos:
         self.dropped_before_kills = 0
         self.stopped = []  # dicts per SIGSTOP
         self.reloads = []  # dicts
+        self.fill_bit = []  # per disk-full period: rows dropped meanwhile (None: unknown)
+        self.last_truncated = None
+        self.dropped_at_fill = None
 
     def rel(self, t):
         return t - self.t0
@@ -601,9 +604,27 @@ class Chaos:
         self.reloads.append(r)
         return r
 
+    def truncate_wal(self):
+        """Checkpoints the database's WAL into it and truncates the WAL to
+        zero bytes, as `sqlite3 history.db 'PRAGMA wal_checkpoint(TRUNCATE)'`
+        would. Without it a full disk rarely bites: SQLite rewrites its WAL
+        from the start after each checkpoint, in space it already holds, so
+        only the first fills of a run made writes fail."""
+        try:
+            conn = sqlite3.connect(os.path.join(self.args.state, "history.db"), timeout=5)
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.close()
+            return busy == 0
+        except sqlite3.Error:
+            return False
+
     def fill(self):
         """Fills the history tmpfs with a file; returns (start, MiB)."""
         filler = os.path.join(self.args.state, "filler")
+        self.last_truncated = self.truncate_wal()
+        self.dropped_at_fill = self.daemon.dropped()
         t = time.time()
         written = 0
         chunk = b"\0" * (1 << 20)
@@ -627,6 +648,12 @@ class Chaos:
         os.unlink(os.path.join(self.args.state, "filler"))
         end = time.time()
         self.full_periods.append((t, end))
+        # Whether writes failed meanwhile: the metric grew (one daemon life;
+        # a kill in between resets it, so then it is unknown).
+        time.sleep(0.5)
+        after = self.daemon.dropped()
+        before = self.dropped_at_fill
+        self.fill_bit.append(None if before is None or after is None or after < before else after > before)
         return round(end - t, 1)
 
     def fill_disk(self):
@@ -634,7 +661,8 @@ class Chaos:
             return {"skipped": "the history directory is not a tmpfs this run could mount (needs root)"}
         t, mib = self.fill()
         time.sleep(self.rng.uniform(3, 6))
-        return {"filled_mib": mib, "held_s": self.free(t)}
+        held = self.free(t)
+        return {"filled_mib": mib, "held_s": held, "wal_truncated": self.last_truncated, "rows_dropped": self.fill_bit[-1]}
 
     def kill_daemon(self):
         # The smoke always, the full run by the seed's choice: the daemon is
@@ -677,6 +705,8 @@ class Chaos:
             "t": t,
         }
         if full:
+            # The new life's metric starts at zero.
+            self.dropped_at_fill = 0
             time.sleep(2)
             r["filled_mib"] = mib
             r["full_for_s"] = self.free(t_full)
@@ -964,6 +994,15 @@ def main():
         f"claracore_history_rows_dropped_total: {dropped_total}"
         f" ({len(chaos.full_periods)} disk-full periods)",
     )
+
+    if args.tmpfs:
+        bit = sum(1 for b in chaos.fill_bit if b)
+        known = sum(1 for b in chaos.fill_bit if b is not None)
+        checks.check(
+            bit >= 1 or not chaos.full_periods,
+            f"disk-full periods that made history writes fail (the chaos took effect): {bit}/{known}"
+            f" ({len(chaos.full_periods)} in all)",
+        )
 
     # Requests the client saw no answer to.
     un_kill = [r for r in unanswered if near_kill(r)]
