@@ -171,7 +171,9 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
                 if let Some(note) = note {
                     tracing::error!("{note}");
                 }
-                tracing::info!(path = %config.history.path.display(), "history database open");
+                if !recorder.disk_failing() {
+                    tracing::info!(path = %config.history.path.display(), "history database open");
+                }
                 (recorder, Some(writer))
             }
             Err(e) => {

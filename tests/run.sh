@@ -39,6 +39,9 @@ tests/nix/check.sh
 echo "=== benchmark smoke (gross regressions only)" >&2
 tests/tools/bench.sh --quick
 
+echo "=== chaos soak smoke (~80 s; the 10-minute run: tests/tools/chaos.sh)" >&2
+tests/tools/chaos.sh --smoke
+
 if [ "${CLARACORE_SKIP_VM:-0}" != 1 ]; then
     echo "=== systemd under systemd-nspawn" >&2
     tests/systemd/run-nspawn.sh

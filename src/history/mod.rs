@@ -6,7 +6,9 @@
 //! batch window after the first). A full queue or a failing disk drops rows
 //! — counted (`dropped`), warned about at most every 10 s, shown in STATUS
 //! and `/metrics` — and the proxy keeps serving; writing resumes by itself
-//! when the disk recovers. On shutdown everything queued is committed
+//! when the disk recovers. That holds at start too: a database that cannot
+//! be opened because its disk is full or failing is retried by the writer
+//! while the daemon serves. On shutdown everything queued is committed
 //! before the thread exits.
 //!
 //! - [`store`]: the file, migrations, queries, retention, backup.
@@ -35,6 +37,8 @@ use crate::events::{Event, Sink};
 const MAX_BATCH: usize = 4096;
 /// How often retention and `PRAGMA optimize` run.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(60);
+/// How often the writer retries a database it could not open at start.
+const REOPEN_PERIOD: Duration = Duration::from_secs(5);
 /// At most one dropped-rows warning per this period.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
 
@@ -132,10 +136,26 @@ impl Recorder {
 
     /// Opens and migrates the database, then starts the writer thread.
     /// Returns a note to log when a corrupt file was moved aside.
+    ///
+    /// A database that cannot be opened because its disk is full or
+    /// failing does not stop the daemon: the writer retries the open every
+    /// [`REOPEN_PERIOD`] and drops rows (counted) until it succeeds, as it
+    /// does when the disk fills later.
     pub fn start(config: &HistoryConfig) -> Result<(Recorder, Writer, Option<String>), StoreError> {
-        let (mut conn, note) = store::open_for_writing(&config.path)?;
+        let (opened, note) = match store::open_for_writing(&config.path) {
+            Ok((conn, note)) => (Some(conn), note),
+            Err(e) if e.is_disk_failure() => {
+                tracing::error!(error = %e, retry_s = REOPEN_PERIOD.as_secs(),
+                    "cannot open the history database; serving anyway, dropping history rows (counted) until it opens");
+                (None, None)
+            }
+            Err(e) => return Err(e),
+        };
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
         let shared = Arc::new(Shared::default());
+        shared
+            .disk_failing
+            .store(opened.is_none(), Ordering::Relaxed);
         let born = Instant::now();
         let recorder = Recorder {
             tx: Some(tx.clone()),
@@ -148,7 +168,15 @@ impl Recorder {
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("history-writer".into())
-            .spawn(move || writer_loop(&mut conn, &rx, &writer_shared, born, &config))
+            .spawn(move || {
+                let conn = match opened {
+                    Some(conn) => Some(conn),
+                    None => open_when_possible(&rx, &writer_shared, born, &config),
+                };
+                if let Some(mut conn) = conn {
+                    writer_loop(&mut conn, &rx, &writer_shared, born, &config);
+                }
+            })
             .map_err(|source| StoreError::Io {
                 path: recorder.path.clone().unwrap_or_default(),
                 source,
@@ -370,6 +398,61 @@ fn writer_loop(
         commit(conn, batch, shared);
         if disconnected || stop {
             return;
+        }
+    }
+}
+
+/// The writer while the database could not be opened at start: rows are
+/// dropped (counted), flushes answered, and the open retried every
+/// [`REOPEN_PERIOD`]. `None` when the daemon stops first.
+fn open_when_possible(
+    rx: &mpsc::Receiver<Item>,
+    shared: &Shared,
+    born: Instant,
+    config: &HistoryConfig,
+) -> Option<rusqlite::Connection> {
+    let _ = shared.writer.set(std::thread::current());
+    let mut next_try = Instant::now() + REOPEN_PERIOD;
+    loop {
+        shared
+            .heartbeat_ms
+            .store(born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let wait = next_try
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        match rx.recv_timeout(wait) {
+            Ok(Item::Flush(ack, stop)) => {
+                let _ = ack.send(());
+                if stop {
+                    return None;
+                }
+            }
+            Ok(_) => {
+                shared.depth.fetch_sub(1, Ordering::Relaxed);
+                shared.drop_rows(1, "the history database could not be opened");
+            }
+            Err(RecvTimeoutError::Timeout) if shared.closing.load(Ordering::Relaxed) => {
+                return None
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+        if Instant::now() < next_try {
+            continue;
+        }
+        match store::open_for_writing(&config.path) {
+            Ok((conn, note)) => {
+                if let Some(note) = note {
+                    tracing::error!("{note}");
+                }
+                tracing::info!(path = %config.path.display(), "history database open; recording again");
+                shared.disk_failing.store(false, Ordering::Relaxed);
+                return Some(conn);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "history database still cannot be opened");
+                next_try = Instant::now() + REOPEN_PERIOD;
+            }
         }
     }
 }

@@ -75,6 +75,24 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The disk under the database is full or failing: worth retrying once
+    /// space is freed, unlike a bad file or a setup mistake.
+    pub fn is_disk_failure(&self) -> bool {
+        match self {
+            StoreError::Sqlite { source, .. } | StoreError::Migration { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure)
+            ),
+            StoreError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EIO)
+            ),
+            StoreError::TooNew { .. } | StoreError::Invalid { .. } => false,
+        }
+    }
+}
+
 /// Mode of the database, its `-wal`/`-shm` and backups.
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of a directory created for the database.
@@ -107,7 +125,15 @@ pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), Sto
     let mut note = None;
     let conn = match open_checked(path) {
         Ok(conn) => conn,
-        Err(why) => {
+        // A full or failing disk, a lock, permissions: the file may be
+        // sound, so it stays where it is.
+        Err(OpenFailure::Sqlite(source)) => {
+            return Err(StoreError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(OpenFailure::Corrupt(why)) => {
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or(Duration::ZERO)
@@ -125,9 +151,17 @@ pub fn open_for_writing(path: &Path) -> Result<(Connection, Option<String>), Sto
                 "history database was unreadable ({why}); moved it to {} and started a fresh one",
                 aside.display()
             ));
-            open_checked(path).map_err(|message| StoreError::Invalid {
-                path: path.to_path_buf(),
-                message,
+            // The fresh file is created 0600 here, not by SQLite.
+            make_private(path)?;
+            open_checked(path).map_err(|e| match e {
+                OpenFailure::Sqlite(source) => StoreError::Sqlite {
+                    path: path.to_path_buf(),
+                    source,
+                },
+                OpenFailure::Corrupt(message) => StoreError::Invalid {
+                    path: path.to_path_buf(),
+                    message,
+                },
             })?
         }
     };
@@ -219,30 +253,42 @@ fn tighten(path: &Path, mode: u32, set: impl FnOnce(Permissions) -> std::io::Res
     }
 }
 
+/// Why [`open_checked`] failed.
+enum OpenFailure {
+    /// The file is not a sound database; the text says what is wrong.
+    Corrupt(String),
+    /// Anything else: a full or failing disk, a lock, permissions.
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for OpenFailure {
+    fn from(e: rusqlite::Error) -> OpenFailure {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+                OpenFailure::Corrupt(e.to_string())
+            }
+            _ => OpenFailure::Sqlite(e),
+        }
+    }
+}
+
 /// Opens with the daemon's settings and checks the file is a sound
-/// database; the error text says what is wrong.
-fn open_checked(path: &Path) -> Result<Connection, String> {
-    let conn = Connection::open(path).map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+/// database.
+fn open_checked(path: &Path) -> Result<Connection, OpenFailure> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
-        return Err(format!("quick_check: {check}"));
+        return Err(OpenFailure::Corrupt(format!("quick_check: {check}")));
     }
     // auto_vacuum can only be chosen while the file is empty.
-    let fresh: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+    let fresh: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
     if fresh == 0 {
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
-            .map_err(|e| e.to_string())?;
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
     }
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(conn)
 }
 
@@ -1037,6 +1083,23 @@ mod tests {
         let e = backup(&conn, &planted).unwrap_err();
         assert!(e.to_string().contains("planted.db"), "{e}");
         assert_eq!(std::fs::read(&planted).unwrap(), b"keep me");
+    }
+
+    /// The fresh file after a corrupt one was SQLite's, made with the
+    /// umask's mode (0644 under the usual 022): every recorded prompt
+    /// readable by other users.
+    #[test]
+    fn the_fresh_database_after_a_corrupt_one_was_readable_by_other_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let (conn, note) = open_for_writing(&path).unwrap();
+        assert!(note.is_some());
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+            assert_eq!(mode(&p), FILE_MODE, "{}", p.display());
+        }
     }
 
     #[test]

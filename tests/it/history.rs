@@ -517,6 +517,122 @@ async fn a_full_disk_drops_rows_counted_while_the_proxy_keeps_serving() {
     }
 }
 
+/// Found by tests/tools/chaos.sh (a daemon SIGKILL while the history disk
+/// was full): the restart took the full disk for a corrupt database, moved
+/// the sound file aside as `history.db.corrupt-*`, failed to create a fresh
+/// one and exited, so the service stayed down until the disk was freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_on_a_full_history_disk_moved_the_database_aside_and_did_not_start() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=700k", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test mounts a small tmpfs and needs root"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let body = format!(
+        "[history]\npath = \"{}/history.db\"\n{}",
+        mnt.path().display(),
+        fake_model_table("f", &[], "")
+    );
+    let db_file = mnt.path().join("history.db");
+    let rows = || {
+        count(
+            &Connection::open(&db_file).unwrap(),
+            "SELECT count(*) FROM requests",
+        )
+    };
+
+    let mut first = Daemon::start(&body);
+    assert_eq!(
+        first
+            .post("/v1/chat/completions", &chat("f", 1, false))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait_exit(Duration::from_secs(10)).success());
+    assert_eq!(rows(), 1);
+
+    let filler = mnt.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 700 * 1024]);
+    // Starts (Daemon::start waits for /live and fails if it exits) and serves.
+    let d = Daemon::start(&body);
+    for _ in 0..3 {
+        assert_eq!(
+            d.post("/v1/chat/completions", &chat("f", 1, false)).await.0,
+            StatusCode::OK
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = d.get("/metrics").await;
+        let text = metrics.as_str().unwrap().to_string();
+        let dropped = text
+            .lines()
+            .find_map(|l| l.strip_prefix("claracore_history_rows_dropped_total "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .unwrap_or(0.0);
+        if dropped >= 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rows not written were not counted:\n{text}\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let aside: Vec<String> = std::fs::read_dir(mnt.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt"))
+        .collect();
+    assert!(
+        aside.is_empty(),
+        "a sound database was moved aside: {aside:?}"
+    );
+
+    // Space again: the writer opens the same file and records again.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert_eq!(
+            d.post("/v1/chat/completions", &chat("f", 1, false)).await.0,
+            StatusCode::OK
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if rows() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recording did not resume once the disk had room:\n{}",
+            d.log_text()
+        );
+    }
+    let first_row: i64 = Connection::open(&db_file)
+        .unwrap()
+        .query_row("SELECT min(id) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(first_row, 1, "the rows of the first run are still there");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_taken_under_load_is_a_valid_database() {
     let d = Daemon::start(&fake_model_table("f", &[], ""));
