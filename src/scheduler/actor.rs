@@ -43,7 +43,7 @@ pub(super) fn spawn(
     let actor = Actor {
         snapshot,
         snapshots: 0,
-        stale_until: 0,
+        gone: Vec::new(),
         readings,
         gpus,
         gates,
@@ -107,6 +107,10 @@ impl StopReason {
 const STABLE_UPTIME: Duration = Duration::from_secs(60);
 /// Upper bound of the restart backoff after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a child that went away may still be listed in GPU readings
+/// before placement stops waiting for it to vanish (a process the driver
+/// keeps listing, say).
+const GONE_LISTED_AT_MOST: Duration = Duration::from_secs(10);
 /// While a swap waits for a busy model, how often the actor looks again
 /// whether it has gone idle.
 const SWAP_RECHECK: Duration = Duration::from_millis(100);
@@ -499,9 +503,10 @@ struct Actor {
     snapshot: Option<Arc<Snapshot>>,
     /// GPU readings received so far.
     snapshots: u64,
-    /// Readings received when a child last went away: its memory shows in
-    /// readings until a later one, so placement waits for that.
-    stale_until: u64,
+    /// Children that went away while readings exist, with when: their
+    /// memory shows in readings (one may have been under way as they
+    /// went) until one no longer lists them, so placement waits for that.
+    gone: Vec<(u32, Instant)>,
     limits: SchedulerConfig,
     slots: HashMap<Arc<str>, Slot>,
     next_instance: u64,
@@ -839,6 +844,11 @@ impl Actor {
         self.snapshots += 1;
         self.snapshot = snapshot;
         if let Some(snap) = self.snapshot.clone() {
+            let now = Instant::now();
+            self.gone.retain(|(pid, since)| {
+                now.saturating_duration_since(*since) < GONE_LISTED_AT_MOST
+                    && snap.processes.iter().any(|p| p.pid == *pid)
+            });
             for (name, slot) in &mut self.slots {
                 let Some(pid) = slot.pid.filter(|_| slot.phase.is_loaded()) else {
                     continue;
@@ -1091,6 +1101,7 @@ impl Actor {
                 model,
                 instance,
                 reason,
+                pid: failed_pid,
             } => {
                 let Some(slot) = current(&mut self.slots, &model, instance) else {
                     return;
@@ -1101,9 +1112,8 @@ impl Actor {
                 slot.child_fraction = None;
                 let placed_on = slot.gpu;
                 slot.end_vram_run();
-                if self.snapshot.is_some() {
-                    // Its memory shows in readings until the next one.
-                    self.stale_until = self.snapshots;
+                if let (Some(pid), Some(_)) = (failed_pid, &self.snapshot) {
+                    self.gone.push((pid, Instant::now()));
                     self.gpus.refresh();
                 }
                 let retry = matches!(reason, StartFailure::OutOfMemory { .. })
@@ -1173,9 +1183,8 @@ impl Actor {
                     });
                 }
                 slot.end_vram_run();
-                if self.snapshot.is_some() {
-                    // Its memory shows in readings until the next one.
-                    self.stale_until = self.snapshots;
+                if let (Some(pid), Some(_)) = (pid, &self.snapshot) {
+                    self.gone.push((pid, Instant::now()));
                     self.gpus.refresh();
                 }
                 lifecycle(
@@ -1378,9 +1387,9 @@ impl Actor {
             None if slot.estimate.is_none() => return Decision::Evict(Vec::new()),
             None => return Decision::Start,
         };
-        // Placed by a reading taken after it began to wait, and after the
-        // last child went away.
-        if self.snapshots <= slot.pending_reading.max(self.stale_until) {
+        // Placed by a reading taken after it began to wait, in which no
+        // child that went away still holds memory.
+        if self.snapshots <= slot.pending_reading || !self.gone.is_empty() {
             return Decision::Evict(Vec::new());
         }
         let rooms: Vec<Room> = snap
@@ -2064,6 +2073,7 @@ mod tests {
                 reason: crate::supervisor::StartFailure::Exited {
                     status: "exit status: 1".into(),
                 },
+                pid: None,
             });
         });
         assert_eq!(state_of(&s, "b").await, ModelState::Failed);
@@ -2457,6 +2467,7 @@ mod tests {
                     model: s.spec.model.clone(),
                     instance: s.spec.instance,
                     reason,
+                    pid: None,
                 });
             });
         }
@@ -2526,6 +2537,11 @@ mod tests {
         assert!(fake.stop_asked("a"), "a (idle) makes room for b");
         fake.exit("a", ExitReason::Stopped);
         settle().await;
+        // A reading taken as a went still lists it: not one to place by.
+        tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        assert_eq!(fake.started(), ["a"], "nor a failure: b waits");
+        assert_eq!(status_of(&s, "b").await.state, ModelState::Starting);
         tx.send_replace(reading(&gpus, &[]));
         settle().await;
         assert_eq!(fake.started(), ["a", "b"]);

@@ -125,6 +125,8 @@ pub enum ChildEvent {
         model: Arc<str>,
         instance: u64,
         reason: StartFailure,
+        /// The process that failed, if one was spawned (now gone).
+        pid: Option<u32>,
     },
     Exited {
         model: Arc<str>,
@@ -325,6 +327,7 @@ async fn run(
                     model: spec.model.clone(),
                     instance: spec.instance,
                     reason: StartFailure::Spawn(reason),
+                    pid: None,
                 });
                 return;
             }
@@ -363,10 +366,11 @@ async fn supervise(
     let instance = spec.instance;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + spec.start_timeout;
-    let start_failed = |reason| ChildEvent::StartFailed {
+    let start_failed = |reason, pid| ChildEvent::StartFailed {
         model: model.clone(),
         instance,
         reason,
+        pid,
     };
 
     let mut attempt = 0;
@@ -374,7 +378,7 @@ async fn supervise(
         attempt += 1;
         let mut running = match start_child(spec, socket, logs, events) {
             Ok(r) => r,
-            Err(reason) => return start_failed(StartFailure::Spawn(reason)),
+            Err(reason) => return start_failed(StartFailure::Spawn(reason), None),
         };
         tracing::info!(model = %model, pid = running.pid, addr = %running.addr,
             argv = ?spec.argv, "started child");
@@ -404,11 +408,12 @@ async fn supervise(
                 let status = running.exit_text(status);
                 tracing::error!(model = %model, status = %status, stderr_tail = %tail,
                     "child exited while starting");
-                return start_failed(if oom {
+                let reason = if oom {
                     StartFailure::OutOfMemory { status }
                 } else {
                     StartFailure::Exited { status }
-                });
+                };
+                return start_failed(reason, Some(running.pid));
             }
             Readiness::TimedOut => {
                 running.stop(&model, spec.stop_grace).await;
@@ -416,7 +421,7 @@ async fn supervise(
                     after: spec.start_timeout,
                 };
                 tracing::error!(model = %model, stderr_tail = %running.tail.text(), "{reason}");
-                return start_failed(reason);
+                return start_failed(reason, Some(running.pid));
             }
         }
     };

@@ -414,8 +414,13 @@ fn process_memory_goes_to_the_visible_gpu_and_up_the_tree() {
     drop(parent);
     drop(unset);
     drop(uuid);
+    // Exact totals again: a forked shell of these groups carries their
+    // command line until it execs, so a reading may catch one that is
+    // not among `mine` while the groups go down.
     let after = wait_snapshot(&gpus, "the processes gone", |s| {
         s.processes.iter().all(|p| !mine.contains(&p.pid))
+            && s.gpu(0).map(|g| g.used_bytes) == Some(100 * MIB)
+            && s.gpu(1).map(|g| g.used_bytes) == Some(0)
     });
     assert_eq!(after.gpu(0).unwrap().used_bytes, 100 * MIB);
     assert_eq!(after.gpu(1).unwrap().used_bytes, 0);
