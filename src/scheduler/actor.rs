@@ -2430,6 +2430,21 @@ mod tests {
 
     type Readings = tokio::sync::watch::Sender<Option<Arc<Snapshot>>>;
 
+    /// Asks for `model`, then sends `fresh` as the reading (taken after it
+    /// began to wait) that it is placed by.
+    async fn ask_placed(
+        s: &Scheduler,
+        tx: &Readings,
+        model: &str,
+        fresh: Option<Arc<Snapshot>>,
+    ) -> tokio::task::JoinHandle<Result<Lease, AcquireError>> {
+        let waiting = acquire(s, model);
+        settle().await;
+        tx.send_replace(fresh);
+        settle().await;
+        waiting
+    }
+
     fn start_with_gpus(text: &str) -> (Scheduler, Arc<Fake>, Readings) {
         let fake = Arc::new(Fake::default());
         let (gpus, tx) = Gpus::manual();
@@ -2521,19 +2536,13 @@ mod tests {
         let gpus = [(0, 8000, 500)];
         tx.send_replace(reading(&gpus, &[]));
         settle().await;
-        let a = acquire(&s, "a");
-        settle().await;
-        tx.send_replace(reading(&gpus, &[]));
-        settle().await;
+        let a = ask_placed(&s, &tx, "a", reading(&gpus, &[])).await;
         fake.ready_as("a", 101);
         drop(a.await.unwrap().unwrap());
         tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
         settle().await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        let b = acquire(&s, "b");
-        settle().await;
-        tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
-        settle().await;
+        let b = ask_placed(&s, &tx, "b", reading(&[(0, 8000, 6500)], &[(101, 0, 6000)])).await;
         assert!(fake.stop_asked("a"), "a (idle) makes room for b");
         fake.exit("a", ExitReason::Stopped);
         settle().await;
@@ -2556,10 +2565,13 @@ mod tests {
         let (s, fake, tx) = start_with_gpus(GPU_MODELS);
         tx.send_replace(reading(&[(0, 16000, 1000), (1, 8000, 500)], &[]));
         settle().await;
-        let big = acquire(&s, "big");
-        settle().await;
-        tx.send_replace(reading(&[(0, 16000, 1000), (1, 8000, 500)], &[]));
-        settle().await;
+        let big = ask_placed(
+            &s,
+            &tx,
+            "big",
+            reading(&[(0, 16000, 1000), (1, 8000, 500)], &[]),
+        )
+        .await;
         match big.await.unwrap() {
             Err(AcquireError::NoRoom { model, detail }) => {
                 assert_eq!(model, "big");
@@ -2572,10 +2584,7 @@ mod tests {
         assert!(fake.started().is_empty());
         // `gpus` that name no present GPU never fit either.
         tx.send_replace(reading(&[(0, 16000, 1000)], &[]));
-        let one = acquire(&s, "one");
-        settle().await;
-        tx.send_replace(reading(&[(0, 16000, 1000)], &[]));
-        settle().await;
+        let one = ask_placed(&s, &tx, "one", reading(&[(0, 16000, 1000)], &[])).await;
         assert!(matches!(
             one.await.unwrap(),
             Err(AcquireError::NoRoom { .. })
@@ -2601,10 +2610,7 @@ mod tests {
             (n.vram_need_bytes, n.vram_need_source),
             (Some(3 << 30), Some("measured"))
         );
-        let m = acquire(&s, "m");
-        settle().await;
-        tx.send_replace(reading(&gpus, &[]));
-        settle().await;
+        let m = ask_placed(&s, &tx, "m", reading(&gpus, &[])).await;
         fake.ready_as("m", 201);
         drop(m.await.unwrap().unwrap());
         tx.send_replace(reading(&[(0, 8000, 2548)], &[(201, 0, 2048)]));
@@ -2629,20 +2635,20 @@ mod tests {
         let gpus = [(0, 16000, 500)];
         tx.send_replace(reading(&gpus, &[]));
         settle().await;
-        let a = acquire(&s, "a");
-        settle().await;
-        tx.send_replace(reading(&gpus, &[]));
-        settle().await;
+        let a = ask_placed(&s, &tx, "a", reading(&gpus, &[])).await;
         fake.ready_as("a", 101);
         drop(a.await.unwrap().unwrap());
         tx.send_replace(reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]));
         settle().await;
         tokio::time::advance(Duration::from_secs(1)).await;
         // b fits by the numbers, but runs out of memory while loading.
-        let b = acquire(&s, "b");
-        settle().await;
-        tx.send_replace(reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]));
-        settle().await;
+        let b = ask_placed(
+            &s,
+            &tx,
+            "b",
+            reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]),
+        )
+        .await;
         assert_eq!(fake.started(), ["a", "b"]);
         let oom = || StartFailure::OutOfMemory {
             status: "exit status 1".into(),

@@ -68,6 +68,31 @@ pub fn tiny_model_table(name: &str, extra: &str) -> String {
     )
 }
 
+/// A `[models.NAME]` table that runs the real llama-server on the tiny
+/// model `delay_ms` after its child is spawned, so a test can look at the
+/// daemon while the start is certainly still under way.
+pub fn delayed_tiny_table(name: &str, delay_ms: u32, extra: &str) -> String {
+    let argv = [
+        "/bin/sh".to_string(),
+        "-c".into(),
+        format!("sleep {}; exec \"$@\"", f64::from(delay_ms) / 1000.0),
+        "sh".into(),
+        llama_server(),
+        "-m".into(),
+        tiny_model(),
+        "--host".into(),
+        "{socket}".into(),
+        "--port".into(),
+        "8080".into(),
+        "-c".into(),
+        "512".into(),
+        "-t".into(),
+        "1".into(),
+    ];
+    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+    format!("[models.{name}]\ncmd = [{}]\n{extra}\n", argv.join(", "))
+}
+
 /// A `[models.NAME]` table for the fake upstream with extra flags.
 pub fn fake_model_table(name: &str, flags: &[&str], extra: &str) -> String {
     let mut argv = vec![python(), fake_upstream(), "--port".into(), "{port}".into()];

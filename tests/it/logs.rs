@@ -256,30 +256,6 @@ async fn logs_need_the_admin_scope_over_tcp() {
     assert_eq!(get(ADMIN, "/admin/logs/tiny").await, StatusCode::OK);
 }
 
-/// The real llama-server on the tiny model, spawned `delay_ms` after the
-/// child starts, so a start is certainly still under way for a while.
-fn slow_tiny_table(name: &str, delay_ms: u32, extra: &str) -> String {
-    let argv = [
-        "/bin/sh".to_string(),
-        "-c".into(),
-        format!("sleep {}; exec \"$@\"", f64::from(delay_ms) / 1000.0),
-        "sh".into(),
-        llama_server(),
-        "-m".into(),
-        tiny_model(),
-        "--host".into(),
-        "{socket}".into(),
-        "--port".into(),
-        "8080".into(),
-        "-c".into(),
-        "512".into(),
-        "-t".into(),
-        "1".into(),
-    ];
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-    format!("[models.{name}]\ncmd = [{}]\n{extra}\n", argv.join(", "))
-}
-
 /// `/v1/models`' entry for `name`.
 async fn listed(d: &Daemon, name: &str) -> Value {
     let (status, v) = d.get_tcp("/v1/models").await;
@@ -355,7 +331,7 @@ async fn a_slow_start_shows_progress_and_later_starts_expect_past_load_times() {
     let body = format!(
         "[history]\npath = \"{}\"\n{}",
         shared.path().join("history.db").display(),
-        slow_tiny_table("slow", 1200, "")
+        delayed_tiny_table("slow", 1200, "")
     );
     let mut d = Daemon::start(&body);
     assert!(d.model("slow").await["load_ms"].is_null(), "never loaded");

@@ -13,31 +13,6 @@ use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-/// A `[models.NAME]` table that runs the real llama-server on the tiny
-/// model `delay_s` seconds after it is spawned, so a test can look at the
-/// daemon while the start is certainly still under way.
-fn delayed_tiny_table(name: &str, delay_s: u32, extra: &str) -> String {
-    let argv = [
-        "/bin/sh".to_string(),
-        "-c".into(),
-        format!("sleep {delay_s}; exec \"$@\""),
-        "sh".into(),
-        llama_server(),
-        "-m".into(),
-        tiny_model(),
-        "--host".into(),
-        "{socket}".into(),
-        "--port".into(),
-        "8080".into(),
-        "-c".into(),
-        "512".into(),
-        "-t".into(),
-        "1".into(),
-    ];
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
-    format!("[models.{name}]\ncmd = [{}]\n{extra}\n", argv.join(", "))
-}
-
 /// Receives datagrams on `notify` until one has a line starting with
 /// `prefix`.
 fn recv_until(notify: &UnixDatagram, prefix: &str, log: &Path) {
@@ -84,7 +59,7 @@ async fn preload_starts_the_model_after_ready_without_a_request() {
             "listen = [\"unix:{}\"]\nstate_dir = \"{}\"\n[scheduler]\nmax_loaded = 2\n{}{}",
             socket.display(),
             dir.path().join("state").display(),
-            delayed_tiny_table("warm", 2, "preload = true"),
+            delayed_tiny_table("warm", 2000, "preload = true"),
             tiny_model_table("cold", ""),
         ),
     );

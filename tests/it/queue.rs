@@ -168,27 +168,9 @@ async fn a_priority_key_swaps_a_busy_model_out_before_an_older_plain_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn beyond_max_queue_a_request_gets_503_with_retry_after_and_a_row() {
     // The model takes 3 s to start, so requests certainly wait for it.
-    let argv = [
-        "/bin/sh".to_string(),
-        "-c".into(),
-        "sleep 3; exec \"$@\"".into(),
-        "sh".into(),
-        llama_server(),
-        "-m".into(),
-        tiny_model(),
-        "--host".into(),
-        "{socket}".into(),
-        "--port".into(),
-        "8080".into(),
-        "-c".into(),
-        "512".into(),
-        "-t".into(),
-        "1".into(),
-    ];
-    let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
     let d = Daemon::start(&format!(
-        "[scheduler]\nmax_queue = 2\n[models.slow]\ncmd = [{}]\n",
-        argv.join(", ")
+        "[scheduler]\nmax_queue = 2\n{}",
+        delayed_tiny_table("slow", 3000, "")
     ));
     let waiting: Vec<_> = (0..2)
         .map(|_| {
