@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs every check and test the project has: formatting, clippy, unit tests,
 # the integration tests against a real llama-server with the generated tiny
-# model, and the systemd scenarios under a real PID-1 systemd (nspawn and a
-# qemu VM). The first run builds llama-server (~15 min on 2 cores) and the
+# model, the release artifacts (the .deb, the tarball and SHA256SUMS, built
+# twice from clean target directories and compared byte for byte), and the
+# systemd scenarios under a real PID-1 systemd (nspawn and a qemu VM), which
+# install that .deb. The first run builds llama-server (~15 min on 2 cores) and the
 # Debian trixie guests (~3 min); all are cached in
 # ${CLARACORE_CACHE:-~/.cache/claracore}, keyed by version.
-# Set CLARACORE_SKIP_VM=1 to leave out the systemd scenarios (they need root).
+# Set CLARACORE_SKIP_VM=1 to leave out the systemd scenarios (they need root),
+# CLARACORE_SKIP_REPRO=1 to build the release artifacts once instead of twice.
 # Files the tests leave for a person to look at (the dashboard's screenshots
 # from tests/it/browser.rs) go to CLARACORE_TEST_ARTIFACTS, by default
 # tmp/test-artifacts/ in cargo's target directory (CARGO_TARGET_TMPDIR, where
@@ -41,6 +44,17 @@ tests/tools/bench.sh --quick
 
 echo "=== chaos soak smoke (~80 s; the 10-minute run: tests/tools/chaos.sh)" >&2
 tests/tools/chaos.sh --smoke
+
+if [ "${CLARACORE_SKIP_REPRO:-0}" != 1 ]; then
+    echo "=== release: .deb, tarball, SHA256SUMS; built twice and compared" >&2
+    dist="$(tests/tools/release.sh --check-reproducible)"
+else
+    echo "=== release: .deb, tarball, SHA256SUMS" >&2
+    dist="$(tests/tools/release.sh)"
+fi
+# The systemd suites install this package.
+CLARACORE_DEB="$(ls "$dist"/claracore_*.deb)"
+export CLARACORE_DEB
 
 if [ "${CLARACORE_SKIP_VM:-0}" != 1 ]; then
     echo "=== systemd under systemd-nspawn" >&2

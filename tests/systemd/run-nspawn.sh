@@ -6,16 +6,22 @@
 #
 #   systemd-nspawn -b --private-network --volatile=overlay --register=no --keep-unit
 #
-# bind-mounts the freshly built claracore binary, the repo's units from
-# systemd/, the real llama-server and the tiny test model into it read-only,
-# installs the units unchanged (drop-ins only where a scenario needs one) and
-# drives the container's systemd with `nsenter -t <its PID 1> -a systemctl ...`.
+# bind-mounts the release .deb (tests/tools/release.sh), the real llama-server
+# and the tiny test model into it read-only, installs the package the way an
+# operator does (`apt-get install ./claracore_*.deb`: the units, sysusers and
+# tmpfiles snippets, the conffile and the maintainer scripts, no file copied
+# by hand; drop-ins only where a scenario needs one) and drives the
+# container's systemd with `nsenter -t <its PID 1> -a systemctl ...`.
 # All HTTP traffic stays on the container's own loopback (private network).
 #
 # Usage: tests/systemd/run-nspawn.sh [SCENARIO...]   (default: all of them)
 #        scenarios: unit-files socket-activation ready-and-status reload
 #                   watchdog journal-fields stop-with-stream bad-config-at-start
-#                   restart-keeps-sockets
+#                   restart-keeps-sockets private-network
+#                   package-install package-upgrade package-remove package-purge
+#        (the package-* ones install the package themselves and look at what
+#        dpkg and the maintainer scripts did; the others start from a fresh
+#        install with the test config written over the shipped one)
 # Ends with the line "N passed, M failed"; exits non-zero if any failed.
 #
 # Needs root and Linux. Installs systemd-container and debootstrap with apt if
@@ -24,7 +30,8 @@
 # the suite, the package list and ROOTFS_LAYOUT; every container runs on a
 # tmpfs overlay (--volatile=overlay), so the cached tree is never written.
 #
-# Env: CLARACORE_CACHE, CLARACORE_BIN (use this binary instead of building),
+# Env: CLARACORE_CACHE, CLARACORE_DEB (install this .deb instead of building
+#      one with tests/tools/release.sh),
 #      CLARACORE_DEBIAN_MIRROR (default http://deb.debian.org/debian),
 #      CLARACORE_NSPAWN_KEEP_GOING=0 to stop at the first failed scenario.
 #
@@ -54,7 +61,7 @@ SECURITY_MAX=2.5
 
 ALL_SCENARIOS=(unit-files socket-activation ready-and-status reload watchdog
     journal-fields stop-with-stream bad-config-at-start restart-keeps-sockets
-    private-network)
+    private-network package-install package-upgrade package-remove package-purge)
 
 say() { printf '%s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -94,19 +101,32 @@ ensure_host_tools() {
     fi
 }
 
-build_claracore() {
-    if [ -n "${CLARACORE_BIN:-}" ]; then
-        BIN="$CLARACORE_BIN"
+# The package under test, and a "previous build" of it for the upgrade
+# scenario: the same package with a lower Version (X~prev), so that
+# installing the real one over it takes dpkg's whole upgrade path (prerm
+# upgrade, unpack, conffile check, postinst configure with the old version).
+build_packages() {
+    if [ -n "${CLARACORE_DEB:-}" ]; then
+        DEB="$CLARACORE_DEB"
     else
-        local locked=()
-        [ -n "${CI:-}" ] && locked=(--locked)
-        say "building claracore (cargo build --release)"
-        (cd "$REPO" && cargo build --release --bin claracore "${locked[@]}") >&2 \
-            || die "cargo build --release failed"
-        BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/claracore"
+        say "building the .deb (tests/tools/release.sh)"
+        local dist
+        dist="$("$REPO/tests/tools/release.sh")" || die "tests/tools/release.sh failed"
+        DEB="$(ls "$dist"/claracore_*.deb)"
     fi
-    [ -x "$BIN" ] || die "no claracore binary at $BIN"
-    BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+    [ -f "$DEB" ] || die "no .deb at $DEB"
+    DEB="$(cd "$(dirname "$DEB")" && pwd)/$(basename "$DEB")"
+    DEB_VERSION="$(dpkg-deb -f "$DEB" Version)"
+    # Each one alone in a directory, so that ./claracore_*.deb names one.
+    mkdir -p "$TMP/deb" "$TMP/deb-prev"
+    chmod 0755 "$TMP" "$TMP/deb" "$TMP/deb-prev"
+    cp "$DEB" "$TMP/deb/"
+    local prev="$TMP/prev-tree"
+    dpkg-deb -R "$DEB" "$prev" || die "dpkg-deb -R $DEB failed"
+    sed -i "s/^Version: .*/Version: $DEB_VERSION~prev/" "$prev/DEBIAN/control"
+    dpkg-deb --root-owner-group -b "$prev" "$TMP/deb-prev/claracore_${DEB_VERSION}~prev_$(dpkg-deb -f "$DEB" Architecture).deb" >/dev/null \
+        || die "dpkg-deb -b of the previous package failed"
+    rm -rf "$prev"
 }
 
 test_deps() {
@@ -198,8 +218,8 @@ boot_container() {
         export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="${SYSTEMD_NSPAWN_UNIFIED_HIERARCHY:-1}"
         exec systemd-nspawn -q -b -D "$ROOTFS" --machine="$MACHINE" \
             --register=no --keep-unit --console=pipe --private-network --volatile=overlay \
-            --bind-ro="$BIN:/usr/bin/claracore" \
-            --bind-ro="$REPO/systemd:/opt/claracore/units" \
+            --bind-ro="$TMP/deb:/opt/claracore/deb" \
+            --bind-ro="$TMP/deb-prev:/opt/claracore/deb-prev" \
             --bind-ro="$LLAMA_SERVER:/opt/claracore/llama-server" \
             --bind-ro="$MODEL:/opt/claracore/tiny.gguf" \
             --bind-ro="$REPO/tests/tools/fake_upstream.py:/opt/claracore/fake_upstream.py"
@@ -282,16 +302,32 @@ cleanup_all() {
 }
 
 # --- claracore inside the container -------------------------------------------------
+# apt_get ARGS...: apt-get in the container, no network (the package's
+# dependencies are all in the rootfs), its output in $TMP/apt.log; shows the
+# log's tail when it fails.
+apt_get() {
+    local rc=0
+    cx env DEBIAN_FRONTEND=noninteractive apt-get -y -q "$@" >"$TMP/apt.log" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+        info "apt-get $*: exit $rc"
+        tail -15 "$TMP/apt.log" | sed 's/^/      /'
+    fi
+    return "$rc"
+}
+# install_deb DIR: `apt-get install ./claracore_*.deb` in DIR, as an operator
+# would (apt-get: apt's stable interface for scripts; same resolver).
+install_deb() { # /opt/claracore/deb or /opt/claracore/deb-prev
+    local rc=0
+    cx sh -c "cd $1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./claracore_*.deb" >"$TMP/apt.log" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
+        info "apt-get install $1/claracore_*.deb: exit $rc"
+        tail -15 "$TMP/apt.log" | sed 's/^/      /'
+    fi
+    return "$rc"
+}
+
 install_claracore() {
-    cx sh -ec '
-        u=/opt/claracore/units
-        install -m 0644 $u/claracore.service $u/claracore.socket $u/claracore-local.socket /etc/systemd/system/
-        install -D -m 0644 $u/claracore.sysusers /etc/sysusers.d/claracore.conf
-        install -D -m 0644 $u/claracore.tmpfiles /etc/tmpfiles.d/claracore.conf
-        systemd-sysusers /etc/sysusers.d/claracore.conf 2>/run/sysusers.log || { cat /run/sysusers.log; exit 1; }
-        systemd-tmpfiles --create /etc/tmpfiles.d/claracore.conf
-        systemctl daemon-reload
-    ' || return 1
+    install_deb /opt/claracore/deb || return 1
     write_config "$(base_config)"
 }
 
@@ -385,8 +421,8 @@ diagnostics() {
 # --- scenarios ---------------------------------------------------------------------------
 
 scenario_unit_files() {
-    local u=/etc/systemd/system out err rc
-    # verify: needs the ExecStart binary (bound at /usr/bin/claracore).
+    local u=/usr/lib/systemd/system out err rc
+    # verify: needs the ExecStart binary (the package's /usr/bin/claracore).
     out="$(cx sh -c "systemd-analyze verify $u/claracore.service $u/claracore.socket $u/claracore-local.socket 2>/tmp/verify.err"; echo "rc=$?")"
     err="$(cx cat /tmp/verify.err)"
     rc="${out##*rc=}"
@@ -769,6 +805,186 @@ scenario_bad_config_at_start() {
     check "started once ($starts 'Starting' lines)" is_eq "$starts" 1
 }
 
+# --- the package: install, upgrade, remove, purge -----------------------------------
+
+# "MODE USER GROUP" of a path in the container.
+stat_of() { cx stat -c '%a %U %G' "$1" 2>/dev/null; }
+# dpkg's view of the package: "Status Version", e.g. "install ok installed 0.1.0-1".
+pkg_status() { cx dpkg-query -W -f '${Status} ${Version}' claracore 2>/dev/null; }
+exists() { cx test -e "$1"; }
+absent() { ! cx test -e "$1"; }
+# The request ids in the history, sorted, one line.
+history_ids() {
+    cx curl -sS --max-time 30 --unix-socket /run/claracore/claracore.sock 'http://x/admin/history?limit=1000' |
+        jq_in '[.requests[].request_id] | sort | join(" ")' 2>/dev/null
+}
+history_has_rows() { [ -n "$(history_ids)" ]; }
+claracore_procs() { cx pgrep -u claracore -a . 2>/dev/null; }
+no_claracore_procs() { [ -z "$(claracore_procs)" ]; }
+
+scenario_package_install() {
+    local t0=$EPOCHREALTIME rc=0
+    install_deb /opt/claracore/deb || rc=$?
+    info "apt-get install ./claracore_*.deb: exit $rc after $(elapsed "$t0") s"
+    sed -n '/Unpacking\|Setting up\|Created symlink\|Recommended\|NOTICE\|W:/p' "$TMP/apt.log" | sed 's/^/      /'
+    check "apt-get install ./claracore_*.deb succeeds with no network" is_eq "$rc" 0
+    check "dpkg: installed, version $DEB_VERSION ($(pkg_status))" is_eq "$(pkg_status)" "install ok installed $DEB_VERSION"
+    local f
+    for f in /usr/bin/claracore /usr/lib/systemd/system/claracore.service /usr/lib/systemd/system/claracore.socket \
+        /usr/lib/systemd/system/claracore-local.socket /usr/lib/sysusers.d/claracore.conf \
+        /usr/lib/tmpfiles.d/claracore.conf /usr/share/man/man1/claracore.1.gz \
+        /usr/share/man/man1/claracore-serve.1.gz /usr/share/bash-completion/completions/claracore \
+        /usr/share/zsh/vendor-completions/_claracore /usr/share/fish/vendor_completions.d/claracore.fish \
+        /usr/share/doc/claracore/copyright; do
+        check "installed: $f" exists "$f"
+    done
+    check "man finds claracore(1) ($(cx man -w claracore 2>&1))" is_eq "$(cx man -w claracore 2>&1)" /usr/share/man/man1/claracore.1.gz
+    check "the example config is a conffile" contains "$(cx dpkg-query -W -f '${Conffiles}' claracore)" /etc/claracore/config.toml
+    check "/etc/claracore/config.toml is 640 root claracore ($(stat_of /etc/claracore/config.toml))" \
+        is_eq "$(stat_of /etc/claracore/config.toml)" "640 root claracore"
+    check "it is the shipped example" eval 'cx grep -q "^# claracore configuration" /etc/claracore/config.toml'
+    local pw
+    pw="$(cx getent passwd claracore)"
+    info "user: $pw"
+    check "sysusers made the claracore system user (home /var/lib/claracore)" \
+        eval '[[ "$pw" == claracore:x:*:*:*:/var/lib/claracore:* ]]'
+    check "tmpfiles made /var/lib/claracore 750 claracore ($(stat_of /var/lib/claracore))" \
+        is_eq "$(stat_of /var/lib/claracore)" "750 claracore claracore"
+    check "and /var/lib/claracore/models ($(stat_of /var/lib/claracore/models))" \
+        is_eq "$(stat_of /var/lib/claracore/models)" "750 claracore claracore"
+    local en act
+    en="$(cx systemctl is-enabled claracore.socket claracore-local.socket claracore.service | tr '\n' ' ')"
+    act="$(cx systemctl is-active claracore.socket claracore-local.socket claracore.service | tr '\n' ' ')"
+    info "is-enabled (socket, local socket, service): $en; is-active: $act"
+    check "both sockets enabled, the service not (socket-activated)" is_eq "$en" "enabled enabled disabled "
+    check "both sockets listening, the service not started" is_eq "$act" "active active inactive "
+    rc=0
+    cx claracore check-config /etc/claracore/config.toml >/dev/null 2>&1 || rc=$?
+    check "claracore check-config accepts the shipped config" is_eq "$rc" 0
+
+    # The shipped config as it is, through socket activation: the daemon
+    # (user claracore) reads the 0640 root:claracore file.
+    get_models
+    info "first request over TCP with the shipped config: HTTP $HTTP_CODE: ${HTTP_BODY:0:160}"
+    check "it answers /v1/models with the shipped config's models (tiny custom)" \
+        is_eq "$HTTP_CODE $(model_ids "$HTTP_BODY")" "200 custom tiny"
+    check "the request started claracore.service" is_eq "$(prop claracore.service ActiveState)" active
+    local out
+    out="$(cx claracore list 2>&1)"
+    rc=$?
+    info "claracore list (the CLI on the local socket): exit $rc: $(printf '%s' "$out" | head -3 | tr '\n' '|')"
+    check "the CLI reaches the daemon on the local socket" eval '[ "$rc" = 0 ] && [[ "$out" == *tiny* ]]'
+}
+
+scenario_package_upgrade() {
+    local rc=0
+    install_deb /opt/claracore/deb-prev || rc=$?
+    check "the previous build ($DEB_VERSION~prev) installs" is_eq "$rc" 0
+    check "dpkg: $DEB_VERSION~prev installed" is_eq "$(pkg_status)" "install ok installed $DEB_VERSION~prev"
+    # The operator edits the config (the test config, with a mark).
+    write_config "# edited by the operator before the upgrade
+$(base_config)"
+    local conf0
+    conf0="$(cx sha256sum /etc/claracore/config.toml)"
+    chat tiny
+    check "a request before the upgrade answered 200" is_eq "$HTTP_CODE" 200
+    check "its history row is written (within 5 s)" wait_for 5 history_has_rows
+    local ids0 pid0
+    ids0="$(history_ids)"
+    pid0="$(prop claracore.service MainPID)"
+    info "before: MainPID $pid0, history request ids: $ids0"
+
+    local t0=$EPOCHREALTIME
+    rc=0
+    install_deb /opt/claracore/deb || rc=$?
+    info "apt-get install ./claracore_$DEB_VERSION*.deb over $DEB_VERSION~prev: exit $rc after $(elapsed "$t0") s"
+    sed -n '/Preparing\|Unpacking\|Setting up\|onfiguration file/p' "$TMP/apt.log" | sed 's/^/      /'
+    check "the upgrade succeeds" is_eq "$rc" 0
+    check "dpkg: $DEB_VERSION installed" is_eq "$(pkg_status)" "install ok installed $DEB_VERSION"
+    check "dpkg took the upgrade path (Unpacking ... over ...)" eval 'grep -q "over ($DEB_VERSION~prev)" "$TMP/apt.log"'
+    check "the edited config is kept, byte for byte" is_eq "$(cx sha256sum /etc/claracore/config.toml)" "$conf0"
+    local leftovers
+    leftovers="$(cx sh -c 'ls /etc/claracore/*.dpkg-* 2>/dev/null')"
+    check "no .dpkg-new/.dpkg-dist beside it${leftovers:+: $leftovers}" test -z "$leftovers"
+    check "still 640 root claracore ($(stat_of /etc/claracore/config.toml))" \
+        is_eq "$(stat_of /etc/claracore/config.toml)" "640 root claracore"
+    local pid1
+    pid1="$(prop claracore.service MainPID)"
+    info "after: MainPID $pid1, $(props ActiveState SubState NRestarts)"
+    check "the service was restarted on the new package (MainPID $pid0 -> $pid1) and is active" \
+        eval '[ "$pid1" != 0 ] && [ "$pid1" != "$pid0" ] && [ "$(prop claracore.service ActiveState)" = active ]'
+    check "both sockets still enabled and listening" \
+        is_eq "$(cx systemctl is-enabled claracore.socket claracore-local.socket | tr '\n' ' ')$(cx systemctl is-active claracore.socket claracore-local.socket | tr '\n' ' ')" \
+        "enabled enabled active active "
+    local ids1
+    ids1="$(history_ids)"
+    info "history request ids after the upgrade: $ids1"
+    check "the history database kept the rows from before the upgrade" eval '[ -n "$ids0" ] && [[ " $ids1 " == *" $ids0 "* ]]'
+    chat tiny
+    check "a request after the upgrade answered 200" is_eq "$HTTP_CODE" 200
+}
+
+# A used install: the test config, one request (service and llama-server up,
+# a history row written).
+used_install() {
+    install_claracore || { bad "installing the package failed"; return 1; }
+    chat tiny
+    check "a request answered 200" is_eq "$HTTP_CODE" 200
+    check "its history row is written (within 5 s)" wait_for 5 history_has_rows
+    info "running as claracore: $(claracore_procs | awk '{print $1, $2}' | tr '\n' ' ')"
+}
+
+scenario_package_remove() {
+    used_install || return
+    local conf0 ids0
+    conf0="$(cx sha256sum /etc/claracore/config.toml)"
+    ids0="$(history_ids)"
+    local t0=$EPOCHREALTIME rc=0
+    apt_get remove claracore || rc=$?
+    info "apt-get remove claracore: exit $rc after $(elapsed "$t0") s"
+    check "apt-get remove succeeds" is_eq "$rc" 0
+    check "dpkg: removed, config files kept ($(pkg_status))" eval '[[ "$(pkg_status)" == "deinstall ok config-files "* ]]'
+    local act
+    act="$(cx systemctl is-active claracore.service claracore.socket claracore-local.socket | tr '\n' ' ')"
+    check "the service and both sockets are stopped ($act)" is_eq "$act" "inactive inactive inactive "
+    check "no process of user claracore is left (daemon, llama-server)" wait_for 10 no_claracore_procs
+    http http://127.0.0.1:5800/v1/models
+    check "nothing listens on 127.0.0.1:5800 (curl: ${HTTP_BODY:0:80})" is_eq "$HTTP_CODE" 000
+    check "the binary is gone" absent /usr/bin/claracore
+    check "the units are gone" absent /usr/lib/systemd/system/claracore.service
+    check "state kept: /var/lib/claracore/history.db" exists /var/lib/claracore/history.db
+    check "config kept, unchanged" is_eq "$(cx sha256sum /etc/claracore/config.toml)" "$conf0"
+    check "the claracore user stays" eval 'cx getent passwd claracore >/dev/null'
+    # And back: the kept state is served again.
+    rc=0
+    install_deb /opt/claracore/deb || rc=$?
+    check "reinstalling succeeds" is_eq "$rc" 0
+    check "the kept history answers again after the reinstall" wait_for 10 history_has_rows
+    local ids1
+    ids1="$(history_ids)"
+    check "with the rows from before the removal ($ids0 -> $ids1)" eval '[ -n "$ids0" ] && [[ " $ids1 " == *" $ids0 "* ]]'
+}
+
+scenario_package_purge() {
+    used_install || return
+    local t0=$EPOCHREALTIME rc=0
+    apt_get purge claracore || rc=$?
+    info "apt-get purge claracore: exit $rc after $(elapsed "$t0") s"
+    check "apt-get purge succeeds" is_eq "$rc" 0
+    local st
+    st="$(pkg_status)"
+    check "dpkg no longer knows the package (${st:-nothing})" eval '[ -z "$st" ] || [[ "$st" == "unknown ok not-installed"* ]]'
+    check "the service and sockets are stopped" \
+        is_eq "$(cx systemctl is-active claracore.service claracore.socket claracore-local.socket | tr '\n' ' ')" "inactive inactive inactive "
+    check "no process of user claracore is left" wait_for 10 no_claracore_procs
+    check "state dropped: /var/lib/claracore is gone" absent /var/lib/claracore
+    check "config dropped: /etc/claracore is gone" absent /etc/claracore
+    check "no statoverride left" eval '! cx dpkg-statoverride --list /etc/claracore/config.toml >/dev/null'
+    local links
+    links="$(cx sh -c 'ls /etc/systemd/system/*.wants/claracore* 2>/dev/null')"
+    check "no enablement symlinks left${links:+: $links}" test -z "$links"
+}
+
 # --- driver ------------------------------------------------------------------------------
 PASSED=0
 FAILED=0
@@ -786,7 +1002,8 @@ run_scenario() {
     local t_all=$EPOCHREALTIME t0
     BOOT_TIME="-"
     if boot_container; then
-        if install_claracore; then
+        # The package-* scenarios install (and remove) the package themselves.
+        if [[ "$name" == package-* ]] || install_claracore; then
             t0=$EPOCHREALTIME
             "$fn"
             info "scenario took $(elapsed "$t0") s (boot ${BOOT_TIME} s)"
@@ -816,10 +1033,10 @@ main() {
     trap 'cleanup_all' EXIT
     trap 'exit 130' INT TERM
     TMP="$(mktemp -d /tmp/claracore-nspawn.XXXXXX)"
-    build_claracore
+    build_packages
     test_deps
     ensure_rootfs
-    say "claracore: $BIN ($(git -C "$REPO" log -1 --format=%h 2>/dev/null) + worktree)"
+    say "claracore: $DEB ($DEB_VERSION; $(git -C "$REPO" log -1 --format=%h 2>/dev/null) + worktree), previous build $DEB_VERSION~prev"
     say "rootfs: $ROOTFS; host $(systemd-nspawn --version | head -1)"
     say "setup took $(elapsed "$t_start") s"
     for s in "${scenarios[@]}"; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Boots a Debian trixie guest (systemd 257) in a qemu VM under TCG software
-# emulation and checks, with the repo's units installed unchanged, what only a
-# real systemd with enforced cgroup limits can show (nspawn does not enforce
-# them):
+# emulation, installs the release .deb in it as an operator does (`apt-get
+# install ./claracore_*.deb` inside the guest: units, sysusers, tmpfiles and
+# maintainer scripts from the package) and checks what only a real systemd
+# with enforced cgroup limits can show (nspawn does not enforce them):
 #
 #   MemoryMax= is enforced: a model whose llama-server child exceeds it is
 #   OOM-killed by the kernel, claracore survives (same MainPID, NRestarts=0),
@@ -18,7 +19,8 @@
 #   qemu-trixie-<hash>/  the guest OS (rootfs tarball, kernel, initrd), keyed by
 #                        a hash of the recipe below (build_image + packages)
 # Each run then builds a fresh ext4 root image from that tarball plus the
-# per-run files (claracore binary, llama-server, model, units, config, test).
+# per-run files (the .deb, llama-server, model, config, the memory drop-in,
+# the test).
 #
 # Needs root (debootstrap, file ownership in the image) and a Debian host;
 # installs qemu-system-x86 (bookworm-backports on bookworm), debootstrap,
@@ -28,8 +30,8 @@
 #
 # Env:
 #   CLARACORE_CACHE          cache directory (default ~/.cache/claracore)
-#   CLARACORE_BIN            claracore binary to test (default: cargo build
-#                            --release, then target/release/claracore)
+#   CLARACORE_DEB            the .deb to test (default: built by
+#                            tests/tools/release.sh)
 #   CLARACORE_QEMU_TIMEOUT   seconds the VM may run (default 480)
 #   CLARACORE_QEMU_MEM       guest memory in MiB (default 1536)
 #   CLARACORE_QEMU_MEMORY_MAX  MemoryMax= for claracore.service (default 128M)
@@ -219,16 +221,14 @@ fi
 # --- inputs -----------------------------------------------------------------
 log "test dependencies (llama-server, tiny model)"
 eval "$("$repo/tests/tools/setup-test-deps.sh")"
-if [ -n "${CLARACORE_BIN:-}" ]; then
-    claracore_bin="$CLARACORE_BIN"
+if [ -n "${CLARACORE_DEB:-}" ]; then
+    deb="$CLARACORE_DEB"
 else
-    log "cargo build --release"
-    (cd "$repo" && cargo build --release --locked --bin claracore >&2)
-    target_dir="$(cd "$repo" && cargo metadata --format-version 1 --no-deps 2>/dev/null \
-        | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-    claracore_bin="${target_dir:-$repo/target}/release/claracore"
+    log "building the .deb (tests/tools/release.sh)"
+    dist="$("$repo/tests/tools/release.sh")"
+    deb="$(ls "$dist"/claracore_*.deb)"
 fi
-[ -x "$claracore_bin" ] || die "claracore binary not found at $claracore_bin"
+[ -f "$deb" ] || die "no .deb at $deb"
 
 # --- per-run root image -------------------------------------------------------
 work="$(mktemp -d "${TMPDIR:-/tmp}/claracore-qemu.XXXXXX")"
@@ -238,19 +238,12 @@ t_prep=$(date +%s)
 zstd -q -dc "$image_dir/rootfs.tar.zst" \
     | tar -C "$root" --numeric-owner --xattrs --xattrs-include='*' -xf -
 
-install -D -m 0755 "$claracore_bin" "$root/usr/bin/claracore"
+# The package, installed by the guest test itself with apt-get.
+install -D -m 0644 "$deb" "$root/opt/claracore/deb/$(basename "$deb")"
 install -D -m 0755 "$CLARACORE_TEST_LLAMA_SERVER" "$root/opt/claracore/llama-server"
 install -D -m 0644 "$CLARACORE_TEST_MODEL" "$root/opt/claracore/tiny.gguf"
-# The repo's units, unchanged, enabled the way `systemctl enable` would.
-for u in claracore.service claracore.socket claracore-local.socket; do
-    install -D -m 0644 "$repo/systemd/$u" "$root/etc/systemd/system/$u"
-done
-mkdir -p "$root/etc/systemd/system/sockets.target.wants"
-ln -sfn /etc/systemd/system/claracore.socket "$root/etc/systemd/system/sockets.target.wants/claracore.socket"
-ln -sfn /etc/systemd/system/claracore-local.socket "$root/etc/systemd/system/sockets.target.wants/claracore-local.socket"
-install -D -m 0644 "$repo/systemd/claracore.sysusers" "$root/etc/sysusers.d/claracore.conf"
-install -D -m 0644 "$repo/systemd/claracore.tmpfiles" "$root/etc/tmpfiles.d/claracore.conf"
-# The limit under test. No swap in the guest either, so the cgroup OOMs.
+# The limit under test, a drop-in for the packaged unit. No swap in the guest
+# either, so the cgroup OOMs.
 mkdir -p "$root/etc/systemd/system/claracore.service.d"
 {
     echo "# run-qemu.sh: the memory limit under test"
@@ -261,7 +254,9 @@ mkdir -p "$root/etc/systemd/system/claracore.service.d"
         printf '%s\n' "$CLARACORE_QEMU_DROPIN_EXTRA"
     fi
 } >"$root/etc/systemd/system/claracore.service.d/50-qemu-test.conf"
-install -D -m 0644 "$here/qemu/config.toml" "$root/etc/claracore/config.toml"
+# Written over the package's conffile by the guest test after the install,
+# as an operator edits it.
+install -D -m 0644 "$here/qemu/config.toml" "$root/opt/claracore/config.toml"
 # The scenario, run once after multi-user.target; it powers the VM off.
 install -D -m 0755 "$here/qemu/guest-test.sh" "$root/usr/local/sbin/claracore-qemu-test"
 install -D -m 0644 "$here/qemu/claracore-qemu-test.service" \
@@ -350,7 +345,7 @@ else
     result FAIL "VM powered off within ${vm_timeout}s"
 fi
 if [ "$failed" -gt 0 ]; then
-    for f in status.log claracore.log curl.log; do
+    for f in apt.log status.log claracore.log curl.log; do
         [ -f "$work/results/$f" ] || continue
         log "--- guest $f (last 40 lines)"
         tail -n 40 "$work/results/$f" >&2

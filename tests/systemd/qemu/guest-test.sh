@@ -1,8 +1,10 @@
 #!/bin/bash
 # Runs inside the qemu guest of tests/systemd/run-qemu.sh (installed as
 # /usr/local/sbin/claracore-qemu-test, started by claracore-qemu-test.service
-# after multi-user.target). Checks that claracore.service's MemoryMax= is
-# enforced on its llama-server children without taking the daemon down.
+# after multi-user.target). Installs the package (`apt-get install
+# ./claracore_*.deb`, no network), puts the test config in place of the
+# shipped one, then checks that claracore.service's MemoryMax= is enforced on
+# its llama-server children without taking the daemon down.
 #
 # Writes PASS/FAIL/INFO lines to results.txt (and the console), ends with DONE
 # when the scenario ran to its end, and puts results.txt plus logs as a tar
@@ -70,9 +72,21 @@ ur="$(systemctl show -P UserspaceTimestampMonotonic)"
 info "boot: userspace (switch from initrd) at $(mono_s "$ur")s, multi-user.target at $(mono_s "$mu")s after kernel start; test starts at $(cut -d' ' -f1 /proc/uptime)s uptime"
 info "guest: $(uname -r), systemd $(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p'), $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"
 
+# --- the package -------------------------------------------------------------------
+t0=$(date +%s)
+rc=0
+(cd /opt/claracore/deb && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./claracore_*.deb) \
+    >"$R/apt.log" 2>&1 || rc=$?
+info "apt-get install ./claracore_*.deb: exit $rc after $(($(date +%s) - t0))s; $(dpkg-query -W -f '${Package} ${Version} ${Status}' claracore 2>&1)"
+check "apt-get install ./claracore_*.deb succeeds in the guest" test "$rc" = 0
+[ "$rc" = 0 ] || tail -n 20 "$R/apt.log" | sed 's/^/    apt| /'
+# An operator's edit of the conffile: the test models and llama-server.
+cat /opt/claracore/config.toml >/etc/claracore/config.toml
+
 # --- before the first request ---------------------------------------------------
-check "claracore.socket and claracore-local.socket listen after boot" \
-    systemctl is-active -q claracore.socket claracore-local.socket
+check "the package enabled and started claracore.socket and claracore-local.socket" \
+    bash -c 'systemctl is-active -q claracore.socket claracore-local.socket &&
+             systemctl is-enabled -q claracore.socket claracore-local.socket'
 state="$(systemctl is-active "$UNIT")"
 check "claracore.service not started before the first connection (is $state)" \
     test "$state" = inactive
