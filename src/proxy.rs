@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Request, Response, Uri};
@@ -49,36 +50,107 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// Whether a request failed because the connection closed before any of
+/// the answer came (not a refused connect, a timeout or a bad answer).
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Why forwarding failed before a response head arrived.
 #[derive(Debug, thiserror::Error)]
 #[error("model process did not answer: {0}")]
 pub struct ForwardError(#[source] hyper_util::client::legacy::Error);
 
-/// Sends `req` (with its path and query) to the leased child and returns the
-/// child's response with a streaming body that keeps the lease. `tap` is
-/// asked, with the response status and whether it is a stream, for an
-/// observer of the body (history).
+/// What goes to the child.
+pub enum Outgoing {
+    /// A body claracore has read whole (`held`: its share of the body
+    /// budget, kept until the answer's head is in): sent again, at most
+    /// [`RESENDS`] times, when a pooled connection fails before any answer
+    /// because the child had closed it (llama-server closes idle keep-alive
+    /// connections; one that goes as a request is written on it loses the
+    /// request, not the child's work).
+    Whole {
+        head: Request<()>,
+        bytes: Bytes,
+        held: Option<OwnedSemaphorePermit>,
+    },
+    /// A body that streams through unread: sent once.
+    Streaming(Request<BoxBody>),
+}
+
+/// How many times a whole request is sent again after a closed connection.
+pub const RESENDS: usize = 2;
+
+/// Sends the request (with its path and query) to the leased child and
+/// returns the child's response with a streaming body that keeps the
+/// lease. `tap` is asked, with the response status and whether it is a
+/// stream, for an observer of the body (history).
 pub async fn forward(
     lease: Lease,
     path_and_query: PathAndQuery,
-    mut req: Request<BoxBody>,
+    outgoing: Outgoing,
     tap: impl FnOnce(u16, bool) -> Option<Tap>,
 ) -> Result<Response<BoxBody>, ForwardError> {
+    let upstream = lease.upstream();
     let uri = Uri::builder()
         .scheme(Scheme::HTTP)
-        .authority(lease.upstream().authority().clone())
+        .authority(upstream.authority().clone())
         .path_and_query(path_and_query)
-        .build();
-    if let Ok(uri) = uri {
-        *req.uri_mut() = uri;
-    }
-    strip_hop_by_hop(req.headers_mut());
-    let upstream = lease.upstream();
-    req.headers_mut()
-        .insert(header::HOST, upstream.host().clone());
+        .build()
+        .ok();
+    let address = |head: &mut HeaderMap, target: &mut Uri| {
+        if let Some(uri) = &uri {
+            *target = uri.clone();
+        }
+        strip_hop_by_hop(head);
+        head.insert(header::HOST, upstream.host().clone());
+    };
     // Waits here while the child has its limit of requests in flight.
     let permit = upstream.connection_permit().await;
-    let resp = upstream.client().request(req).await.map_err(ForwardError)?;
+    let resp = match outgoing {
+        Outgoing::Streaming(mut req) => {
+            let (mut parts, body) = req.into_parts();
+            address(&mut parts.headers, &mut parts.uri);
+            req = Request::from_parts(parts, body);
+            upstream.client().request(req).await.map_err(ForwardError)?
+        }
+        Outgoing::Whole { head, bytes, held } => {
+            let (mut head, ()) = head.into_parts();
+            address(&mut head.headers, &mut head.uri);
+            let mut resends = 0;
+            let resp = loop {
+                let mut req = Request::new(
+                    http_body_util::Full::new(bytes.clone())
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                );
+                *req.method_mut() = head.method.clone();
+                *req.uri_mut() = head.uri.clone();
+                *req.version_mut() = head.version;
+                *req.headers_mut() = head.headers.clone();
+                match upstream.client().request(req).await {
+                    Err(e) if resends < RESENDS && closed_unanswered(&e) => {
+                        resends += 1;
+                        tracing::debug!(model = %lease.model(), error = %e, resends,
+                            "the child closed the connection the request went out on; sending it again");
+                    }
+                    other => break other.map_err(ForwardError)?,
+                }
+            };
+            drop(held);
+            resp
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let is_sse = parts

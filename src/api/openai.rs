@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
@@ -25,7 +25,7 @@ use crate::auth::Peer;
 use crate::events::{AuditAction, Bus, Event, RequestStart};
 use crate::history::tap::{Pending, Tap};
 use crate::history::{self, Outcome};
-use crate::proxy::{self, BoxBody};
+use crate::proxy::{self, BoxBody, Outgoing};
 use crate::scheduler::ModelState;
 
 fn content_length(req: &Request<Incoming>) -> Option<u64> {
@@ -263,17 +263,13 @@ async fn forward_model_request(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    // The budget comes back when the upstream request body is dropped,
-    // i.e. once it has been sent.
-    let permit = held.permit;
-    let body = Full::new(held.bytes)
-        .map_err(|never| match never {})
-        .map_frame(move |frame| {
-            let _held = &permit;
-            frame
-        })
-        .boxed_unsync();
-    let req = Request::from_parts(parts, body);
+    // The budget comes back once the answer's head is in: until then the
+    // body may be sent again (see `Outgoing::Whole`).
+    let outgoing = Outgoing::Whole {
+        head: Request::from_parts(parts, ()),
+        bytes: held.bytes,
+        held: Some(held.permit),
+    };
     let (bus, content) = (state.bus.clone(), state.recorder.content);
     // The row stays with the caller until a response head arrives, so a
     // request that fails or is cancelled before that is still recorded.
@@ -282,7 +278,7 @@ async fn forward_model_request(
             .take()
             .map(|p| Tap::new(p, bus, content, status, sse))
     };
-    proxy::forward(lease, path_and_query, req, tap)
+    proxy::forward(lease, path_and_query, outgoing, tap)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "forwarding failed");
@@ -329,7 +325,7 @@ async fn forward_raw(
     let lease = ctx.acquire(&model, &mut None).await?;
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
     let req = req.map(|b| Limited::new(b, limit_usize).boxed_unsync());
-    proxy::forward(lease, path_and_query, req, |_, _| None)
+    proxy::forward(lease, path_and_query, Outgoing::Streaming(req), |_, _| None)
         .await
         .map_err(|e| {
             tracing::warn!(model = %model, error = %e, "pass-through failed");

@@ -40,6 +40,10 @@ Modes (--mode)
 Other fault hooks
     --port-in-use-first    the first run (no --marker file yet) creates the
                            marker and fails like llama-server on a taken port
+    --drop-reused          a POST that arrives on a connection which already
+                           answered a request is read, then the connection is
+                           closed without an answer (a server closing an idle
+                           keep-alive connection as a request goes out on it)
     X-Fake-Record: FILE    request header; appends "METHOD PATH" to FILE when
                            the request arrives, and "cancelled PATH" when the
                            client goes away during a streamed response, or
@@ -152,6 +156,16 @@ class Handler(BaseHTTPRequestHandler):
         # /echo counts the body itself; everything else reads it up front so
         # that keep-alive connections stay in sync whatever the route.
         body = b"" if url.path in ECHO_PATHS else b"".join(self.iter_body())
+        answered = getattr(self, "answered", 0)
+        self.answered = answered + 1
+        if self.server.config.drop_reused and self.command == "POST" and answered > 0:
+            log(f"dropping a {self.command} {self.path} on a reused connection")
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
 
         if url.path in ECHO_PATHS:
             self.echo(url)
@@ -432,6 +446,8 @@ def parse_args():
     p.add_argument("--port-in-use-first", action="store_true",
                    help="if --marker does not exist, create it and fail as if the port were taken")
     p.add_argument("--marker", help="marker file for --port-in-use-first")
+    p.add_argument("--drop-reused", action="store_true",
+                   help="close a reused connection instead of answering a POST on it")
     args = p.parse_args()
     if args.port_in_use_first and not args.marker:
         p.error("--port-in-use-first requires --marker")

@@ -26,7 +26,7 @@ pub mod stream;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::uri::PathAndQuery;
@@ -37,7 +37,7 @@ use super::openai::{self, Row};
 use super::{body, full, json_response, resolve, ApiError, Ctx};
 use crate::history::tap::{Pending, Tap};
 use crate::history::Outcome;
-use crate::proxy::{self, BoxBody};
+use crate::proxy::{self, BoxBody, Outgoing};
 use convert::{KeepAlive, Shape, Times};
 
 /// The Ollama version claracore answers `/api/version` with: clients gate
@@ -575,23 +575,24 @@ async fn call(
     apply_keep_alive(ctx, &plan.model, plan.keep_alive).await;
     // A fresh request: the client's headers (its API key among them) stay
     // with claracore.
-    let mut req = Request::new(
-        Full::new(body)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *req.method_mut() = Method::POST;
-    req.headers_mut().insert(
+    let mut head = Request::new(());
+    *head.method_mut() = Method::POST;
+    head.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    let outgoing = Outgoing::Whole {
+        head,
+        bytes: body,
+        held: None,
+    };
     let (bus, content) = (state.bus.clone(), state.recorder.content);
     let tap = |status: u16, sse: bool| {
         pending
             .take()
             .map(|p| Tap::new(p, bus, content, status, sse))
     };
-    let resp = proxy::forward(lease, PathAndQuery::from_static(path), req, tap)
+    let resp = proxy::forward(lease, PathAndQuery::from_static(path), outgoing, tap)
         .await
         .map_err(|e| {
             tracing::warn!(model = %plan.model, error = %e, "forwarding failed");
