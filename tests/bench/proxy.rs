@@ -5,8 +5,13 @@
 //! ```sh
 //! tests/tools/bench.sh            # the full run (~2 min of measuring)
 //! tests/tools/bench.sh --quick    # ~10 s; CI smoke for gross regressions
-//! cargo bench --bench proxy -- [--quick] [--only latency,rps,stream,cold,swap,rss,ready,events]
+//! cargo bench --bench proxy -- [--quick [--peers]] [--only latency,rps,stream,cold,swap,rss,ready,events,model,mixed,open,peers-ready]
 //! ```
+//!
+//! The peers (Ollama, from `CLARACORE_BENCH_OLLAMA`, which
+//! `tests/tools/install-peers.sh` prints) and the figures that compare with
+//! them on the real model (6b, 7b, 10, 11, 12) run in the full benchmark;
+//! `--quick` leaves them out unless `--peers` is given.
 //!
 //! claracore reaches a `cmd` child with only `{port}` (the fast fake) over
 //! loopback TCP and a llama-server child over its unix socket; "claracore,
@@ -56,6 +61,9 @@ use procs::Proc;
 
 struct Env {
     quick: bool,
+    /// Run the peers and figures 6b, 7b, 10-12: always in a full run; with
+    /// `--quick --peers` briefly, to check the peers' setup.
+    peer_figs: bool,
     only: Option<Vec<String>>,
     dir: PathBuf,
     exe: PathBuf,
@@ -1903,6 +1911,7 @@ fn shell(cmd: &str) -> String {
 
 fn run(args: &[String]) -> i32 {
     let quick = args.iter().any(|a| a == "--quick");
+    let peer_figs = !quick || args.iter().any(|a| a == "--peers");
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -1922,6 +1931,7 @@ fn run(args: &[String]) -> i32 {
     };
     let env = Env {
         quick,
+        peer_figs,
         only,
         dir: tmp.path().to_path_buf(),
         exe: std::env::current_exe().unwrap(),
@@ -1933,7 +1943,7 @@ fn run(args: &[String]) -> i32 {
         nginx: which("nginx", &["/usr/sbin/nginx"]),
         // The peers run in the full benchmark only; CI's smoke never needs them.
         ollama: std::env::var_os("CLARACORE_BENCH_OLLAMA")
-            .filter(|_| !quick)
+            .filter(|_| peer_figs)
             .map(PathBuf::from),
         peers_note: std::env::var("CLARACORE_BENCH_PEERS_NOTE").ok(),
         started: Instant::now(),
@@ -1982,8 +1992,8 @@ fn run(args: &[String]) -> i32 {
     println!(
         "- peers: ollama {}{}",
         env.ollama.as_ref().map_or_else(
-            || if quick {
-                "not in --quick".into()
+            || if !peer_figs {
+                "not in --quick (add --peers)".into()
             } else {
                 "not installed (tests/tools/install-peers.sh)".to_string()
             },
@@ -2164,7 +2174,7 @@ fn run(args: &[String]) -> i32 {
                     ollama.as_ref().map(|o| o.port),
                 );
             }
-            if !env.quick && env.wants("model") {
+            if env.peer_figs && env.wants("model") {
                 let mut l = vec![("direct", tiny.clone()), ("claracore", Addr::Tcp(cc.port))];
                 let mut w = vec![("claracore", cc.port, Some((cc.proc.pid(), false)))];
                 if let Some(n) = &nginx {
@@ -2184,7 +2194,7 @@ fn run(args: &[String]) -> i32 {
                 mixed::fig_model_latency(&env, &plan, &mut rep, &l);
                 mixed::fig_model_rps(&env, &plan, &mut rep, &w);
             }
-            if !env.quick && env.wants("mixed") {
+            if env.peer_figs && env.wants("mixed") {
                 let model = env.llama.as_ref().unwrap().1.display().to_string();
                 let one = |name: &str, bound: &str| {
                     start_claracore(
@@ -2236,7 +2246,7 @@ fn run(args: &[String]) -> i32 {
                 }
                 mixed::fig_mixed(&env, &plan, &mut rep, &m);
             }
-            if !env.quick && env.wants("open") {
+            if env.peer_figs && env.wants("open") {
                 mixed::fig_open_rss(&env, &plan, &mut rep, &idle_daemons);
             }
         }
@@ -2260,7 +2270,7 @@ fn run(args: &[String]) -> i32 {
     if env.wants("ready") {
         fig_ready(&env, &plan, &mut rep);
     }
-    if !env.quick && env.wants("peers-ready") {
+    if env.peer_figs && env.wants("peers-ready") {
         mixed::fig_peer_ready(&env, &plan, &mut rep);
     }
     if env.wants("events") {

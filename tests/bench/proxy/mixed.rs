@@ -110,7 +110,7 @@ pub fn fig_mixed(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[Mixed])
                     let mut conn = Conn::new(port)
                         .with_timeout(Duration::from_secs(120))
                         .with_mark(br#""content":""#);
-                    // (ttft ms, ok)
+                    // (ttft ms, None or what failed)
                     let mut out = Vec::new();
                     for _ in 0..n {
                         if t0.elapsed() > MIXED_DEADLINE {
@@ -119,16 +119,24 @@ pub fn fig_mixed(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[Mixed])
                         match conn.send(&req) {
                             Ok(r) if r.status == 200 => {
                                 let first = r.marked.unwrap_or(r.end);
-                                out.push(((first - r.sent).as_secs_f64() * 1e3, true));
+                                out.push(((first - r.sent).as_secs_f64() * 1e3, None));
                             }
-                            _ => out.push((f64::NAN, false)),
+                            Ok(r) => out.push((
+                                f64::NAN,
+                                Some(format!(
+                                    "status {}: {}",
+                                    r.status,
+                                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+                                )),
+                            )),
+                            Err(e) => out.push((f64::NAN, Some(e.to_string()))),
                         }
                     }
                     out
                 })
             })
             .collect();
-        let results: Vec<(f64, bool)> = threads
+        let results: Vec<(f64, Option<String>)> = threads
             .into_iter()
             .flat_map(|t| t.join().unwrap_or_default())
             .collect();
@@ -140,8 +148,13 @@ pub fn fig_mixed(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[Mixed])
             (Some(a), Some(b)) => format!("; its own count {}", b.saturating_sub(a)),
             _ => String::new(),
         };
-        let ttft: Vec<f64> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
-        let errors = results.iter().filter(|r| !r.1).count();
+        let ttft: Vec<f64> = results
+            .iter()
+            .filter(|r| r.1.is_none())
+            .map(|r| r.0)
+            .collect();
+        let errors = results.iter().filter(|r| r.1.is_some()).count();
+        let first_error = results.iter().find_map(|r| r.1.clone());
         let served = results.len();
         rep.row(
             "10 mixed A/B, 1 resident: model starts",
@@ -151,8 +164,8 @@ pub fn fig_mixed(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[Mixed])
             format!("{served}"),
             format!(
                 "model processes spawned (/proc by parent pid){own}; {wall:.1} s for the lot{}{}",
-                if errors > 0 {
-                    format!("; {errors} errors")
+                if let Some(e) = &first_error {
+                    format!("; {errors} errors, the first: {e}")
                 } else {
                     String::new()
                 },

@@ -122,15 +122,22 @@ pub fn runner_starts_logged(log: &Path) -> usize {
 /// milliseconds for the tiny model), so none is missed.
 pub struct SpawnCounter {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<HashSet<(u32, u64)>>,
+    thread: std::thread::JoinHandle<usize>,
 }
 
 impl SpawnCounter {
     pub fn start(parent: u32, needles: Vec<String>) -> SpawnCounter {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        // The model processes already running (the resident one) are not
+        // starts.
+        let before: HashSet<(u32, u64)> = children(parent)
+            .into_iter()
+            .filter_map(|pid| Some((pid, start_time(pid)?)))
+            .collect();
         let thread = std::thread::spawn(move || {
-            let mut seen = HashSet::new();
+            let mut seen = before;
+            let already = seen.len();
             while !flag.load(Ordering::SeqCst) {
                 for pid in children(parent) {
                     let Some(start) = start_time(pid) else {
@@ -148,7 +155,7 @@ impl SpawnCounter {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            seen
+            seen.len() - already
         });
         SpawnCounter { stop, thread }
     }
@@ -156,7 +163,7 @@ impl SpawnCounter {
     /// Stops counting; the model processes seen.
     pub fn finish(self) -> usize {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().map(|s| s.len()).unwrap_or(0)
+        self.thread.join().unwrap_or(0)
     }
 }
 
