@@ -292,15 +292,13 @@ pub fn fig_model_latency(env: &Env, plan: &Plan, rep: &mut Report, contenders: &
 
 // --- 12: req/s of a one-token request --------------------------------------
 
-/// `wrk -t2 -c64` with the one-token request; `cpu[c]`: the daemon's pid
-/// and whether its direct children count (nginx's workers; never a model
-/// process). There is no direct row: the child listens on a unix socket.
-pub fn fig_model_rps(
-    env: &Env,
-    plan: &Plan,
-    rep: &mut Report,
-    contenders: &[(&str, u16, Option<(u32, bool)>)],
-) {
+/// A figure-12 contender: (name, port, the daemon's pid and whether its
+/// direct children count: nginx's workers, never a model process).
+pub type RpsContender<'a> = (&'a str, u16, Option<(u32, bool)>);
+
+/// `wrk -t2 -c64` with the one-token request, CPU per request of each
+/// daemon. There is no direct row: the child listens on a unix socket.
+pub fn fig_model_rps(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[RpsContender]) {
     let fig = "12 req/s, tiny model, 1 token, 64 conns";
     if env.wrk.is_none() {
         rep.skip(fig, "wrk not installed");
