@@ -5,8 +5,13 @@
 //! ```sh
 //! tests/tools/bench.sh            # the full run (~2 min of measuring)
 //! tests/tools/bench.sh --quick    # ~10 s; CI smoke for gross regressions
-//! cargo bench --bench proxy -- [--quick] [--only latency,rps,stream,cold,swap,rss,ready,events]
+//! cargo bench --bench proxy -- [--quick [--peers]] [--only latency,rps,stream,cold,swap,rss,ready,events,model,mixed,open,peers-ready]
 //! ```
+//!
+//! The peers (Ollama, from `CLARACORE_BENCH_OLLAMA`, which
+//! `tests/tools/install-peers.sh` prints) and the figures that compare with
+//! them on the real model (6b, 7b, 10, 11, 12) run in the full benchmark;
+//! `--quick` leaves them out unless `--peers` is given.
 //!
 //! claracore reaches a `cmd` child with only `{port}` (the fast fake) over
 //! loopback TCP and a llama-server child over its unix socket; "claracore,
@@ -32,6 +37,10 @@
 
 #[path = "proxy/client.rs"]
 mod client;
+#[path = "proxy/mixed.rs"]
+mod mixed;
+#[path = "proxy/peers.rs"]
+mod peers;
 #[path = "proxy/procs.rs"]
 mod procs;
 #[path = "proxy/upstream.rs"]
@@ -52,6 +61,9 @@ use procs::Proc;
 
 struct Env {
     quick: bool,
+    /// Run the peers and figures 6b, 7b, 10-12: always in a full run; with
+    /// `--quick --peers` briefly, to check the peers' setup.
+    peer_figs: bool,
     only: Option<Vec<String>>,
     dir: PathBuf,
     exe: PathBuf,
@@ -60,6 +72,10 @@ struct Env {
     llama: Option<(PathBuf, PathBuf)>,
     wrk: Option<PathBuf>,
     nginx: Option<PathBuf>,
+    /// The peers' binaries (tests/tools/install-peers.sh), full runs only.
+    ollama: Option<PathBuf>,
+    /// Why a peer is left out, from install-peers.sh.
+    peers_note: Option<String>,
     started: Instant,
 }
 
@@ -92,6 +108,13 @@ struct Plan {
     event_clients: usize,
     event_rounds: usize,
     event_per_round: usize,
+    /// Figures 10-12 and 6b/7b (the peers' figures): full runs only.
+    model_lat_rounds: usize,
+    model_lat_per_round: usize,
+    model_rps_rounds: usize,
+    mixed_clients: usize,
+    mixed_per_client: usize,
+    open_requests: usize,
 }
 
 impl Plan {
@@ -113,6 +136,12 @@ impl Plan {
                 event_clients: 100,
                 event_rounds: 2,
                 event_per_round: 50,
+                model_lat_rounds: 2,
+                model_lat_per_round: 20,
+                model_rps_rounds: 1,
+                mixed_clients: 10,
+                mixed_per_client: 4,
+                open_requests: 100,
             }
         } else {
             Plan {
@@ -131,6 +160,12 @@ impl Plan {
                 event_clients: 1000,
                 event_rounds: 12,
                 event_per_round: 250,
+                model_lat_rounds: 20,
+                model_lat_per_round: 100,
+                model_rps_rounds: 4,
+                mixed_clients: 10,
+                mixed_per_client: 20,
+                open_requests: 1000,
             }
         }
     }
@@ -1067,6 +1102,11 @@ fn fig_stream(env: &Env, plan: &Plan, rep: &mut Report, contenders: &[(&str, Add
             "direct" => ("baseline".into(), "", Verdict::Info),
             "claracore" => (format!("{x:.3}× direct"), "≥ 0.99× direct", met(x >= 0.99)),
             "router" => (format!("{x:.3}× direct (its own child)"), "", Verdict::Info),
+            "ollama" => (
+                format!("{x:.3}× direct (its own runner and engine, not llama-server)"),
+                "",
+                Verdict::Info,
+            ),
             _ => (format!("{x:.3}× direct"), "", Verdict::Info),
         };
         rep.row(
@@ -1126,7 +1166,37 @@ fn ttfb_ms(port: u16, body: &[u8]) -> f64 {
     (r.first_byte - r.sent).as_secs_f64() * 1e3
 }
 
-fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Option<u16>) {
+/// Models Ollama has loaded, from `/api/ps`.
+fn ollama_loaded(port: u16) -> usize {
+    once(port, "GET", "/api/ps", b"")
+        .map(|r| r.json()["models"].as_array().map_or(0, |a| a.len()))
+        .unwrap_or(0)
+}
+
+/// Unloads `model` in Ollama (`keep_alive: 0`) and waits until `/api/ps`
+/// shows nothing loaded.
+fn ollama_unload(port: u16, model: &str) {
+    let _ = once(
+        port,
+        "POST",
+        "/api/generate",
+        format!(r#"{{"model":{},"keep_alive":0}}"#, q(model)).as_bytes(),
+    );
+    wait_until(
+        "Ollama to unload its model",
+        Duration::from_secs(30),
+        || ollama_loaded(port) == 0,
+    );
+}
+
+fn fig_cold(
+    env: &Env,
+    plan: &Plan,
+    rep: &mut Report,
+    cc_port: u16,
+    router: Option<u16>,
+    ollama: Option<u16>,
+) {
     let fig = "4 cold start";
     let (server, model) = env.llama.clone().unwrap();
     env.log("figure 4: cold start (request to a stopped model → first byte)");
@@ -1136,10 +1206,14 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
     let mut base = Vec::new();
     let mut cc = Vec::new();
     let mut rt = Vec::new();
-    let k = if router.is_some() { 3 } else { 2 };
+    let mut ol = Vec::new();
+    // 0 llama-server alone, 1 claracore, 2 router, 3 ollama.
+    let mut kinds = vec![0, 1];
+    kinds.extend(router.map(|_| 2));
+    kinds.extend(ollama.map(|_| 3));
     for r in 0..plan.cold_rounds {
-        for c in order(k, r) {
-            match c {
+        for c in order(kinds.len(), r) {
+            match kinds[c] {
                 0 => {
                     let port = free_port();
                     let log = env.dir.join("llama-alone.log");
@@ -1181,13 +1255,18 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
                     );
                     cc.push(ttfb_ms(cc_port, &body));
                 }
-                _ => {
+                2 => {
                     let port = router.unwrap();
                     let _ = once(port, "POST", "/models/unload", br#"{"model":"tiny"}"#);
                     wait_until("the router to unload tiny", Duration::from_secs(20), || {
                         router_status(port, "tiny") == "unloaded"
                     });
                     rt.push(ttfb_ms(port, &router_body));
+                }
+                _ => {
+                    let port = ollama.unwrap();
+                    ollama_unload(port, "tiny");
+                    ol.push(ttfb_ms(port, &router_body));
                 }
             }
         }
@@ -1240,7 +1319,7 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
             "router",
             ms(median(&rt)),
             ms(pct(&rt, 99.0)),
-            n,
+            n.clone(),
             format!(
                 "{} over spawn→health; {} over spawn→health + first request",
                 plus_ms(rt_h),
@@ -1250,14 +1329,43 @@ fn fig_cold(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: Opti
             Verdict::Info,
         );
     }
+    if ollama.is_some() {
+        let (ol_h, ol_b) = over(&ol);
+        rep.row(
+            fig,
+            "ollama",
+            ms(median(&ol)),
+            ms(pct(&ol, 99.0)),
+            n,
+            format!(
+                "{} over llama-server's spawn→health; {} over that + first request (its own runner: \
+                 not the same process, so this is its whole load path, not overhead alone)",
+                plus_ms(ol_h),
+                plus_ms(ol_b)
+            ),
+            "",
+            Verdict::Info,
+        );
+    }
 }
 
 // --- 5: swap ---------------------------------------------------------------
 
-fn fig_swap(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: u16) {
+fn fig_swap(
+    env: &Env,
+    plan: &Plan,
+    rep: &mut Report,
+    cc_port: u16,
+    router: u16,
+    cc_swap_at_once: Option<u16>,
+    ollama: Option<u16>,
+) {
     let fig = "5 swap, 1 resident";
     env.log("figure 5: alternating requests to two models, one resident");
-    let contenders = [("claracore", cc_port), ("router", router)];
+    let mut contenders = vec![("claracore", cc_port), ("router", router)];
+    contenders.extend(ollama.map(|p| ("ollama", p)));
+    contenders.extend(cc_swap_at_once.map(|p| ("claracore, max_wait_before_swap = 0s", p)));
+    let k = contenders.len();
     let body = |m: &str| llama_body(m, false, 1);
     let time = |port: u16, m: &str| {
         let r = post(port, "/v1/chat/completions", &body(m));
@@ -1266,48 +1374,73 @@ fn fig_swap(env: &Env, plan: &Plan, rep: &mut Report, cc_port: u16, router: u16)
     for c in &contenders {
         time(c.1, "tiny2");
     }
-    let mut lat = vec![Vec::new(); 2];
-    let mut per_round = vec![Vec::new(); 2];
+    let mut lat = vec![Vec::new(); k];
+    let mut per_round = vec![Vec::new(); k];
     for r in 0..plan.swap_rounds {
-        for c in order(2, r) {
+        for c in order(k, r) {
             let a = time(contenders[c].1, "tiny");
             let b = time(contenders[c].1, "tiny2");
             lat[c].extend([a, b]);
             per_round[c].push(a + b);
         }
     }
-    let ratio = median(
-        &per_round[0]
-            .iter()
-            .zip(&per_round[1])
-            .map(|(a, b)| a / b)
-            .collect::<Vec<_>>(),
-    );
+    let ratio = |x: usize, y: usize| {
+        median(
+            &per_round[x]
+                .iter()
+                .zip(&per_round[y])
+                .map(|(a, b)| a / b)
+                .collect::<Vec<_>>(),
+        )
+    };
     let n = format!("{}×2", plan.swap_rounds);
+    let vs_ollama = match contenders.iter().position(|c| c.0 == "ollama") {
+        Some(o) => format!("; {:.2}× ollama", ratio(0, o)),
+        None => String::new(),
+    };
     rep.row(
         fig,
         "claracore (max_loaded = 1)",
         ms(median(&lat[0])),
         ms(pct(&lat[0], 99.0)),
         n.clone(),
-        format!("{ratio:.2}× router"),
+        format!("{:.2}× router{vs_ollama}", ratio(0, 1)),
         "≤ 0.9× router",
-        met(ratio <= 0.9),
+        met(ratio(0, 1) <= 0.9),
     );
     rep.row(
         fig,
         "router (--models-max 1)",
         ms(median(&lat[1])),
         ms(pct(&lat[1], 99.0)),
-        n,
+        n.clone(),
         "baseline".into(),
         "",
         Verdict::Info,
     );
+    for c in 2..k {
+        let (name, what) = match contenders[c].0 {
+            "ollama" => (
+                "ollama (OLLAMA_MAX_LOADED_MODELS=1)",
+                " (its own runner; tiny2 is a copy of the GGUF with another name)",
+            ),
+            other => (other, " (no in-use gap before a swap: grouping off)"),
+        };
+        rep.row(
+            fig,
+            name,
+            ms(median(&lat[c])),
+            ms(pct(&lat[c], 99.0)),
+            n.clone(),
+            format!("{:.2}× router{what}", ratio(c, 1)),
+            "",
+            Verdict::Info,
+        );
+    }
     rep.check(
         "claracore swap ≤ 4× router",
-        ratio <= 4.0,
-        format!("{ratio:.2}×"),
+        ratio(0, 1) <= 4.0,
+        format!("{:.2}×", ratio(0, 1)),
     );
 }
 
@@ -1783,6 +1916,7 @@ fn shell(cmd: &str) -> String {
 
 fn run(args: &[String]) -> i32 {
     let quick = args.iter().any(|a| a == "--quick");
+    let peer_figs = !quick || args.iter().any(|a| a == "--peers");
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -1802,6 +1936,7 @@ fn run(args: &[String]) -> i32 {
     };
     let env = Env {
         quick,
+        peer_figs,
         only,
         dir: tmp.path().to_path_buf(),
         exe: std::env::current_exe().unwrap(),
@@ -1811,6 +1946,11 @@ fn run(args: &[String]) -> i32 {
         llama,
         wrk: which("wrk", &[]),
         nginx: which("nginx", &["/usr/sbin/nginx"]),
+        // The peers run in the full benchmark only; CI's smoke never needs them.
+        ollama: std::env::var_os("CLARACORE_BENCH_OLLAMA")
+            .filter(|_| peer_figs)
+            .map(PathBuf::from),
+        peers_note: std::env::var("CLARACORE_BENCH_PEERS_NOTE").ok(),
         started: Instant::now(),
     };
     if let Ok(mut d) = WORK_DIR.lock() {
@@ -1853,6 +1993,24 @@ fn run(args: &[String]) -> i32 {
         env.llama
             .as_ref()
             .map_or("missing".into(), |l| l.0.display().to_string())
+    );
+    println!(
+        "- peers: ollama {}{}",
+        env.ollama.as_ref().map_or_else(
+            || if !peer_figs {
+                "not in --quick (add --peers)".into()
+            } else {
+                "not installed (tests/tools/install-peers.sh)".to_string()
+            },
+            |p| format!(
+                "{} ({})",
+                std::env::var("CLARACORE_BENCH_OLLAMA_VERSION").unwrap_or_default(),
+                p.display()
+            )
+        ),
+        env.peers_note
+            .as_ref()
+            .map_or(String::new(), |n| format!("; {n}"))
     );
     if keep {
         println!("- work dir (kept): {}", env.dir.display());
@@ -1921,9 +2079,30 @@ fn run(args: &[String]) -> i32 {
             &llama_body("tiny", false, 4),
         );
     }
+    let ollama = match (&env.ollama, &env.llama) {
+        (Some(bin), Some((_, model))) => {
+            env.log("starting ollama serve and creating its models from the tiny GGUF");
+            let o = peers::start_ollama(bin, &env.dir.join("ollama"), model, free_port());
+            post(
+                o.port,
+                "/v1/chat/completions",
+                &llama_body("tiny", false, 4),
+            );
+            Some(o)
+        }
+        _ => None,
+    };
     let nginx = start_nginx(&env, fake_port, tiny_addr.clone());
     std::thread::sleep(Duration::from_millis(300));
     let idle_kb = rss_kb(cc.proc.pid()).0;
+    // (name, port, pid, idle RSS kB) of the daemons serving the tiny model.
+    let mut idle_daemons = vec![("claracore", cc.port, cc.proc.pid(), idle_kb)];
+    if let Some(r) = &router {
+        idle_daemons.push(("router", r.port, r.proc.pid(), rss_kb(r.proc.pid()).0));
+    }
+    if let Some(o) = &ollama {
+        idle_daemons.push(("ollama", o.port, o.proc.pid(), rss_kb(o.proc.pid()).0));
+    }
 
     // 1, 2, 8: the fast fake upstream.
     let mut fast = vec![("direct", fake_port), ("claracore", cc.port)];
@@ -1959,12 +2138,15 @@ fn run(args: &[String]) -> i32 {
     match (&env.llama, tiny_addr) {
         (Some(_), Some(tiny)) => {
             if env.wants("stream") {
-                let mut s = vec![("direct", tiny), ("claracore", Addr::Tcp(cc.port))];
+                let mut s = vec![("direct", tiny.clone()), ("claracore", Addr::Tcp(cc.port))];
                 if let Some(r) = &router {
                     s.push(("router", Addr::Tcp(r.port)));
                 }
                 if let Some(p) = nginx.as_ref().and_then(|n| n.tiny_port) {
                     s.push(("nginx", Addr::Tcp(p)));
+                }
+                if let Some(o) = &ollama {
+                    s.push(("ollama", Addr::Tcp(o.port)));
                 }
                 fig_stream(&env, &plan, &mut rep, &s);
             }
@@ -1975,6 +2157,7 @@ fn run(args: &[String]) -> i32 {
                     &mut rep,
                     cc.port,
                     router.as_ref().map(|r| r.port),
+                    ollama.as_ref().map(|o| o.port),
                 );
             }
             if env.wants("swap") {
@@ -1987,13 +2170,103 @@ fn run(args: &[String]) -> i32 {
                         tiny_table(&env, "tiny2")
                     ),
                 );
+                // The same with grouping off: what the in-use gap that
+                // groups requests by model costs a lone client's swaps.
+                let at_once = env.peer_figs.then(|| {
+                    start_claracore(
+                        &env,
+                        "claracore-swap-0s",
+                        &format!(
+                            "[scheduler]\nmax_loaded = 1\nidle_ttl = \"0\"\nmax_wait_before_swap = \"0s\"\n\n{}\n{}",
+                            tiny_table(&env, "tiny"),
+                            tiny_table(&env, "tiny2")
+                        ),
+                    )
+                });
                 fig_swap(
                     &env,
                     &plan,
                     &mut rep,
                     swap.port,
                     router.as_ref().unwrap().port,
+                    at_once.as_ref().map(|d| d.port),
+                    ollama.as_ref().map(|o| o.port),
                 );
+            }
+            if env.peer_figs && env.wants("model") {
+                let mut l = vec![("direct", tiny.clone()), ("claracore", Addr::Tcp(cc.port))];
+                let mut w = vec![("claracore", cc.port, Some((cc.proc.pid(), false)))];
+                if let Some(n) = &nginx {
+                    if let Some(p) = n.tiny_port {
+                        l.push(("nginx", Addr::Tcp(p)));
+                        w.push(("nginx", p, Some((n.proc.pid(), true))));
+                    }
+                }
+                if let Some(r) = &router {
+                    l.push(("router", Addr::Tcp(r.port)));
+                    w.push(("router", r.port, Some((r.proc.pid(), false))));
+                }
+                if let Some(o) = &ollama {
+                    l.push(("ollama", Addr::Tcp(o.port)));
+                    w.push(("ollama", o.port, Some((o.proc.pid(), false))));
+                }
+                mixed::fig_model_latency(&env, &plan, &mut rep, &l);
+                mixed::fig_model_rps(&env, &plan, &mut rep, &w);
+            }
+            if env.peer_figs && env.wants("mixed") {
+                let model = env.llama.as_ref().unwrap().1.display().to_string();
+                let one = |name: &str, bound: &str| {
+                    start_claracore(
+                        &env,
+                        name,
+                        &format!(
+                            "[scheduler]\nmax_loaded = 1\nidle_ttl = \"0\"\nmax_wait_before_swap = {}\n\n{}\n{}",
+                            q(bound),
+                            tiny_table(&env, "tiny"),
+                            tiny_table(&env, "tiny2")
+                        ),
+                    )
+                };
+                let grouped = one("claracore-mixed", "5s");
+                let ungrouped = one("claracore-mixed-0s", "0s");
+                let mut m = vec![
+                    mixed::Mixed {
+                        name: "claracore",
+                        port: grouped.port,
+                        pid: grouped.proc.pid(),
+                        needles: vec![model.clone()],
+                        own: mixed::OwnCount::Claracore,
+                    },
+                    mixed::Mixed {
+                        name: "claracore, max_wait_before_swap = 0s",
+                        port: ungrouped.port,
+                        pid: ungrouped.proc.pid(),
+                        needles: vec![model.clone()],
+                        own: mixed::OwnCount::Claracore,
+                    },
+                ];
+                if let Some(r) = &router {
+                    m.push(mixed::Mixed {
+                        name: "router",
+                        port: r.port,
+                        pid: r.proc.pid(),
+                        needles: vec![model.clone()],
+                        own: mixed::OwnCount::None,
+                    });
+                }
+                if let Some(o) = &ollama {
+                    m.push(mixed::Mixed {
+                        name: "ollama",
+                        port: o.port,
+                        pid: o.proc.pid(),
+                        needles: vec!["--model".into()],
+                        own: mixed::OwnCount::OllamaLog(o.log.clone()),
+                    });
+                }
+                mixed::fig_mixed(&env, &plan, &mut rep, &m);
+            }
+            if env.peer_figs && env.wants("open") {
+                mixed::fig_open_rss(&env, &plan, &mut rep, &idle_daemons);
             }
         }
         _ => {
@@ -2007,6 +2280,7 @@ fn run(args: &[String]) -> i32 {
     }
     drop(nginx);
     drop(router);
+    drop(ollama);
 
     if env.wants("rss") {
         fig_rss(&env, &plan, &mut rep, &cc, idle_kb);
@@ -2014,6 +2288,9 @@ fn run(args: &[String]) -> i32 {
     drop(cc);
     if env.wants("ready") {
         fig_ready(&env, &plan, &mut rep);
+    }
+    if env.peer_figs && env.wants("peers-ready") {
+        mixed::fig_peer_ready(&env, &plan, &mut rep);
     }
     if env.wants("events") {
         fig_events(&env, &plan, &mut rep);

@@ -4,9 +4,16 @@
 # the tiny model (tests/tools/setup-test-deps.sh, cached), builds claracore
 # in release mode and runs the harness, tests/bench/proxy.rs.
 #
-#   tests/tools/bench.sh           # every comparison, ~2 min of measuring
+#   tests/tools/bench.sh           # every comparison, the peers included
+#                                  # (~10 min of measuring on 2 cores)
 #   tests/tools/bench.sh --quick   # ~10 s: CI smoke, fails only on
-#                                  # gross regressions; last line "N passed, M failed"
+#                                  # gross regressions; last line "N passed, M failed";
+#                                  # no peers (add --peers to check their setup)
+#
+# The full run first installs the peers (tests/tools/install-peers.sh: Ollama
+# with `go install` from the module proxy, cached by version; minutes the
+# first time). Without Go, or where a peer does not install, its rows are
+# left out and the header says why.
 #
 # Other arguments go to the harness, e.g. `--only latency,rps,stream,cold,
 # swap,rss,ready,events`. BENCH_KEEP=1 keeps the work directory (configs, logs).
@@ -40,6 +47,14 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 eval "$("$here/setup-test-deps.sh")"
+
+quick=0 peers=0
+for a in "$@"; do
+    case "$a" in --quick) quick=1 ;; --peers) peers=1 ;; esac
+done
+if [ "$quick" = 0 ] || [ "$peers" = 1 ]; then
+    eval "$("$here/install-peers.sh")"
+fi
 
 # 1000 concurrent streams need ~3000 descriptors in the daemon and as many
 # in the harness; children inherit the limit.

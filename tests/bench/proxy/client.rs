@@ -73,6 +73,9 @@ pub struct Resp {
     pub first_byte: Instant,
     /// When the last body byte was read.
     pub end: Instant,
+    /// When the bytes read first held the connection's mark (see
+    /// [`Conn::with_mark`]): a stream's first token, for time to first token.
+    pub marked: Option<Instant>,
 }
 
 impl Resp {
@@ -109,6 +112,7 @@ pub struct Conn {
     stream: Option<Stream>,
     raw: Vec<u8>,
     timeout: Duration,
+    mark: Option<Vec<u8>>,
 }
 
 impl Conn {
@@ -118,7 +122,15 @@ impl Conn {
             stream: None,
             raw: Vec::with_capacity(64 * 1024),
             timeout: Duration::from_secs(60),
+            mark: None,
         }
+    }
+
+    /// Records in [`Resp::marked`] when the response first contains `mark`
+    /// (searched in the raw bytes as they arrive, chunk framing included).
+    pub fn with_mark(mut self, mark: &[u8]) -> Conn {
+        self.mark = Some(mark.to_vec());
+        self
     }
 
     pub fn with_timeout(mut self, t: Duration) -> Conn {
@@ -175,12 +187,21 @@ impl Conn {
         stream.write_all(req)?;
         let mut tmp = [0u8; 64 * 1024];
         let mut first_byte = None;
+        let mut marked = None;
+        let mark = self.mark.as_deref();
         let mut read = |raw: &mut Vec<u8>, first: &mut Option<Instant>| -> io::Result<usize> {
             let n = stream.read(&mut tmp)?;
             if first.is_none() && n > 0 {
                 *first = Some(Instant::now());
             }
+            let from = raw.len();
             raw.extend_from_slice(&tmp[..n]);
+            if let (None, Some(m)) = (marked, mark) {
+                // Search the new bytes and the few before them a mark may straddle.
+                if find(&raw[from.saturating_sub(m.len())..], m).is_some() {
+                    marked = Some(Instant::now());
+                }
+            }
             Ok(n)
         };
         // Head.
@@ -260,6 +281,7 @@ impl Conn {
             sent,
             first_byte: first_byte.unwrap_or(end),
             end,
+            marked,
         })
     }
 }
@@ -304,6 +326,7 @@ pub fn once_unix(
         sent,
         first_byte: end,
         end,
+        marked: None,
     })
 }
 
