@@ -116,25 +116,20 @@ pub async fn serve(
         gpus,
     });
     // Before any request can start a model, so its first load already
-    // has an expected time.
-    let loads = {
+    // has an expected time and its first placement a learned need.
+    let past = {
         let recorder = state.recorder.clone();
         tokio::task::spawn_blocking(move || {
-            recorder.recent_load_times(crate::scheduler::LOAD_TIMES_KEPT)
+            recorder.past_runs(
+                crate::scheduler::LOAD_TIMES_KEPT,
+                crate::scheduler::VRAM_RUNS_KEPT,
+            )
         })
         .await
         .unwrap_or_default()
     };
-    state.scheduler.seed_load_times(loads);
-    let peaks = {
-        let recorder = state.recorder.clone();
-        tokio::task::spawn_blocking(move || {
-            recorder.recent_vram_peaks(crate::scheduler::VRAM_RUNS_KEPT)
-        })
-        .await
-        .unwrap_or_default()
-    };
-    state.scheduler.seed_vram(peaks);
+    state.scheduler.seed_load_times(past.load_times);
+    state.scheduler.seed_vram(past.vram_peaks);
     let fd_limit = fd_limit();
     let conns = Connections::new(connection_cap(&config, fd_limit));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -42,6 +42,15 @@ const REOPEN_PERIOD: Duration = Duration::from_secs(5);
 /// At most one dropped-rows warning per this period.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
 
+/// What past runs tell the scheduler ([`Recorder::past_runs`]).
+#[derive(Debug, Default)]
+pub struct PastRuns {
+    /// Each model's last successful load times, oldest first.
+    pub load_times: HashMap<String, Vec<Duration>>,
+    /// Each model's peak GPU memory of its last runs, oldest first.
+    pub vram_peaks: HashMap<String, Vec<u64>>,
+}
+
 /// One `samples` row.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -201,53 +210,44 @@ impl Recorder {
         self.path.as_deref()
     }
 
-    /// Each model's last `per_model` successful load times, oldest first,
-    /// read once (blocking) from the database; empty when history is
-    /// disabled or cannot be read (logged: a missing expectation only
-    /// makes load progress less informative).
-    pub fn recent_load_times(&self, per_model: usize) -> HashMap<String, Vec<Duration>> {
+    /// What past runs tell the scheduler, read once (blocking) from the
+    /// database: each model's last `loads_kept` successful load times and
+    /// the peak GPU memory of its last `vram_kept` runs, oldest first. Both
+    /// empty when history is disabled or cannot be read (logged: without
+    /// them load progress has no expected time and models are placed by
+    /// their estimates until they run).
+    pub fn past_runs(&self, loads_kept: usize, vram_kept: usize) -> PastRuns {
         let Some(path) = self.path() else {
-            return HashMap::new();
+            return PastRuns::default();
         };
         let read = store::open_for_reading(path)
             .map_err(|e| e.to_string())
-            .and_then(|conn| store::recent_load_times(&conn, per_model).map_err(|e| e.to_string()));
+            .and_then(|conn| {
+                let loads = store::recent_load_times(&conn, loads_kept);
+                let peaks = store::recent_vram_peaks(&conn, vram_kept);
+                loads
+                    .and_then(|l| peaks.map(|p| (l, p)))
+                    .map_err(|e| e.to_string())
+            });
         match read {
-            Ok(rows) => rows
-                .into_iter()
-                .map(|(model, times)| {
-                    let times = times
-                        .into_iter()
-                        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-                        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-                        .collect();
-                    (model, times)
-                })
-                .collect(),
+            Ok((loads, peaks)) => PastRuns {
+                load_times: loads
+                    .into_iter()
+                    .map(|(model, times)| {
+                        let times = times
+                            .into_iter()
+                            .filter(|ms| ms.is_finite() && *ms >= 0.0)
+                            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+                            .collect();
+                        (model, times)
+                    })
+                    .collect(),
+                vram_peaks: peaks.into_iter().collect(),
+            },
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
-                    "cannot read past load times; load progress has no expected time until a model loads");
-                HashMap::new()
-            }
-        }
-    }
-
-    /// The peak GPU memory of each model's last `per_model` runs, oldest
-    /// first: what it is learned to need. Empty (logged) when history
-    /// cannot be read.
-    pub fn recent_vram_peaks(&self, per_model: usize) -> HashMap<String, Vec<u64>> {
-        let Some(path) = self.path() else {
-            return HashMap::new();
-        };
-        let read = store::open_for_reading(path)
-            .map_err(|e| e.to_string())
-            .and_then(|conn| store::recent_vram_peaks(&conn, per_model).map_err(|e| e.to_string()));
-        match read {
-            Ok(rows) => rows.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e,
-                    "cannot read past GPU memory use; models are placed by their estimates until they run");
-                HashMap::new()
+                    "cannot read past model runs; load progress has no expected time and models are placed by their estimates until they run");
+                PastRuns::default()
             }
         }
     }

@@ -655,35 +655,6 @@ fn sql_int(bytes: u64) -> i64 {
     i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
-/// The peak GPU memory of each model's last `per_model` runs (from its
-/// stop and crash events), oldest first.
-pub fn recent_vram_peaks(
-    conn: &Connection,
-    per_model: usize,
-) -> rusqlite::Result<Vec<(String, Vec<u64>)>> {
-    let mut stmt = conn.prepare(
-        "SELECT model, vram_bytes FROM (
-             SELECT model, vram_bytes, at_ms, id,
-                    row_number() OVER (PARTITION BY model ORDER BY at_ms DESC, id DESC) AS newest
-             FROM model_events WHERE vram_bytes IS NOT NULL AND vram_bytes > 0)
-         WHERE newest <= ?1 ORDER BY model, at_ms, id",
-    )?;
-    let limit = i64::try_from(per_model).unwrap_or(i64::MAX);
-    let rows = stmt.query_map([limit], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-    })?;
-    let mut out: Vec<(String, Vec<u64>)> = Vec::new();
-    for row in rows {
-        let (model, bytes) = row?;
-        let bytes = u64::try_from(bytes).unwrap_or(0);
-        match out.last_mut() {
-            Some((m, peaks)) if *m == model => peaks.push(bytes),
-            _ => out.push((model, vec![bytes])),
-        }
-    }
-    Ok(out)
-}
-
 /// Filters for [`list_requests`]; `cursor` is the last id of the previous
 /// page (keyset pagination, newest first).
 #[derive(Debug, Default)]
@@ -799,23 +770,50 @@ pub fn recent_load_times(
     conn: &Connection,
     per_model: usize,
 ) -> rusqlite::Result<Vec<(String, Vec<f64>)>> {
-    let mut stmt = conn.prepare(
-        "SELECT model, load_ms FROM (
-             SELECT model, load_ms, at_ms, id,
+    newest_per_model(conn, "load_ms", "event = 'ready'", per_model)
+}
+
+/// The peak GPU memory of each model's last `per_model` runs (from its
+/// stop and crash events), oldest first.
+pub fn recent_vram_peaks(
+    conn: &Connection,
+    per_model: usize,
+) -> rusqlite::Result<Vec<(String, Vec<u64>)>> {
+    let rows = newest_per_model::<i64>(conn, "vram_bytes", "vram_bytes > 0", per_model)?;
+    Ok(rows
+        .into_iter()
+        .map(|(model, peaks)| {
+            let peaks = peaks.into_iter().map(|b| u64::try_from(b).unwrap_or(0));
+            (model, peaks.collect())
+        })
+        .collect())
+}
+
+/// The `column` of each model's newest `per_model` `model_events` rows
+/// where it is set and `filter` holds, grouped by model (in name order),
+/// oldest first. `column` and `filter` are this module's own SQL, never a
+/// caller's input.
+fn newest_per_model<T: rusqlite::types::FromSql>(
+    conn: &Connection,
+    column: &str,
+    filter: &str,
+    per_model: usize,
+) -> rusqlite::Result<Vec<(String, Vec<T>)>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT model, {column} FROM (
+             SELECT model, {column}, at_ms, id,
                     row_number() OVER (PARTITION BY model ORDER BY at_ms DESC, id DESC) AS newest
-             FROM model_events WHERE event = 'ready' AND load_ms IS NOT NULL)
-         WHERE newest <= ?1 ORDER BY model, at_ms, id",
-    )?;
+             FROM model_events WHERE {column} IS NOT NULL AND {filter})
+         WHERE newest <= ?1 ORDER BY model, at_ms, id"
+    ))?;
     let limit = i64::try_from(per_model).unwrap_or(i64::MAX);
-    let rows = stmt.query_map([limit], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
-    })?;
-    let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+    let rows = stmt.query_map([limit], |r| Ok((r.get::<_, String>(0)?, r.get::<_, T>(1)?)))?;
+    let mut out: Vec<(String, Vec<T>)> = Vec::new();
     for row in rows {
-        let (model, ms) = row?;
+        let (model, value) = row?;
         match out.last_mut() {
-            Some((m, times)) if *m == model => times.push(ms),
-            _ => out.push((model, vec![ms])),
+            Some((m, values)) if *m == model => values.push(value),
+            _ => out.push((model, vec![value])),
         }
     }
     Ok(out)

@@ -2453,6 +2453,20 @@ mod tests {
         (s, fake, tx)
     }
 
+    /// Starts `a` (pid 101) on GPU 0 of `total_mib`, 500 MiB used by others,
+    /// measures it at 6000 MiB and leaves it idle for a second.
+    async fn a_resident_and_idle(s: &Scheduler, fake: &Fake, tx: &Readings, total_mib: u64) {
+        let empty = [(0, total_mib, 500)];
+        tx.send_replace(reading(&empty, &[]));
+        settle().await;
+        let a = ask_placed(s, tx, "a", reading(&empty, &[])).await;
+        fake.ready_as("a", 101);
+        drop(a.await.unwrap().unwrap());
+        tx.send_replace(reading(&[(0, total_mib, 6500)], &[(101, 0, 6000)]));
+        settle().await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+
     impl Fake {
         fn ready_as(&self, model: &str, pid: u32) {
             self.with_last(model, |s| {
@@ -2534,14 +2548,7 @@ mod tests {
     async fn short_of_memory_the_idle_least_recently_used_model_on_that_gpu_goes() {
         let (s, fake, tx) = start_with_gpus(GPU_MODELS);
         let gpus = [(0, 8000, 500)];
-        tx.send_replace(reading(&gpus, &[]));
-        settle().await;
-        let a = ask_placed(&s, &tx, "a", reading(&gpus, &[])).await;
-        fake.ready_as("a", 101);
-        drop(a.await.unwrap().unwrap());
-        tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
-        settle().await;
-        tokio::time::advance(Duration::from_secs(1)).await;
+        a_resident_and_idle(&s, &fake, &tx, 8000).await;
         let b = ask_placed(&s, &tx, "b", reading(&[(0, 8000, 6500)], &[(101, 0, 6000)])).await;
         assert!(fake.stop_asked("a"), "a (idle) makes room for b");
         fake.exit("a", ExitReason::Stopped);
@@ -2633,14 +2640,7 @@ mod tests {
     async fn out_of_memory_while_starting_evicts_one_more_and_retries_once() {
         let (s, fake, tx) = start_with_gpus(GPU_MODELS);
         let gpus = [(0, 16000, 500)];
-        tx.send_replace(reading(&gpus, &[]));
-        settle().await;
-        let a = ask_placed(&s, &tx, "a", reading(&gpus, &[])).await;
-        fake.ready_as("a", 101);
-        drop(a.await.unwrap().unwrap());
-        tx.send_replace(reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]));
-        settle().await;
-        tokio::time::advance(Duration::from_secs(1)).await;
+        a_resident_and_idle(&s, &fake, &tx, 16000).await;
         // b fits by the numbers, but runs out of memory while loading.
         let b = ask_placed(
             &s,
