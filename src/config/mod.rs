@@ -1,7 +1,7 @@
 //! Configuration: the TOML file's raw shape, its validation, and the typed
 //! [`Config`] the rest of the daemon reads.
 //!
-//! Two stages: serde reads the file into `Raw*` structs ([`raw`]) that
+//! Two stages: serde reads the file into `Raw*` structs (`raw.rs`) that
 //! reject unknown keys and keep source spans; [`Config::from_toml`] turns
 //! those into typed values, one function per section, each in the file of
 //! its concern. Every error names the file, line, column and key involved.
