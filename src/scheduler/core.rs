@@ -644,3 +644,653 @@ pub(super) fn current<'a>(
 ) -> Option<&'a mut Slot> {
     slots.get_mut(model).filter(|s| s.instance == instance)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The core alone: no runtime, no channels, no sleeps. Each test feeds
+    //! what happens with explicit times and asserts on the effects; a small
+    //! stand-in plays the gates (leases, closes) the way `gate.rs` does.
+
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{Close, Core, Effect, GateReport};
+    use crate::config::{ChildAddr, Config};
+    use crate::gpu::{GpuReading, ProcessReading, Snapshot};
+    use crate::scheduler::placement::Reading;
+    use crate::scheduler::queue::WaiterId;
+    use crate::scheduler::{AcquireError, ModelState};
+    use crate::supervisor::{ChildEvent, ExitReason, StartFailure};
+
+    const MB: u64 = 1 << 20;
+
+    /// A gate as the core's effects leave it.
+    struct FakeGate {
+        instance: u64,
+        open: bool,
+        leases: usize,
+        last_used: Instant,
+    }
+
+    struct Harness {
+        core: Core,
+        t0: Instant,
+        gates: HashMap<String, FakeGate>,
+        /// The instance of each model's newest child.
+        children: HashMap<String, u64>,
+        next_waiter: u64,
+    }
+
+    fn config(text: &str) -> Config {
+        Config::from_toml(Path::new("test.toml"), text).unwrap()
+    }
+
+    impl Harness {
+        fn new(text: &str) -> Harness {
+            Harness::with_reading(text, Reading::default())
+        }
+
+        fn with_reading(text: &str, reading: Reading) -> Harness {
+            let t0 = Instant::now();
+            let mut core = Core::new(&config(text), reading, t0);
+            let first = core.start();
+            let mut h = Harness {
+                core,
+                t0,
+                gates: HashMap::new(),
+                children: HashMap::new(),
+                next_waiter: 1,
+            };
+            h.run(first, t0);
+            h
+        }
+
+        fn at(&self, secs: f64) -> Instant {
+            self.t0 + Duration::from_secs_f64(secs)
+        }
+
+        /// Plays the gates' part in `effects` (a close's report goes back to
+        /// the core at once, as the shell does); returns every effect, those
+        /// the reports brought included.
+        fn run(&mut self, effects: Vec<Effect>, now: Instant) -> Vec<Effect> {
+            let mut all = Vec::new();
+            for effect in effects {
+                match &effect {
+                    Effect::Spawn(spec) => {
+                        self.children.insert(spec.model.to_string(), spec.instance);
+                    }
+                    Effect::OpenGate {
+                        model, instance, ..
+                    } => {
+                        let gate = FakeGate {
+                            instance: *instance,
+                            open: true,
+                            leases: 0,
+                            last_used: now,
+                        };
+                        self.gates.insert(model.to_string(), gate);
+                    }
+                    Effect::Lease { model, .. } => {
+                        let gate = self.gates.get_mut(&**model).unwrap();
+                        assert!(gate.open, "a lease on a closed gate");
+                        gate.leases += 1;
+                        gate.last_used = now;
+                    }
+                    _ => {}
+                }
+                let report = match &effect {
+                    Effect::CloseGate {
+                        model,
+                        instance,
+                        close,
+                    } => Some((model.clone(), *instance, self.close(model, *close, now))),
+                    _ => None,
+                };
+                all.push(effect);
+                if let Some((model, instance, report)) = report {
+                    let more = self.core.gate_closed(&model, instance, report, now);
+                    all.extend(self.run(more, now));
+                }
+            }
+            all
+        }
+
+        fn close(&mut self, model: &str, close: Close, now: Instant) -> GateReport {
+            let gate = self.gates.get_mut(model).unwrap();
+            let closed = match close {
+                Close::Now => true,
+                Close::IfIdle => gate.leases == 0,
+                Close::IfIdleFor(ttl) => gate.leases == 0 && gate.last_used + ttl <= now,
+            };
+            gate.open &= !closed;
+            GateReport {
+                closed,
+                leases: gate.leases,
+                last_used: gate.last_used,
+            }
+        }
+
+        fn acquire_with(&mut self, model: &str, priority: i32, at: f64) -> (WaiterId, Vec<Effect>) {
+            let id = WaiterId(self.next_waiter);
+            self.next_waiter += 1;
+            let now = self.at(at);
+            let effects = self.core.acquire(model, id, priority, now);
+            (id, self.run(effects, now))
+        }
+
+        fn acquire(&mut self, model: &str, at: f64) -> (WaiterId, Vec<Effect>) {
+            self.acquire_with(model, 0, at)
+        }
+
+        fn event(&mut self, event: ChildEvent, at: f64) -> Vec<Effect> {
+            let now = self.at(at);
+            let effects = self.core.child_event(event, now);
+            self.run(effects, now)
+        }
+
+        fn instance(&self, model: &str) -> u64 {
+            self.children[model]
+        }
+
+        fn ready(&mut self, model: &str, pid: u32, at: f64) -> Vec<Effect> {
+            let event = ChildEvent::Ready {
+                model: Arc::from(model),
+                instance: self.instance(model),
+                addr: ChildAddr::Unix("/run/test/m.sock".into()),
+                pid,
+                load_time: Duration::from_millis(5),
+            };
+            self.event(event, at)
+        }
+
+        fn exit(&mut self, model: &str, reason: ExitReason, at: f64) -> Vec<Effect> {
+            let event = ChildEvent::Exited {
+                model: Arc::from(model),
+                instance: self.instance(model),
+                reason,
+            };
+            self.event(event, at)
+        }
+
+        fn fail_start(&mut self, model: &str, reason: StartFailure, at: f64) -> Vec<Effect> {
+            let event = ChildEvent::StartFailed {
+                model: Arc::from(model),
+                instance: self.instance(model),
+                reason,
+                pid: None,
+            };
+            self.event(event, at)
+        }
+
+        /// A request that entered `model`'s gate without the core.
+        fn enter(&mut self, model: &str, at: f64) {
+            let now = self.at(at);
+            let gate = self.gates.get_mut(model).unwrap();
+            assert!(gate.open);
+            gate.leases += 1;
+            gate.last_used = now;
+        }
+
+        /// A lease returned: the gate's message when it was the last.
+        fn release(&mut self, model: &str, at: f64) -> Vec<Effect> {
+            let now = self.at(at);
+            let gate = self.gates.get_mut(model).unwrap();
+            gate.leases -= 1;
+            gate.last_used = now;
+            let (open, instance, last) = (gate.open, gate.instance, gate.leases == 0);
+            let effects = match (last, open) {
+                (false, _) => return Vec::new(),
+                (true, true) => self.core.idle(model, instance, now, now),
+                (true, false) => self.core.drained(model, instance),
+            };
+            self.run(effects, now)
+        }
+
+        fn tick(&mut self, at: f64) -> Vec<Effect> {
+            let now = self.at(at);
+            let effects = self.core.tick(now);
+            self.run(effects, now)
+        }
+
+        fn reading(&mut self, reading: Reading, at: f64) -> Vec<Effect> {
+            let now = self.at(at);
+            let effects = self.core.reading(reading, now);
+            self.run(effects, now)
+        }
+
+        fn state(&self, model: &str) -> ModelState {
+            let all = self.core.status(self.t0);
+            all.into_iter()
+                .find(|d| d.status.name == model)
+                .unwrap()
+                .status
+                .state
+        }
+
+        /// Starts `model` for one request, which keeps its lease.
+        fn leased(&mut self, model: &str, pid: u32, at: f64) -> WaiterId {
+            let (id, effects) = self.acquire(model, at);
+            assert_eq!(spawned(&effects), [model], "{effects:?}");
+            let effects = self.ready(model, pid, at);
+            assert_eq!(leased(&effects), [id]);
+            id
+        }
+    }
+
+    fn spawned(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Spawn(spec) => Some(spec.model.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stop_asked(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::StopChild { model } => Some(model.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closes(effects: &[Effect]) -> Vec<(String, Close)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::CloseGate { model, close, .. } => Some((model.to_string(), *close)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn leased(effects: &[Effect]) -> Vec<WaiterId> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Lease { waiter, .. } => Some(*waiter),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failed(effects: &[Effect]) -> Vec<(WaiterId, AcquireError)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Fail { waiter, error } => Some((*waiter, error.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn two(extra: &str) -> String {
+        format!(
+            "{extra}[models.a]\ncmd = [\"a\", \"{{port}}\"]\n[models.b]\ncmd = [\"b\", \"{{port}}\"]\n"
+        )
+    }
+
+    #[test]
+    fn a_busy_model_is_drained_before_a_swap() {
+        let mut h = Harness::new(&two(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"0s\"\n",
+        ));
+        h.leased("a", 101, 0.0);
+        let (_, effects) = h.acquire("b", 1.0);
+        assert_eq!(closes(&effects), [("a".to_string(), Close::Now)]);
+        assert!(
+            stop_asked(&effects).is_empty(),
+            "a busy model is not stopped"
+        );
+        assert_eq!(h.state("a"), ModelState::Stopping);
+        let effects = h.release("a", 2.0);
+        assert_eq!(stop_asked(&effects), ["a"], "the last lease ends the drain");
+        let effects = h.exit("a", ExitReason::Stopped, 3.0);
+        assert_eq!(spawned(&effects), ["b"], "b starts once a is gone");
+    }
+
+    #[test]
+    fn an_idle_ttl_runs_from_the_last_lease_returned() {
+        let mut h = Harness::new(&two("[scheduler]\nidle_ttl = \"10s\"\n"));
+        h.leased("a", 101, 0.0);
+        assert_eq!(h.core.next_deadline(), None, "busy: no TTL runs");
+        h.release("a", 5.0);
+        assert_eq!(h.core.next_deadline(), Some(h.at(15.0)));
+        assert!(h.tick(14.0).is_empty());
+        let effects = h.tick(15.0);
+        assert_eq!(
+            closes(&effects),
+            [("a".to_string(), Close::IfIdleFor(Duration::from_secs(10)))]
+        );
+        assert_eq!(stop_asked(&effects), ["a"]);
+        assert_eq!(h.state("a"), ModelState::Stopping);
+    }
+
+    #[test]
+    fn a_ttl_close_refused_for_an_unseen_request_keeps_the_model() {
+        let mut h = Harness::new(&two("[scheduler]\nidle_ttl = \"10s\"\n"));
+        h.leased("a", 101, 0.0);
+        h.release("a", 0.0);
+        // A request entered on its own thread: the core has not heard.
+        h.enter("a", 8.0);
+        let effects = h.tick(10.0);
+        assert_eq!(closes(&effects).len(), 1);
+        assert!(stop_asked(&effects).is_empty(), "the gate refused");
+        assert_eq!(h.state("a"), ModelState::Ready);
+        assert_eq!(h.core.next_deadline(), None, "busy now, as the gate said");
+        h.release("a", 12.0);
+        assert_eq!(h.core.next_deadline(), Some(h.at(22.0)));
+    }
+
+    #[test]
+    fn repeated_crashes_back_off() {
+        let mut h = Harness::new(&two(""));
+        let (w, _) = h.acquire("a", 0.0);
+        h.ready("a", 101, 0.0);
+        h.release("a", 0.0);
+        h.exit("a", ExitReason::Crashed("signal 9".into()), 1.0);
+        assert_eq!(h.state("a"), ModelState::Failed);
+        // The first retry is immediate.
+        let (_, effects) = h.acquire("a", 1.0);
+        assert_eq!(spawned(&effects), ["a"]);
+        h.ready("a", 102, 1.0);
+        h.release("a", 1.0);
+        h.exit("a", ExitReason::Crashed("signal 9".into()), 2.0);
+        let (w2, effects) = h.acquire("a", 2.5);
+        assert!(spawned(&effects).is_empty(), "no start while backing off");
+        match &failed(&effects)[..] {
+            [(id, AcquireError::BackingOff { retry_after, .. })] => {
+                assert_eq!((*id, *retry_after), (w2, Duration::from_millis(500)))
+            }
+            other => panic!("expected a backoff, got {other:?}"),
+        }
+        let (_, effects) = h.acquire("a", 3.0);
+        assert_eq!(spawned(&effects), ["a"], "the backoff ran out");
+        assert_ne!(w, w2);
+    }
+
+    #[test]
+    fn a_waiter_that_left_starts_and_evicts_nothing() {
+        let mut h = Harness::new(&two("[scheduler]\nmax_loaded = 1\n"));
+        let (_, effects) = h.acquire("a", 0.0);
+        assert_eq!(spawned(&effects), ["a"]);
+        let (b, effects) = h.acquire("b", 0.1);
+        assert!(spawned(&effects).is_empty(), "a takes the only place");
+        assert_eq!(h.state("b"), ModelState::Starting);
+        let effects = h.core.left("b", b);
+        h.run(effects, h.t0);
+        assert_eq!(h.state("b"), ModelState::Stopped);
+        let effects = h.ready("a", 101, 1.0);
+        assert!(closes(&effects).is_empty(), "{effects:?}");
+        assert!(spawned(&effects).is_empty());
+        assert_eq!(h.state("a"), ModelState::Ready);
+    }
+
+    #[test]
+    fn a_busy_model_is_held_until_the_fairness_bound_and_an_idle_one_goes_at_once() {
+        let mut h = Harness::new(&two(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n",
+        ));
+        h.leased("a", 101, 0.0);
+        let (_, effects) = h.acquire("b", 1.0);
+        assert!(closes(&effects).is_empty(), "a is busy: b waits");
+        assert_eq!(h.core.next_deadline(), Some(h.at(6.0)));
+        assert!(closes(&h.tick(5.9)).is_empty());
+        let effects = h.tick(6.0);
+        assert_eq!(
+            closes(&effects),
+            [("a".to_string(), Close::Now)],
+            "the bound"
+        );
+
+        // Idle before the bound: it goes when its last lease comes back.
+        let mut h = Harness::new(&two(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n",
+        ));
+        h.leased("a", 101, 0.0);
+        h.acquire("b", 1.0);
+        let effects = h.release("a", 2.0);
+        assert_eq!(closes(&effects), [("a".to_string(), Close::IfIdle)]);
+        assert_eq!(stop_asked(&effects), ["a"]);
+    }
+
+    #[test]
+    fn a_swap_for_a_model_taken_as_idle_waits_if_its_gate_has_a_lease() {
+        let mut h = Harness::new(&two(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"5s\"\n",
+        ));
+        h.leased("a", 101, 0.0);
+        h.release("a", 0.5);
+        h.enter("a", 0.8);
+        let (_, effects) = h.acquire("b", 1.0);
+        assert_eq!(closes(&effects), [("a".to_string(), Close::IfIdle)]);
+        assert!(stop_asked(&effects).is_empty(), "refused: a is in use");
+        assert_eq!(h.state("a"), ModelState::Ready);
+        assert_eq!(h.core.next_deadline(), Some(h.at(6.0)), "held to the bound");
+        let effects = h.release("a", 2.0);
+        assert_eq!(stop_asked(&effects), ["a"], "idle: it goes");
+    }
+
+    #[test]
+    fn a_higher_priority_swaps_a_busy_model_at_once_and_starts_first() {
+        let mut h = Harness::new(
+            "[scheduler]\nmax_loaded = 1\nmax_wait_before_swap = \"60s\"\n\
+             [models.a]\ncmd = [\"a\", \"{port}\"]\n[models.b]\ncmd = [\"b\", \"{port}\"]\n\
+             [models.c]\ncmd = [\"c\", \"{port}\"]\n",
+        );
+        h.leased("a", 101, 0.0);
+        let (_, effects) = h.acquire_with("b", 0, 1.0);
+        assert!(closes(&effects).is_empty());
+        let (_, effects) = h.acquire_with("c", 10, 2.0);
+        assert_eq!(
+            closes(&effects),
+            [("a".to_string(), Close::Now)],
+            "10 outranks a"
+        );
+        h.release("a", 3.0);
+        let effects = h.exit("a", ExitReason::Stopped, 4.0);
+        assert_eq!(
+            spawned(&effects),
+            ["c"],
+            "c, waiting later, starts before b"
+        );
+    }
+
+    #[test]
+    fn beyond_max_queue_a_request_is_refused_and_starts_nothing() {
+        let mut h = Harness::new(&two("[scheduler]\nmax_queue = 2\n"));
+        let (_, effects) = h.acquire("a", 0.0);
+        assert_eq!(spawned(&effects), ["a"]);
+        h.acquire("a", 0.1);
+        let (b, effects) = h.acquire("b", 0.2);
+        match &failed(&effects)[..] {
+            [(id, AcquireError::QueueFull { waiting: 2, .. })] => assert_eq!(*id, b),
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        assert!(spawned(&effects).is_empty());
+    }
+
+    fn reading(gpus: &[(u32, u64, u64)], procs: &[(u32, u32, u64)]) -> Reading {
+        let snapshot = Snapshot {
+            taken_at_ms: 0,
+            gpus: gpus
+                .iter()
+                .map(|&(index, total, used)| GpuReading {
+                    index,
+                    name: "fake".into(),
+                    total_bytes: total * MB,
+                    used_bytes: used * MB,
+                    free_bytes: (total - used) * MB,
+                    utilization: None,
+                    temperature_c: None,
+                    power_watts: None,
+                })
+                .collect(),
+            processes: procs
+                .iter()
+                .map(|&(pid, gpu, used)| ProcessReading {
+                    pid,
+                    gpu,
+                    used_bytes: used * MB,
+                })
+                .collect(),
+        };
+        // Each process is its own tree.
+        let trees = procs
+            .iter()
+            .map(|&(pid, gpu, used)| (pid, vec![(gpu, used * MB)]))
+            .collect();
+        Reading {
+            snapshot: Some(Arc::new(snapshot)),
+            trees,
+        }
+    }
+
+    const GPU_MODELS: &str = "[scheduler]\nmax_loaded = 4\nvram_reserve_mb = 500\n\
+         [models.a]\ncmd = [\"a\", \"{port}\"]\nvram_mb = 6000\n\
+         [models.b]\ncmd = [\"b\", \"{port}\"]\nvram_mb = 6000\n\
+         [models.big]\ncmd = [\"big\", \"{port}\"]\nvram_mb = 20000\n";
+
+    fn env_of(effects: &[Effect], key: &str) -> Option<String> {
+        effects.iter().find_map(|e| match e {
+            Effect::Spawn(spec) => spec
+                .env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone()),
+            _ => None,
+        })
+    }
+
+    /// `a` (pid 101) on GPU 0 of 8000 MiB, measured at 6000 MiB and idle.
+    fn a_resident_and_idle() -> Harness {
+        let empty = [(0, 8000, 500)];
+        let mut h = Harness::with_reading(GPU_MODELS, reading(&empty, &[]));
+        let (_, effects) = h.acquire("a", 0.0);
+        assert!(spawned(&effects).is_empty(), "placed by a fresh reading");
+        let effects = h.reading(reading(&empty, &[]), 0.1);
+        assert_eq!(spawned(&effects), ["a"]);
+        assert_eq!(
+            env_of(&effects, "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("0")
+        );
+        h.ready("a", 101, 1.0);
+        h.release("a", 1.0);
+        h.reading(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]), 1.5);
+        h
+    }
+
+    #[test]
+    fn short_of_memory_the_idle_model_on_the_gpu_is_evicted() {
+        let mut h = a_resident_and_idle();
+        let (_, effects) = h.acquire("b", 2.0);
+        assert!(closes(&effects).is_empty(), "waits for a fresh reading");
+        let effects = h.reading(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]), 2.1);
+        assert_eq!(closes(&effects), [("a".to_string(), Close::IfIdle)]);
+        assert_eq!(stop_asked(&effects), ["a"]);
+        h.exit("a", ExitReason::Stopped, 3.0);
+        // A reading that still lists a is not one to place by.
+        let effects = h.reading(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]), 3.1);
+        assert!(spawned(&effects).is_empty());
+        let effects = h.reading(reading(&[(0, 8000, 500)], &[]), 3.2);
+        assert_eq!(spawned(&effects), ["b"]);
+        assert_eq!(
+            env_of(&effects, "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn a_model_that_never_fits_is_refused_at_once() {
+        let gpus = [(0, 16000, 1000), (1, 8000, 500)];
+        let mut h = Harness::with_reading(GPU_MODELS, reading(&gpus, &[]));
+        let (big, _) = h.acquire("big", 0.0);
+        let effects = h.reading(reading(&gpus, &[]), 0.1);
+        match &failed(&effects)[..] {
+            [(id, AcquireError::NoRoom { detail, .. })] => {
+                assert_eq!(*id, big);
+                assert!(detail.contains("needs 20000 MiB"), "{detail}");
+            }
+            other => panic!("expected NoRoom, got {other:?}"),
+        }
+        assert!(spawned(&effects).is_empty());
+        assert_eq!(h.state("big"), ModelState::Stopped);
+    }
+
+    #[test]
+    fn out_of_memory_while_starting_evicts_one_more_and_retries_once() {
+        let gpus = [(0, 16000, 500)];
+        let mut h = Harness::with_reading(GPU_MODELS, reading(&gpus, &[]));
+        h.acquire("a", 0.0);
+        h.reading(reading(&gpus, &[]), 0.1);
+        h.ready("a", 101, 1.0);
+        h.release("a", 1.0);
+        let measured = reading(&[(0, 16000, 6500)], &[(101, 0, 6000)]);
+        h.reading(measured.clone(), 1.5);
+        let (b, _) = h.acquire("b", 2.0);
+        let effects = h.reading(measured, 2.1);
+        assert_eq!(spawned(&effects), ["b"], "b fits by the numbers");
+        let oom = || StartFailure::OutOfMemory {
+            status: "exit status 1".into(),
+        };
+        let effects = h.fail_start("b", oom(), 3.0);
+        assert_eq!(stop_asked(&effects), ["a"], "one more model is evicted");
+        assert!(failed(&effects).is_empty());
+        h.exit("a", ExitReason::Stopped, 4.0);
+        let effects = h.reading(reading(&gpus, &[]), 4.1);
+        assert_eq!(spawned(&effects), ["b"], "and b tries once more");
+        let effects = h.fail_start("b", oom(), 5.0);
+        match &failed(&effects)[..] {
+            [(id, AcquireError::StartFailed { reason, .. })] => {
+                assert_eq!((*id, reason), (b, &oom()))
+            }
+            other => panic!("a second out-of-memory fails the request, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pinned_model_blocks_a_start_at_once() {
+        let mut h = Harness::new(
+            "[scheduler]\nmax_loaded = 1\n[models.a]\ncmd = [\"a\", \"{port}\"]\npin = true\n\
+             [models.b]\ncmd = [\"b\", \"{port}\"]\n",
+        );
+        h.leased("a", 101, 0.0);
+        h.release("a", 0.0);
+        let (b, effects) = h.acquire("b", 60.0);
+        match &failed(&effects)[..] {
+            [(id, e @ AcquireError::Pinned { .. })] => {
+                assert_eq!(*id, b);
+                let text = e.to_string();
+                assert!(text.contains("(max_loaded = 1)"), "{text}");
+            }
+            other => panic!("expected Pinned, got {other:?}"),
+        }
+        assert!(closes(&effects).is_empty());
+    }
+
+    #[test]
+    fn shutdown_fails_waiters_stops_children_and_ends_once_they_exit() {
+        let mut h = Harness::new(&two("[scheduler]\nmax_loaded = 1\n"));
+        h.leased("a", 101, 0.0);
+        let (b, _) = h.acquire("b", 1.0);
+        let effects = h.core.shutdown();
+        let effects = h.run(effects, h.at(2.0));
+        assert!(matches!(
+            &failed(&effects)[..],
+            [(id, AcquireError::ShuttingDown)] if *id == b
+        ));
+        assert_eq!(
+            stop_asked(&effects),
+            ["a"],
+            "in-flight requests are not waited for"
+        );
+        assert!(!h.core.shut_down());
+        h.exit("a", ExitReason::Stopped, 3.0);
+        assert!(h.core.shut_down());
+    }
+}
