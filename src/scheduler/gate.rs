@@ -1,19 +1,29 @@
 //! The fast path to a ready child: an atomic word holding an "open" bit and
 //! the number of leases, which requests enter and leave on their own
-//! threads without a message to the actor.
+//! threads without a message to the scheduler's loop. This is the data
+//! plane; what the core knows of it comes only by the messages below.
 //!
-//! The actor closes the gate in the same step in which the model leaves
-//! Ready (evicted, TTL, stop, shutdown), so a request either got in before
-//! that step and holds a lease the stop waits for, or finds the gate closed
-//! and queues with the actor. While a gate is closed, the lease that brings
-//! its count to zero tells the actor (`Drained`), which ends a drain.
+//! The core closes the gate (through the shell) in the same step in which
+//! the model leaves Ready (evicted, TTL, stop, shutdown), so a request
+//! either got in before that step and holds a lease the stop waits for, or
+//! finds the gate closed and queues with the core. A close says how many
+//! leases are still out; while a gate is closed, the lease that brings its
+//! count to zero tells the core (`Drained`), which ends a drain.
 //!
-//! A gate may also watch for idleness (for a TTL too short to poll, such as
-//! zero): then the lease that brings an open gate's count to zero tells the
-//! actor (`Idle`). The flag and the count are both sequentially consistent,
-//! so of "the actor turns watching on, then reads the count" and "a lease
-//! drops the count, then reads the flag", at least one sees the other: no
-//! last lease goes unseen.
+//! A gate may also watch for idleness, and every gate the shell opens
+//! does: then the lease that brings an open gate's count to zero tells the
+//! core (`Idle`), so the core learns each busy-to-idle edge, at most one
+//! message per return to idle (none while requests overlap), and never a
+//! message as a request enters. The flag and the count are both
+//! sequentially consistent, so of "watching is turned on, then the count
+//! is read" and "a lease drops the count, then reads the flag", at least
+//! one sees the other: no last lease goes unseen.
+//!
+//! Invariant, for the core: a lease entered without a message can only be
+//! seen by closing. So the core closes a gate it takes to be idle only with
+//! [`Gate::close_if_unused`] or [`Gate::close_if_idle`], which fail while a
+//! lease is out (atomically with `enter`), and then learns the count and
+//! the last use from the gate's answer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -32,7 +42,7 @@ const NO_GPU: u32 = u32::MAX;
 /// The "open" bit of [`Gate::state`]; the bits below count leases.
 const OPEN: usize = 1 << (usize::BITS - 1);
 
-/// Admission to one ready child, shared by the actor and every request.
+/// Admission to one ready child, shared by the shell and every request.
 #[derive(Debug)]
 pub(crate) struct Gate {
     /// [`OPEN`] while the model is Ready, plus the number of live leases.
@@ -43,13 +53,13 @@ pub(crate) struct Gate {
     epoch: Instant,
     /// Whether the last lease of an open gate sends `Idle`.
     watch_idle: AtomicBool,
-    /// The GPU the child runs on ([`NO_GPU`]: none known); the actor sets
-    /// it when placed or first measured.
+    /// The GPU the child runs on ([`NO_GPU`]: none known); set when
+    /// placed or first measured.
     gpu: AtomicU32,
     pub(crate) model: Arc<str>,
     pub(crate) instance: u64,
-    /// Where `Drained` goes.
-    actor: mpsc::UnboundedSender<Msg>,
+    /// Where `Drained` and `Idle` go.
+    notify: mpsc::UnboundedSender<Msg>,
     pub(crate) upstream: Upstream,
 }
 
@@ -58,7 +68,7 @@ impl Gate {
         model: Arc<str>,
         instance: u64,
         upstream: Upstream,
-        actor: mpsc::UnboundedSender<Msg>,
+        notify: mpsc::UnboundedSender<Msg>,
     ) -> Gate {
         Gate {
             state: AtomicUsize::new(OPEN),
@@ -68,7 +78,7 @@ impl Gate {
             gpu: AtomicU32::new(NO_GPU),
             model,
             instance,
-            actor,
+            notify,
             upstream,
         }
     }
@@ -114,19 +124,19 @@ impl Gate {
         }
     }
 
-    /// Returns a lease; tells the actor if it was the last one of a closed
-    /// gate.
+    /// Returns a lease; tells the core if it was the last one of a closed
+    /// gate, or of a watched open one.
     pub(crate) fn leave(&self) {
         // Touched first: whoever sees the count drop sees the new time.
         self.touch();
         let before = self.state.fetch_sub(1, Ordering::SeqCst);
         if before == 1 {
-            let _ = self.actor.send(Msg::Drained {
+            let _ = self.notify.send(Msg::Drained {
                 model: self.model.clone(),
                 instance: self.instance,
             });
         } else if before == OPEN | 1 && self.watch_idle.load(Ordering::SeqCst) {
-            let _ = self.actor.send(Msg::Idle {
+            let _ = self.notify.send(Msg::Idle {
                 model: self.model.clone(),
                 instance: self.instance,
             });
@@ -148,16 +158,20 @@ impl Gate {
     /// Closes the gate only if no lease is out and none was taken or
     /// returned within `ttl`.
     pub(crate) fn close_if_idle(&self, ttl: Duration, now: Instant) -> bool {
-        self.last_used() + ttl <= now
-            && self
-                .state
-                .compare_exchange(OPEN, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        self.last_used() + ttl <= now && self.close_if_unused()
+    }
+
+    /// Closes the gate only if no lease is out.
+    pub(crate) fn close_if_unused(&self) -> bool {
+        self.state
+            .compare_exchange(OPEN, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
     }
 }
 
 /// Gates of ready models by canonical name, read by requests without the
-/// actor. A poisoned lock is still used: every write leaves the map whole.
+/// run loop. A poisoned lock is still used: every write leaves the map
+/// whole.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Gates(Arc<RwLock<HashMap<Arc<str>, Arc<Gate>>>>);
 

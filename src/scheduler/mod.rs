@@ -1,14 +1,15 @@
 //! Which model runs, when: the single owner of every model's state.
 //!
-//! The scheduler is an actor ([`actor`]). One task owns all model slots and
-//! changes them only in reaction to a message: a request acquiring a model,
-//! a lease drained, a child's event, an admin stop, a TTL timer, a reload
-//! or shutdown. Nothing else holds a lock on model state, so "a request
-//! arrives while the TTL stop is being decided" cannot race: whichever
-//! message comes first wins, and a request for a model that is stopping
-//! waits for a fresh start.
+//! The scheduler is a synchronous core ([`core`]) inside a thin async shell
+//! ([`shell`]). One task owns all model slots and changes them only in
+//! reaction to a message: a request acquiring a model, a lease returned, a
+//! child's event, an admin stop, a timer, a reload or shutdown. The core
+//! decides and returns the effects; the shell performs them. Nothing else
+//! holds a lock on model state, so "a request arrives while the TTL stop
+//! is being decided" cannot race: whichever message comes first wins, and
+//! a request for a model that is stopping waits for a fresh start.
 //!
-//! Per model (the actor's `Phase`, shown as a [`ModelState`]), with the
+//! Per model (the core's `Phase`, shown as a [`ModelState`]), with the
 //! messages that move it:
 //!
 //! | phase    | acquire                 | leaves on                                      |
@@ -26,8 +27,9 @@
 //! waiter whose client left (its request was dropped) is pruned before the
 //! planner runs: it starts nothing and evicts nothing.
 //!
-//! Requests for a Ready model do not wait for the actor: they enter the
-//! child's [`gate`] on their own threads.
+//! Requests for a Ready model do not wait for the core: they enter the
+//! child's [`gate`] on their own threads; what the core learns of their
+//! leases, and how, is set out in [`core`].
 //!
 //! Besides requests, a model starts by preload ([`Scheduler::preload`],
 //! once READY=1 is out, for models with `preload = true`, and on a reload
@@ -78,18 +80,36 @@
 //! once more.
 //!
 //! The scheduler reports through the event bus (lifecycle steps, state
-//! changes, progress); it never calls metrics, history or the API. Its clock is
-//! tokio's, so tests drive TTLs and backoff under `tokio::time::pause()`.
+//! changes, progress); it never calls metrics, history or the API. The core
+//! takes `now` as an argument; the shell's clock is tokio's, so tests drive
+//! TTLs and backoff under `tokio::time::pause()`, and the core's own tests
+//! pass explicit times.
 //!
-//! - [`gate`]: the atomic fast path to a ready child.
+//! - [`core`]: the decisions, entry point by entry point, and the
+//!   [`effect::Effect`]s they return; [`transitions`]: what a child's
+//!   events do; [`control`]: admin stop, preload, `keep_alive`, seeds,
+//!   reload, shutdown.
+//! - [`slot`]: one model's state; [`queue`]: waiters, turn order, the
+//!   fairness bound and `max_queue`; [`placement`]: the planner's inputs
+//!   from the slots, and GPU readings.
 //! - [`planner`]: pure eviction (groups, `max_loaded`) and GPU placement.
-//! - [`actor`]: the run loop, behind a [`Spawner`].
+//! - [`shell`]: the run loop, performing effects through a [`Spawner`],
+//!   the gates, the bus and the GPU sampler.
+//! - [`gate`]: the atomic fast path to a ready child.
 
-mod actor;
+mod control;
+mod core;
+mod effect;
 mod gate;
+mod placement;
 pub mod planner;
+mod queue;
+mod shell;
+mod slot;
+mod transitions;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,6 +125,8 @@ use crate::gpu::Gpus;
 use crate::supervisor::{ModelLogs, Processes, Spawner, StartFailure};
 use crate::upstream::Upstream;
 use gate::{Gate, Gates};
+use queue::WaiterId;
+pub use slot::VramSource;
 
 /// Why a request could not get a model.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,15 +157,36 @@ pub enum AcquireError {
         model: String,
         /// The pinned models holding the places it needs.
         pinned: Vec<String>,
-        /// The rule that needs them gone: `group NAME` or `max_loaded = N`.
-        why: String,
+        /// The rule that needs them gone.
+        why: PinReason,
     },
 }
 
-/// Tells the actor when a waiting acquire is dropped before its answer.
+/// The rule that needs a pinned model gone for a start; shown as
+/// `group NAME` or `max_loaded = N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinReason {
+    /// It shares the starting model's group.
+    Group(String),
+    /// Only evicting it would keep `max_loaded` (the value).
+    MaxLoaded(usize),
+}
+
+impl std::fmt::Display for PinReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinReason::Group(g) => write!(f, "group {g}"),
+            PinReason::MaxLoaded(n) => write!(f, "max_loaded = {n}"),
+        }
+    }
+}
+
+/// Tells the scheduler when a waiting acquire is dropped before its
+/// answer.
 struct Withdraw<'a> {
     tx: &'a mpsc::UnboundedSender<Msg>,
     model: &'a str,
+    waiter: WaiterId,
     armed: bool,
 }
 
@@ -152,6 +195,7 @@ impl Drop for Withdraw<'_> {
         if self.armed {
             let _ = self.tx.send(Msg::Left {
                 model: self.model.to_string(),
+                waiter: self.waiter,
             });
         }
     }
@@ -274,7 +318,7 @@ pub struct ModelStatus {
     /// Where that need comes from: `declared` (`vram_mb`), `measured` (its
     /// past runs) or `estimated` (its GGUF).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vram_need_source: Option<&'static str>,
+    pub vram_need_source: Option<VramSource>,
     /// The highest priority among its waiting requests.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_priority: Option<i32>,
@@ -283,27 +327,11 @@ pub struct ModelStatus {
 /// Where a requester waits for its lease.
 type Reply = oneshot::Sender<Result<Lease, AcquireError>>;
 
-/// A requester waiting for a model.
-#[derive(Debug)]
-struct Waiter {
-    reply: Reply,
-    /// When it began to wait: the fairness bound counts from here.
-    since: tokio::time::Instant,
-    /// Its key's priority plus its model's.
-    priority: i32,
-}
-
-impl Waiter {
-    /// Whether its requester has gone.
-    fn is_closed(&self) -> bool {
-        self.reply.is_closed()
-    }
-}
-
 #[derive(Debug)]
 enum Msg {
     Acquire {
         model: String,
+        waiter: WaiterId,
         /// The requester's own (its key's) priority.
         priority: i32,
         reply: Reply,
@@ -312,14 +340,15 @@ enum Msg {
     /// dropped): its place in the queue is freed now.
     Left {
         model: String,
+        waiter: WaiterId,
     },
     /// The last lease of a closed gate was returned.
     Drained {
         model: Arc<str>,
         instance: u64,
     },
-    /// The last lease of an open gate that watches for idleness (a TTL
-    /// too short to poll for) was returned.
+    /// The last lease of an open gate that watches for idleness (every
+    /// Ready gate: see core.rs) was returned.
     Idle {
         model: Arc<str>,
         instance: u64,
@@ -346,7 +375,7 @@ enum Msg {
     SeedLoadTimes {
         loads: HashMap<String, Vec<Duration>>,
     },
-    /// A model's GGUF estimate of GPU memory, worked out off the actor.
+    /// A model's GGUF estimate of GPU memory, worked out off the loop.
     Estimated {
         model: String,
         bytes: Option<u64>,
@@ -369,10 +398,12 @@ pub struct Scheduler {
     tx: mpsc::UnboundedSender<Msg>,
     gates: Gates,
     logs: ModelLogs,
+    /// Names each request that waits, across every handle.
+    next_waiter: Arc<AtomicU64>,
 }
 
 impl Scheduler {
-    /// Starts the actor for a config's models, with real child processes
+    /// Starts the scheduler for a config's models, with real child processes
     /// whose sockets go in the config's runtime directory.
     pub fn start(config: &Config, bus: Bus, gpus: Gpus) -> Scheduler {
         let logs = ModelLogs::new(config.model_log_lines);
@@ -383,13 +414,13 @@ impl Scheduler {
         Scheduler::with_parts(config, bus, Arc::new(processes), logs, gpus)
     }
 
-    /// Starts the actor with children made by `spawner`, without GPU
+    /// Starts the scheduler with children made by `spawner`, without GPU
     /// readings.
     pub fn with_spawner(config: &Config, bus: Bus, spawner: Arc<dyn Spawner>) -> Scheduler {
         Scheduler::with_spawner_and_gpus(config, bus, spawner, Gpus::absent())
     }
 
-    /// Starts the actor with children made by `spawner` and readings from
+    /// Starts the scheduler with children made by `spawner` and readings from
     /// `gpus`.
     pub fn with_spawner_and_gpus(
         config: &Config,
@@ -410,8 +441,13 @@ impl Scheduler {
     ) -> Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let gates = Gates::default();
-        actor::spawn(config, bus, spawner, gpus, gates.clone(), tx.clone(), rx);
-        Scheduler { tx, gates, logs }
+        shell::spawn(config, bus, spawner, gpus, gates.clone(), tx.clone(), rx);
+        Scheduler {
+            tx,
+            gates,
+            logs,
+            next_waiter: Arc::new(AtomicU64::new(1)),
+        }
     }
 
     /// Every model's recent output lines.
@@ -443,9 +479,11 @@ impl Scheduler {
             }
         }
         let (reply, rx) = oneshot::channel();
+        let waiter = WaiterId(self.next_waiter.fetch_add(1, Ordering::Relaxed));
         self.tx
             .send(Msg::Acquire {
                 model: model.to_string(),
+                waiter,
                 priority,
                 reply,
             })
@@ -453,6 +491,7 @@ impl Scheduler {
         let mut waiting = Withdraw {
             tx: &self.tx,
             model,
+            waiter,
             armed: true,
         };
         let result = rx.await.unwrap_or(Err(AcquireError::ShuttingDown));
@@ -508,7 +547,7 @@ impl Scheduler {
         rx.await.ok().flatten()
     }
 
-    /// Every model's state, from the actor (sorted by name).
+    /// Every model's state, from the run loop (sorted by name).
     pub async fn status(&self) -> Vec<ModelStatus> {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Msg::Status { reply }).is_err() {
@@ -518,7 +557,7 @@ impl Scheduler {
     }
 
     /// Requests holding a model right now; read from the gates, without
-    /// the actor.
+    /// the run loop.
     pub fn inflight(&self) -> usize {
         self.gates.inflight()
     }

@@ -1,9 +1,9 @@
 //! Eviction and placement as pure functions: given the models that hold a
 //! place, the limits and the GPU readings, which must go before a pending
-//! model may start, and on which GPU it goes. The actor applies the answer;
+//! model may start, and on which GPU it goes. The core applies the answer;
 //! nothing here has effects, so every rule is a unit test.
 //!
-//! Two rules, applied in turn by the actor: [`plan`] (groups and
+//! Two rules, applied in turn by the core: [`plan`] (groups and
 //! `max_loaded`) and then, for a model that needs GPU memory while GPU
 //! readings exist, [`place`] (measured free memory per GPU, less the
 //! reserve and what starting models have been promised).
@@ -13,7 +13,7 @@
 //! under `max_loaded`), the answer is [`Plan::Blocked`]: waiting would not
 //! help, because nothing but an operator frees that place.
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 /// A loaded model as the eviction planner sees it.
 #[derive(Debug, Clone)]
@@ -188,95 +188,135 @@ pub fn place<'a>(
             None => "no GPU is present".into(),
         });
     }
-    let on = |g: u32| occupants.iter().filter(move |o| o.gpu == g);
-    // Free now, less the reserve and what starting models will still take.
-    let free = |r: &Room| -> i128 {
-        let promised: u64 = on(r.gpu).map(|o| o.promised).sum();
-        i128::from(r.total) - i128::from(reserve) - i128::from(r.used) - i128::from(promised)
-    };
+    let gpus = Gpus { occupants, reserve };
     let need_i = i128::from(need);
     if let Some(r) = rooms
         .iter()
-        .filter(|r| free(r) >= need_i)
-        .min_by_key(|r| (free(r), r.gpu))
+        .filter(|r| gpus.free(r) >= need_i)
+        .min_by_key(|r| (gpus.free(r), r.gpu))
     {
         return Placement::On(r.gpu);
     }
-    let coming_back = |r: &Room| -> i128 {
-        on(r.gpu)
-            .filter(|o| o.leaving)
-            .map(|o| i128::from(o.holds()))
-            .sum()
-    };
-    if rooms.iter().any(|r| free(r) + coming_back(r) >= need_i) {
+    if rooms
+        .iter()
+        .any(|r| gpus.free(r) + gpus.coming_back(r) >= need_i)
+    {
         return Placement::Wait;
     }
-    let mut best: Option<(usize, usize, Vec<&'a str>)> = None;
-    for r in &rooms {
-        let mut candidates: Vec<&Occupant<'a>> = on(r.gpu).filter(|o| o.evictable()).collect();
-        candidates.sort_by_key(|o| (o.busy, o.last_used));
-        let mut room = free(r) + coming_back(r);
-        let mut victims = Vec::new();
-        let mut busy = 0;
-        for o in candidates {
-            if room >= need_i {
-                break;
-            }
-            room += i128::from(o.holds());
-            busy += usize::from(o.busy);
-            victims.push(o.name);
-        }
-        if room >= need_i
-            && best
-                .as_ref()
-                .is_none_or(|b| (busy, victims.len()) < (b.0, b.1))
-        {
-            best = Some((busy, victims.len(), victims));
-        }
-    }
-    if let Some((_, _, victims)) = best {
+    if let Some(victims) = gpus.fewest_victims(&rooms, need_i) {
         return Placement::Evict(victims);
     }
     // Could it fit once every unpinned model has gone? Then what blocks it
     // is still starting: wait.
-    let capacity = |r: &Room| -> i128 {
-        let ours: u64 = on(r.gpu).map(|o| o.measured).sum();
-        let foreign = r.used.saturating_sub(ours);
-        let pinned: u64 = on(r.gpu)
+    if rooms.iter().any(|r| gpus.capacity(r) >= need_i) {
+        return Placement::Wait;
+    }
+    Placement::NeverFits(format!(
+        "needs {} MiB of GPU memory; {}",
+        mib(need),
+        rooms
+            .iter()
+            .map(|r| gpus.describe(r))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ))
+}
+
+/// The occupants and the reserve, asked about one GPU at a time.
+struct Gpus<'o, 'a> {
+    occupants: &'o [Occupant<'a>],
+    reserve: u64,
+}
+
+impl<'o, 'a> Gpus<'o, 'a> {
+    fn on(&self, gpu: u32) -> impl Iterator<Item = &'o Occupant<'a>> + '_ {
+        self.occupants.iter().filter(move |o| o.gpu == gpu)
+    }
+
+    /// Free now, less the reserve and what starting models will still take.
+    fn free(&self, r: &Room) -> i128 {
+        let promised: u64 = self.on(r.gpu).map(|o| o.promised).sum();
+        i128::from(r.total) - i128::from(self.reserve) - i128::from(r.used) - i128::from(promised)
+    }
+
+    /// What models already leaving will give back.
+    fn coming_back(&self, r: &Room) -> i128 {
+        self.on(r.gpu)
+            .filter(|o| o.leaving)
+            .map(|o| i128::from(o.holds()))
+            .sum()
+    }
+
+    /// Memory held by processes that are none of ours.
+    fn foreign(&self, r: &Room) -> u64 {
+        let ours: u64 = self.on(r.gpu).map(|o| o.measured).sum();
+        r.used.saturating_sub(ours)
+    }
+
+    /// What it would have with every unpinned model gone.
+    fn capacity(&self, r: &Room) -> i128 {
+        let pinned: u64 = self
+            .on(r.gpu)
             .filter(|o| o.pinned && !o.leaving)
             .map(Occupant::holds)
             .sum();
-        i128::from(r.total) - i128::from(reserve) - i128::from(foreign) - i128::from(pinned)
-    };
-    if rooms.iter().any(|r| capacity(r) >= need_i) {
-        return Placement::Wait;
+        i128::from(r.total)
+            - i128::from(self.reserve)
+            - i128::from(self.foreign(r))
+            - i128::from(pinned)
     }
-    let describe = |r: &&Room| {
-        let ours: u64 = on(r.gpu).map(|o| o.measured).sum();
+
+    /// The GPU where evicting frees `need` with the fewest busy and then
+    /// the fewest victims (idle before busy, least recently used first).
+    fn fewest_victims(&self, rooms: &[&Room], need: i128) -> Option<Vec<&'a str>> {
+        let mut best: Option<(usize, usize, Vec<&'a str>)> = None;
+        for r in rooms {
+            let mut candidates: Vec<&Occupant<'a>> =
+                self.on(r.gpu).filter(|o| o.evictable()).collect();
+            candidates.sort_by_key(|o| (o.busy, o.last_used));
+            let mut room = self.free(r) + self.coming_back(r);
+            let mut victims = Vec::new();
+            let mut busy = 0;
+            for o in candidates {
+                if room >= need {
+                    break;
+                }
+                room += i128::from(o.holds());
+                busy += usize::from(o.busy);
+                victims.push(o.name);
+            }
+            if room >= need
+                && best
+                    .as_ref()
+                    .is_none_or(|b| (busy, victims.len()) < (b.0, b.1))
+            {
+                best = Some((busy, victims.len(), victims));
+            }
+        }
+        best.map(|(_, _, victims)| victims)
+    }
+
+    /// What occupies a GPU, for a model that never fits.
+    fn describe(&self, r: &Room) -> String {
         let mut parts = vec![format!(
             "GPU {}: {} MiB total, {} MiB reserved",
             r.gpu,
             mib(r.total),
-            mib(reserve)
+            mib(self.reserve)
         )];
-        for o in on(r.gpu).filter(|o| o.pinned && !o.leaving) {
+        for o in self.on(r.gpu).filter(|o| o.pinned && !o.leaving) {
             parts.push(format!("{} pinned ({} MiB)", o.name, mib(o.holds())));
         }
-        let foreign = r.used.saturating_sub(ours);
+        let foreign = self.foreign(r);
         if foreign > 0 {
             parts.push(format!("other processes {} MiB", mib(foreign)));
         }
         parts.push(format!(
             "at most {} MiB could be freed for it",
-            mib(u64::try_from(capacity(r).max(0)).unwrap_or(0))
+            mib(u64::try_from(self.capacity(r).max(0)).unwrap_or(0))
         ));
         parts.join(", ")
-    };
-    Placement::NeverFits(format!(
-        "needs {} MiB of GPU memory; {}",
-        mib(need),
-        rooms.iter().map(describe).collect::<Vec<_>>().join("; ")
-    ))
+    }
 }
 
 /// Whole MiB, rounded up (a need is never shown smaller than it is).
