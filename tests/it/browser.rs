@@ -28,7 +28,6 @@
 //! README's screenshot is `models-ready.png` from
 //! `password_login_models_activity_load_stop_stats_logs_audit_logout`,
 //! copied to `tests/it/dashboard-models.png`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,5 @@
 //! The binary's command line: config validation, exit codes, client
 //! commands.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::process::Command;
 use std::time::Duration;

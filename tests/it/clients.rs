@@ -4,7 +4,6 @@
 //! the configured model name, and a history row with its endpoint, model
 //! and token counts. Also bad input on the routes those clients use, each
 //! answered in its route's error shape, with the daemon serving after.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 

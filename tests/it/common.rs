@@ -11,7 +11,7 @@
 //! `tests/tools/setup-test-deps.sh` through `CLARACORE_TEST_*` variables;
 //! `tests/run.sh` sets them. Tests that need them fail (never skip) when
 //! they are missing.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code)] // each test module uses part of the harness
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -404,6 +404,31 @@ impl Daemon {
         }
     }
 
+    /// Polls `/admin/ps` until `name`'s entry satisfies `what`; returns
+    /// that entry. Fails with `why`, the last entry and the log after
+    /// `within`.
+    pub async fn wait_model(
+        &self,
+        name: &str,
+        within: Duration,
+        why: &str,
+        what: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let m = self.model(name).await;
+            if what(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{why} within {within:?}: {m}\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A client subcommand of the binary aimed at this daemon's local
     /// socket, not yet spawned (for its stdin, environment or a wrapper).
     pub fn cli_command(&self, args: &[&str]) -> Command {
@@ -644,6 +669,26 @@ fn stat(pid: u32) -> Option<(char, u32)> {
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     matches!(stat(pid), Some((state, _)) if state != 'Z')
+}
+
+/// Polls `what` every 20 ms until it holds; panics with `why` after
+/// `within`. For state outside the daemon's API (/proc, files, a child).
+pub fn wait_until(within: Duration, why: &str, mut what: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !what() {
+        assert!(Instant::now() < deadline, "{why} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`wait_until`] for async tests: the same check, without blocking a
+/// runtime worker between looks.
+pub async fn wait_until_async(within: Duration, why: &str, mut what: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !what() {
+        assert!(Instant::now() < deadline, "{why} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until none of `pids` is alive.

@@ -5,7 +5,6 @@
 //! Crowds of connections are held by a python helper process
 //! ([`Crowd`]), not by this test binary, so they never take the fds that
 //! tests running beside these need.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -96,15 +95,6 @@ fn rss_bytes(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     kib * 1024
-}
-
-/// Polls `what` every 50 ms until it holds; panics with `why` after `within`.
-fn wait_until(within: Duration, why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !what() {
-        assert!(Instant::now() < deadline, "{why} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One `GET path` on a fresh connection, with `connection: close`; the

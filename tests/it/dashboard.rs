@@ -3,7 +3,6 @@
 //! audited failures, CSRF on cookie writes and logout, sessions ended by
 //! expiry and by a password change on reload, the open mode, and assets
 //! that reach no other host. (The browser tests drive the pages.)
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -515,6 +514,7 @@ async fn a_new_password_on_reload_ends_every_session_and_sessions_expire() {
             .status,
         StatusCode::OK
     );
+    // Stays: the 2 s session lifetime passing is the behaviour under test.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         call(addr, src, Method::GET, "/admin/ps", &c, None)

@@ -5,8 +5,6 @@
 //! The volume tests use the fake upstream (fast, deterministic); one test
 //! starts the real llama-server to see model states with their reasons.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};

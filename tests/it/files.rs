@@ -2,7 +2,6 @@
 //! history database, its WAL and SHM, backups and restores are private
 //! whatever the umask, and the demo never writes through a planted
 //! symlink (issue "Hostile input and overload", rows 10 and 11).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

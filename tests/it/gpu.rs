@@ -6,7 +6,6 @@
 //!
 //! The fake counts every process on the machine whose command line holds a
 //! rule's text, so each test's rules carry a marker of its own.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;

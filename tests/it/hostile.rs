@@ -1,7 +1,6 @@
 //! Hostile input, each test named after what it pins: bodies that would
 //! hold memory or time, malformed requests, wrong methods, oversized
 //! names. Every refused request still leaves its history row.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
@@ -80,7 +79,8 @@ async fn twelve_held_32_mib_bodies_stay_within_the_body_budget_and_the_memory_re
                     for _ in 0..31 {
                         w.write_all(&chunk).await.ok()?;
                     }
-                    // All but the last byte, then hold.
+                    // All but the last byte, then hold (a slow client:
+                    // the behaviour under test).
                     w.write_all(&chunk[..MIB - 1]).await.ok()?;
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     Some(w)
@@ -95,6 +95,7 @@ async fn twelve_held_32_mib_bodies_stay_within_the_body_budget_and_the_memory_re
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         peak = peak.max(rss_bytes(d.pid()));
+        // Stays: the sampling interval of the peak, not a wait.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut answers = Vec::new();
@@ -164,6 +165,7 @@ async fn a_body_trickling_a_byte_every_half_second_is_cut_at_the_deadline_as_tim
             if w.write_all(b" ").await.is_err() {
                 break;
             }
+            // Stays: the trickle's pace is the behaviour under test.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
@@ -186,6 +188,8 @@ async fn a_client_closing_mid_body_is_recorded_as_cancelled_499() {
     let mut s = tokio::net::TcpStream::connect(&d.addr).await.unwrap();
     s.write_all(head(1000).as_bytes()).await.unwrap();
     s.write_all(b"{\"model\":\"f\",").await.unwrap();
+    // Stays: the client pauses mid-body before it leaves; the daemon shows
+    // no state for a body it has begun to read.
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(s);
     let row = wait_row(&d, 499).await;

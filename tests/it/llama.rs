@@ -1,5 +1,4 @@
 //! Behaviour against a real llama-server serving the generated tiny model.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,6 @@
 //! Model lifecycle controls against the real llama-server and the tiny
 //! model: `preload` (after READY=1, never before it; on reload), `pin`
 //! under `max_loaded`, the admin load route and `claracore load`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;

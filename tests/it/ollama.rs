@@ -2,7 +2,6 @@
 //! official `ollama` clients (Python and JavaScript) and field by field
 //! against the shapes in Ollama's docs/api.md (ollama/ollama at commit
 //! 01e52d24bc00defcd9bcc6d995b11df0f08bc6f1).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::process::Command;
 use std::time::Duration;

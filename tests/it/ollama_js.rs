@@ -9,7 +9,6 @@
 //! JSON object as its last line of stdout. A missing
 //! `CLARACORE_TEST_NODE_MODULES` fails the test, as the other test
 //! dependencies do (see `common.rs`).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::Path;
 use std::process::{Command, Stdio};

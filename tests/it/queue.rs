@@ -2,7 +2,6 @@
 //! traffic served AABB (model starts for 200 requests with grouping on and
 //! off), a priority key jumping the queue, and a full queue's 503 with
 //! `Retry-After`.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::time::{Duration, Instant};
 
@@ -133,10 +132,18 @@ async fn a_priority_key_swaps_a_busy_model_out_before_an_older_plain_request() {
             .0
         })
     };
-    d.wait_state("a", "ready", Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.wait_model("a", Duration::from_secs(60), "a's stream in flight", |m| {
+        m["inflight"] == 1
+    })
+    .await;
     let plain = tokio::spawn(ask("b", PLAIN));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.wait_model(
+        "b",
+        Duration::from_secs(5),
+        "the plain request waiting",
+        |m| m["waiting"] == 1,
+    )
+    .await;
     let (vip_status, vip_took) = ask("c", VIP).await;
     assert_eq!(vip_status, StatusCode::OK);
     assert!(

@@ -3,7 +3,6 @@
 //! over TCP, and the interactive chat driven through a real
 //! pseudo-terminal (Python's `pty.spawn` makes the child a session leader
 //! with the terminal as its controlling tty, so `\x03` is a real SIGINT).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};

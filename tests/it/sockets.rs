@@ -3,7 +3,6 @@
 //! runtime directory, reachable by no other local user and by no TCP
 //! client; the socket goes when the child does, the directory when the
 //! daemon does. A `cmd` with only `{port}` keeps its loopback port.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

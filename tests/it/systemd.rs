@@ -2,7 +2,6 @@
 //! NOTIFY_SOCKET listener, real signals, `systemd-socket-activate` for
 //! inherited sockets, /proc for capabilities. The same behaviours run under
 //! a real PID-1 systemd in tests/systemd/run-nspawn.sh.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -301,7 +300,11 @@ async fn sigterm_sends_stopping_and_extends_the_timeout_while_draining() {
         tokio::spawn(
             async move { stream(&addr, "/v1/chat/completions", &chat("f", 12, true)).await },
         );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The stream's start made the model ready: its connection is open.
+    wait_until_async(Duration::from_secs(5), "the streamed model ready", || {
+        d.log_text().contains("child ready")
+    })
+    .await;
     d.signal(Signal::SIGTERM);
     let stopping = d.recv_until("STOPPING=1");
     assert!(
