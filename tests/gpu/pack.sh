@@ -109,7 +109,7 @@ cp "$bin" "$pack/claracore"
     echo "claracore $("$pack/claracore" --version 2>/dev/null | head -n 1) sha256 $(sha256sum "$pack/claracore" | cut -d' ' -f1)"
     echo "built from $(cd "$root" && git rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "llama.cpp: $(du -sb "$pack/llama.cpp" | cut -f1) bytes, $(find "$pack/llama.cpp" -type f | wc -l) files"
-    echo "claracore: $(stat -c %s "$pack/claracore") bytes"
+    echo "claracore: $(stat -c %s "$pack/claracore") bytes, needs $(objdump -T "$pack/claracore" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)"
 } >"$pack/MANIFEST"
 cat "$pack/MANIFEST" >&2
 bytes="$(du -sb "$pack" | cut -f1)"
