@@ -39,6 +39,11 @@ cargo test --locked --lib --bins --tests
 echo "=== Nix: parse, unit drift, VM test scripts" >&2
 tests/nix/check.sh
 
+echo "=== GPU proof, dry run (no GPU)" >&2
+# tests/gpu/prove.sh's checks against the fake NVML and the CPU
+# llama-server (~2 min); the real proof runs on a GPU machine (its header).
+tests/gpu/prove.sh "$artifacts/gpu-proof-dry-run" --dry-run
+
 echo "=== benchmark smoke (gross regressions only)" >&2
 tests/tools/bench.sh --quick
 

@@ -10,6 +10,11 @@ normally `models/ggml-vocab-llama-spm.gguf` from llama.cpp's source tree, and
 the embedding/output tensors are sized to its token count.
 
 Usage: make-tiny-model.py --vocab VOCAB.gguf --out OUT.gguf [--seed N]
+           [--n-layer N] [--n-embd N] [--n-head N] [--n-ff N]
+
+The size flags make larger random models of the same shape (the GPU proof,
+tests/gpu/prove.sh, uses them); left out, the output is the tiny model,
+byte for byte.
 
 Requires the PyPI packages `gguf` and `numpy`.
 """
@@ -25,9 +30,10 @@ import gguf
 
 ARCH = "llama"
 
-# Hyperparameters. Small enough to load in well under a second and to generate
-# quickly on a CPU; the tensor data is dominated by token_embd/output
-# (n_vocab x N_EMBD each, f32), about 16 MB for the 32000-token llama vocab.
+# Default hyperparameters (the size flags override them). Small enough to
+# load in well under a second and to generate quickly on a CPU; the tensor
+# data is dominated by token_embd/output (n_vocab x N_EMBD each, f32), about
+# 16 MB for the 32000-token llama vocab.
 N_LAYER = 2
 N_EMBD = 64
 N_HEAD = 4
@@ -83,7 +89,17 @@ def main() -> None:
     ap.add_argument("--vocab", required=True, help="vocab-only GGUF to take the tokenizer from")
     ap.add_argument("--out", required=True, help="output GGUF path")
     ap.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
+    ap.add_argument("--n-layer", type=int, default=N_LAYER, help=f"blocks (default {N_LAYER})")
+    ap.add_argument("--n-embd", type=int, default=N_EMBD, help=f"embedding width (default {N_EMBD})")
+    ap.add_argument("--n-head", type=int, default=N_HEAD,
+                    help=f"attention heads, also the KV heads; must divide --n-embd (default {N_HEAD})")
+    ap.add_argument("--n-ff", type=int, default=N_FF, help=f"feed-forward width (default {N_FF})")
     args = ap.parse_args()
+    if min(args.n_layer, args.n_embd, args.n_head, args.n_ff) < 1 or args.n_embd % args.n_head:
+        ap.error("sizes must be positive and --n-head must divide --n-embd")
+    n_layer, n_embd, n_head, n_ff = args.n_layer, args.n_embd, args.n_head, args.n_ff
+    n_head_kv = n_head
+    head_dim = n_embd // n_head
 
     reader = gguf.GGUFReader(args.vocab)
 
@@ -98,13 +114,13 @@ def main() -> None:
 
         writer.add_vocab_size(n_vocab)
         writer.add_context_length(N_CTX_TRAIN)
-        writer.add_embedding_length(N_EMBD)
-        writer.add_block_count(N_LAYER)
-        writer.add_feed_forward_length(N_FF)
-        writer.add_head_count(N_HEAD)
-        writer.add_head_count_kv(N_HEAD_KV)
+        writer.add_embedding_length(n_embd)
+        writer.add_block_count(n_layer)
+        writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_head_kv)
         writer.add_layer_norm_rms_eps(RMS_EPS)
-        writer.add_rope_dimension_count(HEAD_DIM)
+        writer.add_rope_dimension_count(head_dim)
         writer.add_rope_freq_base(ROPE_FREQ_BASE)
 
         rng = np.random.default_rng(args.seed)
@@ -113,26 +129,26 @@ def main() -> None:
             return (rng.standard_normal(shape) * INIT_STD).astype(np.float32)
 
         def norm() -> np.ndarray:
-            return np.ones(N_EMBD, dtype=np.float32)
+            return np.ones(n_embd, dtype=np.float32)
 
         # numpy shapes are ggml's ne[] reversed: ggml {n_embd, n_vocab} is
         # numpy (n_vocab, n_embd), i.e. one row of n_embd per token.
-        n_q = N_HEAD * HEAD_DIM
-        n_kv = N_HEAD_KV * HEAD_DIM
-        writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD))
-        for i in range(N_LAYER):
+        n_q = n_head * head_dim
+        n_kv = n_head_kv * head_dim
+        writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+        for i in range(n_layer):
             p = f"blk.{i}."
             writer.add_tensor(p + "attn_norm.weight", norm())
-            writer.add_tensor(p + "attn_q.weight", weight(n_q, N_EMBD))       # ggml {n_embd, n_q}
-            writer.add_tensor(p + "attn_k.weight", weight(n_kv, N_EMBD))      # ggml {n_embd, n_kv}
-            writer.add_tensor(p + "attn_v.weight", weight(n_kv, N_EMBD))      # ggml {n_embd, n_kv}
-            writer.add_tensor(p + "attn_output.weight", weight(N_EMBD, n_q))  # ggml {n_q, n_embd}
+            writer.add_tensor(p + "attn_q.weight", weight(n_q, n_embd))       # ggml {n_embd, n_q}
+            writer.add_tensor(p + "attn_k.weight", weight(n_kv, n_embd))      # ggml {n_embd, n_kv}
+            writer.add_tensor(p + "attn_v.weight", weight(n_kv, n_embd))      # ggml {n_embd, n_kv}
+            writer.add_tensor(p + "attn_output.weight", weight(n_embd, n_q))  # ggml {n_q, n_embd}
             writer.add_tensor(p + "ffn_norm.weight", norm())
-            writer.add_tensor(p + "ffn_gate.weight", weight(N_FF, N_EMBD))    # ggml {n_embd, n_ff}
-            writer.add_tensor(p + "ffn_up.weight", weight(N_FF, N_EMBD))      # ggml {n_embd, n_ff}
-            writer.add_tensor(p + "ffn_down.weight", weight(N_EMBD, N_FF))    # ggml {n_ff, n_embd}
+            writer.add_tensor(p + "ffn_gate.weight", weight(n_ff, n_embd))    # ggml {n_embd, n_ff}
+            writer.add_tensor(p + "ffn_up.weight", weight(n_ff, n_embd))      # ggml {n_embd, n_ff}
+            writer.add_tensor(p + "ffn_down.weight", weight(n_embd, n_ff))    # ggml {n_ff, n_embd}
         writer.add_tensor("output_norm.weight", norm())
-        writer.add_tensor("output.weight", weight(n_vocab, N_EMBD))           # ggml {n_embd, n_vocab}
+        writer.add_tensor("output.weight", weight(n_vocab, n_embd))           # ggml {n_embd, n_vocab}
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
