@@ -31,10 +31,10 @@
 //!   calls for one file may both read it, and the later insert wins — both
 //!   computed the same value from the same file version.
 //!
-//! The parts: [`reader`] decodes GGUF's primitives and typed values under
-//! the caps below; [`header`] parses the header into a [`Header`];
+//! The parts: `reader` decodes GGUF's primitives and typed values under
+//! the caps below; `header` parses the header into a [`Header`];
 //! [`names`] holds the metadata keys and the names of file and tensor
-//! types; [`cache`] holds [`Digests`] and [`Headers`]; [`estimate`] turns
+//! types; `cache` holds [`Digests`] and [`Headers`]; `estimate` turns
 //! a header into a first GPU memory figure.
 //!
 //! A leaf: no `crate::` imports.

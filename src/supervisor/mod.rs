@@ -2,20 +2,20 @@
 //! scheduler sees ([`ChildSpec`], [`ChildEvent`], [`ChildHandle`],
 //! [`Spawner`]) and [`spawn`], which hands the child to its own task.
 //!
-//! [`spawn`] starts a task that owns the child ([`child`]): it gives it a
-//! unix socket in the daemon's private [`RuntimeDir`] ([`runtime_dir`]) (or,
+//! [`spawn`] starts a task that owns the child (`child`): it gives it a
+//! unix socket in the daemon's private [`RuntimeDir`] (`runtime_dir`) (or,
 //! for a `cmd` that asks for a port only, picks a loopback port), execs the
 //! argv (never a shell) in a new process group with
 //! `PR_SET_PDEATHSIG=SIGKILL`, copies each output line into tracing with the
-//! model's name and into the model's ring ([`output`], [`logs`]), polls the
-//! health path until it answers 200 ([`health`]), then pings it
+//! model's name and into the model's ring (`output`, [`logs`]), polls the
+//! health path until it answers 200 (`health`), then pings it
 //! periodically. It reports to the scheduler through [`ChildEvent`]s,
 //! exactly one `Ready` at most and exactly one terminal event
 //! (`StartFailed` or `Exited`), and stops the child when its
 //! [`ChildHandle`] asks or is dropped. While the child starts, the load
 //! fractions llama-server prints (as a router's child does) go out as
 //! `Progress` events before `Ready`. A start that fails out of memory is
-//! told apart from other failures ([`oom`]).
+//! told apart from other failures (`oom`).
 //!
 //! Stop escalation: SIGTERM to the process group; after the grace period,
 //! SIGKILL to the group; then reap. A child's socket file is removed once
