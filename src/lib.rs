@@ -13,6 +13,8 @@
 //!   rates and failure throttling.
 //! - [`proxy`]: streaming pass-through to a child, holding its lease.
 //! - [`upstream`]: the HTTP client to one child and its pool.
+//! - [`connector`]: the unix-socket connector of the HTTP clients to
+//!   children (the upstream pool, the supervisor's health probe).
 //! - [`scheduler`]: the actor that owns every model's state (start, swap,
 //!   evict, TTL, backoff), its gate fast path and the pure planner.
 //! - [`events`]: what happened (records, lifecycle, states) and the bus
@@ -44,13 +46,14 @@
 //!       proxy
 //!         scheduler, metrics, auth
 //!           history, supervisor, upstream, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf   (leaves)
+//!             config, events, procfs, gguf, connector   (leaves)
 //! ```
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connector;
 pub mod daemon;
 pub mod events;
 pub mod gguf;
@@ -77,8 +80,9 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 22] = [
+    const RANKS: [(&str, u8); 23] = [
         ("config", 0),
+        ("connector", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),

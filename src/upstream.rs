@@ -5,25 +5,23 @@
 //! it in the child's gate; the proxy reaches it through a lease. Nothing
 //! here knows about models' lifecycles or about the API.
 
-use std::future::Future;
-use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::header::HeaderValue;
 use hyper::http::uri::Authority;
-use hyper::{Request, Uri};
+use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::UnixStream;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ChildAddr;
+/// Re-exported: the connector lives in a leaf so the supervisor's health
+/// probe can use it too.
+pub use crate::connector::UnixConnector;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type used for requests and responses in both directions.
@@ -122,9 +120,7 @@ impl UpstreamClient {
                 connector.set_nodelay(true);
                 UpstreamClient::Tcp(builder.build(connector))
             }
-            ChildAddr::Unix(path) => {
-                UpstreamClient::Unix(builder.build(UnixConnector(Arc::from(path.as_path()))))
-            }
+            ChildAddr::Unix(path) => UpstreamClient::Unix(builder.build(UnixConnector::new(path))),
         }
     }
 
@@ -134,25 +130,6 @@ impl UpstreamClient {
             UpstreamClient::Tcp(c) => c.request(req),
             UpstreamClient::Unix(c) => c.request(req),
         }
-    }
-}
-
-/// Connects every request, whatever its URI, to one unix socket.
-#[derive(Debug, Clone)]
-pub struct UnixConnector(Arc<Path>);
-
-impl tower_service::Service<Uri> for UnixConnector {
-    type Response = TokioIo<UnixStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let path = self.0.clone();
-        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&*path).await?)) })
     }
 }
 
