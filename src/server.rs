@@ -89,7 +89,7 @@ pub async fn serve(
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     // Last, so history and metrics see each event before the stream does.
-    let events = api::events::EventLog::start(metrics.clone());
+    let events = api::event_stream::EventLog::start(metrics.clone());
     let bus = Bus::new(vec![
         Arc::new(recorder.clone()),
         metrics.clone(),
@@ -768,7 +768,7 @@ async fn serve_conn<S: Stream>(
     let requests = slot.clone();
     // How a handler closes this connection at once: the events stream cuts
     // a client that fell behind, whose connection may be stuck writing.
-    let cut = api::events::Disconnect::default();
+    let cut = api::event_stream::Disconnect::default();
     let cut_handle = cut.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(cut_handle.clone());

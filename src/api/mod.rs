@@ -22,7 +22,7 @@
 mod admin;
 pub mod body;
 pub mod error;
-pub mod events;
+pub mod event_stream;
 mod health;
 pub mod ollama;
 mod openai;
@@ -69,7 +69,7 @@ pub struct AppState {
     pub bus: Bus,
     /// The events stream's replay ring and client hub (also a sink of
     /// `bus`).
-    pub events: Arc<events::EventLog>,
+    pub events: Arc<event_stream::EventLog>,
     /// Request-body bytes all requests together may hold in memory.
     pub body_budget: body::BodyBudget,
     /// Keys and throttling state; replaced with the config on reload.
@@ -289,7 +289,7 @@ async fn dispatch(
         Route::UiLogin => Ok(ui::serve_asset(routes::UiAsset::Login, req.headers())),
         Route::UiSession => ui::get_session(state, peer, req.headers()),
         Route::UiLogout => ui::logout(state, peer, req.headers()),
-        Route::AdminEvents => events::stream(ctx, &req).await,
+        Route::AdminEvents => event_stream::stream(ctx, &req).await,
     }
 }
 
