@@ -18,8 +18,12 @@
 //! - [`events`]: what happened (records, lifecycle, states) and the bus
 //!   that carries it to history, metrics and live subscribers.
 //! - [`procfs`]: process figures from /proc.
+//! - [`sources`]: where models come from besides the config: a models
+//!   folder, an Ollama store read in place, Hugging Face references.
 //! - [`gguf`]: GGUF model headers (metadata, tensor infos) and the file
 //!   digest and header caches behind the Ollama routes.
+//! - [`pull`]: models fetched from a Hugging Face hub or a URL into a
+//!   models folder, resumable and verified.
 //! - [`supervisor`]: one child process's lifecycle.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
@@ -43,8 +47,8 @@
 //!     api
 //!       proxy
 //!         scheduler, metrics, auth
-//!           history, supervisor, upstream, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf   (leaves)
+//!           history, supervisor, upstream, pull, listen, logging, systemd, gpu
+//!             config, events, procfs, gguf, sources   (leaves)
 //! ```
 
 pub mod api;
@@ -61,8 +65,10 @@ pub mod logging;
 pub mod metrics;
 pub mod procfs;
 pub mod proxy;
+pub mod pull;
 pub mod scheduler;
 pub mod server;
+pub mod sources;
 pub mod supervisor;
 pub mod systemd;
 pub mod upstream;
@@ -77,15 +83,17 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 22] = [
+    const RANKS: [(&str, u8); 24] = [
         ("config", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),
+        ("sources", 0),
         ("history", 1),
         ("gpu", 1),
         ("supervisor", 1),
         ("upstream", 1),
+        ("pull", 1),
         ("listen", 1),
         ("logging", 1),
         ("systemd", 1),

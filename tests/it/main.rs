@@ -65,6 +65,7 @@ mod logs;
 mod models;
 mod ollama;
 mod ollama_js;
+mod pull;
 mod queue;
 mod run;
 mod sockets;
