@@ -20,8 +20,12 @@
 //! - [`events`]: what happened (records, lifecycle, states) and the bus
 //!   that carries it to history, metrics and live subscribers.
 //! - [`procfs`]: process figures from /proc.
+//! - [`sources`]: where models come from besides the config: a models
+//!   folder, an Ollama store read in place, Hugging Face references.
 //! - [`gguf`]: GGUF model headers (metadata, tensor infos) and the file
 //!   digest and header caches behind the Ollama routes.
+//! - [`pull`]: models fetched from a Hugging Face hub or a URL into a
+//!   models folder, resumable and verified.
 //! - [`supervisor`]: one child process's lifecycle.
 //! - [`history`]: request rows and model events in SQLite, written off the
 //!   request path by one thread.
@@ -45,8 +49,8 @@
 //!     api
 //!       proxy
 //!         scheduler, metrics, auth
-//!           history, supervisor, upstream, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf, connector   (leaves)
+//!           history, supervisor, upstream, pull, listen, logging, systemd, gpu
+//!             config, events, procfs, gguf, connector, sources   (leaves)
 //! ```
 
 pub mod api;
@@ -64,8 +68,10 @@ pub mod logging;
 pub mod metrics;
 pub mod procfs;
 pub mod proxy;
+pub mod pull;
 pub mod scheduler;
 pub mod server;
+pub mod sources;
 pub mod supervisor;
 pub mod systemd;
 pub mod upstream;
@@ -80,16 +86,18 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 23] = [
+    const RANKS: [(&str, u8); 25] = [
         ("config", 0),
         ("connector", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),
+        ("sources", 0),
         ("history", 1),
         ("gpu", 1),
         ("supervisor", 1),
         ("upstream", 1),
+        ("pull", 1),
         ("listen", 1),
         ("logging", 1),
         ("systemd", 1),

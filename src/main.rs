@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             Err(e) => clap_exit(&e),
         },
         Command::Version => report(Ok(format!("claracore {}\n", env!("CARGO_PKG_VERSION")))),
+        Command::Pull(p) => report(cli::pull::run(&p)),
         Command::Run(r) => report(cli::run::run(&r).map(|()| String::new())),
         Command::Ps(d) => report(fetch(&d.target(), get, "/admin/ps", render::format_ps)),
         Command::List(d) => report(fetch(&d.target(), get, "/v1/models", render::format_list)),

@@ -19,6 +19,7 @@ use crate::logging::LogTarget;
 
 pub mod client;
 pub mod generate;
+pub mod pull;
 pub mod render;
 pub mod restore;
 pub mod run;
@@ -70,6 +71,8 @@ pub enum Command {
     CheckConfig(CheckConfig),
     /// Print the version
     Version,
+    /// Fetch a model from a Hugging Face hub (or a URL) into a models folder
+    Pull(pull::Pull),
     /// Chat with a model: PROMPT (or stdin) gets one answer; with neither,
     /// an interactive chat
     Run(run::Run),

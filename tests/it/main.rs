@@ -93,6 +93,12 @@
 //!   tool-calling child.
 //! - `ollama_js.rs`: the same with the official `ollama` and `openai` npm
 //!   clients under node.
+//! - `pull.rs`: `claracore pull` against a loopback fake hub
+//!   (`tests/tools/fake_hub.py`): quant choice, the CDN redirect without the
+//!   token, a cut connection and a killed pull resumed with Range, a shared
+//!   download, a gated repository, unknown names, a lying hash, traversal
+//!   names, planted links, a non-GGUF file, a full disk; the pulled file
+//!   served by the real llama-server.
 //! - `queue.rs`: the queue against the real llama-server: 200 requests
 //!   from 5 clients on model A and 5 on B with `max_loaded = 1` (the starts
 //!   with grouping on and off, printed; at most 12 with it), a priority key
@@ -172,6 +178,7 @@ mod logs;
 mod models;
 mod ollama;
 mod ollama_js;
+mod pull;
 mod queue;
 mod run;
 mod sockets;
