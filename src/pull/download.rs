@@ -248,7 +248,7 @@ fn check_space(dest: &Path, need: u64) -> Result<(), PullError> {
     let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
         return Ok(());
     };
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     if free < need.saturating_add(DISK_MARGIN) {
         return Err(PullError::DiskFull {
             dir: dir.to_path_buf(),

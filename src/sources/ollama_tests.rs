@@ -93,7 +93,7 @@ fn params_projector_template_and_system_are_taken_or_noted() {
         .mmproj
         .as_ref()
         .unwrap()
-        .ends_with(&proj.replace(':', "-")));
+        .ends_with(proj.replace(':', "-")));
     let notes = m.notes.join("\n");
     assert!(notes.contains("stop words"), "{notes}");
     assert!(
