@@ -30,6 +30,8 @@
 //!   privilege drop.
 //! - [`logging`]: journald, human or JSON log output.
 //! - [`cli`]: argument parsing and the client commands.
+//! - [`wire`]: the SSE line splitter and the OpenAI shapes, typed once for
+//!   the history tap, the Ollama translation and the CLI.
 //!
 //! The binary (`main.rs`) only parses arguments and dispatches; the
 //! daemon's bootstrap is [`daemon`].
@@ -44,7 +46,7 @@
 //!       proxy
 //!         scheduler, metrics, auth
 //!           history, supervisor, upstream, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf   (leaves)
+//!             config, events, procfs, gguf, wire   (leaves)
 //! ```
 
 pub mod api;
@@ -66,6 +68,7 @@ pub mod server;
 pub mod supervisor;
 pub mod systemd;
 pub mod upstream;
+pub mod wire;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG); systemd units
 /// list it in `RestartPreventExitStatus=` so a typo does not restart-loop.
@@ -77,8 +80,9 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 22] = [
+    const RANKS: [(&str, u8); 23] = [
         ("config", 0),
+        ("wire", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),
