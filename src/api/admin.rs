@@ -9,14 +9,38 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::cut;
 use super::{json_response, resolve, ApiError, AppState, Ctx};
-use crate::events::AuditAction;
+use crate::events::{AuditAction, ModelState};
 use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
+use crate::scheduler::ModelStatus;
 use crate::supervisor::logs::{Follow, LogLine};
+
+/// `GET /admin/ps`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PsAnswer {
+    pub models: Vec<ModelStatus>,
+}
+
+/// `POST /admin/models/{name}/stop`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StopAnswer {
+    pub model: String,
+    /// It was running and is now draining; false: it was not running.
+    pub stopping: bool,
+}
+
+/// `POST /admin/models/{name}/load`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoadAnswer {
+    pub model: String,
+    pub state: ModelState,
+    pub load_ms: u64,
+}
 
 /// How long one write to a log follower may take before it is dropped.
 const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +50,7 @@ const FOLLOW_KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(super) async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
     let mut models = ctx.state.scheduler.status().await;
     models.retain(|m| ctx.principal.may_use(&m.name));
-    json_response(StatusCode::OK, &json!({ "models": models }))
+    json_response(StatusCode::OK, &json!(PsAnswer { models }))
 }
 
 pub(super) async fn stop_model(
@@ -49,7 +73,10 @@ pub(super) async fn stop_model(
     ctx.audit(AuditAction::Stop, Some(&model), result);
     Ok(json_response(
         StatusCode::OK,
-        &json!({"model": model, "stopping": was_running}),
+        &json!(StopAnswer {
+            model,
+            stopping: was_running,
+        }),
     ))
 }
 
@@ -73,7 +100,11 @@ pub(super) async fn load_model(
             ctx.audit(AuditAction::Load, Some(&model), "ready");
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"model": model, "state": "ready", "load_ms": load_ms}),
+                &json!(LoadAnswer {
+                    model,
+                    state: ModelState::Ready,
+                    load_ms,
+                }),
             ))
         }
         Err(e) => {

@@ -113,8 +113,8 @@ pub async fn load(host: &Host, model: &str) -> Result<String, String> {
     let path = format!("/admin/models/{model}/load");
     call_within(host, Method::POST, &path, LOAD_WAIT)
         .await
-        .map(|v| super::render::format_load(&v))
         .map_err(|e| e.to_string())
+        .and_then(|v| super::render::format_load(&v))
 }
 
 /// [`call`] with its own limit on the whole exchange.
@@ -320,11 +320,11 @@ pub fn fetch(
     host: &Host,
     method: Method,
     path: &str,
-    render: impl Fn(&serde_json::Value) -> String,
+    render: impl Fn(&serde_json::Value) -> Result<String, String>,
 ) -> Result<String, String> {
     block_on(async {
         let value = call(host, method, path).await.map_err(|e| e.to_string())?;
-        Ok(render(&value))
+        render(&value)
     })
 }
 

@@ -93,7 +93,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ModelConfig, SchedulerConfig};
@@ -215,7 +215,7 @@ pub const LOAD_TIMES_KEPT: usize = 5;
 pub const VRAM_RUNS_KEPT: usize = 5;
 
 /// A starting model's load progress, as `ps` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Since its child was spawned.
     pub elapsed_ms: u64,
@@ -228,8 +228,10 @@ pub struct Progress {
     pub fraction: Option<f64>,
 }
 
-/// One model's state as `ps` and `/health` show it.
-#[derive(Debug, Clone, Serialize)]
+/// One model's state as `ps` and `/health` show it; `claracore ps` reads
+/// it back (a field the answer lacks reads as its default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModelStatus {
     pub name: String,
     pub aliases: Vec<String>,
@@ -273,7 +275,7 @@ pub struct ModelStatus {
     pub vram_need_bytes: Option<u64>,
     /// Where that need comes from: `declared` (`vram_mb`), `measured` (its
     /// past runs) or `estimated` (its GGUF).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", skip_deserializing)]
     pub vram_need_source: Option<&'static str>,
     /// The highest priority among its waiting requests.
     #[serde(skip_serializing_if = "Option::is_none")]
