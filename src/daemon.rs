@@ -11,11 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::Config;
 use crate::gpu::Gpus;
-use crate::history::Recorder;
+use crate::history::{Recorder, Writer};
 use crate::listen::{Bound, ListenError};
 use crate::logging::{self, LogTarget};
 use crate::server::{self, Control, Systemd};
@@ -100,14 +100,73 @@ impl ServeEnv {
 
 /// `claracore serve`: runs the daemon until SIGTERM/SIGINT.
 pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
+    match start_and_serve(path, log_target) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// The bootstrap in its order; `Err` carries the exit status of a start
+/// that failed (already logged).
+fn start_and_serve(path: &Path, log_target: LogTarget) -> Result<ExitCode, ExitCode> {
     let env = ServeEnv::read();
     let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("claracore: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
+    init_logging(&env, &config, log_target);
+    let notifier = Notifier::new(env.notify_socket.as_deref());
+
+    // Single-threaded until the runtime is built: listenfd unsets LISTEN_*
+    // and capabilities are per thread, so both happen here.
+    let listeners = open_listeners(path, &config, &env, &notifier)?;
+    drop_privileges()?;
+
+    // After the drop, so the writer thread holds no capabilities either.
+    let (recorder, writer) = open_history(&config, &notifier)?;
+
+    // After the drop, so the sampling thread holds no capabilities; before
+    // the runtime, so it is no tokio worker (NVML calls block).
+    let gpus = Gpus::start(&config.gpu);
+
+    let runtime_dir = match RuntimeDir::create(&env.runtime_bases(&config)) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::error!("{e}");
+            notifier.status(&format!("failed to start: {e}"));
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    tracing::debug!(path = %runtime_dir.path().display(), "models' socket directory");
+    config.runtime_dir = Some(runtime_dir.path().to_path_buf());
+
+    let rt = build_runtime(config.worker_threads())?;
+    let watchdog = systemd::watchdog_interval(
+        env.watchdog_usec.as_deref(),
+        env.watchdog_pid.as_deref(),
+        std::process::id(),
+    );
+    let systemd = Systemd {
+        notifier,
+        watchdog,
+        config_path: path.to_path_buf(),
+    };
+    let forced_dir = runtime_dir.path().to_path_buf();
+    let code = rt.block_on(run(config, listeners, systemd, recorder, gpus, forced_dir));
+    if let Some(writer) = writer {
+        writer.close();
+        tracing::info!("history flushed");
+    }
+    // The children are gone: their sockets with them.
+    drop(runtime_dir);
+    tracing::info!("claracore stopped");
+    Ok(code)
+}
+
+/// Logging as the environment and the config ask, and the panic hook.
+fn init_logging(env: &ServeEnv, config: &Config, log_target: LogTarget) {
     let filter = env
         .log_filter
         .clone()
@@ -122,17 +181,23 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
     if let Some(note) = note {
         tracing::warn!("{note}");
     }
-    let notifier = Notifier::new(env.notify_socket.as_deref());
+}
 
-    // Single-threaded until the runtime is built: listenfd unsets LISTEN_*
-    // and capabilities are per thread, so both happen here.
+/// Binds (or inherits) the listeners, refuses one reachable beyond this
+/// machine with no API key, and says who may do what.
+fn open_listeners(
+    path: &Path,
+    config: &Config,
+    env: &ServeEnv,
+    notifier: &Notifier,
+) -> Result<Vec<Bound>, ExitCode> {
     let mut fds = listenfd::ListenFd::from_env();
-    let listeners = match bind(&config, &mut fds, env.fd_names.as_deref()) {
+    let listeners = match bind(config, &mut fds, env.fd_names.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             notifier.status(&format!("failed to start: {e}"));
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         }
     };
     // The config checks its own `listen`; sockets passed in by systemd are
@@ -148,10 +213,15 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             eprintln!("claracore: {e}");
             tracing::error!("{e}");
             notifier.status(&format!("failed to start: {e}"));
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     }
     tracing::info!("{}", access_notice(keys, &config.auth, &listeners));
+    Ok(listeners)
+}
+
+/// Drops every capability and sets no_new_privs, saying what was held.
+fn drop_privileges() -> Result<(), ExitCode> {
     match systemd::drop_privileges() {
         Ok(d) if d.capabilities.is_empty() => {
             tracing::debug!("no capabilities held; no_new_privs set")
@@ -160,130 +230,129 @@ pub fn serve(path: &Path, log_target: LogTarget) -> ExitCode {
             "dropped all capabilities (bounding and ambient sets too); no_new_privs set"),
         Err(e) => {
             tracing::error!(error = %e, "cannot drop privileges");
-            return ExitCode::FAILURE;
+            return Err(ExitCode::FAILURE);
         }
     }
+    Ok(())
+}
 
-    // After the drop, so the writer thread holds no capabilities either.
-    let (recorder, writer) = if config.history.enabled {
-        match Recorder::start(&config.history) {
-            Ok((recorder, writer, note)) => {
-                if let Some(note) = note {
-                    tracing::error!("{note}");
-                }
-                if !recorder.disk_failing() {
-                    tracing::info!(path = %config.history.path.display(), "history database open");
-                }
-                (recorder, Some(writer))
+/// The history recorder and its writer (none when history is off).
+fn open_history(
+    config: &Config,
+    notifier: &Notifier,
+) -> Result<(Recorder, Option<Writer>), ExitCode> {
+    if !config.history.enabled {
+        return Ok((Recorder::disabled(), None));
+    }
+    match Recorder::start(&config.history) {
+        Ok((recorder, writer, note)) => {
+            if let Some(note) = note {
+                tracing::error!("{note}");
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the history database");
-                notifier.status(&format!("failed to start: {e}"));
-                return ExitCode::FAILURE;
+            if !recorder.disk_failing() {
+                tracing::info!(path = %config.history.path.display(), "history database open");
             }
+            Ok((recorder, Some(writer)))
         }
-    } else {
-        (Recorder::disabled(), None)
-    };
-
-    // After the drop, so the sampling thread holds no capabilities; before
-    // the runtime, so it is no tokio worker (NVML calls block).
-    let gpus = Gpus::start(&config.gpu);
-
-    let runtime_dir = match RuntimeDir::create(&env.runtime_bases(&config)) {
-        Ok(dir) => dir,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!(error = %e, "cannot open the history database");
             notifier.status(&format!("failed to start: {e}"));
-            return ExitCode::FAILURE;
+            Err(ExitCode::FAILURE)
         }
-    };
-    tracing::debug!(path = %runtime_dir.path().display(), "models' socket directory");
-    config.runtime_dir = Some(runtime_dir.path().to_path_buf());
+    }
+}
 
-    let threads = config.worker_threads();
+/// The multi-threaded tokio runtime with `threads` workers.
+fn build_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     tracing::debug!(worker_threads = threads, "starting the async runtime");
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             tracing::error!(error = %e, "cannot start the async runtime");
+            ExitCode::FAILURE
+        })
+}
+
+/// Inside the runtime: installs the signal handlers, then serves until
+/// shutdown.
+async fn run(
+    config: Config,
+    listeners: Vec<Bound>,
+    systemd: Systemd,
+    recorder: Recorder,
+    gpus: Gpus,
+    forced_dir: PathBuf,
+) -> ExitCode {
+    let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    let (term, int, hup) = match signals {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers");
             return ExitCode::FAILURE;
         }
     };
-    let watchdog = systemd::watchdog_interval(
-        env.watchdog_usec.as_deref(),
-        env.watchdog_pid.as_deref(),
-        std::process::id(),
+    tokio::spawn(on_signals(
+        Signals { term, int, hup },
+        control_tx,
+        recorder.clone(),
+        forced_dir,
+    ));
+    tracing::info!(config = %systemd.config_path.display(), models = config.models.len(),
+        version = env!("CARGO_PKG_VERSION"), "claracore starting");
+    server::serve(config, listeners, control_rx, systemd, recorder, gpus).await;
+    ExitCode::SUCCESS
+}
+
+/// The signals the daemon answers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// SIGHUP reloads; the first SIGTERM/SIGINT shuts down; a second one
+/// forces the exit, which still commits the rows already queued (within
+/// [`FORCED_FLUSH`]) and removes the models' socket directory.
+async fn on_signals(
+    mut signals: Signals,
+    control_tx: tokio::sync::mpsc::UnboundedSender<Control>,
+    forced_flush: Recorder,
+    forced_dir: PathBuf,
+) {
+    let Signals { term, int, hup } = &mut signals;
+    let name = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => { let _ = control_tx.send(Control::Reload); }
+        }
+    };
+    tracing::info!(signal = name, "shutting down; a second signal forces exit");
+    let _ = control_tx.send(Control::Shutdown);
+    let code = tokio::select! { _ = term.recv() => 143, _ = int.recv() => 130 };
+    tracing::warn!(
+        code,
+        "second signal: committing queued history rows, then exiting"
     );
-    let code = rt.block_on(async {
-        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
+    let committed = tokio::task::spawn_blocking(move || forced_flush.flush_blocking(FORCED_FLUSH))
+        .await
+        .unwrap_or(false);
+    if !committed {
+        tracing::error!(
+            within_s = FORCED_FLUSH.as_secs(),
+            "history rows still queued were not committed"
         );
-        let (mut term, mut int, mut hup) = match signals {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            _ => {
-                tracing::error!("cannot install signal handlers");
-                return ExitCode::FAILURE;
-            }
-        };
-        // What a forced exit still does: commit the rows already queued
-        // (within FORCED_FLUSH) and remove the models' socket directory.
-        let forced_flush = recorder.clone();
-        let forced_dir = runtime_dir.path().to_path_buf();
-        tokio::spawn(async move {
-            let name = loop {
-                tokio::select! {
-                    _ = term.recv() => break "SIGTERM",
-                    _ = int.recv() => break "SIGINT",
-                    _ = hup.recv() => { let _ = control_tx.send(Control::Reload); }
-                }
-            };
-            tracing::info!(signal = name, "shutting down; a second signal forces exit");
-            let _ = control_tx.send(Control::Shutdown);
-            let code = tokio::select! { _ = term.recv() => 143, _ = int.recv() => 130 };
-            tracing::warn!(
-                code,
-                "second signal: committing queued history rows, then exiting"
-            );
-            let committed =
-                tokio::task::spawn_blocking(move || forced_flush.flush_blocking(FORCED_FLUSH))
-                    .await
-                    .unwrap_or(false);
-            if !committed {
-                tracing::error!(
-                    within_s = FORCED_FLUSH.as_secs(),
-                    "history rows still queued were not committed"
-                );
-            }
-            let _ = std::fs::remove_dir_all(&forced_dir);
-            // Children die with us through PR_SET_PDEATHSIG.
-            std::process::exit(code);
-        });
-        tracing::info!(config = %path.display(), models = config.models.len(),
-            version = env!("CARGO_PKG_VERSION"), "claracore starting");
-        let systemd = Systemd {
-            notifier,
-            watchdog,
-            config_path: path.to_path_buf(),
-        };
-        server::serve(config, listeners, control_rx, systemd, recorder, gpus).await;
-        ExitCode::SUCCESS
-    });
-    if let Some(writer) = writer {
-        writer.close();
-        tracing::info!("history flushed");
     }
-    // The children are gone: their sockets with them.
-    drop(runtime_dir);
-    tracing::info!("claracore stopped");
-    code
+    let _ = std::fs::remove_dir_all(&forced_dir);
+    // Children die with us through PR_SET_PDEATHSIG.
+    std::process::exit(code);
 }
 
 /// Sockets from systemd when socket-activated (they replace `listen`),

@@ -222,73 +222,102 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
+        let mut metrics = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            duration: Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            ),
+            ttft: Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            ),
+            tokens: Family::default(),
+            model_state: Family::default(),
+            load_duration:
+                Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                    load_histogram,
+                ),
+            starts: Family::default(),
+            inflight: Gauge::default(),
+            dropped: Counter::default(),
+            dropped_seen: AtomicU64::new(0),
+            queue_depth: Gauge::default(),
+            rss: Gauge::default(),
+            cpu: Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
+            fds: Gauge::default(),
+            event_clients: Gauge::default(),
+            event_clients_dropped: Counter::default(),
+            queue_wait: Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            ),
+            queue_waiting: Family::default(),
+            model_vram: Family::default(),
+            gpus: std::sync::Mutex::new(GpuFamilies::new()),
+        };
+        // The registry renders families in the order they were registered.
+        metrics.register_request_families();
+        metrics.register_daemon_families();
+        metrics
+    }
+
+    /// Requests, tokens and model lifecycle.
+    fn register_request_families(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "claracore_requests",
             "Requests on inference routes, by how they ended",
-            requests.clone(),
-        );
-        let duration = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
+            self.requests.clone(),
         );
         registry.register(
             "claracore_request_duration_seconds",
             "Request received to last byte sent",
-            duration.clone(),
-        );
-        let ttft = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
+            self.duration.clone(),
         );
         registry.register(
             "claracore_time_to_first_token_seconds",
             "Request received to first generated token (streams)",
-            ttft.clone(),
+            self.ttft.clone(),
         );
-        let tokens = Family::<TokenLabels, Counter>::default();
         registry.register(
             "claracore_tokens",
             "Tokens processed, by kind (prompt, completion)",
-            tokens.clone(),
+            self.tokens.clone(),
         );
-        let model_state = Family::<StateLabels, Gauge>::default();
         registry.register(
             "claracore_model_state",
             "1 for the state each model is in",
-            model_state.clone(),
+            self.model_state.clone(),
         );
-        let load_duration =
-            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                load_histogram,
-            );
         registry.register(
             "claracore_model_load_duration_seconds",
             "Model process spawn to healthy",
-            load_duration.clone(),
+            self.load_duration.clone(),
         );
-        let starts = Family::<StartLabels, Counter>::default();
         registry.register(
             "claracore_model_starts",
             "Model process starts, by result (ok, failed)",
-            starts.clone(),
+            self.starts.clone(),
         );
-        let inflight = Gauge::default();
         registry.register(
             "claracore_inflight_requests",
             "Requests holding a model right now",
-            inflight.clone(),
+            self.inflight.clone(),
         );
-        let dropped = Counter::default();
+    }
+
+    /// History, build, process, events-stream, queue and GPU-memory
+    /// figures.
+    fn register_daemon_families(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "claracore_history_rows_dropped",
             "History rows not written (queue full or disk failing)",
-            dropped.clone(),
+            self.dropped.clone(),
         );
-        let queue_depth = Gauge::default();
         registry.register(
             "claracore_history_queue_depth",
             "History rows waiting for the writer",
-            queue_depth.clone(),
+            self.queue_depth.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -297,79 +326,46 @@ impl Metrics {
             })
             .set(1);
         registry.register("claracore_build_info", "Build information", build);
-        let rss = Gauge::default();
         registry.register(
             "claracore_process_resident_memory_bytes",
             "Daemon resident memory",
-            rss.clone(),
+            self.rss.clone(),
         );
-        let cpu = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "claracore_process_cpu_seconds",
             "Daemon CPU time (user + system)",
-            cpu.clone(),
+            self.cpu.clone(),
         );
-        let fds = Gauge::default();
         registry.register(
             "claracore_process_open_fds",
             "Daemon open file descriptors",
-            fds.clone(),
+            self.fds.clone(),
         );
-        let event_clients = Gauge::default();
         registry.register(
             "claracore_event_clients",
             "Clients connected to /admin/events",
-            event_clients.clone(),
+            self.event_clients.clone(),
         );
-        let event_clients_dropped = Counter::default();
         registry.register(
             "claracore_event_clients_dropped",
             "Event stream clients disconnected for falling behind",
-            event_clients_dropped.clone(),
-        );
-        let queue_wait = Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
+            self.event_clients_dropped.clone(),
         );
         registry.register(
             "claracore_queue_wait_seconds",
             "Time a request waited for its model (start, swap, queue)",
-            queue_wait.clone(),
+            self.queue_wait.clone(),
         );
-        let queue_waiting = Family::<ModelLabels, Gauge>::default();
         registry.register(
             "claracore_queue_waiting",
             "Requests waiting for each model now",
-            queue_waiting.clone(),
+            self.queue_waiting.clone(),
         );
-        let model_vram = Family::<VramLabels, Gauge>::default();
         registry.register(
             "claracore_model_vram_bytes",
             "GPU memory used by each model's process tree, by GPU",
-            model_vram.clone(),
+            self.model_vram.clone(),
         );
-        Metrics {
-            queue_wait,
-            queue_waiting,
-            model_vram,
-            registry,
-            requests,
-            duration,
-            ttft,
-            tokens,
-            model_state,
-            load_duration,
-            starts,
-            inflight,
-            dropped,
-            dropped_seen: AtomicU64::new(0),
-            queue_depth,
-            rss,
-            cpu,
-            fds,
-            event_clients,
-            event_clients_dropped,
-            gpus: std::sync::Mutex::new(GpuFamilies::new()),
-        }
     }
 
     /// An events-stream client connected (+1) or left (-1).

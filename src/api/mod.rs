@@ -22,7 +22,7 @@
 mod admin;
 pub mod body;
 pub mod error;
-pub mod events;
+pub mod event_stream;
 mod health;
 pub mod ollama;
 mod openai;
@@ -70,7 +70,7 @@ pub struct AppState {
     pub bus: Bus,
     /// The events stream's replay ring and client hub (also a sink of
     /// `bus`).
-    pub events: Arc<events::EventLog>,
+    pub events: Arc<event_stream::EventLog>,
     /// Request-body bytes all requests together may hold in memory.
     pub body_budget: body::BodyBudget,
     /// Keys and throttling state; replaced with the config on reload.
@@ -178,23 +178,54 @@ async fn dispatch(
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let route = match routes::parse(req.method(), req.uri().path()) {
-        Ok(route) => route,
-        Err(NoRoute::NotFound) => {
-            return Err(ApiError::NotFound {
-                method: req.method().clone(),
-                path: req.uri().path().to_string(),
-            })
-        }
-        Err(NoRoute::WrongMethod { allow }) => {
-            return Err(ApiError::MethodNotAllowed {
-                method: req.method().clone(),
-                path: req.uri().path().to_string(),
-                allow,
-            })
-        }
-    };
+    let route = parse_route(&req)?;
     let config = state.config();
+    let principal = match check_credentials(state, peer, &route, &req, &config) {
+        Checked::Principal(p) => p,
+        Checked::Answered(answer) => return answer,
+    };
+    let ctx = &Ctx {
+        state,
+        peer,
+        config,
+        principal,
+    };
+    route_to(ctx, route, req).await
+}
+
+/// The request's [`Route`], or the 404/405 that says why there is none.
+fn parse_route(req: &Request<Incoming>) -> Result<Route, ApiError> {
+    match routes::parse(req.method(), req.uri().path()) {
+        Ok(route) => Ok(route),
+        Err(NoRoute::NotFound) => Err(ApiError::NotFound {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+        }),
+        Err(NoRoute::WrongMethod { allow }) => Err(ApiError::MethodNotAllowed {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            allow,
+        }),
+    }
+}
+
+/// What the credentials check decided.
+enum Checked {
+    /// Go on as this principal.
+    Principal(Principal),
+    /// Refused: the answer to send instead.
+    Answered(Result<Response<BoxBody>, ApiError>),
+}
+
+/// Who is asking (a key, a session, the local socket, or nobody on an
+/// open route), and whether they may take this route.
+fn check_credentials(
+    state: &AppState,
+    peer: &Peer,
+    route: &Route,
+    req: &Request<Incoming>,
+    config: &Config,
+) -> Checked {
     let auth = state.auth();
     let scopes = route.scopes(config.auth.metrics_public);
     let now_ms = crate::events::now_ms();
@@ -204,7 +235,7 @@ async fn dispatch(
         None
     } else {
         ui::current(state, req.headers()).and_then(|(_, s)| {
-            let p = state.sessions.principal(&s, &auth, &config, now_ms)?;
+            let p = state.sessions.principal(&s, &auth, config, now_ms)?;
             Some((p, s))
         })
     };
@@ -218,7 +249,7 @@ async fn dispatch(
             hyper::Method::GET | hyper::Method::HEAD | hyper::Method::OPTIONS
         );
         if changes_state && !s.csrf_matches(ui::presented_csrf(req.headers())) {
-            return Ok(ui::csrf_refused());
+            return Checked::Answered(Ok(ui::csrf_refused()));
         }
         auth.authorize(principal, scopes)
             .map(|()| principal.clone())
@@ -226,42 +257,55 @@ async fn dispatch(
         auth.authenticate(peer, req.headers(), now_ms)
             .and_then(|principal| auth.authorize(&principal, scopes).map(|()| principal))
     };
-    let principal = match checked {
-        Ok(p) => p,
-        Err(denied) => {
-            if let crate::auth::Denied::Rejected(why) = &denied {
-                audit(
-                    state,
-                    format!("ip:{}", peer.addr),
-                    AuditAction::KeyRejected,
-                    Some(req.uri().path()),
-                    why,
-                );
-            }
-            let e = ApiError::Denied(denied);
-            // Refused inference requests keep their history row.
-            let endpoint = match &route {
-                Route::Inference(endpoint) => Some(endpoint.path()),
-                Route::Ollama(o) => o.endpoint(),
-                _ => None,
-            };
-            let Some(endpoint) = endpoint else {
-                return Err(e);
-            };
-            let id = openai::refused(state, peer, endpoint, &req, &e);
-            let mut resp = e.into_response_shaped(error::ErrorShape::for_path(req.uri().path()));
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                resp.headers_mut().insert("x-request-id", v);
-            }
-            return Ok(resp);
-        }
+    match checked {
+        Ok(p) => Checked::Principal(p),
+        Err(denied) => Checked::Answered(refuse(state, peer, route, req, denied)),
+    }
+}
+
+/// Audits a rejected key and answers the refusal; a refused inference
+/// request keeps its history row.
+fn refuse(
+    state: &AppState,
+    peer: &Peer,
+    route: &Route,
+    req: &Request<Incoming>,
+    denied: crate::auth::Denied,
+) -> Result<Response<BoxBody>, ApiError> {
+    if let crate::auth::Denied::Rejected(why) = &denied {
+        audit(
+            state,
+            format!("ip:{}", peer.addr),
+            AuditAction::KeyRejected,
+            Some(req.uri().path()),
+            why,
+        );
+    }
+    let e = ApiError::Denied(denied);
+    // Refused inference requests keep their history row.
+    let endpoint = match route {
+        Route::Inference(endpoint) => Some(endpoint.path()),
+        Route::Ollama(o) => o.endpoint(),
+        _ => None,
     };
-    let ctx = &Ctx {
-        state,
-        peer,
-        config,
-        principal,
+    let Some(endpoint) = endpoint else {
+        return Err(e);
     };
+    let id = openai::refused(state, peer, endpoint, req, &e);
+    let mut resp = e.into_response_shaped(error::ErrorShape::for_path(req.uri().path()));
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+/// Hands an admitted request to its route's handler.
+async fn route_to(
+    ctx: &Ctx<'_>,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<BoxBody>, ApiError> {
+    let (state, peer) = (ctx.state, ctx.peer);
     let query = req.uri().query().map(str::to_string);
     let query = query.as_deref();
     match route {
@@ -290,7 +334,7 @@ async fn dispatch(
         Route::UiLogin => Ok(ui::serve_asset(routes::UiAsset::Login, req.headers())),
         Route::UiSession => ui::get_session(state, peer, req.headers()),
         Route::UiLogout => ui::logout(state, peer, req.headers()),
-        Route::AdminEvents => events::stream(ctx, &req).await,
+        Route::AdminEvents => event_stream::stream(ctx, &req).await,
     }
 }
 
