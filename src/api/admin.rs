@@ -27,6 +27,29 @@ pub struct PsAnswer {
     pub models: Vec<ModelStatus>,
 }
 
+/// `GET /admin/history`: a page of rows, newest first; `next_cursor` is
+/// where the next page starts, when this one is full.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryAnswer {
+    pub requests: Vec<store::RequestRow>,
+    pub next_cursor: Option<i64>,
+}
+
+/// `GET /admin/stats`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsAnswer {
+    pub window_s: u64,
+    pub models: Vec<store::ModelStats>,
+    pub history_rows_dropped: u64,
+}
+
+/// `GET /admin/audit`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditAnswer {
+    pub audit: Vec<store::AuditRow>,
+    pub next_cursor: Option<i64>,
+}
+
 /// `POST /admin/models/{name}/stop`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StopAnswer {
@@ -402,7 +425,10 @@ pub(super) async fn history_list(
         .flatten();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"requests": rows, "next_cursor": next}),
+        &json!(HistoryAnswer {
+            requests: rows,
+            next_cursor: next,
+        }),
     ))
 }
 
@@ -429,7 +455,11 @@ pub(super) async fn stats(
     let models = read_history(state, move |c| store::stats(c, since)).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"window_s": window.as_secs(), "models": models, "history_rows_dropped": state.recorder.dropped()}),
+        &json!(StatsAnswer {
+            window_s: window.as_secs(),
+            models,
+            history_rows_dropped: state.recorder.dropped(),
+        }),
     ))
 }
 
@@ -446,7 +476,10 @@ pub(super) async fn audit_list(
         .flatten();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"audit": rows, "next_cursor": next}),
+        &json!(AuditAnswer {
+            audit: rows,
+            next_cursor: next,
+        }),
     ))
 }
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::api::{LoadAnswer, PsAnswer, StopAnswer};
+use crate::api::{AuditAnswer, HistoryAnswer, LoadAnswer, PsAnswer, StatsAnswer, StopAnswer};
 use crate::scheduler::ModelStatus;
+use crate::wire::openai::ModelList;
 
 /// The daemon's answer to `what` as `T`.
 fn read<'a, T: Deserialize<'a>>(value: &'a Value, what: &str) -> Result<T, String> {
@@ -116,35 +117,30 @@ pub fn format_ps(value: &Value) -> Result<String, String> {
 
 /// Renders `/v1/models`.
 pub fn format_list(value: &Value) -> Result<String, String> {
+    let list: ModelList = read(value, "/v1/models")?;
     let mut out = format!("{:<24} {:<10} {}\n", "NAME", "STATE", "ALIASES");
-    for m in value["data"].as_array().into_iter().flatten() {
-        let aliases: Vec<&str> = m["aliases"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
+    for m in &list.data {
         out.push_str(&format!(
             "{:<24} {:<10} {}\n",
-            m["id"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            aliases.join(", ")
+            m.id,
+            m.state,
+            m.aliases.join(", ")
         ));
     }
     Ok(out)
 }
 
-fn ms(v: &Value) -> String {
-    v.as_f64()
-        .map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
 }
 
-fn rate(v: &Value) -> String {
-    v.as_f64().map_or_else(|| "-".into(), |r| format!("{r:.0}"))
+fn rate(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
 }
 
 /// Renders `/admin/history` as a table, newest first.
 pub fn format_history(value: &Value) -> Result<String, String> {
+    let answer: HistoryAnswer = read(value, "/admin/history")?;
     let mut out = format!(
         "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
         "ID",
@@ -157,25 +153,20 @@ pub fn format_history(value: &Value) -> Result<String, String> {
         "TTFT",
         "TOKENS IN/OUT"
     );
-    for r in value["requests"].as_array().into_iter().flatten() {
-        let started = utc(&r["started_at_ms"]);
+    for r in &answer.requests {
         out.push_str(&format!(
             "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
-            r["id"].to_string(),
-            started,
-            r["model"].as_str().unwrap_or("-"),
-            r["endpoint"].as_str().unwrap_or("?"),
-            r["status"].to_string(),
-            r["outcome"].as_str().unwrap_or("?"),
-            ms(&r["latency_ms"]),
-            ms(&r["ttft_ms"]),
-            format!(
-                "{}/{}",
-                opt(r["prompt_tokens"].as_i64()),
-                opt(r["completion_tokens"].as_i64())
-            ),
+            r.id.to_string(),
+            utc(r.started_at_ms),
+            r.model.as_deref().unwrap_or("-"),
+            r.endpoint,
+            r.status.to_string(),
+            r.outcome,
+            ms(Some(r.latency_ms)),
+            ms(r.ttft_ms),
+            format!("{}/{}", opt(r.prompt_tokens), opt(r.completion_tokens)),
         ));
-        if let Some(e) = r["error"].as_str() {
+        if let Some(e) = &r.error {
             out.push_str(&format!("{:>7} error: {e}\n", ""));
         }
     }
@@ -184,6 +175,7 @@ pub fn format_history(value: &Value) -> Result<String, String> {
 
 /// Renders `/admin/stats`.
 pub fn format_stats(value: &Value) -> Result<String, String> {
+    let answer: StatsAnswer = read(value, "/admin/stats")?;
     let mut out = format!(
         "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
         "MODEL",
@@ -198,24 +190,27 @@ pub fn format_stats(value: &Value) -> Result<String, String> {
         "LOADS",
         "LOAD P50"
     );
-    for m in value["models"].as_array().into_iter().flatten() {
+    for m in &answer.models {
         out.push_str(&format!(
             "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
-            m["model"].as_str().unwrap_or("?"),
-            m["requests"].to_string(),
-            m["errors"].to_string(),
-            ms(&m["latency_p50_ms"]),
-            ms(&m["latency_p95_ms"]),
-            ms(&m["ttft_p50_ms"]),
-            ms(&m["ttft_p95_ms"]),
-            rate(&m["prompt_tokens_per_second"]),
-            rate(&m["generation_tokens_per_second"]),
-            m["loads"].to_string(),
-            ms(&m["load_p50_ms"]),
+            m.model,
+            m.requests.to_string(),
+            m.errors.to_string(),
+            ms(m.latency_p50_ms),
+            ms(m.latency_p95_ms),
+            ms(m.ttft_p50_ms),
+            ms(m.ttft_p95_ms),
+            rate(m.prompt_tokens_per_second),
+            rate(m.generation_tokens_per_second),
+            m.loads.to_string(),
+            ms(m.load_p50_ms),
         ));
     }
-    if let Some(d) = value["history_rows_dropped"].as_u64().filter(|d| *d > 0) {
-        out.push_str(&format!("({d} history rows were dropped)\n"));
+    if answer.history_rows_dropped > 0 {
+        out.push_str(&format!(
+            "({} history rows were dropped)\n",
+            answer.history_rows_dropped
+        ));
     }
     Ok(out)
 }
@@ -248,8 +243,8 @@ pub fn format_load(value: &Value) -> Result<String, String> {
 
 /// `table`, or with `--json` the answer itself, pretty-printed.
 /// Unix milliseconds as "2026-12-01 20:16:26" (UTC).
-fn utc(ms: &Value) -> String {
-    ms.as_u64()
+fn utc(ms: i64) -> String {
+    u64::try_from(ms)
         .map(|t| {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
                 .to_string()
@@ -260,19 +255,20 @@ fn utc(ms: &Value) -> String {
 
 /// `claracore audit`: admin actions and rejected keys, newest first.
 pub fn format_audit(value: &Value) -> Result<String, String> {
+    let answer: AuditAnswer = read(value, "/admin/audit")?;
     let mut out = format!(
         "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
         "ID", "AT (UTC)", "PRINCIPAL", "ACTION", "TARGET", "RESULT"
     );
-    for a in value["audit"].as_array().into_iter().flatten() {
+    for a in &answer.audit {
         out.push_str(&format!(
             "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
-            a["id"].to_string(),
-            utc(&a["at_ms"]),
-            a["principal"].as_str().unwrap_or("?"),
-            a["action"].as_str().unwrap_or("?"),
-            a["target"].as_str().unwrap_or("-"),
-            a["result"].as_str().unwrap_or("?"),
+            a.id.to_string(),
+            utc(a.at_ms),
+            a.principal,
+            a.action,
+            a.target.as_deref().unwrap_or("-"),
+            a.result,
         ));
     }
     Ok(out)

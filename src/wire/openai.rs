@@ -395,6 +395,22 @@ pub struct ErrorReply<'a> {
     pub error: Option<ErrorBody<'a>>,
 }
 
+/// `GET /v1/models`' answer, as `claracore list` reads it.
+#[derive(Debug, Deserialize)]
+pub struct ModelList {
+    pub data: Vec<ModelEntry>,
+}
+
+/// One model of the list: OpenAI's `id`, and claracore's `aliases` and
+/// `state` (`loading` while it starts).
+#[derive(Debug, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub state: String,
+}
+
 /// `POST /v1/embeddings`' answer.
 #[derive(Debug, Deserialize)]
 pub struct Embeddings {

@@ -2,10 +2,10 @@
 //! statistics, and the newest load times and GPU peaks of each model.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One `audit` row as `/admin/audit` returns it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRow {
     pub id: i64,
     pub at_ms: i64,
@@ -39,7 +39,7 @@ pub fn list_audit(
 }
 
 /// A `requests` row as the API returns it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RequestRow {
     pub id: i64,
     pub request_id: String,
@@ -158,7 +158,7 @@ pub fn get_request(conn: &Connection, id: i64) -> rusqlite::Result<Option<Reques
 }
 
 /// Per-model figures over a window, for `/admin/stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ModelStats {
     pub model: String,
     pub requests: i64,
