@@ -245,7 +245,7 @@ struct LogsQuery {
 struct HistoryQuery {
     model: Option<String>,
     #[serde(default, deserialize_with = "outcome_param")]
-    outcome: Option<String>,
+    outcome: Option<Outcome>,
     #[serde(default, deserialize_with = "time_param")]
     since: Option<i64>,
     #[serde(default, deserialize_with = "time_param")]
@@ -296,9 +296,9 @@ where
     parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
-fn outcome_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn outcome_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Outcome>, D::Error> {
     param(d, |v| match Outcome::parse(v) {
-        Some(_) => Ok(v.to_string()),
+        Some(outcome) => Ok(outcome),
         None => Err(format!(
             "{:?} is not one of ok, cancelled, upstream_error, timeout, rejected",
             cut(v, 64)

@@ -161,7 +161,7 @@ pub fn format_history(value: &Value) -> Result<String, String> {
             r.model.as_deref().unwrap_or("-"),
             r.endpoint,
             r.status.to_string(),
-            r.outcome,
+            r.outcome.as_str(),
             ms(Some(r.latency_ms)),
             ms(r.ttft_ms),
             format!("{}/{}", opt(r.prompt_tokens), opt(r.completion_tokens)),
