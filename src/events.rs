@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// Live events kept for a subscriber that has not read them yet.
@@ -166,9 +166,10 @@ pub fn now_ms() -> i64 {
 }
 
 /// A model's state as operators see it (`ps`, `/health`, metrics, STATUS=).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelState {
+    #[default]
     Stopped,
     Starting,
     Ready,
@@ -316,7 +317,7 @@ impl ModelEventKind {
 }
 
 /// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,

@@ -36,6 +36,8 @@
 //!   privilege drop.
 //! - [`logging`]: journald, human or JSON log output.
 //! - [`cli`]: argument parsing and the client commands.
+//! - [`wire`]: the SSE line splitter and the OpenAI shapes, typed once for
+//!   the history tap, the Ollama translation and the CLI.
 //!
 //! The binary (`main.rs`) only parses arguments and dispatches; the
 //! daemon's bootstrap is [`daemon`].
@@ -50,7 +52,7 @@
 //!       proxy
 //!         scheduler, metrics, auth
 //!           history, supervisor, upstream, pull, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf, connector, sources   (leaves)
+//!             config, events, procfs, gguf, connector, sources, wire   (leaves)
 //! ```
 
 pub mod api;
@@ -75,6 +77,7 @@ pub mod sources;
 pub mod supervisor;
 pub mod systemd;
 pub mod upstream;
+pub mod wire;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG); systemd units
 /// list it in `RestartPreventExitStatus=` so a typo does not restart-loop.
@@ -86,9 +89,10 @@ mod layout {
 
     /// Each top-level module's rank: a module may use only modules of a
     /// lower rank.
-    const RANKS: [(&str, u8); 25] = [
+    const RANKS: [(&str, u8); 26] = [
         ("config", 0),
         ("connector", 0),
+        ("wire", 0),
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),

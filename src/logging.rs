@@ -10,26 +10,14 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// `serve --log-target`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `serve --log-target`: `auto` is the journal when stderr is connected
+/// to it, else stderr.
+// No doc comments on the variants: clap would print them in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogTarget {
-    /// The journal when stderr is connected to it, else stderr.
     Auto,
     Journald,
     Stderr,
-}
-
-impl LogTarget {
-    pub fn parse(text: &str) -> Result<LogTarget, String> {
-        match text {
-            "auto" => Ok(LogTarget::Auto),
-            "journald" => Ok(LogTarget::Journald),
-            "stderr" => Ok(LogTarget::Stderr),
-            other => Err(format!(
-                "--log-target {other:?} is not one of auto, journald, stderr"
-            )),
-        }
-    }
 }
 
 /// Installs the global subscriber. `filter` is `CLARACORE_LOG` or the

@@ -9,14 +9,62 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::cut;
 use super::{json_response, resolve, ApiError, AppState, Ctx};
-use crate::events::AuditAction;
+use crate::events::{AuditAction, ModelState};
 use crate::history::{self, store, Outcome};
 use crate::proxy::{self, BoxBody};
+use crate::scheduler::ModelStatus;
 use crate::supervisor::logs::{Follow, LogLine};
+use crate::wire::query::{self, Flag, QueryError};
+
+/// `GET /admin/ps`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PsAnswer {
+    pub models: Vec<ModelStatus>,
+}
+
+/// `GET /admin/history`: a page of rows, newest first; `next_cursor` is
+/// where the next page starts, when this one is full.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryAnswer {
+    pub requests: Vec<store::RequestRow>,
+    pub next_cursor: Option<i64>,
+}
+
+/// `GET /admin/stats`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsAnswer {
+    pub window_s: u64,
+    pub models: Vec<store::ModelStats>,
+    pub history_rows_dropped: u64,
+}
+
+/// `GET /admin/audit`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditAnswer {
+    pub audit: Vec<store::AuditRow>,
+    pub next_cursor: Option<i64>,
+}
+
+/// `POST /admin/models/{name}/stop`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StopAnswer {
+    pub model: String,
+    /// It was running and is now draining; false: it was not running.
+    pub stopping: bool,
+}
+
+/// `POST /admin/models/{name}/load`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoadAnswer {
+    pub model: String,
+    pub state: ModelState,
+    pub load_ms: u64,
+}
 
 /// How long one write to a log follower may take before it is dropped.
 const FOLLOW_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,7 +74,7 @@ const FOLLOW_KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(super) async fn ps(ctx: &Ctx<'_>) -> Response<BoxBody> {
     let mut models = ctx.state.scheduler.status().await;
     models.retain(|m| ctx.principal.may_use(&m.name));
-    json_response(StatusCode::OK, &json!({ "models": models }))
+    json_response(StatusCode::OK, &json!(PsAnswer { models }))
 }
 
 pub(super) async fn stop_model(
@@ -49,7 +97,10 @@ pub(super) async fn stop_model(
     ctx.audit(AuditAction::Stop, Some(&model), result);
     Ok(json_response(
         StatusCode::OK,
-        &json!({"model": model, "stopping": was_running}),
+        &json!(StopAnswer {
+            model,
+            stopping: was_running,
+        }),
     ))
 }
 
@@ -73,7 +124,11 @@ pub(super) async fn load_model(
             ctx.audit(AuditAction::Load, Some(&model), "ready");
             Ok(json_response(
                 StatusCode::OK,
-                &json!({"model": model, "state": "ready", "load_ms": load_ms}),
+                &json!(LoadAnswer {
+                    model,
+                    state: ModelState::Ready,
+                    load_ms,
+                }),
             ))
         }
         Err(e) => {
@@ -92,24 +147,9 @@ pub(super) async fn logs(
     requested: &str,
     query: Option<&str>,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let mut follow = false;
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "follow" => {
-                follow = match v.as_str() {
-                    "1" | "true" | "yes" => true,
-                    "0" | "false" | "no" => false,
-                    other => {
-                        return Err(ApiError::BadRequest(format!(
-                            "follow: {:?} is not one of 1, 0, true, false",
-                            cut(other, 64)
-                        )))
-                    }
-                }
-            }
-            other => return Err(unknown_parameter(other)),
-        }
-    }
+    let LogsQuery {
+        follow: Flag(follow),
+    } = read_query(query)?;
     let model = resolve(ctx, requested)?;
     let logs = ctx.state.scheduler.logs();
     if !follow {
@@ -191,23 +231,114 @@ async fn follow_lines(
     }
 }
 
-/// Query-string pairs, decoded as `application/x-www-form-urlencoded`
-/// (what the CLI and curl send).
-fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
+/// `/admin/logs/{model}`' query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: Flag,
+}
+
+/// `/admin/history`'s query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    model: Option<String>,
+    #[serde(default, deserialize_with = "outcome_param")]
+    outcome: Option<Outcome>,
+    #[serde(default, deserialize_with = "time_param")]
+    since: Option<i64>,
+    #[serde(default, deserialize_with = "time_param")]
+    until: Option<i64>,
+    #[serde(default, deserialize_with = "page_limit")]
+    limit: Option<usize>,
+    #[serde(default, deserialize_with = "page_cursor")]
+    cursor: Option<i64>,
+}
+
+/// `/admin/stats`' query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    #[serde(default, deserialize_with = "window_param")]
+    window: Option<Duration>,
+}
+
+/// `/admin/audit`'s query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default, deserialize_with = "page_limit")]
+    limit: Option<usize>,
+    #[serde(default, deserialize_with = "page_cursor")]
+    cursor: Option<i64>,
+}
+
+/// A query string (`application/x-www-form-urlencoded`, what the CLI and
+/// curl send) as `T`, or a 400 saying which parameter is wrong.
+fn read_query<T: serde::de::DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    query::parse(query).map_err(|e| match e {
+        QueryError::Unknown(name) => unknown_parameter(&name),
+        QueryError::Invalid(message) => ApiError::BadRequest(message),
+    })
+}
+
+/// A parameter read by `parse`, whose error the reader prefixes with the
+/// parameter's name.
+fn param<'de, D, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = query::text(d)?;
+    parse(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn outcome_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Outcome>, D::Error> {
+    param(d, |v| match Outcome::parse(v) {
+        Some(outcome) => Ok(outcome),
+        None => Err(format!(
+            "{:?} is not one of ok, cancelled, upstream_error, timeout, rejected",
+            cut(v, 64)
+        )),
+    })
 }
 
 /// A point in time given as unix milliseconds or as a duration ago ("1h").
-fn time_param(key: &str, v: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = v.parse::<i64>() {
-        return Ok(ms);
-    }
-    crate::config::parse_duration(v).map(ago).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "{key}: {e}; give unix milliseconds or a duration ago like 1h"
-        ))
+fn time_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    param(d, |v| {
+        if let Ok(ms) = v.parse::<i64>() {
+            return Ok(ms);
+        }
+        crate::config::parse_duration(v)
+            .map(ago)
+            .map_err(|e| format!("{e}; give unix milliseconds or a duration ago like 1h"))
+    })
+}
+
+fn window_param<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    param(d, |v| {
+        crate::config::parse_duration(v).map_err(|e| e.to_string())
+    })
+}
+
+/// A page size: 1 to 1000 rows.
+fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    param(d, |v| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| "must be 1 to 1000".to_string())
+    })
+}
+
+/// Where the next page starts: an id from `next_cursor`.
+fn page_cursor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    param(d, |v| {
+        v.parse()
+            .map_err(|_| "must be an id from next_cursor".to_string())
     })
 }
 
@@ -219,59 +350,22 @@ fn ago(d: Duration) -> i64 {
 
 /// `/admin/history`'s query string as a store query.
 pub(super) fn history_query(query: Option<&str>) -> Result<store::RequestQuery, ApiError> {
-    let mut q = store::RequestQuery {
-        limit: 100,
-        ..Default::default()
-    };
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "model" => q.model = Some(v),
-            "outcome" => {
-                Outcome::parse(&v).ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "outcome: {:?} is not one of ok, cancelled, upstream_error, timeout, rejected",
-                        cut(&v, 64)
-                    ))
-                })?;
-                q.outcome = Some(v);
-            }
-            "since" => q.since_ms = Some(time_param("since", &v)?),
-            "until" => q.until_ms = Some(time_param("until", &v)?),
-            "limit" => q.limit = page_limit(&v)?,
-            "cursor" => q.cursor = Some(page_cursor(&v)?),
-            other => return Err(unknown_parameter(other)),
-        }
-    }
-    Ok(q)
+    let q: HistoryQuery = read_query(query)?;
+    Ok(store::RequestQuery {
+        model: q.model,
+        outcome: q.outcome,
+        since_ms: q.since,
+        until_ms: q.until,
+        limit: q.limit.unwrap_or(100),
+        cursor: q.cursor,
+    })
 }
 
 /// `/admin/stats`' window, and when it began (unix ms).
 pub(super) fn stats_window(query: Option<&str>) -> Result<(Duration, i64), ApiError> {
-    let mut window = Duration::from_secs(3600);
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "window" => {
-                window = crate::config::parse_duration(&v)
-                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?
-            }
-            other => return Err(unknown_parameter(other)),
-        }
-    }
+    let q: StatsQuery = read_query(query)?;
+    let window = q.window.unwrap_or(Duration::from_secs(3600));
     Ok((window, ago(window)))
-}
-
-/// A page size: 1 to 1000 rows.
-fn page_limit(v: &str) -> Result<usize, ApiError> {
-    v.parse::<usize>()
-        .ok()
-        .filter(|n| (1..=1000).contains(n))
-        .ok_or_else(|| ApiError::BadRequest("limit: must be 1 to 1000".into()))
-}
-
-/// Where the next page starts: an id from `next_cursor`.
-fn page_cursor(v: &str) -> Result<i64, ApiError> {
-    v.parse()
-        .map_err(|_| ApiError::BadRequest("cursor: must be an id from next_cursor".into()))
 }
 
 fn unknown_parameter(name: &str) -> ApiError {
@@ -331,7 +425,10 @@ pub(super) async fn history_list(
         .flatten();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"requests": rows, "next_cursor": next}),
+        &json!(HistoryAnswer {
+            requests: rows,
+            next_cursor: next,
+        }),
     ))
 }
 
@@ -358,7 +455,11 @@ pub(super) async fn stats(
     let models = read_history(state, move |c| store::stats(c, since)).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"window_s": window.as_secs(), "models": models, "history_rows_dropped": state.recorder.dropped()}),
+        &json!(StatsAnswer {
+            window_s: window.as_secs(),
+            models,
+            history_rows_dropped: state.recorder.dropped(),
+        }),
     ))
 }
 
@@ -367,21 +468,18 @@ pub(super) async fn audit_list(
     ctx: &Ctx<'_>,
     query: Option<&str>,
 ) -> Result<Response<BoxBody>, ApiError> {
-    let (mut limit, mut cursor) = (100usize, None);
-    for (k, v) in query_pairs(query) {
-        match k.as_str() {
-            "limit" => limit = page_limit(&v)?,
-            "cursor" => cursor = Some(page_cursor(&v)?),
-            other => return Err(unknown_parameter(other)),
-        }
-    }
+    let q: AuditQuery = read_query(query)?;
+    let (limit, cursor) = (q.limit.unwrap_or(100), q.cursor);
     let rows = read_history(ctx.state, move |c| store::list_audit(c, limit, cursor)).await?;
     let next = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.id))
         .flatten();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"audit": rows, "next_cursor": next}),
+        &json!(AuditAnswer {
+            audit: rows,
+            next_cursor: next,
+        }),
     ))
 }
 
@@ -437,25 +535,4 @@ pub(super) async fn backup(ctx: &Ctx<'_>) -> Result<Response<BoxBody>, ApiError>
         HeaderValue::from_static("application/vnd.sqlite3"),
     );
     Ok(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_strings_are_decoded() {
-        assert_eq!(
-            query_pairs(Some("model=tiny%2Dchat&since=1h&x")),
-            [
-                ("model".to_string(), "tiny-chat".to_string()),
-                ("since".into(), "1h".into()),
-                ("x".into(), "".into())
-            ]
-        );
-        assert_eq!(
-            query_pairs(Some("model=a+b%20c%zz%4")),
-            [("model".to_string(), "a b c%zz%4".to_string())]
-        );
-    }
 }

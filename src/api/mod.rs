@@ -49,6 +49,7 @@ use crate::history::Recorder;
 use crate::metrics::Metrics;
 use crate::proxy::BoxBody;
 use crate::scheduler::{Lease, Scheduler};
+pub use admin::{AuditAnswer, HistoryAnswer, LoadAnswer, PsAnswer, StatsAnswer, StopAnswer};
 pub use error::ApiError;
 use routes::{NoRoute, Route};
 

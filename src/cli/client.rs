@@ -13,7 +13,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::wire::openai::ErrorReply;
 
 /// A daemon address for client commands. Over TCP it may carry an API key;
 /// the local socket needs none (its file mode is the authorization).
@@ -113,8 +116,8 @@ pub async fn load(host: &Host, model: &str) -> Result<String, String> {
     let path = format!("/admin/models/{model}/load");
     call_within(host, Method::POST, &path, LOAD_WAIT)
         .await
-        .map(|v| super::render::format_load(&v))
         .map_err(|e| e.to_string())
+        .and_then(|v| super::render::format_load(&v))
 }
 
 /// [`call`] with its own limit on the whole exchange.
@@ -131,8 +134,10 @@ pub async fn call_within(
             message: format!("answer is not JSON (status {status})"),
         })?;
     if !status.is_success() {
-        let message = value["error"]["message"]
-            .as_str()
+        let reply = ErrorReply::deserialize(&value).ok();
+        let message = reply
+            .as_ref()
+            .and_then(|r| r.error.as_ref()?.message())
             .unwrap_or("no message")
             .to_string();
         return Err(ClientError::Status { status, message });
@@ -320,11 +325,11 @@ pub fn fetch(
     host: &Host,
     method: Method,
     path: &str,
-    render: impl Fn(&serde_json::Value) -> String,
+    render: impl Fn(&serde_json::Value) -> Result<String, String>,
 ) -> Result<String, String> {
     block_on(async {
         let value = call(host, method, path).await.map_err(|e| e.to_string())?;
-        Ok(render(&value))
+        render(&value)
     })
 }
 
@@ -343,9 +348,9 @@ pub async fn backup(host: &Host, file: &Path) -> Result<String, String> {
     .await
     .map_err(|e| e.to_string())?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
+        let message = serde_json::from_slice::<ErrorReply<'_>>(&body)
             .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .and_then(|r| r.error?.message().map(str::to_string))
             .unwrap_or_default();
         return Err(format!("claracore answered {status}: {message}"));
     }

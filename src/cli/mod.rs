@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::builder::PossibleValuesParser;
 use clap::error::ErrorKind;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
@@ -64,7 +64,7 @@ pub enum Command {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Where logs go; auto: the journal when stderr is connected to it, else stderr
-        #[arg(long, value_name = "TARGET", default_value = "auto", value_parser = log_target())]
+        #[arg(long, value_name = "TARGET", value_enum, default_value_t = LogTarget::Auto)]
         log_target: LogTarget,
     },
     /// Validate a config file; --strict also checks model files exist
@@ -436,10 +436,6 @@ impl Stats {
     pub fn path(&self) -> String {
         format!("/admin/stats?window={}", encode(&self.window))
     }
-}
-
-fn log_target() -> impl TypedValueParser<Value = LogTarget> {
-    PossibleValuesParser::new(["auto", "journald", "stderr"]).try_map(|s| LogTarget::parse(&s))
 }
 
 fn outcome() -> PossibleValuesParser {

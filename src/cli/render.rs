@@ -1,30 +1,40 @@
-//! Tables for the client commands' answers; pure functions of the JSON
-//! the daemon sends.
+//! Tables for the client commands' answers: each reads the daemon's JSON
+//! into the daemon's own answer types (or says it could not), then lays
+//! it out.
 
 use std::time::Duration;
 
-fn secs(v: &serde_json::Value) -> String {
-    v.as_f64().map_or_else(
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::{AuditAnswer, HistoryAnswer, LoadAnswer, PsAnswer, StatsAnswer, StopAnswer};
+use crate::scheduler::ModelStatus;
+use crate::wire::openai::ModelList;
+
+/// The daemon's answer to `what` as `T`.
+fn read<'a, T: Deserialize<'a>>(value: &'a Value, what: &str) -> Result<T, String> {
+    T::deserialize(value)
+        .map_err(|e| format!("the daemon's answer to {what} is not as expected: {e}"))
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(
         || "-".into(),
         |s| humantime::format_duration(Duration::from_secs(s as u64)).to_string(),
     )
 }
 
-fn opt(v: &serde_json::Value) -> String {
-    if v.is_null() {
-        "-".into()
-    } else {
-        v.to_string()
-    }
+fn opt(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// A child's port, or `unix` for one on a unix socket (the path is in
 /// `/admin/ps`'s `socket`).
-fn port_or_unix(m: &serde_json::Value) -> String {
-    if m["socket"].is_string() {
+fn port_or_unix(m: &ModelStatus) -> String {
+    if m.socket.is_some() {
         "unix".into()
     } else {
-        opt(&m["port"])
+        opt(m.port)
     }
 }
 
@@ -36,39 +46,38 @@ fn tenths(ms: u64) -> String {
 /// The LOAD column: while starting, `42% 1.2s/2.9s` (the fraction and the
 /// expected time when known, else the time so far); otherwise the last
 /// load time; `-` when none is known.
-fn load_column(m: &serde_json::Value) -> String {
-    let p = &m["progress"];
-    if let Some(elapsed) = p["elapsed_ms"].as_u64() {
-        let time = match p["expected_ms"].as_u64() {
-            Some(expected) => format!("{}/{}", tenths(elapsed), tenths(expected)),
-            None => tenths(elapsed),
+fn load_column(m: &ModelStatus) -> String {
+    if let Some(p) = &m.progress {
+        let time = match p.expected_ms {
+            Some(expected) => format!("{}/{}", tenths(p.elapsed_ms), tenths(expected)),
+            None => tenths(p.elapsed_ms),
         };
-        return match p["fraction"].as_f64() {
+        return match p.fraction {
             Some(f) => format!("{:.0}% {time}", (f * 100.0).clamp(0.0, 100.0).floor()),
             None => time,
         };
     }
-    m["load_ms"].as_u64().map_or_else(|| "-".into(), tenths)
+    m.load_ms.map_or_else(|| "-".into(), tenths)
 }
 
 /// `5000M` or `-`.
-fn mebibytes(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .map_or_else(|| "-".into(), |b| format!("{:.0}M", b as f64 / 1048576.0))
+fn mebibytes(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |b| format!("{:.0}M", b as f64 / 1048576.0))
 }
 
 /// The GPU memory column: `5000M@1` (on GPU 1), or `-`.
-fn vram_column(m: &serde_json::Value) -> String {
-    match (m["vram_bytes"].as_u64(), m["gpu"].as_u64()) {
-        (Some(_), Some(gpu)) => format!("{}@{gpu}", mebibytes(&m["vram_bytes"])),
-        (Some(_), None) => mebibytes(&m["vram_bytes"]),
+fn vram_column(m: &ModelStatus) -> String {
+    match (m.vram_bytes, m.gpu) {
+        (Some(_), Some(gpu)) => format!("{}@{gpu}", mebibytes(m.vram_bytes)),
+        (Some(_), None) => mebibytes(m.vram_bytes),
         _ => "-".into(),
     }
 }
 
 /// Renders `/admin/ps`: models that hold a process or have requests
 /// waiting for them.
-pub fn format_ps(value: &serde_json::Value) -> String {
+pub fn format_ps(value: &Value) -> Result<String, String> {
+    let answer: PsAnswer = read(value, "/admin/ps")?;
     let mut out = format!(
         "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
         "NAME",
@@ -83,61 +92,55 @@ pub fn format_ps(value: &serde_json::Value) -> String {
         "UPTIME",
         "LOAD"
     );
-    for m in value["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| !m["pid"].is_null() || m["waiting"].as_u64().unwrap_or(0) > 0)
+    for m in answer
+        .models
+        .iter()
+        .filter(|m| m.pid.is_some() || m.waiting > 0)
     {
         out.push_str(&format!(
             "{:<24} {:<10} {:>8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>15}\n",
-            m["name"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            opt(&m["pid"]),
+            m.name,
+            m.state.as_str(),
+            opt(m.pid),
             port_or_unix(m),
-            mebibytes(&m["rss_bytes"]),
+            mebibytes(m.rss_bytes),
             vram_column(m),
-            m["inflight"].as_u64().unwrap_or(0),
-            m["waiting"].as_u64().unwrap_or(0),
-            secs(&m["idle_s"]),
-            secs(&m["uptime_s"]),
+            m.inflight,
+            m.waiting,
+            secs(m.idle_s),
+            secs(m.uptime_s),
             load_column(m),
         ));
     }
-    out
+    Ok(out)
 }
 
 /// Renders `/v1/models`.
-pub fn format_list(value: &serde_json::Value) -> String {
+pub fn format_list(value: &Value) -> Result<String, String> {
+    let list: ModelList = read(value, "/v1/models")?;
     let mut out = format!("{:<24} {:<10} {}\n", "NAME", "STATE", "ALIASES");
-    for m in value["data"].as_array().into_iter().flatten() {
-        let aliases: Vec<&str> = m["aliases"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
+    for m in &list.data {
         out.push_str(&format!(
             "{:<24} {:<10} {}\n",
-            m["id"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?"),
-            aliases.join(", ")
+            m.id,
+            m.state,
+            m.aliases.join(", ")
         ));
     }
-    out
+    Ok(out)
 }
 
-fn ms(v: &serde_json::Value) -> String {
-    v.as_f64()
-        .map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |m| format!("{m:.0}ms"))
 }
 
-fn rate(v: &serde_json::Value) -> String {
-    v.as_f64().map_or_else(|| "-".into(), |r| format!("{r:.0}"))
+fn rate(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
 }
 
 /// Renders `/admin/history` as a table, newest first.
-pub fn format_history(value: &serde_json::Value) -> String {
+pub fn format_history(value: &Value) -> Result<String, String> {
+    let answer: HistoryAnswer = read(value, "/admin/history")?;
     let mut out = format!(
         "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
         "ID",
@@ -150,33 +153,29 @@ pub fn format_history(value: &serde_json::Value) -> String {
         "TTFT",
         "TOKENS IN/OUT"
     );
-    for r in value["requests"].as_array().into_iter().flatten() {
-        let started = utc(&r["started_at_ms"]);
+    for r in &answer.requests {
         out.push_str(&format!(
             "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
-            r["id"].to_string(),
-            started,
-            r["model"].as_str().unwrap_or("-"),
-            r["endpoint"].as_str().unwrap_or("?"),
-            r["status"].to_string(),
-            r["outcome"].as_str().unwrap_or("?"),
-            ms(&r["latency_ms"]),
-            ms(&r["ttft_ms"]),
-            format!(
-                "{}/{}",
-                opt(&r["prompt_tokens"]),
-                opt(&r["completion_tokens"])
-            ),
+            r.id.to_string(),
+            utc(r.started_at_ms),
+            r.model.as_deref().unwrap_or("-"),
+            r.endpoint,
+            r.status.to_string(),
+            r.outcome.as_str(),
+            ms(Some(r.latency_ms)),
+            ms(r.ttft_ms),
+            format!("{}/{}", opt(r.prompt_tokens), opt(r.completion_tokens)),
         ));
-        if let Some(e) = r["error"].as_str() {
+        if let Some(e) = &r.error {
             out.push_str(&format!("{:>7} error: {e}\n", ""));
         }
     }
-    out
+    Ok(out)
 }
 
 /// Renders `/admin/stats`.
-pub fn format_stats(value: &serde_json::Value) -> String {
+pub fn format_stats(value: &Value) -> Result<String, String> {
+    let answer: StatsAnswer = read(value, "/admin/stats")?;
     let mut out = format!(
         "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
         "MODEL",
@@ -191,56 +190,61 @@ pub fn format_stats(value: &serde_json::Value) -> String {
         "LOADS",
         "LOAD P50"
     );
-    for m in value["models"].as_array().into_iter().flatten() {
+    for m in &answer.models {
         out.push_str(&format!(
             "{:<16} {:>8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>9}\n",
-            m["model"].as_str().unwrap_or("?"),
-            m["requests"].to_string(),
-            m["errors"].to_string(),
-            ms(&m["latency_p50_ms"]),
-            ms(&m["latency_p95_ms"]),
-            ms(&m["ttft_p50_ms"]),
-            ms(&m["ttft_p95_ms"]),
-            rate(&m["prompt_tokens_per_second"]),
-            rate(&m["generation_tokens_per_second"]),
-            m["loads"].to_string(),
-            ms(&m["load_p50_ms"]),
+            m.model,
+            m.requests.to_string(),
+            m.errors.to_string(),
+            ms(m.latency_p50_ms),
+            ms(m.latency_p95_ms),
+            ms(m.ttft_p50_ms),
+            ms(m.ttft_p95_ms),
+            rate(m.prompt_tokens_per_second),
+            rate(m.generation_tokens_per_second),
+            m.loads.to_string(),
+            ms(m.load_p50_ms),
         ));
     }
-    if let Some(d) = value["history_rows_dropped"].as_u64().filter(|d| *d > 0) {
-        out.push_str(&format!("({d} history rows were dropped)\n"));
+    if answer.history_rows_dropped > 0 {
+        out.push_str(&format!(
+            "({} history rows were dropped)\n",
+            answer.history_rows_dropped
+        ));
     }
-    out
+    Ok(out)
 }
 
 /// Renders the answer of `POST /admin/models/{name}/stop`.
-pub fn format_stop(value: &serde_json::Value) -> String {
-    format!(
+pub fn format_stop(value: &Value) -> Result<String, String> {
+    let answer: StopAnswer = read(value, "stop")?;
+    Ok(format!(
         "{}: {}\n",
-        value["model"].as_str().unwrap_or("?"),
-        if value["stopping"].as_bool() == Some(true) {
+        answer.model,
+        if answer.stopping {
             "stopping"
         } else {
             "not running"
         }
-    )
+    ))
 }
 
 /// Renders the answer of `POST /admin/models/{name}/load`: `tiny ready in
 /// 412 ms`.
-pub fn format_load(value: &serde_json::Value) -> String {
-    format!(
+pub fn format_load(value: &Value) -> Result<String, String> {
+    let answer: LoadAnswer = read(value, "load")?;
+    Ok(format!(
         "{} {} in {} ms\n",
-        value["model"].as_str().unwrap_or("?"),
-        value["state"].as_str().unwrap_or("?"),
-        value["load_ms"].as_u64().unwrap_or(0)
-    )
+        answer.model,
+        answer.state.as_str(),
+        answer.load_ms
+    ))
 }
 
 /// `table`, or with `--json` the answer itself, pretty-printed.
 /// Unix milliseconds as "2026-12-01 20:16:26" (UTC).
-fn utc(ms: &serde_json::Value) -> String {
-    ms.as_u64()
+fn utc(ms: i64) -> String {
+    u64::try_from(ms)
         .map(|t| {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t))
                 .to_string()
@@ -250,32 +254,33 @@ fn utc(ms: &serde_json::Value) -> String {
 }
 
 /// `claracore audit`: admin actions and rejected keys, newest first.
-pub fn format_audit(value: &serde_json::Value) -> String {
+pub fn format_audit(value: &Value) -> Result<String, String> {
+    let answer: AuditAnswer = read(value, "/admin/audit")?;
     let mut out = format!(
         "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
         "ID", "AT (UTC)", "PRINCIPAL", "ACTION", "TARGET", "RESULT"
     );
-    for a in value["audit"].as_array().into_iter().flatten() {
+    for a in &answer.audit {
         out.push_str(&format!(
             "{:>6} {:<19} {:<22} {:<13} {:<30} {}\n",
-            a["id"].to_string(),
-            utc(&a["at_ms"]),
-            a["principal"].as_str().unwrap_or("?"),
-            a["action"].as_str().unwrap_or("?"),
-            a["target"].as_str().unwrap_or("-"),
-            a["result"].as_str().unwrap_or("?"),
+            a.id.to_string(),
+            utc(a.at_ms),
+            a.principal,
+            a.action,
+            a.target.as_deref().unwrap_or("-"),
+            a.result,
         ));
     }
-    out
+    Ok(out)
 }
 
 /// A table renderer.
-pub type Table = fn(&serde_json::Value) -> String;
+pub type Table = fn(&Value) -> Result<String, String>;
 
-pub fn json_or(json: bool, table: Table) -> impl Fn(&serde_json::Value) -> String {
+pub fn json_or(json: bool, table: Table) -> impl Fn(&Value) -> Result<String, String> {
     move |v| {
         if json {
-            format!("{v:#}\n")
+            Ok(format!("{v:#}\n"))
         } else {
             table(v)
         }
@@ -289,7 +294,7 @@ mod tests {
     #[test]
     fn load_answer_reads_as_a_sentence() {
         let v = serde_json::json!({"model": "tiny", "state": "ready", "load_ms": 412});
-        assert_eq!(format_load(&v), "tiny ready in 412 ms\n");
+        assert_eq!(format_load(&v).unwrap(), "tiny ready in 412 ms\n");
     }
 
     #[test]
@@ -302,7 +307,7 @@ mod tests {
             {"name": "c", "state": "ready", "pid": 14, "inflight": 0, "load_ms": 412},
             {"name": "d", "state": "ready", "pid": 15, "inflight": 0}
         ]});
-        let t = format_ps(&v);
+        let t = format_ps(&v).unwrap();
         let line = |name: &str| {
             t.lines()
                 .find(|l| l.starts_with(&format!("{name} ")))
@@ -323,7 +328,7 @@ mod tests {
             {"name": "b", "state": "stopped", "pid": null, "port": null, "socket": null, "inflight": 0, "idle_s": null, "uptime_s": null},
             {"name": "c", "state": "ready", "pid": 13, "port": null, "socket": "/run/claracore/claracore.x/c-2.sock", "inflight": 0, "idle_s": 3.0, "uptime_s": 5.0}
         ]});
-        let t = format_ps(&v);
+        let t = format_ps(&v).unwrap();
         assert!(
             t.contains("a ") && t.contains("3456") && t.contains("1m 15s") && t.contains(" 40M "),
             "{t}"
@@ -343,7 +348,7 @@ mod tests {
             {"name": "q", "state": "stopped", "pid": null, "inflight": 0, "waiting": 3},
             {"name": "idle", "state": "stopped", "pid": null, "inflight": 0, "waiting": 0}
         ]});
-        let t = format_ps(&v);
+        let t = format_ps(&v).unwrap();
         let g = t.lines().find(|l| l.starts_with("g ")).unwrap_or_default();
         assert!(g.contains(" 5000M@1 "), "{t}");
         let q = t.lines().find(|l| l.starts_with("q ")).unwrap_or_default();

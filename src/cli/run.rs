@@ -23,10 +23,12 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use serde_json::{json, Value};
+use serde::Deserialize;
 
 use super::client::{post_stream, ClientError, Host};
 use super::Daemon;
+use crate::wire::openai::{ChatMessage, ChatRequest, ErrorReply, Reply, Role, Timings, Usage};
+use crate::wire::sse::{self, Lines};
 
 /// How long a connect to the daemon may take. The answer itself has no
 /// bound: its head may wait on a model load, which the daemon bounds.
@@ -103,30 +105,23 @@ fn temperature(text: &str) -> Result<Temperature, String> {
 }
 
 impl Run {
-    /// The request body for `messages` (the whole conversation).
-    pub fn body(&self, messages: &[Value]) -> Value {
-        let mut body = json!({
-            "model": self.model,
-            "messages": messages,
-            "stream": true,
-        });
-        if let Some(Temperature(t)) = self.temperature {
-            body["temperature"] = json!(t);
+    /// The request for `messages` (the whole conversation).
+    pub fn body<'a>(&'a self, messages: &'a [ChatMessage]) -> ChatRequest<'a> {
+        ChatRequest {
+            model: &self.model,
+            messages,
+            stream: true,
+            temperature: self.temperature.map(|Temperature(t)| t),
+            max_tokens: self.max_tokens,
+            seed: self.seed,
         }
-        if let Some(n) = self.max_tokens {
-            body["max_tokens"] = json!(n);
-        }
-        if let Some(seed) = self.seed {
-            body["seed"] = json!(seed);
-        }
-        body
     }
 
     /// The conversation before its first turn.
-    fn opening(&self) -> Vec<Value> {
+    fn opening(&self) -> Vec<ChatMessage> {
         self.system
             .iter()
-            .map(|s| json!({"role": "system", "content": s}))
+            .map(|s| ChatMessage::new(Role::System, s.as_str()))
             .collect()
     }
 }
@@ -152,7 +147,7 @@ pub fn run(args: &Run) -> Result<(), String> {
         return Err("no prompt: give one as an argument or on stdin".into());
     }
     let mut messages = args.opening();
-    messages.push(json!({"role": "user", "content": prompt}));
+    messages.push(ChatMessage::new(Role::User, prompt));
     let runtime = runtime()?;
     let mut out = std::io::stdout().lock();
     let answer = runtime
@@ -196,9 +191,9 @@ fn finish_line(out: &mut impl Write, text: &str) -> std::io::Result<()> {
 pub struct Answer {
     pub text: String,
     /// The last chunk's llama.cpp `timings`, if it had them.
-    pub timings: Option<Value>,
+    pub timings: Option<Timings>,
     /// The last chunk's OpenAI `usage`, if it had it.
-    pub usage: Option<Value>,
+    pub usage: Option<Usage>,
     /// From the request to the last event.
     pub elapsed: Duration,
 }
@@ -212,21 +207,20 @@ impl Answer {
             None => format!("{n} tokens"),
         };
         if let Some(t) = &self.timings {
-            let (Some(pn), Some(n)) = (t["prompt_n"].as_f64(), t["predicted_n"].as_f64()) else {
+            let (Some(pn), Some(n)) = (t.prompt_n, t.predicted_n) else {
                 return "no token counts in the answer\n".into();
             };
             return format!(
                 "prompt: {}\nanswer: {}\n",
-                rate(pn, t["prompt_per_second"].as_f64()),
-                rate(n, t["predicted_per_second"].as_f64())
+                rate(pn as f64, t.prompt_per_second),
+                rate(n as f64, t.predicted_per_second)
             );
         }
         if let Some(u) = &self.usage {
-            let (Some(pn), Some(n)) =
-                (u["prompt_tokens"].as_f64(), u["completion_tokens"].as_f64())
-            else {
+            let (Some(pn), Some(n)) = (u.prompt_tokens, u.completion_tokens) else {
                 return "no token counts in the answer\n".into();
             };
+            let (pn, n) = (pn as f64, n as f64);
             let secs = self.elapsed.as_secs_f64();
             let per_s = (secs > 0.0).then(|| n / secs);
             return format!("prompt: {pn} tokens\nanswer: {}\n", rate(n, per_s));
@@ -266,15 +260,15 @@ impl TurnError {
 
 /// Sends one request and prints its answer's tokens to `out` as they
 /// arrive.
-pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Answer, TurnError> {
+pub async fn turn(
+    host: &Host,
+    body: &ChatRequest<'_>,
+    out: &mut impl Write,
+) -> Result<Answer, TurnError> {
     let began = Instant::now();
-    let streaming = post_stream(
-        host,
-        "/v1/chat/completions",
-        body.to_string().into_bytes(),
-        CONNECT_TIMEOUT,
-    )
-    .await?;
+    // Plain strings and numbers always serialize.
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let streaming = post_stream(host, "/v1/chat/completions", bytes, CONNECT_TIMEOUT).await?;
     let status = streaming.status();
     let mut body = streaming;
     if !status.is_success() {
@@ -298,7 +292,7 @@ pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Ans
         });
     }
     let mut answer = Answer::default();
-    let mut lines = Lines::default();
+    let mut lines = Lines::with_limit(LINE_LIMIT);
     let broken = |m: String| TurnError::Broken(m);
     loop {
         let Some(frame) = body.frame().await else {
@@ -308,9 +302,9 @@ pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Ans
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        lines.push(&data).map_err(broken)?;
-        while let Some(line) = lines.next_line() {
-            match event(&line).map_err(broken)? {
+        let mut split = lines.split(&data);
+        while let Some(line) = split.next_line() {
+            match event(line).map_err(broken)? {
                 Event::Ignore => {}
                 Event::Done => {
                     answer.elapsed = began.elapsed();
@@ -341,16 +335,25 @@ pub async fn turn(host: &Host, body: &Value, out: &mut impl Write) -> Result<Ans
                 }
             }
         }
+        drop(split);
+        if lines.take_overlong() {
+            return Err(broken(format!(
+                "an event line longer than {LINE_LIMIT} bytes"
+            )));
+        }
     }
 }
 
 /// The `error.message` of a daemon's JSON error, or the body's text.
 fn error_message(body: &[u8]) -> String {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => match v["error"]["message"].as_str() {
-            Some(m) => m.to_string(),
-            None => v.to_string(),
-        },
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => {
+            let reply = ErrorReply::deserialize(&v).ok();
+            match reply.as_ref().and_then(|r| r.error.as_ref()?.message()) {
+                Some(m) => m.to_string(),
+                None => v.to_string(),
+            }
+        }
         Err(_) => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
@@ -363,35 +366,10 @@ fn error_message(body: &[u8]) -> String {
     }
 }
 
-/// Bytes of an SSE stream cut into lines as they complete; a line split
-/// across frames (or inside a UTF-8 character) waits for its end.
-#[derive(Debug, Default)]
-pub struct Lines {
-    pending: Vec<u8>,
-}
-
-impl Lines {
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.pending.extend_from_slice(bytes);
-        if self.pending.len() > LINE_LIMIT && !self.pending.contains(&b'\n') {
-            return Err(format!("an event line longer than {LINE_LIMIT} bytes"));
-        }
-        Ok(())
-    }
-
-    /// The next complete line, without its `\n` or `\r\n`.
-    pub fn next_line(&mut self) -> Option<String> {
-        let end = self.pending.iter().position(|b| *b == b'\n')?;
-        let mut line: Vec<u8> = self.pending.drain(..=end).collect();
-        line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        Some(String::from_utf8_lossy(&line).into_owned())
-    }
-}
-
 /// What one SSE line means to the chat.
+// Made and consumed at once on the stack, per line: boxing the figures
+// would allocate for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq)]
 pub enum Event {
     /// A comment, a blank line, another field, or a chunk with nothing for us.
@@ -400,38 +378,37 @@ pub enum Event {
     Done,
     Chunk {
         content: String,
-        timings: Option<Value>,
-        usage: Option<Value>,
+        timings: Option<Timings>,
+        usage: Option<Usage>,
     },
 }
 
 /// Reads one SSE line of a chat completion stream.
-pub fn event(line: &str) -> Result<Event, String> {
-    let Some(data) = line.strip_prefix("data:") else {
+pub fn event(line: &[u8]) -> Result<Event, String> {
+    let Some(data) = sse::data(line) else {
         return Ok(Event::Ignore);
     };
-    let data = data.strip_prefix(' ').unwrap_or(data);
-    if data.trim() == "[DONE]" {
+    if data == sse::DONE {
         return Ok(Event::Done);
     }
-    let chunk: Value =
-        serde_json::from_str(data).map_err(|e| format!("an event that is not JSON: {e}"))?;
-    if let Some(error) = chunk.get("error") {
-        let message = error["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| error.to_string());
-        return Err(message);
+    // As text first: a daemon's stray invalid UTF-8 reads as U+FFFD.
+    let data = String::from_utf8_lossy(data);
+    let chunk: Reply<'_> =
+        serde_json::from_str(&data).map_err(|e| format!("an event that is not JSON: {e}"))?;
+    if let Some(error) = &chunk.error {
+        return Err(error.describe());
     }
-    let content = chunk["choices"][0]["delta"]["content"]
-        .as_str()
+    let content = chunk
+        .choices
+        .first()
+        .and_then(|c| c.delta.as_ref())
+        .and_then(|d| d.content.as_deref())
         .unwrap_or("")
         .to_string();
-    let pick = |k: &str| chunk.get(k).filter(|v| v.is_object()).cloned();
     Ok(Event::Chunk {
         content,
-        timings: pick("timings"),
-        usage: pick("usage"),
+        timings: chunk.timings,
+        usage: chunk.usage,
     })
 }
 
@@ -574,7 +551,7 @@ fn interactive(args: &Run, host: &Host) -> Result<(), String> {
             }
         };
         let mut turn_messages = messages.clone();
-        turn_messages.push(json!({"role": "user", "content": text}));
+        turn_messages.push(ChatMessage::new(Role::User, text));
         let body = args.body(&turn_messages);
         let mut out = std::io::stdout().lock();
         let result = runtime.block_on(async {
@@ -593,7 +570,7 @@ fn interactive(args: &Run, host: &Host) -> Result<(), String> {
                 if args.verbose {
                     eprint!("{}", answer.figures());
                 }
-                turn_messages.push(json!({"role": "assistant", "content": answer.text}));
+                turn_messages.push(ChatMessage::new(Role::Assistant, answer.text));
                 messages = turn_messages;
             }
             Some(Err(e)) => {
@@ -614,24 +591,11 @@ fn interactive(args: &Run, host: &Host) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_wait_for_their_end_across_frames() {
-        let mut l = Lines::default();
-        l.push(b"data: {\"a\"").unwrap();
-        assert_eq!(l.next_line(), None);
-        // A UTF-8 character split between frames.
-        l.push(b": \"\xc3").unwrap();
-        l.push(b"\xa9\"}\r\n\ndata: [DO").unwrap();
-        assert_eq!(l.next_line().as_deref(), Some("data: {\"a\": \"é\"}"));
-        assert_eq!(l.next_line().as_deref(), Some(""));
-        assert_eq!(l.next_line(), None);
-        l.push(b"NE]\n").unwrap();
-        assert_eq!(l.next_line().as_deref(), Some("data: [DONE]"));
-    }
+    use serde_json::json;
 
     #[test]
     fn events_carry_content_figures_errors_and_the_end() {
+        let event = |line: &str| super::event(line.as_bytes());
         assert_eq!(event("").unwrap(), Event::Ignore);
         assert_eq!(event(": keep-alive").unwrap(), Event::Ignore);
         assert_eq!(event("data: [DONE]").unwrap(), Event::Done);
@@ -650,7 +614,13 @@ mod tests {
         };
         assert_eq!(
             (content.as_str(), timings),
-            ("", Some(json!({"predicted_n": 3})))
+            (
+                "",
+                Some(Timings {
+                    predicted_n: Some(3),
+                    ..Timings::default()
+                })
+            )
         );
         assert_eq!(
             event(r#"data: {"error":{"message":"context full"}}"#).unwrap_err(),
@@ -714,8 +684,9 @@ mod tests {
     #[test]
     fn figures_come_from_timings_else_usage() {
         let a = Answer {
-            timings: Some(json!({"prompt_n": 29, "prompt_per_second": 100.0,
-                                 "predicted_n": 8, "predicted_per_second": 50.5})),
+            timings: serde_json::from_value(json!({"prompt_n": 29, "prompt_per_second": 100.0,
+                                 "predicted_n": 8, "predicted_per_second": 50.5}))
+            .unwrap(),
             ..Answer::default()
         };
         assert_eq!(
@@ -723,7 +694,8 @@ mod tests {
             "prompt: 29 tokens, 100.00 tokens/s\nanswer: 8 tokens, 50.50 tokens/s\n"
         );
         let a = Answer {
-            usage: Some(json!({"prompt_tokens": 3, "completion_tokens": 10})),
+            usage: serde_json::from_value(json!({"prompt_tokens": 3, "completion_tokens": 10}))
+                .unwrap(),
             elapsed: Duration::from_secs(2),
             ..Answer::default()
         };

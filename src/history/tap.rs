@@ -3,35 +3,28 @@
 //! text per the content policy, and how it ended.
 //!
 //! Streams are parsed line by line as the bytes go through, without
-//! holding them: only `data:` lines that can carry what we need are parsed
-//! as JSON. llama-server puts `timings` in a stream's last chunk even when
+//! holding them ([`crate::wire::sse::Lines`]): only `data:` lines that can
+//! carry what we need are parsed, into [`crate::wire::openai::Reply`]
+//! (whose table lists the OpenAI, Anthropic and Responses shapes read; an
+//! SSE `event:` line repeats the payload's `type`, so only `data:` is
+//! read). llama-server puts `timings` in a stream's last chunk even when
 //! the client did not ask for `stream_options.include_usage`, so token
 //! counts come from there (prompt = prompt_n + cache_n) and the client's
 //! request and response stay exactly as sent. Non-streamed bodies are kept
-//! up to [`MAX_JSON_BODY`] and parsed once at the end.
-//!
-//! Three families of shapes are read, told apart by their fields (an SSE
-//! `event:` line repeats the payload's `type`, so only `data:` is read):
-//!
-//! | API | text | counts |
-//! |---|---|---|
-//! | OpenAI chat/completions | `choices[0].message.content` / `.delta.content` / `.text` | `usage.prompt_tokens`, `completion_tokens` |
-//! | Anthropic messages | `content[].text`; stream: `content_block_delta` `delta.text` | `usage.input_tokens` (+ cache reads and writes), `output_tokens`; stream: `message_start` `message.usage`, `message_delta` `usage` |
-//! | OpenAI Responses | `output[].content[]` `output_text`; stream: `response.output_text.delta` `delta` | `usage.input_tokens` (cached included), `output_tokens`; stream: `response.completed` `response.usage` |
-//!
-//! plus `count_tokens`' top-level `input_tokens`, and llama.cpp's
-//! `timings` wherever they are. A successful response whose counts could
-//! not be read says so in its row's `error` (outcome stays `ok`): no
-//! usage or timings, not JSON, or too large to parse.
+//! up to [`MAX_JSON_BODY`] and parsed once at the end. A successful
+//! response whose counts could not be read says so in its row's `error`
+//! (outcome stays `ok`): no usage or timings, not JSON, or too large to
+//! parse.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Deserialize;
+use memchr::memmem;
 
 use super::{now_ms, ContentPolicy, Outcome, RequestRecord, Usage};
 use crate::events::{Bus, Event};
+use crate::wire::openai::Reply;
+use crate::wire::sse::{self, Lines};
 
 /// Characters of prompt and response kept under the `truncated` policy.
 pub const TRUNCATE_CHARS: usize = 1000;
@@ -127,8 +120,8 @@ pub struct Tap {
     bus: Bus,
     content: ContentPolicy,
     sse: bool,
-    /// Unparsed tail of the SSE stream (an incomplete line).
-    line: Vec<u8>,
+    /// The SSE stream cut into lines.
+    lines: Lines,
     /// Non-streamed body, up to MAX_JSON_BODY.
     body: Vec<u8>,
     body_overflow: bool,
@@ -163,7 +156,7 @@ impl Tap {
             bus,
             content,
             sse,
-            line: Vec::new(),
+            lines: Lines::with_limit(MAX_JSON_BODY),
             body: Vec::new(),
             body_overflow: false,
             text: String::new(),
@@ -187,29 +180,18 @@ impl Tap {
             }
             return;
         }
-        let mut rest = data;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            let (head, tail) = rest.split_at(nl);
-            if self.line.is_empty() {
-                self.sse_line(head);
-            } else {
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(head);
-                self.sse_line(&line);
-            }
-            rest = &tail[1..];
-        }
-        if self.line.len() + rest.len() <= MAX_JSON_BODY {
-            self.line.extend_from_slice(rest);
-        }
+        // Moved out for the loop (a pointer move, no copy) so that each
+        // line can update the rest of the tap.
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(data, |line| self.sse_line(line));
+        self.lines = lines;
     }
 
     fn sse_line(&mut self, line: &[u8]) {
-        let Some(payload) = line.strip_prefix(b"data:") else {
+        let Some(payload) = sse::data(line) else {
             return;
         };
-        let payload = payload.trim_ascii();
-        if payload.is_empty() || payload == b"[DONE]" {
+        if payload.is_empty() || payload == sse::DONE {
             return;
         }
         let wants_text = !self.text_full && self.content != ContentPolicy::None;
@@ -321,7 +303,11 @@ impl Tap {
                         self.push_text(text);
                     }
                     if let Some(p) = self.pending.as_mut().filter(|p| p.record.status >= 400) {
-                        p.record.error = v.error.and_then(|e| e.message).map(Cow::into_owned);
+                        p.record.error = v
+                            .error
+                            .as_ref()
+                            .and_then(|e| e.message())
+                            .map(str::to_string);
                     }
                 }
                 Err(_) => self.unreadable = true,
@@ -377,176 +363,8 @@ impl Drop for Tap {
     }
 }
 
-/// The fields of a response or stream event (OpenAI, Anthropic or
-/// Responses; see the table above) that history keeps; everything else is
-/// skipped unparsed. Strings borrow from the body unless they contain
-/// escapes.
-#[derive(Deserialize)]
-struct Reply<'a> {
-    #[serde(default, borrow)]
-    choices: Vec<Choice<'a>>,
-    usage: Option<UsageFields>,
-    timings: Option<Timings>,
-    #[serde(borrow)]
-    error: Option<ErrorFields<'a>>,
-    /// A stream event's type (Anthropic, Responses).
-    #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
-    /// Anthropic's content blocks, or llama.cpp's own `/completion` and
-    /// `/infill` text (whole, or a stream event's piece).
-    #[serde(borrow)]
-    content: Option<Content<'a>>,
-    /// The Responses API's output items.
-    #[serde(default, borrow)]
-    output: Vec<OutputItem<'a>>,
-    /// A stream delta: Anthropic's object, the Responses API's string.
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
-    /// Anthropic's `message_start` message.
-    message: Option<Nested>,
-    /// The Responses API's `response.completed` response.
-    response: Option<Nested>,
-    /// count_tokens' answer.
-    input_tokens: Option<i64>,
-}
-
-impl<'a> Reply<'a> {
-    /// The first choice's text: `part` (message or delta) content, else the
-    /// completions API's `text`.
-    fn text(&self, part: for<'c> fn(&'c Choice<'a>) -> Option<&'c Message<'a>>) -> Option<&str> {
-        let first = self.choices.first()?;
-        part(first)
-            .and_then(|m| m.content.as_deref())
-            .or(first.text.as_deref())
-    }
-
-    /// The text a stream event adds.
-    fn stream_text(&self) -> Option<&str> {
-        match (self.kind.as_deref(), &self.delta) {
-            (Some("content_block_delta"), Some(Delta::Block { text })) => text.as_deref(),
-            (Some("response.output_text.delta"), Some(Delta::Text(text))) => Some(text),
-            _ => match &self.content {
-                Some(Content::Text(text)) => Some(text),
-                _ => self.text(|c| c.delta.as_ref()),
-            },
-        }
-    }
-
-    /// A whole response's text, in pieces.
-    fn texts(&self) -> Vec<&str> {
-        if let Some(text) = self.text(|c| c.message.as_ref()) {
-            return vec![text];
-        }
-        let blocks = match &self.content {
-            Some(Content::Text(text)) => return vec![text],
-            Some(Content::Blocks(blocks)) => blocks.as_slice(),
-            None => &[],
-        };
-        let blocks = blocks.iter().filter(|b| b.kind.as_deref() == Some("text"));
-        let outputs = self
-            .output
-            .iter()
-            .flat_map(|o| &o.content)
-            .filter(|b| b.kind.as_deref() == Some("output_text"));
-        blocks
-            .chain(outputs)
-            .filter_map(|b| b.text.as_deref())
-            .collect()
-    }
-}
-
-/// An Anthropic content block or a Responses content part.
-#[derive(Deserialize)]
-struct Block<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content<'a> {
-    Text(#[serde(borrow)] Cow<'a, str>),
-    Blocks(#[serde(borrow)] Vec<Block<'a>>),
-}
-
-#[derive(Deserialize)]
-struct OutputItem<'a> {
-    #[serde(default, borrow)]
-    content: Vec<Block<'a>>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Delta<'a> {
-    Text(#[serde(borrow)] Cow<'a, str>),
-    Block {
-        #[serde(borrow)]
-        text: Option<Cow<'a, str>>,
-    },
-}
-
-/// An object that carries `usage` one level down.
-#[derive(Deserialize)]
-struct Nested {
-    usage: Option<UsageFields>,
-}
-
-#[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow)]
-    message: Option<Message<'a>>,
-    #[serde(borrow)]
-    delta: Option<Message<'a>>,
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct UsageFields {
-    prompt_tokens: Option<i64>,
-    completion_tokens: Option<i64>,
-    prompt_tokens_details: Option<PromptDetails>,
-    /// Anthropic's and the Responses API's names.
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    input_tokens_details: Option<PromptDetails>,
-    cache_read_input_tokens: Option<i64>,
-    cache_creation_input_tokens: Option<i64>,
-}
-
-#[derive(Deserialize)]
-struct PromptDetails {
-    cached_tokens: Option<i64>,
-}
-
-/// llama-server's own per-request figures.
-#[derive(Deserialize)]
-struct Timings {
-    prompt_n: Option<i64>,
-    cache_n: Option<i64>,
-    predicted_n: Option<i64>,
-    prompt_ms: Option<f64>,
-    predicted_ms: Option<f64>,
-    prompt_per_second: Option<f64>,
-    predicted_per_second: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct ErrorFields<'a> {
-    #[serde(borrow)]
-    message: Option<Cow<'a, str>>,
-}
-
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memmem::find(hay, needle).is_some()
 }
 
 #[cfg(test)]

@@ -113,7 +113,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, ModelConfig, SchedulerConfig};
@@ -259,7 +259,7 @@ pub const LOAD_TIMES_KEPT: usize = 5;
 pub const VRAM_RUNS_KEPT: usize = 5;
 
 /// A starting model's load progress, as `ps` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Since its child was spawned.
     pub elapsed_ms: u64,
@@ -272,8 +272,10 @@ pub struct Progress {
     pub fraction: Option<f64>,
 }
 
-/// One model's state as `ps` and `/health` show it.
-#[derive(Debug, Clone, Serialize)]
+/// One model's state as `ps` and `/health` show it; `claracore ps` reads
+/// it back (a field the answer lacks reads as its default).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModelStatus {
     pub name: String,
     pub aliases: Vec<String>,

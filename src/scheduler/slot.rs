@@ -56,7 +56,7 @@ impl StopReason {
 }
 
 /// Where a model's GPU memory need comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VramSource {
     /// Its `vram_mb`.

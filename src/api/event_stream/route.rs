@@ -6,6 +6,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::EventBody;
@@ -14,37 +15,32 @@ use super::{Disconnect, CLIENT_QUEUE};
 use crate::api::{ApiError, Ctx};
 use crate::proxy::BoxBody;
 use crate::scheduler::AcquireError;
+use crate::wire::query::{self, Flag, QueryError};
+
+/// `/admin/events`' query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    last_event_id: Option<String>,
+    #[serde(default)]
+    replay_only: Flag,
+}
 
 /// Where a request asks to start, and whether it wants the replay only.
 pub(super) fn parse_request(
     last_event_id: Option<&HeaderValue>,
     query: Option<&str>,
 ) -> Result<(Resume, bool), ApiError> {
-    let mut from_query = None;
-    let mut replay_only = false;
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        match &*k {
-            "last_event_id" => from_query = Some(v.into_owned()),
-            "replay_only" => {
-                replay_only = match &*v {
-                    "1" | "true" => true,
-                    "0" | "false" => false,
-                    _ => {
-                        return Err(ApiError::BadRequest(format!(
-                            "replay_only: expected 1, true, 0 or false, got {:?}",
-                            crate::api::error::cut(&v, 32)
-                        )))
-                    }
-                }
-            }
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                "unknown query parameter {:?}; /admin/events takes last_event_id and replay_only",
-                crate::api::error::cut(other, 32)
-            )))
-            }
-        }
-    }
+    let EventsQuery {
+        last_event_id: from_query,
+        replay_only: Flag(replay_only),
+    } = query::parse(query).map_err(|e| match e {
+        QueryError::Unknown(other) => ApiError::BadRequest(format!(
+            "unknown query parameter {:?}; /admin/events takes last_event_id and replay_only",
+            crate::api::error::cut(&other, 32)
+        )),
+        QueryError::Invalid(message) => ApiError::BadRequest(message),
+    })?;
     // The header wins: a browser's EventSource sends it on reconnect,
     // with the URL (and its query) unchanged.
     let given = match last_event_id {

@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::error::cut;
 pub use crate::scheduler::KeepAlive;
+use crate::wire::openai::{self, Arguments, Embeddings, ErrorReply, Reply};
 
 /// `POST /api/chat`.
 #[derive(Debug, Deserialize)]
@@ -430,32 +431,29 @@ pub struct Figures {
 
 impl Figures {
     /// Takes what a response object (or stream chunk) carries.
-    pub fn take(&mut self, v: &Value) {
-        if let Some(t) = v.get("timings").filter(|t| t.is_object()) {
-            let n = |k: &str| t.get(k).and_then(Value::as_u64);
-            if let Some(p) = n("prompt_n") {
-                self.prompt_tokens = Some(p + n("cache_n").unwrap_or(0));
+    pub fn take(&mut self, v: &Reply<'_>) {
+        if let Some(t) = &v.timings {
+            if let Some(p) = count(t.prompt_n) {
+                self.prompt_tokens = Some(p + count(t.cache_n).unwrap_or(0));
             }
-            self.prompt_ms = t
-                .get("prompt_ms")
-                .and_then(Value::as_f64)
-                .or(self.prompt_ms);
-            self.eval_tokens = n("predicted_n").or(self.eval_tokens);
-            self.eval_ms = t
-                .get("predicted_ms")
-                .and_then(Value::as_f64)
-                .or(self.eval_ms);
+            self.prompt_ms = t.prompt_ms.or(self.prompt_ms);
+            self.eval_tokens = count(t.predicted_n).or(self.eval_tokens);
+            self.eval_ms = t.predicted_ms.or(self.eval_ms);
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            let n = |k: &str| u.get(k).and_then(Value::as_u64);
+        if let Some(u) = &v.usage {
             if self.prompt_tokens.is_none() {
-                self.prompt_tokens = n("prompt_tokens");
+                self.prompt_tokens = count(u.prompt_tokens);
             }
             if self.eval_tokens.is_none() {
-                self.eval_tokens = n("completion_tokens");
+                self.eval_tokens = count(u.completion_tokens);
             }
         }
     }
+}
+
+/// A token count, unless it is negative.
+fn count(n: Option<i64>) -> Option<u64> {
+    n.and_then(|n| u64::try_from(n).ok())
 }
 
 fn nanos(ms: f64) -> u64 {
@@ -507,22 +505,31 @@ pub fn done_reason(finish: Option<&str>) -> &'static str {
 }
 
 /// OpenAI tool calls (arguments as a JSON string) as Ollama's (an object).
-pub fn tool_calls(calls: &[Value]) -> Vec<Value> {
+pub fn tool_calls(calls: &[openai::ToolCall<'_>]) -> Vec<Value> {
     calls
         .iter()
         .filter_map(|c| {
-            let f = c.get("function")?;
-            let name = f.get("name")?.as_str()?;
-            let arguments = match f.get("arguments") {
-                Some(Value::String(s)) => {
-                    serde_json::from_str::<Value>(s).unwrap_or_else(|_| json!({}))
-                }
-                Some(v @ Value::Object(_)) => v.clone(),
+            let f = c.function.as_ref()?;
+            let name = f.name.as_deref()?;
+            let arguments = match &f.arguments {
+                Some(Arguments::Text(s)) => arguments(s.as_ref()),
+                Some(Arguments::Object(m)) => Value::Object(m.clone()),
                 _ => json!({}),
             };
-            Some(json!({"function": {"name": name, "arguments": arguments}}))
+            Some(tool_call(name, arguments))
         })
         .collect()
+}
+
+/// A call's arguments, sent as JSON text, as the JSON itself (`{}` when
+/// the text is not JSON).
+pub fn arguments(text: &str) -> Value {
+    serde_json::from_str::<Value>(text).unwrap_or_else(|_| json!({}))
+}
+
+/// One Ollama tool call.
+pub fn tool_call(name: &str, arguments: Value) -> Value {
+    json!({"function": {"name": name, "arguments": arguments}})
 }
 
 /// Which Ollama answer a child's OpenAI answer becomes.
@@ -549,41 +556,23 @@ pub fn complete_answer(
     shape: Shape,
     model: &str,
     created_at: &str,
-    answer: &Value,
+    answer: &Reply<'_>,
     times: Times,
 ) -> Value {
-    let choice = answer.get("choices").and_then(|c| c.get(0));
-    let message = choice.and_then(|c| c.get("message"));
-    let text = message
-        .and_then(|m| m.get("content"))
-        .or_else(|| choice.and_then(|c| c.get("text")))
-        .or_else(|| answer.get("content"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let message = answer.first_message();
     let thinking = message
-        .and_then(|m| m.get("reasoning_content"))
-        .and_then(Value::as_str)
+        .and_then(|m| m.reasoning_content.as_deref())
         .filter(|t| !t.is_empty());
     let calls = message
-        .and_then(|m| m.get("tool_calls"))
-        .and_then(Value::as_array)
+        .and_then(|m| m.tool_calls.as_deref())
         .map(|c| tool_calls(c))
         .filter(|c| !c.is_empty());
-    let finish = choice
-        .and_then(|c| c.get("finish_reason"))
-        .and_then(Value::as_str)
-        .or_else(|| {
-            answer.get("stop_type").and_then(Value::as_str).map(|t| {
-                if t == "limit" {
-                    "length"
-                } else {
-                    "stop"
-                }
-            })
-        });
     let mut out = head(model, created_at, true);
-    body_fields(&mut out, shape, text, thinking, calls);
-    out.insert("done_reason".into(), json!(done_reason(finish)));
+    body_fields(&mut out, shape, answer.openai_text(), thinking, calls);
+    out.insert(
+        "done_reason".into(),
+        json!(done_reason(answer.finish_reason())),
+    );
     let mut figures = Figures::default();
     figures.take(answer);
     finish_fields(&mut out, &figures, times);
@@ -623,12 +612,10 @@ pub fn body_fields(
 /// An error body from a child (OpenAI `{"error": {"message"}}`, or a plain
 /// string) as the one line Ollama clients read.
 pub fn child_error(body: &[u8]) -> String {
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    v.get("error")
-        .and_then(|e| e.get("message").or(Some(e)))
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| {
+    let reply = serde_json::from_slice::<ErrorReply<'_>>(body).ok();
+    match reply.as_ref().and_then(|r| r.error.as_ref()?.text()) {
+        Some(message) => message.to_string(),
+        None => {
             let text = String::from_utf8_lossy(body);
             let text = text.trim();
             if text.is_empty() {
@@ -636,23 +623,26 @@ pub fn child_error(body: &[u8]) -> String {
             } else {
                 cut(text, 300)
             }
-        })
+        }
+    }
 }
 
 /// Embedding vectors of an OpenAI embeddings answer, in input order.
-pub fn embeddings(answer: &Value) -> Option<Vec<Value>> {
-    let data = answer.get("data")?.as_array()?;
-    let mut rows: Vec<(u64, Value)> = data
+pub fn embeddings(answer: &Embeddings) -> Option<Vec<Value>> {
+    let mut rows: Vec<(u64, _)> = answer
+        .data
+        .as_ref()?
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let index = d.get("index").and_then(Value::as_u64).unwrap_or(i as u64);
-            (index, d.get("embedding").cloned().unwrap_or(Value::Null))
-        })
+        .map(|(i, d)| (d.index.unwrap_or(i as u64), d.embedding.as_ref()))
         .collect();
     rows.sort_by_key(|(i, _)| *i);
     rows.into_iter()
-        .map(|(_, e)| e.is_array().then_some(e))
+        .map(|(_, e)| {
+            Some(Value::Array(
+                e?.iter().cloned().map(Value::Number).collect(),
+            ))
+        })
         .collect()
 }
 
@@ -801,7 +791,9 @@ mod tests {
         assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
         assert_eq!(out[2]["tool_call_id"], call["id"]);
 
-        let back = tool_calls(std::slice::from_ref(call));
+        let call_text = call.to_string();
+        let typed: openai::ToolCall<'_> = serde_json::from_str(&call_text).unwrap();
+        let back = tool_calls(std::slice::from_ref(&typed));
         assert_eq!(
             back,
             [json!({"function": {"name": "get_weather", "arguments": {"city": "Paris"}}})]
@@ -837,6 +829,8 @@ mod tests {
             total: Duration::from_millis(12),
             load: Duration::from_millis(3),
         };
+        let answer_text = answer.to_string();
+        let answer: Reply<'_> = serde_json::from_str(&answer_text).unwrap();
         let out = complete_answer(Shape::Chat, "tiny:latest", "T", &answer, times);
         assert_eq!(out["model"], "tiny:latest");
         assert_eq!(out["created_at"], "T");
@@ -855,6 +849,8 @@ mod tests {
 
         let text = json!({"choices": [{"text": "abc", "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 2, "completion_tokens": 1}});
+        let text_text = text.to_string();
+        let text: Reply<'_> = serde_json::from_str(&text_text).unwrap();
         let out = complete_answer(Shape::Generate, "tiny", "T", &text, times);
         assert_eq!(out["response"], "abc");
         assert_eq!(out["done_reason"], "stop");
@@ -886,6 +882,7 @@ mod tests {
         assert!(embed_input(Some(&json!([1]))).is_err());
         let answer = json!({"data": [
             {"index": 1, "embedding": [0.5]}, {"index": 0, "embedding": [0.25]}]});
+        let answer: Embeddings = serde_json::from_value(answer).unwrap();
         assert_eq!(embeddings(&answer).unwrap(), [json!([0.25]), json!([0.5])]);
     }
 }

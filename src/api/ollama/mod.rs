@@ -38,6 +38,7 @@ use super::{body, full, json_response, resolve, ApiError, Ctx};
 use crate::history::tap::{Pending, Tap};
 use crate::history::Outcome;
 use crate::proxy::{self, BoxBody, Outgoing};
+use crate::wire::openai::{Embeddings, Reply};
 use convert::{KeepAlive, Shape, Times};
 
 /// The Ollama version claracore answers `/api/version` with: clients gate
@@ -620,43 +621,61 @@ async fn call(
         }
     }
     let bytes = collect(resp.into_body()).await?;
-    let answer: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        tracing::warn!(model = %plan.model, error = %e, "the child's answer is not JSON");
-        ApiError::Upstream
-    })?;
     let times = Times {
         total: started.elapsed(),
         load,
     };
-    let value = match out {
-        Out::Answer(shape) => {
-            convert::complete_answer(shape, &plan.requested, &now(), &answer, times)
-        }
+    let value = answer(plan, out, &bytes, times)?;
+    Ok(json_response(StatusCode::OK, &value))
+}
+
+/// A child's whole (non-streamed) answer as the Ollama route's object.
+fn answer(plan: &Plan, out: Out, bytes: &[u8], times: Times) -> Result<Value, ApiError> {
+    let not_json = |e: serde_json::Error| {
+        tracing::warn!(model = %plan.model, error = %e, "the child's answer is not JSON");
+        ApiError::Upstream
+    };
+    let shape = match out {
+        Out::Answer(shape) => shape,
         Out::Embed | Out::Embedding => {
-            let vectors = convert::embeddings(&answer).ok_or(ApiError::Upstream)?;
-            if out == Out::Embedding {
-                json!({"embedding": vectors.into_iter().next().unwrap_or(json!([]))})
-            } else {
-                let mut m = Map::new();
-                m.insert("model".into(), json!(plan.requested));
-                m.insert("embeddings".into(), Value::Array(vectors));
-                m.insert(
-                    "total_duration".into(),
-                    json!(times.total.as_nanos() as u64),
-                );
-                m.insert("load_duration".into(), json!(load.as_nanos() as u64));
-                if let Some(n) = answer
-                    .get("usage")
-                    .and_then(|u| u.get("prompt_tokens"))
-                    .and_then(Value::as_u64)
-                {
-                    m.insert("prompt_eval_count".into(), json!(n));
-                }
-                Value::Object(m)
-            }
+            let answer: Embeddings = serde_json::from_slice(bytes).map_err(not_json)?;
+            return embed_answer(plan, out, &answer, times);
         }
     };
-    Ok(json_response(StatusCode::OK, &value))
+    let answer: Reply<'_> = serde_json::from_slice(bytes).map_err(not_json)?;
+    Ok(convert::complete_answer(
+        shape,
+        &plan.requested,
+        &now(),
+        &answer,
+        times,
+    ))
+}
+
+/// `/api/embed`'s or `/api/embeddings`' object.
+fn embed_answer(
+    plan: &Plan,
+    out: Out,
+    answer: &Embeddings,
+    times: Times,
+) -> Result<Value, ApiError> {
+    let vectors = convert::embeddings(answer).ok_or(ApiError::Upstream)?;
+    if out == Out::Embedding {
+        return Ok(json!({"embedding": vectors.into_iter().next().unwrap_or(json!([]))}));
+    }
+    let mut m = Map::new();
+    m.insert("model".into(), json!(plan.requested));
+    m.insert("embeddings".into(), Value::Array(vectors));
+    m.insert(
+        "total_duration".into(),
+        json!(times.total.as_nanos() as u64),
+    );
+    m.insert("load_duration".into(), json!(times.load.as_nanos() as u64));
+    let prompt = answer.usage.as_ref().and_then(|u| u.prompt_tokens);
+    if let Some(n) = prompt.and_then(|n| u64::try_from(n).ok()) {
+        m.insert("prompt_eval_count".into(), json!(n));
+    }
+    Ok(Value::Object(m))
 }
 
 /// A child's whole answer, bounded.

@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 
 use super::convert::{self, Figures, Shape, Times};
 use crate::proxy::{BoxBody, BoxError};
+use crate::wire::openai::{Arguments, Reply, ToolCall};
+use crate::wire::sse::{self, Lines};
 
 /// A tool call assembled from stream deltas.
 #[derive(Debug, Default)]
@@ -33,17 +35,15 @@ pub struct Translator {
     started: Instant,
     load: Duration,
     clock: fn() -> String,
-    /// An incomplete SSE line.
-    line: Vec<u8>,
+    /// The child's SSE cut into lines; beyond its limit a line is not
+    /// translated (no child sends one).
+    lines: Lines,
     figures: Figures,
     finish: Option<String>,
     calls: Vec<PartialCall>,
     /// The last line (done or error) is out.
     done: bool,
 }
-
-/// Beyond this an SSE line is not translated (no child sends one).
-const MAX_LINE: usize = 16 * 1024 * 1024;
 
 impl Translator {
     pub fn new(
@@ -59,7 +59,7 @@ impl Translator {
             started,
             load,
             clock,
-            line: Vec::new(),
+            lines: Lines::default(),
             figures: Figures::default(),
             finish: None,
             calls: Vec::new(),
@@ -69,27 +69,16 @@ impl Translator {
 
     /// Translates the complete lines in `data`; appends NDJSON to `out`.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        let mut rest = data;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            let (head, tail) = rest.split_at(nl);
-            if self.line.is_empty() {
-                self.event_line(head, out);
-            } else {
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(head);
-                self.event_line(&line, out);
-            }
-            rest = &tail[1..];
-        }
-        if self.line.len() + rest.len() <= MAX_LINE {
-            self.line.extend_from_slice(rest);
-        }
+        // Moved out for the loop (a pointer move, no copy) so that each
+        // line can update the rest of the state.
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(data, |line| self.event_line(line, out));
+        self.lines = lines;
     }
 
     /// The stream ended: the final line, unless it is already out.
     pub fn end(&mut self, out: &mut Vec<u8>) {
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
+        if let Some(line) = self.lines.finish() {
             self.event_line(&line, out);
         }
         self.finish_line(out);
@@ -99,59 +88,41 @@ impl Translator {
         if self.done {
             return;
         }
-        let Some(payload) = line.strip_prefix(b"data:") else {
+        let Some(payload) = sse::data(line) else {
             return;
         };
-        let payload = payload.trim_ascii();
         if payload.is_empty() {
             return;
         }
-        if payload == b"[DONE]" {
+        if payload == sse::DONE {
             self.finish_line(out);
             return;
         }
-        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+        let Ok(v) = serde_json::from_slice::<Reply<'_>>(payload) else {
             return;
         };
-        if let Some(e) = v.get("error") {
-            let message = e
-                .get("message")
-                .or(Some(e))
-                .and_then(Value::as_str)
-                .unwrap_or("the model process failed");
+        if let Some(e) = &v.error {
+            let message = e.text().unwrap_or("the model process failed");
             write_line(out, &json!({ "error": message }));
             self.done = true;
             return;
         }
         self.figures.take(&v);
-        let choice = v.get("choices").and_then(|c| c.get(0));
-        if let Some(f) = choice
-            .and_then(|c| c.get("finish_reason"))
-            .and_then(Value::as_str)
-        {
+        if let Some(f) = v.choices.first().and_then(|c| c.finish_reason.as_deref()) {
             self.finish = Some(f.to_string());
         }
         // llama.cpp's native /infill stream: `{"content": …, "stop": …}`.
-        if v.get("stop").and_then(Value::as_bool) == Some(true) {
-            let limit = v.get("stop_type").and_then(Value::as_str) == Some("limit");
+        if v.stop == Some(true) {
+            let limit = v.stop_type.as_deref() == Some("limit");
             self.finish = Some(if limit { "length" } else { "stop" }.into());
         }
-        let delta = choice.and_then(|c| c.get("delta"));
-        if let Some(calls) = delta
-            .and_then(|d| d.get("tool_calls"))
-            .and_then(Value::as_array)
-        {
+        let delta = v.first_message();
+        if let Some(calls) = delta.and_then(|d| d.tool_calls.as_deref()) {
             self.add_calls(calls);
         }
-        let text = delta
-            .and_then(|d| d.get("content"))
-            .or_else(|| choice.and_then(|c| c.get("text")))
-            .or_else(|| v.get("content"))
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let text = v.openai_text();
         let thinking = delta
-            .and_then(|d| d.get("reasoning_content"))
-            .and_then(Value::as_str)
+            .and_then(|d| d.reasoning_content.as_deref())
             .filter(|t| !t.is_empty());
         if text.is_empty() && thinking.is_none() {
             return;
@@ -161,22 +132,23 @@ impl Translator {
         write_line(out, &Value::Object(obj));
     }
 
-    fn add_calls(&mut self, deltas: &[Value]) {
+    fn add_calls(&mut self, deltas: &[ToolCall<'_>]) {
         for d in deltas {
             let index = d
-                .get("index")
-                .and_then(Value::as_u64)
-                .map_or(self.calls.len().saturating_sub(1), |i| i as usize)
+                .index
+                .map_or(self.calls.len().saturating_sub(1), |i| {
+                    usize::try_from(i).unwrap_or(usize::MAX)
+                })
                 .min(1024);
             while self.calls.len() <= index {
                 self.calls.push(PartialCall::default());
             }
             let call = &mut self.calls[index];
-            if let Some(f) = d.get("function") {
-                if let Some(n) = f.get("name").and_then(Value::as_str) {
+            if let Some(f) = &d.function {
+                if let Some(n) = &f.name {
                     call.name.push_str(n);
                 }
-                if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                if let Some(Arguments::Text(a)) = &f.arguments {
                     call.arguments.push_str(a);
                 }
             }
@@ -192,11 +164,10 @@ impl Translator {
         let calls: Vec<Value> = std::mem::take(&mut self.calls)
             .into_iter()
             .filter(|c| !c.name.is_empty())
-            .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+            .map(|c| convert::tool_call(&c.name, convert::arguments(&c.arguments)))
             .collect();
         if !calls.is_empty() {
             let mut obj = convert::head(&self.model, &created, false);
-            let calls = convert::tool_calls(&calls);
             convert::body_fields(&mut obj, self.shape, "", None, Some(calls));
             write_line(out, &Value::Object(obj));
         }

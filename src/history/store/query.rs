@@ -2,10 +2,12 @@
 //! statistics, and the newest load times and GPU peaks of each model.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::events::Outcome;
 
 /// One `audit` row as `/admin/audit` returns it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRow {
     pub id: i64,
     pub at_ms: i64,
@@ -39,7 +41,7 @@ pub fn list_audit(
 }
 
 /// A `requests` row as the API returns it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RequestRow {
     pub id: i64,
     pub request_id: String,
@@ -49,8 +51,8 @@ pub struct RequestRow {
     pub key_name: Option<String>,
     pub endpoint: String,
     pub model: Option<String>,
-    pub status: i64,
-    pub outcome: String,
+    pub status: u16,
+    pub outcome: Outcome,
     pub error: Option<String>,
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
@@ -89,7 +91,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         endpoint: r.get(6)?,
         model: r.get(7)?,
         status: r.get(8)?,
-        outcome: r.get(9)?,
+        outcome: outcome(r, 9)?,
         error: r.get(10)?,
         latency_ms: r.get(11)?,
         ttfb_ms: r.get(12)?,
@@ -113,12 +115,24 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     })
 }
 
+/// The `outcome` column as the typed [`Outcome`] the writer recorded.
+fn outcome(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Outcome> {
+    let text: String = r.get(i)?;
+    Outcome::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("{text:?} is not an outcome").into(),
+        )
+    })
+}
+
 /// Filters for [`list_requests`]; `cursor` is the last id of the previous
 /// page (keyset pagination, newest first).
 #[derive(Debug, Default)]
 pub struct RequestQuery {
     pub model: Option<String>,
-    pub outcome: Option<String>,
+    pub outcome: Option<Outcome>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
     pub limit: usize,
@@ -137,7 +151,7 @@ pub fn list_requests(conn: &Connection, q: &RequestQuery) -> rusqlite::Result<Ve
     let rows = stmt.query_map(
         params![
             q.model,
-            q.outcome,
+            q.outcome.map(Outcome::as_str),
             q.since_ms,
             q.until_ms,
             q.cursor,
@@ -158,7 +172,7 @@ pub fn get_request(conn: &Connection, id: i64) -> rusqlite::Result<Option<Reques
 }
 
 /// Per-model figures over a window, for `/admin/stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ModelStats {
     pub model: String,
     pub requests: i64,
