@@ -354,8 +354,9 @@ impl Outcome {
     }
 }
 
-/// Token counts and llama.cpp timings of one response.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Token counts and llama.cpp timings of one response; a request row's
+/// JSON carries them beside its other figures (flattened).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
@@ -366,8 +367,13 @@ pub struct Usage {
     pub predicted_per_second: Option<f64>,
 }
 
-/// One `requests` row.
-#[derive(Debug, Clone)]
+/// One request, the one type of its row everywhere: what the proxy emits
+/// when it ends, what the history writer stores in `requests`, what
+/// `/admin/history` answers (with its row id, as
+/// `history::store::RequestRow`) and the CLI reads back. Its JSON keys are
+/// the table's columns. The events stream sends a content-free summary of
+/// it under its own keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestRecord {
     pub request_id: String,
     pub started_at_ms: i64,
@@ -382,6 +388,7 @@ pub struct RequestRecord {
     pub latency_ms: f64,
     pub ttfb_ms: Option<f64>,
     pub ttft_ms: Option<f64>,
+    #[serde(flatten)]
     pub usage: Usage,
     pub streamed: bool,
     pub request_content: Option<String>,
@@ -390,8 +397,48 @@ pub struct RequestRecord {
     /// How long it waited for its model (a start, a swap, the queue);
     /// `None` when it never asked for one.
     pub queue_wait_ms: Option<f64>,
-    /// The GPU its model ran on, with readings around it.
+    /// The GPU its model ran on, with readings around it: the `gpu`,
+    /// `gpu_mem_before_bytes`, `gpu_mem_after_bytes` and `gpu_utilization`
+    /// columns, all null without one.
+    #[serde(flatten, with = "gpu_columns")]
     pub gpu: Option<GpuUse>,
+}
+
+/// [`RequestRecord::gpu`] as its four columns: a row with no GPU has them
+/// all null, one with a GPU always has its index.
+mod gpu_columns {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::GpuUse;
+
+    #[derive(Serialize, Deserialize)]
+    struct Columns {
+        gpu: Option<u32>,
+        gpu_mem_before_bytes: Option<u64>,
+        gpu_mem_after_bytes: Option<u64>,
+        gpu_utilization: Option<f64>,
+    }
+
+    pub fn serialize<S: Serializer>(gpu: &Option<GpuUse>, s: S) -> Result<S::Ok, S::Error> {
+        let g = gpu.as_ref();
+        Columns {
+            gpu: g.map(|g| g.index),
+            gpu_mem_before_bytes: g.and_then(|g| g.mem_before_bytes),
+            gpu_mem_after_bytes: g.and_then(|g| g.mem_after_bytes),
+            gpu_utilization: g.and_then(|g| g.utilization),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<GpuUse>, D::Error> {
+        let c = Columns::deserialize(d)?;
+        Ok(c.gpu.map(|index| GpuUse {
+            index,
+            mem_before_bytes: c.gpu_mem_before_bytes,
+            mem_after_bytes: c.gpu_mem_after_bytes,
+            utilization: c.gpu_utilization,
+        }))
+    }
 }
 
 /// A request's GPU figures, from the GPU readings (sampled every

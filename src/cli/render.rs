@@ -153,10 +153,11 @@ pub fn format_history(value: &Value) -> Result<String, String> {
         "TTFT",
         "TOKENS IN/OUT"
     );
-    for r in &answer.requests {
+    for row in &answer.requests {
+        let r = &row.record;
         out.push_str(&format!(
             "{:>7} {:<19} {:<16} {:<22} {:>6} {:<14} {:>9} {:>8} {:>11}\n",
-            r.id.to_string(),
+            row.id.to_string(),
             utc(r.started_at_ms),
             r.model.as_deref().unwrap_or("-"),
             r.endpoint,
@@ -164,7 +165,11 @@ pub fn format_history(value: &Value) -> Result<String, String> {
             r.outcome.as_str(),
             ms(Some(r.latency_ms)),
             ms(r.ttft_ms),
-            format!("{}/{}", opt(r.prompt_tokens), opt(r.completion_tokens)),
+            format!(
+                "{}/{}",
+                opt(r.usage.prompt_tokens),
+                opt(r.usage.completion_tokens)
+            ),
         ));
         if let Some(e) = &r.error {
             out.push_str(&format!("{:>7} error: {e}\n", ""));

@@ -4,9 +4,10 @@
 //! names and figures, never content.
 
 use bytes::Bytes;
+use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use crate::events::Event;
+use crate::events::{Event, RequestRecord};
 
 /// What an idle stream sends every [`KEEP_ALIVE`](super::KEEP_ALIVE).
 pub(super) const KEEP_ALIVE_FRAME: &[u8] = b": keep-alive\n\n";
@@ -46,23 +47,40 @@ struct StartedData<'a> {
     client: &'a str,
 }
 
-#[derive(Serialize)]
-struct RequestData<'a> {
-    id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<&'a str>,
-    endpoint: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key_name: Option<&'a str>,
-    status: u16,
-    outcome: &'a str,
-    latency_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ttft_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prompt_tokens: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    completion_tokens: Option<i64>,
+/// A finished request as the stream sends it: a summary of the one request
+/// row ([`RequestRecord`]) under the stream's own keys: `id` is the request
+/// id (what `request_started` carried), unknown figures are left out rather
+/// than null, and its content is never among them.
+struct Finished<'a>(&'a RequestRecord);
+
+impl Serialize for Finished<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = self.0;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("id", &r.request_id)?;
+        present(&mut m, "model", &r.model)?;
+        m.serialize_entry("endpoint", &r.endpoint)?;
+        present(&mut m, "key_name", &r.key_name)?;
+        m.serialize_entry("status", &r.status)?;
+        m.serialize_entry("outcome", &r.outcome)?;
+        m.serialize_entry("latency_ms", &r.latency_ms)?;
+        present(&mut m, "ttft_ms", &r.ttft_ms)?;
+        present(&mut m, "prompt_tokens", &r.usage.prompt_tokens)?;
+        present(&mut m, "completion_tokens", &r.usage.completion_tokens)?;
+        m.end()
+    }
+}
+
+/// `key` with its value, or nothing when there is none.
+fn present<M: SerializeMap>(
+    m: &mut M,
+    key: &str,
+    v: &Option<impl Serialize>,
+) -> Result<(), M::Error> {
+    match v {
+        Some(v) => m.serialize_entry(key, v),
+        None => Ok(()),
+    }
 }
 
 #[derive(Serialize)]
@@ -114,21 +132,7 @@ pub(super) fn render(event: &Event) -> Option<(&'static str, String)> {
                 client: &s.client,
             }),
         ),
-        Event::Request(r) => (
-            "request",
-            json(&RequestData {
-                id: &r.request_id,
-                model: r.model.as_deref(),
-                endpoint: &r.endpoint,
-                key_name: r.key_name.as_deref(),
-                status: r.status,
-                outcome: r.outcome.as_str(),
-                latency_ms: r.latency_ms,
-                ttft_ms: r.ttft_ms,
-                prompt_tokens: r.usage.prompt_tokens,
-                completion_tokens: r.usage.completion_tokens,
-            }),
-        ),
+        Event::Request(r) => ("request", json(&Finished(r))),
         Event::Audit(a) => (
             "audit",
             json(&AuditData {

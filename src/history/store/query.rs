@@ -4,7 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use crate::events::Outcome;
+use crate::events::{GpuUse, Outcome, RequestRecord, Usage};
 
 /// One `audit` row as `/admin/audit` returns it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,39 +40,13 @@ pub fn list_audit(
     rows.collect()
 }
 
-/// A `requests` row as the API returns it.
+/// A `requests` row as `/admin/history` answers it: the row id, then the
+/// writer's own [`RequestRecord`] under the same keys beside it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RequestRow {
     pub id: i64,
-    pub request_id: String,
-    pub started_at_ms: i64,
-    pub finished_at_ms: i64,
-    pub client: String,
-    pub key_name: Option<String>,
-    pub endpoint: String,
-    pub model: Option<String>,
-    pub status: u16,
-    pub outcome: Outcome,
-    pub error: Option<String>,
-    pub latency_ms: f64,
-    pub ttfb_ms: Option<f64>,
-    pub ttft_ms: Option<f64>,
-    pub prompt_tokens: Option<i64>,
-    pub completion_tokens: Option<i64>,
-    pub cached_tokens: Option<i64>,
-    pub prompt_ms: Option<f64>,
-    pub predicted_ms: Option<f64>,
-    pub prompt_per_second: Option<f64>,
-    pub predicted_per_second: Option<f64>,
-    pub streamed: bool,
-    pub request_content: Option<String>,
-    pub response_content: Option<String>,
-    pub content_truncated: bool,
-    pub queue_wait_ms: Option<f64>,
-    pub gpu: Option<u32>,
-    pub gpu_mem_before_bytes: Option<i64>,
-    pub gpu_mem_after_bytes: Option<i64>,
-    pub gpu_utilization: Option<f64>,
+    #[serde(flatten)]
+    pub record: RequestRecord,
 }
 
 const ROW_COLUMNS: &str = "id, request_id, started_at_ms, finished_at_ms, client, key_name, endpoint, model, status,
@@ -81,8 +55,7 @@ const ROW_COLUMNS: &str = "id, request_id, started_at_ms, finished_at_ms, client
     content_truncated, queue_wait_ms, gpu, gpu_mem_before_bytes, gpu_mem_after_bytes, gpu_utilization";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
-    Ok(RequestRow {
-        id: r.get(0)?,
+    let record = RequestRecord {
         request_id: r.get(1)?,
         started_at_ms: r.get(2)?,
         finished_at_ms: r.get(3)?,
@@ -96,23 +69,42 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         latency_ms: r.get(11)?,
         ttfb_ms: r.get(12)?,
         ttft_ms: r.get(13)?,
-        prompt_tokens: r.get(14)?,
-        completion_tokens: r.get(15)?,
-        cached_tokens: r.get(16)?,
-        prompt_ms: r.get(17)?,
-        predicted_ms: r.get(18)?,
-        prompt_per_second: r.get(19)?,
-        predicted_per_second: r.get(20)?,
+        usage: Usage {
+            prompt_tokens: r.get(14)?,
+            completion_tokens: r.get(15)?,
+            cached_tokens: r.get(16)?,
+            prompt_ms: r.get(17)?,
+            predicted_ms: r.get(18)?,
+            prompt_per_second: r.get(19)?,
+            predicted_per_second: r.get(20)?,
+        },
         streamed: r.get(21)?,
         request_content: r.get(22)?,
         response_content: r.get(23)?,
         content_truncated: r.get(24)?,
         queue_wait_ms: r.get(25)?,
-        gpu: r.get(26)?,
-        gpu_mem_before_bytes: r.get(27)?,
-        gpu_mem_after_bytes: r.get(28)?,
-        gpu_utilization: r.get(29)?,
+        gpu: gpu(r, 26)?,
+    };
+    Ok(RequestRow {
+        id: r.get(0)?,
+        record,
     })
+}
+
+/// The four GPU columns from `i` on; the writer sets the figures only
+/// with an index.
+fn gpu(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<GpuUse>> {
+    // Stored saturated into SQLite's i64; never negative.
+    let bytes = |b: Option<i64>| b.map(|b| u64::try_from(b).unwrap_or(0));
+    let Some(index) = r.get::<_, Option<u32>>(i)? else {
+        return Ok(None);
+    };
+    Ok(Some(GpuUse {
+        index,
+        mem_before_bytes: bytes(r.get(i + 1)?),
+        mem_after_bytes: bytes(r.get(i + 2)?),
+        utilization: r.get(i + 3)?,
+    }))
 }
 
 /// The `outcome` column as the typed [`Outcome`] the writer recorded.
@@ -312,6 +304,83 @@ mod tests {
     use crate::history::store::{open_for_writing, write_batch};
     use crate::history::{ModelEvent, ModelEventKind};
     use std::sync::Arc;
+
+    fn record(request_id: &str, gpu: Option<GpuUse>) -> RequestRecord {
+        RequestRecord {
+            request_id: request_id.into(),
+            started_at_ms: 1000,
+            finished_at_ms: 1250,
+            client: "127.0.0.1:5000".into(),
+            key_name: Some("ci".into()),
+            endpoint: "/v1/chat/completions".into(),
+            model: Some("tiny".into()),
+            status: 200,
+            outcome: Outcome::Ok,
+            error: None,
+            latency_ms: 250.5,
+            ttfb_ms: Some(10.0),
+            ttft_ms: Some(12.5),
+            usage: Usage {
+                prompt_tokens: Some(29),
+                completion_tokens: Some(2),
+                cached_tokens: None,
+                prompt_ms: Some(3.5),
+                predicted_ms: Some(4.0),
+                prompt_per_second: Some(8285.7),
+                predicted_per_second: Some(500.0),
+            },
+            streamed: true,
+            request_content: Some("hello".into()),
+            response_content: None,
+            content_truncated: false,
+            queue_wait_ms: Some(0.25),
+            gpu,
+        }
+    }
+
+    #[test]
+    fn a_stored_row_answers_under_its_column_names_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, _) = open_for_writing(&dir.path().join("h.db")).unwrap();
+        let gpu = GpuUse {
+            index: 1,
+            mem_before_bytes: Some(5 << 30),
+            mem_after_bytes: None,
+            utilization: Some(0.5),
+        };
+        let rows = [record("r1", Some(gpu)), record("r2", None)].map(Arc::new);
+        write_batch(&mut conn, &rows, &[], &[], &[]).unwrap();
+        let first = serde_json::to_value(get_request(&conn, 1).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            first,
+            serde_json::json!({
+                "id": 1, "request_id": "r1", "started_at_ms": 1000, "finished_at_ms": 1250,
+                "client": "127.0.0.1:5000", "key_name": "ci", "endpoint": "/v1/chat/completions",
+                "model": "tiny", "status": 200, "outcome": "ok", "error": null, "latency_ms": 250.5,
+                "ttfb_ms": 10.0, "ttft_ms": 12.5, "prompt_tokens": 29, "completion_tokens": 2,
+                "cached_tokens": null, "prompt_ms": 3.5, "predicted_ms": 4.0,
+                "prompt_per_second": 8285.7, "predicted_per_second": 500.0, "streamed": true,
+                "request_content": "hello", "response_content": null, "content_truncated": false,
+                "queue_wait_ms": 0.25, "gpu": 1, "gpu_mem_before_bytes": 5u64 << 30,
+                "gpu_mem_after_bytes": null, "gpu_utilization": 0.5
+            })
+        );
+        let second = serde_json::to_value(get_request(&conn, 2).unwrap().unwrap()).unwrap();
+        for key in [
+            "gpu",
+            "gpu_mem_before_bytes",
+            "gpu_mem_after_bytes",
+            "gpu_utilization",
+        ] {
+            assert!(second[key].is_null(), "{key} in {second}");
+        }
+        assert_eq!(second.as_object().unwrap().len(), 30, "{second}");
+        // The CLI reads the same type back.
+        for v in [first, second] {
+            let back: RequestRow = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(serde_json::to_value(back).unwrap(), v);
+        }
+    }
 
     #[test]
     fn percentile_is_nearest_rank() {
