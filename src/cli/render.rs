@@ -297,6 +297,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn history_reads_the_servers_rows_with_their_usage_and_errors() {
+        let row = |id: i64, outcome: &str, error: Value| {
+            serde_json::json!({
+                "id": id, "request_id": format!("r{id}"), "started_at_ms": 0, "finished_at_ms": 5,
+                "client": "127.0.0.1:1", "key_name": null, "endpoint": "/v1/completions",
+                "model": "tiny", "status": 502, "outcome": outcome, "error": error,
+                "latency_ms": 5.0, "ttfb_ms": null, "ttft_ms": 3.0, "prompt_tokens": 7,
+                "completion_tokens": null, "cached_tokens": null, "prompt_ms": null,
+                "predicted_ms": null, "prompt_per_second": null, "predicted_per_second": null,
+                "streamed": false, "request_content": null, "response_content": null,
+                "content_truncated": false, "queue_wait_ms": null, "gpu": null,
+                "gpu_mem_before_bytes": null, "gpu_mem_after_bytes": null, "gpu_utilization": null
+            })
+        };
+        let v = serde_json::json!({
+            "requests": [row(2, "upstream_error", "refused".into()), row(1, "ok", Value::Null)],
+            "next_cursor": null
+        });
+        let t = format_history(&v).unwrap();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[1].trim_start().starts_with("2 "), "{t}");
+        assert!(lines[1].contains(" upstream_error "), "{t}");
+        assert!(lines[1].ends_with(" 7/-"), "{t}");
+        assert!(lines[2].ends_with("error: refused"), "{t}");
+        assert!(lines[3].contains(" ok "), "{t}");
+    }
+
+    #[test]
     fn load_answer_reads_as_a_sentence() {
         let v = serde_json::json!({"model": "tiny", "state": "ready", "load_ms": 412});
         assert_eq!(format_load(&v).unwrap(), "tiny ready in 412 ms\n");
