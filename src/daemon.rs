@@ -123,6 +123,8 @@ fn start_and_serve(path: &Path, log_target: LogTarget) -> Result<ExitCode, ExitC
     // and capabilities are per thread, so both happen here.
     let listeners = open_listeners(path, &config, &env, &notifier)?;
     drop_privileges()?;
+    // As the daemon's own user, which must be able to read them.
+    crate::sources::apply(&mut config);
 
     // After the drop, so the writer thread holds no capabilities either.
     let (recorder, writer) = open_history(&config, &notifier)?;

@@ -50,9 +50,9 @@
 //!   server, cli
 //!     api
 //!       proxy
-//!         scheduler, metrics, auth
-//!           history, supervisor, upstream, pull, listen, logging, systemd, gpu
-//!             config, events, procfs, gguf, connector, sources, wire   (leaves)
+//!         scheduler, metrics, auth, pull
+//!           history, supervisor, upstream, sources, listen, logging, systemd, gpu
+//!             config, events, procfs, gguf, connector, wire   (leaves)
 //! ```
 
 pub mod api;
@@ -96,16 +96,16 @@ mod layout {
         ("events", 0),
         ("gguf", 0),
         ("procfs", 0),
-        ("sources", 0),
         ("history", 1),
         ("gpu", 1),
         ("supervisor", 1),
         ("upstream", 1),
-        ("pull", 1),
+        ("sources", 1),
         ("listen", 1),
         ("logging", 1),
         ("systemd", 1),
         ("scheduler", 2),
+        ("pull", 2),
         ("auth", 2),
         ("metrics", 2),
         ("proxy", 3),

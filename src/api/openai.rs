@@ -351,6 +351,7 @@ fn model_object(
         "created": created,
         "owned_by": "claracore",
         "aliases": m.aliases,
+        "source": m.source,
         "state": if state == ModelState::Starting { "loading" } else { state.as_str() },
     });
     if let Some(status) = status {

@@ -159,6 +159,15 @@ impl Bar {
                 let _ = writeln!(err, "pulling {} ({})", p.file, human(p.total));
             }
         }
+        if let Some(note) = &p.note {
+            let _ = writeln!(
+                err,
+                "{}{}: {note}",
+                if self.drawn && self.tty { "\n" } else { "" },
+                p.file
+            );
+            self.drawn = false;
+        }
         if self.tty {
             let _ = write!(err, "\r\x1b[K{}", line(p));
             self.drawn = true;
@@ -223,6 +232,7 @@ mod tests {
             total: 1_000_000_000,
             rate: 120_000_000.0,
             eta: Some(Duration::from_secs(5)),
+            note: None,
         };
         assert_eq!(
             line(&p),

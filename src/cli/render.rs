@@ -118,12 +118,16 @@ pub fn format_ps(value: &Value) -> Result<String, String> {
 /// Renders `/v1/models`.
 pub fn format_list(value: &Value) -> Result<String, String> {
     let list: ModelList = read(value, "/v1/models")?;
-    let mut out = format!("{:<24} {:<10} {}\n", "NAME", "STATE", "ALIASES");
+    let mut out = format!(
+        "{:<24} {:<10} {:<8} {}\n",
+        "NAME", "STATE", "SOURCE", "ALIASES"
+    );
     for m in &list.data {
         out.push_str(&format!(
-            "{:<24} {:<10} {}\n",
+            "{:<24} {:<10} {:<8} {}\n",
             m.id,
             m.state,
+            m.source.kind,
             m.aliases.join(", ")
         ));
     }

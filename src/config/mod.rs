@@ -33,8 +33,9 @@ pub use limits::{
 pub use listen::ListenAddr;
 pub use logging::{LogFormat, MAX_MODEL_LOG_LINES};
 pub use model::{
-    fill_placeholders, llama_http_threads, uses_socket, ChildAddr, ModelConfig,
-    CUDA_VISIBLE_DEVICES, PORT_PLACEHOLDER, SOCKET_PLACEHOLDER,
+    fill_placeholders, found_model, llama_http_threads, uses_socket, ChildAddr, FoundModel,
+    ModelConfig, ModelDefaults, ModelSource, CUDA_VISIBLE_DEVICES, PORT_PLACEHOLDER,
+    SOCKET_PLACEHOLDER,
 };
 pub use raw::{parse_duration, PRIORITY_RANGE};
 
@@ -163,6 +164,12 @@ pub struct Config {
     pub dashboard: DashboardConfig,
     pub gpu: GpuConfig,
     pub models: Vec<ModelConfig>,
+    /// `models_dir`: folders whose every GGUF is a model.
+    pub models_dirs: Vec<PathBuf>,
+    /// `ollama_models`: an Ollama store served in place.
+    pub ollama_models: Option<PathBuf>,
+    /// `[models_defaults]`, for the models those two hold.
+    pub models_defaults: ModelDefaults,
     /// The private (0700) directory for the children's unix sockets. Not a
     /// key of the file: the daemon's bootstrap creates the directory and
     /// sets this; `None` (a config only parsed) starts no socket child.
@@ -223,6 +230,19 @@ impl Config {
         let auth = auth::validate_auth(&src, &raw.auth, &listen, &models)?;
         let dashboard = dashboard::validate_dashboard(&src, &raw.dashboard)?;
         let gpu = gpu::validate_gpu(&src, &raw.gpu)?;
+        let models_defaults = model::validate_defaults(&src, &raw.models_defaults)?;
+        let models_dirs = match &raw.models_dir {
+            None => Vec::new(),
+            Some(dirs) => {
+                let paths = dirs.get_ref().paths();
+                if let Some(bad) = paths.iter().find(|d| !d.starts_with('/')) {
+                    let msg = format!("models_dir: {bad:?} must be an absolute path");
+                    return Err(src.error(dirs, msg));
+                }
+                paths
+            }
+        };
+        let ollama_models = raw.ollama_models.as_ref().map(PathBuf::from);
         Ok(Config {
             source: path.to_path_buf(),
             listen,
@@ -239,6 +259,9 @@ impl Config {
             dashboard,
             gpu,
             models,
+            models_dirs: models_dirs.into_iter().map(PathBuf::from).collect(),
+            ollama_models,
+            models_defaults,
             runtime_dir: None,
         })
     }

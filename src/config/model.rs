@@ -66,10 +66,79 @@ impl fmt::Display for ChildAddr {
     }
 }
 
+/// Where a model's definition came from, shown by `list`, `/v1/models`,
+/// `/api/tags` and the dashboard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A `[models.NAME]` table.
+    #[default]
+    Config,
+    /// A GGUF file found in a models folder.
+    Folder { dir: PathBuf },
+    /// A file `claracore pull` placed in a models folder, with what it was
+    /// pulled from.
+    Pulled {
+        dir: PathBuf,
+        repo: String,
+        revision: String,
+        file: String,
+    },
+    /// A model in an Ollama store, served read-only in place.
+    #[serde(rename = "ollama")]
+    OllamaStore { manifest: PathBuf },
+}
+
+impl ModelSource {
+    /// One word for tables: `config`, `folder`, `pulled`, `ollama`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSource::Config => "config",
+            ModelSource::Folder { .. } => "folder",
+            ModelSource::Pulled { .. } => "pulled",
+            ModelSource::OllamaStore { .. } => "ollama",
+        }
+    }
+
+    /// Whether `claracore rm` may delete the model's file: only files in a
+    /// models folder are ours to remove.
+    pub fn removable(&self) -> bool {
+        matches!(
+            self,
+            ModelSource::Folder { .. } | ModelSource::Pulled { .. }
+        )
+    }
+}
+
+/// `[models_defaults]`: what models found in a models folder or an Ollama
+/// store get, since they have no table of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelDefaults {
+    /// llama-server arguments, after the source's own (an Ollama store's
+    /// `num_ctx`, say), so these win.
+    pub args: Vec<String>,
+    /// `None`: the scheduler's `idle_ttl`.
+    pub ttl: Option<Option<Duration>>,
+    pub group: Option<String>,
+}
+
+/// A model found on disk, as the config takes it.
+#[derive(Debug, Clone)]
+pub struct FoundModel {
+    pub name: String,
+    pub model: PathBuf,
+    pub mmproj: Option<PathBuf>,
+    /// Arguments its source asks for.
+    pub args: Vec<String>,
+    pub source: ModelSource,
+}
+
 /// One configured model.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub name: String,
+    /// Where it was defined.
+    pub source: ModelSource,
     /// argv with [`SOCKET_PLACEHOLDER`] where the unix socket's path goes
     /// and/or [`PORT_PLACEHOLDER`] where a loopback port goes.
     pub argv: Vec<String>,
@@ -266,6 +335,7 @@ fn validate_model(
     let priority = src.priority(&format!("{key}.priority"), raw.priority.as_ref())?;
     Ok(ModelConfig {
         name: name.get_ref().clone(),
+        source: ModelSource::Config,
         argv,
         model_path,
         aliases: raw.aliases.iter().map(|a| a.get_ref().clone()).collect(),
@@ -283,6 +353,56 @@ fn validate_model(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+    })
+}
+
+/// The model for a file found on disk: launched as a `model` table with
+/// the defaults' arguments would be.
+pub fn found_model(
+    found: FoundModel,
+    defaults: &ModelDefaults,
+    llama_server: &Path,
+    scheduler: &SchedulerConfig,
+) -> ModelConfig {
+    let mut args = found.args;
+    if let Some(mmproj) = &found.mmproj {
+        args.extend(["--mmproj".to_string(), mmproj.display().to_string()]);
+    }
+    args.extend(defaults.args.iter().cloned());
+    let limit = default_max_connections(&args);
+    let path = found.model.display().to_string();
+    ModelConfig {
+        argv: llama_argv(llama_server, &path, &found.name, limit, args),
+        name: found.name,
+        source: found.source,
+        model_path: Some(found.model),
+        aliases: Vec::new(),
+        ttl: defaults.ttl.unwrap_or(scheduler.idle_ttl),
+        group: defaults.group.clone(),
+        preload: false,
+        pin: false,
+        health: DEFAULT_HEALTH_PATH.to_string(),
+        env: Vec::new(),
+        max_connections: Some(limit),
+        vram_bytes: None,
+        gpus: None,
+        priority: 0,
+    }
+}
+
+/// `[models_defaults]`.
+pub(super) fn validate_defaults(
+    src: &Source<'_>,
+    raw: &super::raw::RawModelsDefaults,
+) -> Result<ModelDefaults, ConfigError> {
+    let ttl = match &raw.ttl {
+        None => None,
+        Some(v) => Some(src.optional_duration("models_defaults.ttl", v)?),
+    };
+    Ok(ModelDefaults {
+        args: raw.args.clone(),
+        ttl,
+        group: raw.group.clone(),
     })
 }
 

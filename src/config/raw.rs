@@ -44,6 +44,36 @@ pub(super) struct RawConfig {
     pub(super) gpu: RawGpu,
     #[serde(default)]
     pub(super) models: BTreeMap<Spanned<String>, Spanned<RawModel>>,
+    pub(super) models_dir: Option<Spanned<OneOrMany>>,
+    pub(super) ollama_models: Option<String>,
+    #[serde(default)]
+    pub(super) models_defaults: RawModelsDefaults,
+}
+
+/// A path or a list of paths.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn paths(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(p) => vec![p.clone()],
+            OneOrMany::Many(ps) => ps.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawModelsDefaults {
+    #[serde(default)]
+    pub(super) args: Vec<String>,
+    pub(super) ttl: Option<Spanned<String>>,
+    pub(super) group: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

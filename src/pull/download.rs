@@ -95,7 +95,11 @@ pub async fn fetch(
             Err(e) if e.is_transient() && attempt + 1 < ATTEMPTS => {
                 attempt += 1;
                 let wait = Duration::from_secs(1 << attempt.min(4));
-                tracing::warn!(file = %t.label, %e, "download interrupted at {have} bytes; resuming in {wait:?}");
+                let note = format!("{e}; resuming from byte {have} in {wait:?}");
+                tracing::warn!(file = %t.label, "{note}");
+                let mut p = meter.report(&t.label, have, t.size);
+                p.note = Some(note);
+                progress(p);
                 tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e),
@@ -126,13 +130,8 @@ async fn stream_once(
     meter: &mut Meter,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Step, PullError> {
-    let (resp, _) = client.get(t.url.clone(), Some(*have)).await?;
+    let (resp, commit) = client.get(t.url.clone(), Some(*have)).await?;
     let status = resp.status();
-    let commit = resp
-        .headers()
-        .get("x-repo-commit")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     match status {
         StatusCode::PARTIAL_CONTENT => check_range(&resp, *have)?,
         StatusCode::OK if *have > 0 => return Ok(Step::Restart),
@@ -338,6 +337,7 @@ impl Meter {
             total,
             rate,
             eta,
+            note: None,
         }
     }
 }

@@ -48,13 +48,15 @@ impl HubClient {
     }
 
     /// GETs `uri`, following redirects; `range_from` asks for the bytes
-    /// from that offset on. Returns the final response and its URI.
+    /// from that offset on. Returns the final response and the commit id
+    /// the hub named on the way (`X-Repo-Commit`, on its redirect).
     pub async fn get(
         &self,
         uri: Uri,
         range_from: Option<u64>,
-    ) -> Result<(Response<Incoming>, Uri), PullError> {
+    ) -> Result<(Response<Incoming>, Option<String>), PullError> {
         let mut uri = uri;
+        let mut commit = None;
         for _ in 0..=MAX_REDIRECTS {
             let mut req = Request::get(uri.clone())
                 .header(USER_AGENT, concat!("claracore/", env!("CARGO_PKG_VERSION")));
@@ -71,8 +73,14 @@ impl HubClient {
                 .await
                 .map_err(|_| PullError::Network(format!("{uri}: no answer in {HEAD_TIMEOUT:?}")))?
                 .map_err(|e| PullError::Network(format!("{uri}: {}", chain(&e))))?;
+            commit = commit.or_else(|| {
+                resp.headers()
+                    .get("x-repo-commit")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            });
             if !resp.status().is_redirection() {
-                return Ok((resp, uri));
+                return Ok((resp, commit));
             }
             uri = redirect_target(&uri, &resp)?;
         }

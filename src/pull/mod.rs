@@ -51,6 +51,10 @@ pub struct Progress {
     pub rate: f64,
     #[serde(with = "opt_secs")]
     pub eta: Option<Duration>,
+    /// Something the person waiting should know (a dropped connection and
+    /// the resume that follows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 mod opt_secs {

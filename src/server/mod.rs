@@ -15,6 +15,7 @@
 
 mod accept;
 mod connections;
+mod folders;
 mod housekeeping;
 mod reload;
 
@@ -102,8 +103,16 @@ pub async fn serve(
         systemd.watchdog,
     );
 
-    while let Some(Control::Reload) = control.recv().await {
-        reload::reload(&state, &notifier, &systemd.config_path, &reload_error).await;
+    let mut folder_changes = folders::start(&config.models_dirs);
+    loop {
+        let by = tokio::select! {
+            c = control.recv() => match c {
+                Some(Control::Reload) => reload::By::Signal,
+                Some(Control::Shutdown) | None => break,
+            },
+            Some(()) = folders::next_change(&mut folder_changes) => reload::By::ModelsFolder,
+        };
+        reload::reload(&state, &notifier, &systemd.config_path, &reload_error, by).await;
         conns.set_cap(connection_cap(&state.config(), fd_limit));
     }
 

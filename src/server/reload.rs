@@ -19,19 +19,40 @@ use crate::systemd::{Notifier, NotifyState};
 /// How often STATUS= is refreshed when something changed.
 const STATUS_PERIOD: Duration = Duration::from_secs(1);
 
-/// Re-reads the config and applies it; a bad file leaves the old config in
-/// force and says why in the log and in STATUS=.
+/// What asked for a reload, for the log and the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum By {
+    /// SIGHUP (`systemctl reload`).
+    Signal,
+    /// A change in a models folder.
+    ModelsFolder,
+}
+
+impl By {
+    fn actor(self) -> &'static str {
+        match self {
+            By::Signal => "signal:SIGHUP",
+            By::ModelsFolder => "models-folder",
+        }
+    }
+}
+
+/// Re-reads the config (and the models folders and store it names) and
+/// applies it; a bad file leaves the old config in force and says why in
+/// the log and in STATUS=.
 pub(super) async fn reload(
     state: &AppState,
     notifier: &Notifier,
     path: &std::path::Path,
     reload_error: &std::sync::Mutex<Option<String>>,
+    by: By,
 ) {
     let monotonic = NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0));
     notifier.notify(&[NotifyState::Reloading, monotonic]);
-    tracing::info!(config = %path.display(), "reloading configuration");
+    tracing::info!(config = %path.display(), by = by.actor(), "reloading configuration");
     let outcome = match Config::load(path) {
-        Ok(new) => {
+        Ok(mut new) => {
+            crate::sources::apply(&mut new);
             let old = state.config();
             if old.listeners_differ(&new) {
                 tracing::warn!(
@@ -75,7 +96,7 @@ pub(super) async fn reload(
     };
     api::audit(
         state,
-        "signal:SIGHUP".into(),
+        by.actor().into(),
         crate::events::AuditAction::Reload,
         Some(&path.display().to_string()),
         outcome.as_deref().unwrap_or("ok"),

@@ -3,6 +3,9 @@
 //! ([`ollama`]), and the Hugging Face references `claracore pull` takes
 //! ([`hf`]).
 //!
+//! [`apply`] adds what a config's folders and store hold to its models, at
+//! start and on every reload (a folder change triggers one).
+//!
 //! These are pure readers over the filesystem (and, for [`hf`], over a
 //! listing already fetched): they say what is there and why anything was
 //! left out, and never start, stop or download anything. The daemon turns
@@ -12,48 +15,13 @@ pub mod folder;
 pub mod hf;
 pub mod ollama;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use crate::config::{found_model, Config, FoundModel};
 
-/// Where one model's definition came from, shown by `list`, `/v1/models`,
-/// `/api/tags` and the dashboard.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Source {
-    /// A `[models.NAME]` table.
-    Config,
-    /// A GGUF file found in a models folder.
-    Folder { dir: PathBuf },
-    /// A file `claracore pull` placed in a models folder, with what it
-    /// was pulled from.
-    Pulled {
-        dir: PathBuf,
-        repo: String,
-        revision: String,
-        file: String,
-    },
-    /// A model in an Ollama store, served read-only in place.
-    OllamaStore { manifest: PathBuf },
-}
-
-impl Source {
-    /// One word for tables: `config`, `folder`, `pulled`, `ollama`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Source::Config => "config",
-            Source::Folder { .. } => "folder",
-            Source::Pulled { .. } => "pulled",
-            Source::OllamaStore { .. } => "ollama",
-        }
-    }
-
-    /// Whether `claracore rm` may delete the model's file: only files in a
-    /// models folder are ours to remove.
-    pub fn removable(&self) -> bool {
-        matches!(self, Source::Folder { .. } | Source::Pulled { .. })
-    }
-}
+/// Where a model came from (the config's type, so every model carries it).
+pub use crate::config::ModelSource as Source;
 
 /// A model found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +86,56 @@ impl Scan {
             }
         }
     }
+}
+
+/// Adds the models of `config`'s models folders and Ollama store to its
+/// `[models.NAME]` tables (a table's name or alias wins over a found model
+/// of that name), sorted by name; returns what was left out, and why.
+pub fn apply(config: &mut Config) -> Vec<Skipped> {
+    if config.models_dirs.is_empty() && config.ollama_models.is_none() {
+        return Vec::new();
+    }
+    let mut scan = folder::scan(&config.models_dirs);
+    if let Some(store) = &config.ollama_models {
+        scan.merge(ollama::scan(store));
+    }
+    let taken: HashSet<String> = config
+        .models
+        .iter()
+        .flat_map(|m| std::iter::once(m.name.clone()).chain(m.aliases.iter().cloned()))
+        .collect();
+    for found in scan.models {
+        if taken.contains(&found.name) {
+            let why = format!("the name {:?} is taken by a [models] table", found.name);
+            scan.skipped.push(Skipped {
+                path: found.model,
+                why,
+            });
+            continue;
+        }
+        for note in &found.notes {
+            tracing::info!(model = %found.name, "{note}");
+        }
+        let found = FoundModel {
+            name: found.name,
+            model: found.model,
+            mmproj: found.mmproj,
+            args: found.args,
+            source: found.source,
+        };
+        let model = found_model(
+            found,
+            &config.models_defaults,
+            &config.llama_server,
+            &config.scheduler,
+        );
+        config.models.push(model);
+    }
+    config.models.sort_by(|a, b| a.name.cmp(&b.name));
+    for s in &scan.skipped {
+        tracing::warn!(path = %s.path.display(), "not served: {}", s.why);
+    }
+    scan.skipped
 }
 
 /// The four bytes every GGUF file starts with.

@@ -409,6 +409,24 @@ pub struct ModelEntry {
     #[serde(default)]
     pub aliases: Vec<String>,
     pub state: String,
+    /// Where it was defined (absent from older daemons: `config`).
+    #[serde(default)]
+    pub source: SourceKind,
+}
+
+/// The `kind` of a model's `source` object (`config`, `folder`, `pulled`,
+/// `ollama`); the rest of the object is for JSON readers.
+#[derive(Debug, Deserialize)]
+pub struct SourceKind {
+    pub kind: String,
+}
+
+impl Default for SourceKind {
+    fn default() -> SourceKind {
+        SourceKind {
+            kind: "config".into(),
+        }
+    }
 }
 
 /// `POST /v1/embeddings`' answer.

@@ -99,6 +99,10 @@
 //!   download, a gated repository, unknown names, a lying hash, traversal
 //!   names, planted links, a non-GGUF file, a full disk; the pulled file
 //!   served by the real llama-server.
+//! - `sources.rs`: a watched models folder (a GGUF copied in is served,
+//!   removed is withdrawn, no reload) and an Ollama store served in place
+//!   (names, params in the argv, a corrupt manifest skipped), on the real
+//!   llama-server.
 //! - `queue.rs`: the queue against the real llama-server: 200 requests
 //!   from 5 clients on model A and 5 on B with `max_loaded = 1` (the starts
 //!   with grouping on and off, printed; at most 12 with it), a priority key
@@ -182,4 +186,5 @@ mod pull;
 mod queue;
 mod run;
 mod sockets;
+mod sources;
 mod systemd;

@@ -148,6 +148,7 @@ pub async fn tags(ctx: &Ctx<'_>) -> Response<BoxBody> {
                 "size": info.size,
                 "digest": info.digest,
                 "details": details(&info),
+                "source": m.source,
             })
         })
         .collect();
