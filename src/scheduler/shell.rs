@@ -290,7 +290,7 @@ impl Shell {
                     let bytes = std::fs::metadata(&path).ok().and_then(|meta| {
                         crate::gguf::read(&path)
                             .ok()
-                            .map(|h| crate::gguf::vram_estimate(&h, meta.len(), &argv))
+                            .map(|h| super::vram_estimate(&h, meta.len(), &argv))
                     });
                     let _ = tx.send(Msg::Estimated {
                         model: model.to_string(),

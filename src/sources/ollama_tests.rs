@@ -89,11 +89,7 @@ fn params_projector_template_and_system_are_taken_or_noted() {
     let m = &scan.models[0];
     assert_eq!(m.name, "vision:latest");
     assert_eq!(m.args, ["-c", "8192", "--temp", "0.6"]);
-    assert!(m
-        .mmproj
-        .as_ref()
-        .unwrap()
-        .ends_with(proj.replace(':', "-")));
+    assert!(m.mmproj.as_ref().unwrap().ends_with(proj.replace(':', "-")));
     let notes = m.notes.join("\n");
     assert!(notes.contains("stop words"), "{notes}");
     assert!(
