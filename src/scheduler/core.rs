@@ -99,17 +99,30 @@ impl Core {
 
     /// The first effects: every model's GGUF estimate and state.
     pub(crate) fn start(&mut self) -> Vec<Effect> {
-        for (name, slot) in &mut self.slots {
-            match &slot.config.model_path {
-                Some(path) => self.effects.push(Effect::Estimate {
+        let names: Vec<Arc<str>> = self.slots.keys().cloned().collect();
+        for name in names {
+            self.ask_estimate(&name);
+        }
+        self.finish()
+    }
+
+    /// Asks for `name`'s GGUF estimate (placement waits for it where it
+    /// is the only need known); a `cmd` model has none.
+    pub(super) fn ask_estimate(&mut self, name: &Arc<str>) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        match &slot.config.model_path {
+            Some(path) => {
+                slot.estimate = None;
+                self.effects.push(Effect::Estimate {
                     model: name.clone(),
                     path: path.clone(),
                     argv: slot.config.argv.clone(),
-                }),
-                None => slot.estimate = Some(None),
+                });
             }
+            None => slot.estimate = Some(None),
         }
-        self.finish()
     }
 
     /// Publishes what changed (unless a gate report is awaited) and hands
@@ -1292,5 +1305,60 @@ mod tests {
         assert!(!h.core.shut_down());
         h.exit("a", ExitReason::Stopped, 3.0);
         assert!(h.core.shut_down());
+    }
+
+    /// The models whose GGUF estimate `effects` ask for, with the file.
+    fn estimates_asked(effects: &[Effect]) -> Vec<(String, std::path::PathBuf)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Estimate { model, path, .. } => Some((model.to_string(), path.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_model_added_by_a_reload_has_its_gguf_estimate_read_and_placed_by_it() {
+        let gpus = [(0, 8000, 500)];
+        let mut h = Harness::with_reading(GPU_MODELS, reading(&gpus, &[]));
+        let added = config(&format!(
+            "{GPU_MODELS}[models.g]\nmodel = \"/models/g.gguf\"\n"
+        ));
+        let now = h.at(1.0);
+        let effects = h
+            .core
+            .reconfigure(added.scheduler.clone(), added.models.clone(), now);
+        let effects = h.run(effects, now);
+        assert_eq!(
+            estimates_asked(&effects),
+            [("g".to_string(), "/models/g.gguf".into())]
+        );
+        // No `vram_mb`, no past run: its estimate is its only need.
+        h.acquire("g", 2.0);
+        let effects = h.reading(reading(&gpus, &[]), 2.1);
+        assert!(spawned(&effects).is_empty(), "waits for its estimate");
+        let now = h.at(2.2);
+        let effects = h.core.estimated("g", Some(2000 * MB), now);
+        let effects = h.run(effects, now);
+        assert_eq!(spawned(&effects), ["g"]);
+        assert_eq!(
+            env_of(&effects, "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("0")
+        );
+        // A reload that changes its arguments asks again; one that
+        // changes nothing of its launch does not.
+        let changed = config(&format!(
+            "{GPU_MODELS}[models.g]\nmodel = \"/models/g.gguf\"\nargs = [\"-c\", \"8192\"]\n"
+        ));
+        let now = h.at(3.0);
+        let effects = h
+            .core
+            .reconfigure(changed.scheduler.clone(), changed.models.clone(), now);
+        assert_eq!(estimates_asked(&h.run(effects, now)).len(), 1);
+        let effects = h
+            .core
+            .reconfigure(changed.scheduler.clone(), changed.models.clone(), now);
+        assert!(estimates_asked(&h.run(effects, now)).is_empty());
     }
 }
