@@ -60,6 +60,9 @@ pub(super) fn spawn(
         bus,
         spawner,
     };
+    if shell.gpus.present() {
+        shell.core.expect_readings(std_now());
+    }
     let first = shell.core.start();
     shell.perform(first);
     tokio::spawn(shell.run(rx, events_rx, readings));
