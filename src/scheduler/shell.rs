@@ -1329,7 +1329,7 @@ mod tests {
             "waits for a reading taken after it asked"
         );
         tx.send_replace(reading(&[(0, 8000, 4000), (1, 8000, 500)], &[]));
-        until("1 starts", || fake.started().len() >= 1).await;
+        until("a start", || !fake.started().is_empty()).await;
         assert_eq!(fake.started(), ["a"]);
         assert_eq!(
             fake.env_of("a", "CUDA_VISIBLE_DEVICES").as_deref(),
@@ -1364,7 +1364,7 @@ mod tests {
         settle().await;
         // A reading taken as a went still lists it: not one to place by.
         tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
-        until("1 starts", || fake.started().len() >= 1).await;
+        until("a start", || !fake.started().is_empty()).await;
         assert_eq!(fake.started(), ["a"], "nor a failure: b waits");
         assert_eq!(status_of(&s, "b").await.state, ModelState::Starting);
         tx.send_replace(reading(&gpus, &[]));
