@@ -34,8 +34,8 @@
 //! The parts: `reader` decodes GGUF's primitives and typed values under
 //! the caps below; `header` parses the header into a [`Header`];
 //! [`names`] holds the metadata keys and the names of file and tensor
-//! types; `cache` holds [`Digests`] and [`Headers`]; `estimate` turns
-//! a header into a first GPU memory figure.
+//! types; `cache` holds [`Digests`] and [`Headers`]. (The GPU memory
+//! estimate made from a header is the scheduler's.)
 //!
 //! A leaf: no `crate::` imports.
 
@@ -44,15 +44,13 @@ use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 
 mod cache;
-mod estimate;
 mod header;
 pub mod names;
 mod reader;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use cache::{Digests, Headers};
-pub use estimate::{vram_estimate, GPU_OVERHEAD_BYTES};
 pub use header::{Header, TensorInfo};
 pub use names::{file_type_name, ggml_type_name, human_number};
 pub use reader::{Array, Value, ValueType};

@@ -1,5 +1,6 @@
 //! GGUF bytes written by hand, field by field as the spec lays them out,
-//! for the reader's, the header's, the estimate's and the caches' tests.
+//! for the reader's, the header's and the caches' tests, and the
+//! scheduler's estimate's.
 
 use std::path::Path;
 

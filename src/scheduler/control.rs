@@ -171,12 +171,17 @@ impl Core {
             tracing::info!(model = %name, "model added by reload");
             let preload = config.preload && !self.shutting_down;
             self.slots.insert(name.clone(), Slot::new(config, now));
+            // Without it, a model whose only need is its GGUF's would wait
+            // for it forever once GPU readings exist.
+            self.ask_estimate(&name);
             if preload {
                 self.begin_preload(&name, now);
             }
             return;
         };
         let restart = slot.config.launch_differs(&config) && slot.has_child;
+        let estimate_differs =
+            slot.config.model_path != config.model_path || slot.config.argv != config.argv;
         let newly_preloaded = config.preload && !slot.config.preload;
         if slot.config.ttl != config.ttl {
             slot.keep_alive = None;
@@ -184,6 +189,9 @@ impl Core {
         slot.config = config;
         slot.removed = false;
         let preload = slot.config.preload;
+        if estimate_differs {
+            self.ask_estimate(&name);
+        }
         if restart {
             tracing::info!(model = %name, "model changed by reload; restarting it once idle");
             self.retire(&name, StopReason::Reload, Close::Now);

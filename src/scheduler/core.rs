@@ -86,6 +86,7 @@ impl Core {
                 snapshot: reading.snapshot,
                 count: 0,
                 gone: Vec::new(),
+                first_due: None,
             },
             next_instance: 1,
             next_progress: now,
@@ -99,17 +100,39 @@ impl Core {
 
     /// The first effects: every model's GGUF estimate and state.
     pub(crate) fn start(&mut self) -> Vec<Effect> {
-        for (name, slot) in &mut self.slots {
-            match &slot.config.model_path {
-                Some(path) => self.effects.push(Effect::Estimate {
+        let names: Vec<Arc<str>> = self.slots.keys().cloned().collect();
+        for name in names {
+            self.ask_estimate(&name);
+        }
+        self.finish()
+    }
+
+    /// Asks for `name`'s GGUF estimate (placement waits for it where it
+    /// is the only need known); a `cmd` model has none.
+    pub(super) fn ask_estimate(&mut self, name: &Arc<str>) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        match &slot.config.model_path {
+            Some(path) => {
+                slot.estimate = None;
+                self.effects.push(Effect::Estimate {
                     model: name.clone(),
                     path: path.clone(),
                     argv: slot.config.argv.clone(),
-                }),
-                None => slot.estimate = Some(None),
+                });
             }
+            None => slot.estimate = Some(None),
         }
-        self.finish()
+    }
+
+    /// GPU readings are coming (NVML loaded): with none yet, nothing is
+    /// placed until the first arrives, for [`placement::FIRST_READING_AT_MOST`]
+    /// at most.
+    pub(crate) fn expect_readings(&mut self, now: Instant) {
+        if !self.gpus.present() {
+            self.gpus.first_due = Some(now + placement::FIRST_READING_AT_MOST);
+        }
     }
 
     /// Publishes what changed (unless a gate report is awaited) and hands
@@ -135,7 +158,10 @@ impl Core {
             .any(|s| s.phase == Phase::Starting)
             .then_some(self.next_progress);
         let swap = self.swap_due.filter(|_| !self.shutting_down);
-        [ttl, progress, swap].into_iter().flatten().min()
+        [ttl, progress, swap, self.gpus.first_due]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Does what is due at `now`: progress, idle TTLs, a held-back swap.
@@ -145,7 +171,16 @@ impl Core {
             self.emit_progress(now);
         }
         self.expire_idle(now);
-        if self.swap_due.is_some_and(|d| d <= now) {
+        let mut replan = self.swap_due.is_some_and(|d| d <= now);
+        if self.gpus.first_due.is_some_and(|d| d <= now) {
+            tracing::warn!(
+                waited_s = placement::FIRST_READING_AT_MOST.as_secs(),
+                "no GPU reading yet; starting models without placing them on a GPU"
+            );
+            self.gpus.first_due = None;
+            replan = true;
+        }
+        if replan {
             self.reconcile(now);
         }
         self.finish()
@@ -374,7 +409,7 @@ impl Core {
             slot.pending_since = now;
             slot.pending_reading = fresh;
         }
-        if self.gpus.present() {
+        if self.gpus.expected() {
             self.effects.push(Effect::RefreshGpus);
         }
     }
@@ -1292,5 +1327,118 @@ mod tests {
         assert!(!h.core.shut_down());
         h.exit("a", ExitReason::Stopped, 3.0);
         assert!(h.core.shut_down());
+    }
+
+    /// The models whose GGUF estimate `effects` ask for, with the file.
+    fn estimates_asked(effects: &[Effect]) -> Vec<(String, std::path::PathBuf)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Estimate { model, path, .. } => Some((model.to_string(), path.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_model_added_by_a_reload_has_its_gguf_estimate_read_and_placed_by_it() {
+        let gpus = [(0, 8000, 500)];
+        let mut h = Harness::with_reading(GPU_MODELS, reading(&gpus, &[]));
+        let added = config(&format!(
+            "{GPU_MODELS}[models.g]\nmodel = \"/models/g.gguf\"\n"
+        ));
+        let now = h.at(1.0);
+        let effects = h
+            .core
+            .reconfigure(added.scheduler.clone(), added.models.clone(), now);
+        let effects = h.run(effects, now);
+        assert_eq!(
+            estimates_asked(&effects),
+            [("g".to_string(), "/models/g.gguf".into())]
+        );
+        // No `vram_mb`, no past run: its estimate is its only need.
+        h.acquire("g", 2.0);
+        let effects = h.reading(reading(&gpus, &[]), 2.1);
+        assert!(spawned(&effects).is_empty(), "waits for its estimate");
+        let now = h.at(2.2);
+        let effects = h.core.estimated("g", Some(2000 * MB), now);
+        let effects = h.run(effects, now);
+        assert_eq!(spawned(&effects), ["g"]);
+        assert_eq!(
+            env_of(&effects, "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("0")
+        );
+        // A reload that changes its arguments asks again; one that
+        // changes nothing of its launch does not.
+        let changed = config(&format!(
+            "{GPU_MODELS}[models.g]\nmodel = \"/models/g.gguf\"\nargs = [\"-c\", \"8192\"]\n"
+        ));
+        let now = h.at(3.0);
+        let effects = h
+            .core
+            .reconfigure(changed.scheduler.clone(), changed.models.clone(), now);
+        assert_eq!(estimates_asked(&h.run(effects, now)).len(), 1);
+        let effects = h
+            .core
+            .reconfigure(changed.scheduler.clone(), changed.models.clone(), now);
+        assert!(estimates_asked(&h.run(effects, now)).is_empty());
+    }
+
+    /// Models with a need learned from history only, as after a restart.
+    const LEARNED: &str =
+        "[models.m]\ncmd = [\"m\", \"{port}\"]\n[models.n]\ncmd = [\"n\", \"{port}\"]\n";
+
+    /// A core whose GPU readings are expected but has none yet (the
+    /// sampler's first is under way), `m` having needed 3000 MiB before.
+    fn restarted() -> Harness {
+        let mut h = Harness::new(LEARNED);
+        h.core.expect_readings(h.t0);
+        let effects = h
+            .core
+            .seed_vram(HashMap::from([("m".to_string(), vec![3000 * MB])]));
+        h.run(effects, h.t0);
+        h
+    }
+
+    fn gate_gpu(effects: &[Effect]) -> Option<Option<u32>> {
+        effects.iter().find_map(|e| match e {
+            Effect::OpenGate { gpu, .. } => Some(*gpu),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn before_the_first_gpu_reading_a_start_waits_for_it_and_is_placed_by_it() {
+        let mut h = restarted();
+        let (_, effects) = h.acquire("m", 0.1);
+        assert!(spawned(&effects).is_empty(), "not started unplaced");
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::RefreshGpus)),
+            "a reading is asked for"
+        );
+        let effects = h.reading(reading(&[(0, 8000, 500)], &[]), 0.2);
+        assert_eq!(spawned(&effects), ["m"]);
+        assert_eq!(
+            env_of(&effects, "CUDA_VISIBLE_DEVICES").as_deref(),
+            Some("0")
+        );
+        // Its gate, and so its first request's history row, knows the GPU.
+        assert_eq!(gate_gpu(&h.ready("m", 101, 1.0)), Some(Some(0)));
+    }
+
+    #[test]
+    fn without_any_gpu_reading_a_start_waits_only_so_long() {
+        let mut h = restarted();
+        h.acquire("m", 0.1);
+        let bound = super::placement::FIRST_READING_AT_MOST.as_secs_f64();
+        assert_eq!(h.core.next_deadline(), Some(h.at(bound)));
+        assert!(spawned(&h.tick(bound - 0.1)).is_empty());
+        let effects = h.tick(bound);
+        assert_eq!(spawned(&effects), ["m"], "started unplaced after all");
+        assert_eq!(env_of(&effects, "CUDA_VISIBLE_DEVICES"), None);
+        assert_eq!(
+            h.core.next_deadline(),
+            Some(h.at(bound) + super::PROGRESS_PERIOD)
+        );
     }
 }

@@ -91,7 +91,8 @@
 //!   reload, shutdown.
 //! - [`slot`]: one model's state; [`queue`]: waiters, turn order, the
 //!   fairness bound and `max_queue`; [`placement`]: the planner's inputs
-//!   from the slots, and GPU readings.
+//!   from the slots, and GPU readings; [`estimate`]: a model's GGUF
+//!   estimate of GPU memory, for placement before its first run.
 //! - [`planner`]: pure eviction (groups, `max_loaded`) and GPU placement.
 //! - [`shell`]: the run loop, performing effects through a [`Spawner`],
 //!   the gates, the bus and the GPU sampler.
@@ -100,6 +101,7 @@
 mod control;
 mod core;
 mod effect;
+mod estimate;
 mod gate;
 mod placement;
 pub mod planner;
@@ -124,6 +126,7 @@ pub use crate::events::ModelState;
 use crate::gpu::Gpus;
 use crate::supervisor::{ModelLogs, Processes, Spawner, StartFailure};
 use crate::upstream::Upstream;
+pub use estimate::{vram_estimate, GPU_OVERHEAD_BYTES};
 use gate::{Gate, Gates};
 use queue::WaiterId;
 pub use slot::VramSource;

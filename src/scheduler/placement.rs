@@ -27,6 +27,9 @@ use crate::gpu::Snapshot;
 /// before placement stops waiting for it to vanish (a process the driver
 /// keeps listing, say).
 const GONE_LISTED_AT_MOST: Duration = Duration::from_secs(10);
+/// How long placement waits for the sampler's first reading (it samples
+/// at once on start) before starting models unplaced.
+pub(super) const FIRST_READING_AT_MOST: Duration = Duration::from_secs(5);
 
 /// What the core does for one pending model.
 #[derive(Debug)]
@@ -61,12 +64,22 @@ pub(super) struct GpuView {
     /// memory shows in readings (one may have been under way as they
     /// went) until one no longer lists them, so placement waits for that.
     pub(super) gone: Vec<(u32, Instant)>,
+    /// GPU readings are expected (NVML loaded) but none has come yet:
+    /// nothing is placed until the first, or until then at most. A model
+    /// started before it would go unplaced, its GPU unknown to its gate
+    /// (and so to its first requests' history rows) until measured.
+    pub(super) first_due: Option<Instant>,
 }
 
 impl GpuView {
     /// Whether GPU readings exist (and so are worth refreshing).
     pub(super) fn present(&self) -> bool {
         self.snapshot.is_some()
+    }
+
+    /// Whether readings exist or the first is awaited: worth a refresh.
+    pub(super) fn expected(&self) -> bool {
+        self.present() || self.first_due.is_some()
     }
 
     /// A child (`pid`) went away: placement waits until a reading no
@@ -91,6 +104,7 @@ impl GpuView {
         out: &mut Vec<Effect>,
     ) {
         self.count += 1;
+        self.first_due = None;
         self.snapshot = reading.snapshot;
         let Some(snap) = self.snapshot.clone() else {
             return;
@@ -190,6 +204,9 @@ pub(super) fn placement(
     name: &Arc<str>,
     reserve: u64,
 ) -> Decision {
+    if gpus.snapshot.is_none() && gpus.first_due.is_some() {
+        return Decision::Evict(Vec::new());
+    }
     let (Some(snap), Some(slot)) = (&gpus.snapshot, slots.get(name)) else {
         return Decision::Start;
     };

@@ -60,6 +60,9 @@ pub(super) fn spawn(
         bus,
         spawner,
     };
+    if shell.gpus.present() {
+        shell.core.expect_readings(std_now());
+    }
     let first = shell.core.start();
     shell.perform(first);
     tokio::spawn(shell.run(rx, events_rx, readings));
@@ -290,7 +293,7 @@ impl Shell {
                     let bytes = std::fs::metadata(&path).ok().and_then(|meta| {
                         crate::gguf::read(&path)
                             .ok()
-                            .map(|h| crate::gguf::vram_estimate(&h, meta.len(), &argv))
+                            .map(|h| super::vram_estimate(&h, meta.len(), &argv))
                     });
                     let _ = tx.send(Msg::Estimated {
                         model: model.to_string(),
@@ -402,6 +405,8 @@ mod tests {
         spec: ChildSpec,
         events: mpsc::UnboundedSender<ChildEvent>,
         stop: oneshot::Receiver<()>,
+        /// The stop was seen (the receiver yields it once).
+        stopped: bool,
     }
 
     /// Records every start; the test plays the child's part.
@@ -411,12 +416,21 @@ mod tests {
     impl Spawner for Fake {
         fn spawn(&self, spec: ChildSpec, events: mpsc::UnboundedSender<ChildEvent>) -> ChildHandle {
             let (tx, stop) = oneshot::channel();
-            self.0.lock().unwrap().push(Spawned { spec, events, stop });
+            self.0.lock().unwrap().push(Spawned {
+                spec,
+                events,
+                stop,
+                stopped: false,
+            });
             ChildHandle::detached(tx)
         }
     }
 
     impl Fake {
+        fn starts_of(&self, model: &str) -> usize {
+            self.started().iter().filter(|m| *m == model).count()
+        }
+
         fn started(&self) -> Vec<String> {
             let all = self.0.lock().unwrap();
             all.iter().map(|s| s.spec.model.to_string()).collect()
@@ -456,7 +470,10 @@ mod tests {
 
         /// Whether the scheduler asked the newest child of `model` to stop.
         fn stop_asked(&self, model: &str) -> bool {
-            self.with_last(model, |s| s.stop.try_recv().is_ok())
+            self.with_last(model, |s| {
+                s.stopped |= s.stop.try_recv().is_ok();
+                s.stopped
+            })
         }
     }
 
@@ -473,7 +490,21 @@ mod tests {
         (s, fake)
     }
 
-    /// Lets the actor (and any spawned requests) run until idle.
+    /// Polls `done` (what the fake or the scheduler shows) until it holds,
+    /// letting the run loop and the spawned requests run between polls;
+    /// fails naming `what` if it never does.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// Lets the actor (and any spawned requests) run until idle: only
+    /// where a test checks that something does *not* happen.
     async fn settle() {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -493,8 +524,9 @@ mod tests {
 
     /// Starts `model` through a request and returns that request's lease.
     async fn lease(s: &Scheduler, fake: &Fake, model: &str) -> Lease {
+        let before = fake.starts_of(model);
         let waiting = acquire(s, model);
-        settle().await;
+        until("the start", || fake.starts_of(model) > before).await;
         fake.ready(model);
         waiting.await.unwrap().unwrap()
     }
@@ -511,10 +543,10 @@ mod tests {
         assert!(!fake.stop_asked("a"), "a busy model is not stopped");
         assert_eq!(fake.started(), ["a"]);
         drop(a);
-        settle().await;
+        until("a stop of a", || fake.stop_asked("a")).await;
         assert!(fake.stop_asked("a"), "the last lease ends the drain");
         fake.exit("a", ExitReason::Stopped);
-        settle().await;
+        until("2 starts", || fake.started().len() >= 2).await;
         assert_eq!(fake.started(), ["a", "b"], "b starts once a is gone");
         fake.ready("b");
         assert_eq!(b.await.unwrap().unwrap().model(), "b");
@@ -531,12 +563,12 @@ mod tests {
         assert_eq!(state_of(&s, "a").await, ModelState::Stopping);
         assert!(!fake.stop_asked("a"), "busy: waits for its request");
         drop(a);
-        settle().await;
+        until("a stop of a", || fake.stop_asked("a")).await;
         assert!(fake.stop_asked("a"));
         fake.exit("a", ExitReason::Stopped);
         assert_eq!(state_of(&s, "a").await, ModelState::Stopped);
         let again = acquire(&s, "a");
-        settle().await;
+        until("2 starts", || fake.started().len() >= 2).await;
         assert_eq!(fake.started(), ["a", "a"]);
         assert_eq!(fake.with_last("a", |c| c.spec.argv[0].clone()), "a2");
         fake.ready("a");
@@ -581,7 +613,7 @@ mod tests {
         settle().await;
         assert!(!late.is_finished(), "waits for the restart, is not failed");
         fake.exit("a", ExitReason::Stopped);
-        settle().await;
+        until("2 starts", || fake.started().len() >= 2).await;
         assert_eq!(fake.started(), ["a", "a"]);
         fake.ready("a");
         assert!(late.await.unwrap().is_ok());
@@ -670,7 +702,7 @@ mod tests {
         );
         // An admin stop still stops it; then b may start.
         assert_eq!(s.stop("a").await, Some(true));
-        settle().await;
+        until("a stop of a", || fake.stop_asked("a")).await;
         assert!(fake.stop_asked("a"));
         fake.exit("a", ExitReason::Stopped);
         drop(lease(&s, &fake, "b").await);
@@ -706,7 +738,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         drop(lease(&s, &fake, "b").await);
         let c = acquire(&s, "c");
-        settle().await;
+        until("a stop of b", || fake.stop_asked("b")).await;
         assert!(fake.stop_asked("b"), "b goes, though a was used longer ago");
         assert!(!fake.stop_asked("a"));
         fake.exit("b", ExitReason::Stopped);
@@ -1068,7 +1100,7 @@ mod tests {
         // A lone client alternating models waits for no bound.
         drop(lease(&s, &fake, "a").await);
         let b = acquire(&s, "b");
-        settle().await;
+        until("a stop of a", || fake.stop_asked("a")).await;
         assert!(fake.stop_asked("a"), "an idle model does not hold b back");
         fake.exit("a", ExitReason::Stopped);
         settle().await;
@@ -1080,7 +1112,7 @@ mod tests {
         settle().await;
         assert!(!fake.stop_asked("b"));
         drop(b);
-        settle().await;
+        until("a stop of b", || fake.stop_asked("b")).await;
         assert!(fake.stop_asked("b"), "once idle, b goes before the bound");
     }
 
@@ -1297,7 +1329,7 @@ mod tests {
             "waits for a reading taken after it asked"
         );
         tx.send_replace(reading(&[(0, 8000, 4000), (1, 8000, 500)], &[]));
-        settle().await;
+        until("a start", || !fake.started().is_empty()).await;
         assert_eq!(fake.started(), ["a"]);
         assert_eq!(
             fake.env_of("a", "CUDA_VISIBLE_DEVICES").as_deref(),
@@ -1332,11 +1364,11 @@ mod tests {
         settle().await;
         // A reading taken as a went still lists it: not one to place by.
         tx.send_replace(reading(&[(0, 8000, 6500)], &[(101, 0, 6000)]));
-        settle().await;
+        until("a start", || !fake.started().is_empty()).await;
         assert_eq!(fake.started(), ["a"], "nor a failure: b waits");
         assert_eq!(status_of(&s, "b").await.state, ModelState::Starting);
         tx.send_replace(reading(&gpus, &[]));
-        settle().await;
+        until("2 starts", || fake.started().len() >= 2).await;
         assert_eq!(fake.started(), ["a", "b"]);
         fake.ready_as("b", 102);
         assert!(b.await.unwrap().is_ok());
@@ -1431,12 +1463,12 @@ mod tests {
             status: "exit status 1".into(),
         };
         fake.fail_start("b", oom());
-        settle().await;
+        until("a stop of a", || fake.stop_asked("a")).await;
         assert!(fake.stop_asked("a"), "one more model is evicted");
         fake.exit("a", ExitReason::Stopped);
         settle().await;
         tx.send_replace(reading(&gpus, &[]));
-        settle().await;
+        until("3 starts", || fake.started().len() >= 3).await;
         assert_eq!(fake.started(), ["a", "b", "b"], "and b tries once more");
         fake.fail_start("b", oom());
         match b.await.unwrap() {

@@ -1,10 +1,11 @@
-//! A first estimate of the GPU memory a model takes before it has ever
-//! run: GGUF header + file size + llama-server arguments → bytes
-//! (offloaded weights + f16 KV cache + a fixed overhead). The measurement
-//! replaces it once the model has run.
+//! The GGUF estimate of a model's GPU memory need, which placement goes
+//! by before the model has ever run: GGUF header + file size +
+//! llama-server arguments → bytes (offloaded weights + f16 KV cache + a
+//! fixed overhead). Pure arithmetic on a parsed [`Header`]; reading the
+//! file is the shell's (off the loop), and a measurement of a real run
+//! replaces the estimate (see `Slot::vram_need`).
 
-use super::names;
-use super::Header;
+use crate::gguf::{names, Header};
 
 /// CUDA context, cuBLAS workspace and compute buffers of a child with
 /// any layer on a GPU: measured real runs put these at a few hundred MiB.
