@@ -151,18 +151,28 @@ let
   optionalSetting = value: mkIf (value != null) value;
 
   renderModel =
-    _name: m:
+    name: m:
+    let
+      file = modelFile m;
+    in
     lib.filterAttrs (_: v: v != null && v != [ ] && v != { }) (
-      m
+      removeAttrs m [ "source" ]
       // {
         # A path literal is copied into the store; a string is used as is.
         model =
-          if m.model == null then
+          if file == null then
             null
-          else if builtins.isPath m.model then
-            "${m.model}"
+          else if builtins.isPath file then
+            "${file}"
           else
-            toString m.model;
+            toString file;
+        # The folder scan would serve a fetched file a second time under
+        # its own name; a table's alias of that name takes its place.
+        aliases =
+          m.aliases
+          ++ lib.optional (
+            m.source != null && folderName m != name && !builtins.elem (folderName m) m.aliases
+          ) (folderName m);
       }
     );
 
@@ -203,6 +213,110 @@ let
     cfg.settings.state_dir
     "/var/lib/claracore"
   ];
+
+  # Models folders and the Ollama store: what the daemon reads, and what
+  # its unit must open for that. ProtectSystem=strict leaves every path
+  # readable but /home, /root and /run/user, which ProtectHome=true hides;
+  # the state directories are the service's own already.
+  stateDirs = lib.unique [
+    "/var/lib/claracore"
+    cfg.settings.state_dir
+  ];
+  isUnder = dirs: p: lib.any (d: p == d || lib.hasPrefix "${d}/" p) dirs;
+  homeDirs = [
+    "/home"
+    "/root"
+    "/run/user"
+  ];
+  modelReadPaths = lib.filter (p: !isUnder ([ builtins.storeDir ] ++ stateDirs) p) (
+    # (`settings` leaves unset keys out: see its `apply`.)
+    map toString ((cfg.settings.models_dir or [ ]) ++ lib.optional (cfg.settings ? ollama_models) cfg.settings.ollama_models)
+  );
+  homeModelPaths = lib.filter (isUnder homeDirs) modelReadPaths;
+  otherModelPaths = lib.filter (p: !isUnder homeDirs p) modelReadPaths;
+
+  # Models with a `source`: fetched by claracore-fetch-NAME into modelsDir.
+  sourced = lib.filterAttrs (_: m: m.source != null) cfg.models;
+  # A pull of hf.co/USER/REPO/DIR/FILE.gguf lands as modelsDir/FILE.gguf
+  # (in modelsDir/<name>/ instead when the repository has a projector).
+  sourceDest = m: "${cfg.modelsDir}/${baseNameOf m.source.file}";
+  # The name the folder scan gives that file (src/sources/folder.rs).
+  folderName = m: lib.toLower (lib.removeSuffix ".gguf" (baseNameOf m.source.file));
+  isSplitPart = file: builtins.match ".*-[0-9]{5}-of-[0-9]{5}[.]gguf" file != null;
+  # The GGUF a model serves: its `model`, else the file its source fetches.
+  modelFile =
+    m:
+    if m.model != null then
+      m.model
+    else if m.source != null && m.cmd == null && cfg.modelsDir != null then
+      sourceDest m
+    else
+      null;
+  # The state directory is the service's own (StateDirectory=); any other
+  # models folder is made by tmpfiles for the fetch units to write into.
+  modelsDirInState = cfg.modelsDir != null && isUnder [ "/var/lib/claracore" ] cfg.modelsDir;
+
+  # The daemon's hardening settings the fetch units share (not its
+  # Type=, watchdog, sockets, private network or devices).
+  sharedHardening = [
+    "CapabilityBoundingSet"
+    "AmbientCapabilities"
+    "NoNewPrivileges"
+    "PrivateTmp"
+    "PrivateMounts"
+    "ProtectSystem"
+    "ProtectHome"
+    "ProtectClock"
+    "ProtectControlGroups"
+    "ProtectHostname"
+    "ProtectKernelLogs"
+    "ProtectKernelModules"
+    "ProtectKernelTunables"
+    "ProtectProc"
+    "RestrictNamespaces"
+    "RestrictRealtime"
+    "RestrictSUIDSGID"
+    "LockPersonality"
+    "MemoryDenyWriteExecute"
+    "SystemCallArchitectures"
+    "SystemCallFilter"
+    "SystemCallErrorNumber"
+    "UMask"
+  ];
+
+  fetchScript =
+    name: m:
+    let
+      s = m.source;
+      # Where the file must end up: `model` when given (the subfolder of a
+      # repository with a projector, say), else modelsDir/FILE.
+      dest = toString (modelFile m);
+      sidecar = "${dirOf dest}/.${baseNameOf dest}.source";
+      sha256sum = lib.getExe' pkgs.coreutils "sha256sum";
+      grep = lib.getExe' pkgs.gnugrep "grep";
+    in
+    pkgs.writeShellScript "claracore-fetch-${name}" ''
+      set -euo pipefail
+      # In place and recorded by an earlier pull as this hash (which that
+      # pull verified): nothing to do, no network needed.
+      if [ -f ${lib.escapeShellArg dest} ] && ${grep} -qi ${lib.escapeShellArg "\"sha256\": \"${s.sha256}\""} ${lib.escapeShellArg sidecar} 2>/dev/null; then
+        exit 0
+      fi
+      ${lib.getExe cfg.package} pull ${lib.escapeShellArg "hf.co/${s.hf}/${s.file}"} \
+        --dir ${lib.escapeShellArg cfg.modelsDir} --revision ${lib.escapeShellArg s.revision}
+      if [ ! -f ${lib.escapeShellArg dest} ]; then
+        echo "claracore-fetch-${name}: the pull did not put ${s.file} at ${dest}: where ${s.hf} has a projector, the pair goes to a subfolder of ${cfg.modelsDir}; set services.claracore.models.${name}.model (and --mmproj in args) to those paths" >&2
+        exit 65
+      fi
+      # The pull checked the hub's hash; this is the one declared. On a
+      # mismatch (the revision moved, say) the file must not be served, and
+      # fetching it again would give the same: exit 65, not restarted.
+      if ! echo ${lib.escapeShellArg "${s.sha256}  ${dest}"} | ${sha256sum} -c -; then
+        rm -f ${lib.escapeShellArg dest} ${lib.escapeShellArg sidecar}
+        echo "claracore-fetch-${name}: ${s.hf}/${s.file} at ${s.revision} is not the declared sha256 ${s.sha256}; removed it. Pin source.revision to a commit, or update source.sha256" >&2
+        exit 65
+      fi
+    '';
 
   duration =
     default: what:
@@ -310,6 +424,67 @@ let
           default = null;
           example = 10;
           description = "Added to the priority of its requests while they wait: higher is served first and may swap a busy model out before the fairness bound.";
+        };
+        source = mkOption {
+          default = null;
+          example = literalExpression ''
+            {
+              hf = "Qwen/Qwen2.5-7B-Instruct-GGUF";
+              file = "qwen2.5-7b-instruct-q4_k_m.gguf";
+              sha256 = "…";  # 64 hex digits, the file's SHA-256 (the hub shows it)
+              revision = "main";
+            }
+          '';
+          description = ''
+            Where the GGUF of model `${name}` comes from: a oneshot unit,
+            `claracore-fetch-${name}.service`, runs
+            `claracore pull hf.co/HF/FILE --dir <modelsDir> --revision REVISION`
+            as the service user at boot (and when the source changes), then
+            checks the file against `sha256` (`sha256sum -c`); it retries on
+            failure (no network yet, say) every 30 s. Needs
+            `services.claracore.modelsDir`; `model` then defaults to
+            `<modelsDir>/<basename of FILE>`. The daemon does not wait for it:
+            the file appears through the watched folder, and until then a
+            request for the model fails to load it. Gated repositories need
+            `services.claracore.hfTokenFile`.
+
+            The alternative is a fixed-output derivation as `model`:
+            `model = pkgs.fetchurl { url = "https://huggingface.co/USER/REPO/resolve/REV/FILE"; hash = "sha256-…"; };`
+            The build then fetches and checks the file, `check-config --strict`
+            sees it, and it is served read-only from the store; but a
+            multi-GB file then lives in the Nix store (copied with the
+            closure to every machine deployed to, and kept until garbage
+            collected with every generation that names it).
+          '';
+          type = types.nullOr (
+            types.submodule {
+              options = {
+                hf = mkOption {
+                  type = types.strMatching "[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*";
+                  example = "Qwen/Qwen2.5-7B-Instruct-GGUF";
+                  description = "The Hugging Face repository, `USER/REPO`.";
+                };
+                file = mkOption {
+                  type = types.strMatching "([^/.][^/]*/)*[^/.][^/]*[.]gguf";
+                  example = "qwen2.5-7b-instruct-q4_k_m.gguf";
+                  description = "The GGUF's path in the repository (one file, not the part of a split model).";
+                };
+                sha256 = mkOption {
+                  type = types.strMatching "[0-9a-f]{64}";
+                  description = "The file's SHA-256, hex (the hub lists it as the file's LFS `oid`).";
+                };
+                revision = mkOption {
+                  type = types.str;
+                  default = "main";
+                  example = "3c4f2e9a1b0d8e7f6a5b4c3d2e1f0a9b8c7d6e5f";
+                  description = ''
+                    A branch, tag or commit. A commit keeps `sha256` true
+                    when the branch moves on.
+                  '';
+                };
+              };
+            }
+          );
         };
       };
     };
@@ -505,6 +680,57 @@ in
       description = "`TasksMax=` for the whole service; `null` leaves it unset.";
     };
 
+    modelsDir = mkOption {
+      type = types.nullOr externalPath;
+      default = null;
+      example = "/var/lib/claracore/models";
+      description = ''
+        The models folder: added to `settings.models_dir` (watched, every
+        GGUF in it served), where `models.<name>.source` fetches to and
+        `sudo -u claracore claracore pull REF --dir DIR` writes. The daemon
+        only reads it. Under `/var/lib/claracore` it is the service's own
+        state directory and needs nothing more; elsewhere it is created
+        (mode 0750, owned by the service user) and made writable for the
+        fetch units only (`ReadWritePaths=`). Under `/home`, `/root` or
+        `/run/user`, which the unit's `ProtectHome=` hides, it is bound
+        into the units' view (`BindReadOnlyPaths=`/`BindPaths=` with
+        `ProtectHome=tmpfs`). Not in the Nix store.
+      '';
+    };
+
+    ollamaModels = mkOption {
+      type = types.nullOr externalPath;
+      default = null;
+      example = "/var/lib/ollama/models";
+      description = ''
+        An Ollama store (the folder with `manifests/` and `blobs/`) served
+        read-only in place: becomes `settings.ollama_models`, and the unit
+        gets it read-only (bound in with `ProtectHome=tmpfs` when under
+        `/home`, where the rest of the home directory stays hidden). The
+        service user must be able to read its files (e.g. add `claracore`
+        to the store owner's group); note that a store under
+        `/var/lib/private` (`DynamicUser=`) is not reachable.
+      '';
+    };
+
+    hfTokenFile = mkOption {
+      type = types.nullOr externalPath;
+      default = null;
+      example = "/run/secrets/hf-token";
+      description = ''
+        A file holding a Hugging Face token, for `models.<name>.source` in
+        gated or private repositories: handed to the fetch units as the
+        credential `hf_token` (`LoadCredential=`). Not in the Nix store.
+      '';
+    };
+
+    hfEndpoint = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://hf-mirror.example.org";
+      description = "`HF_ENDPOINT` for the fetch units: a mirror or an air-gapped hub; `null`: huggingface.co.";
+    };
+
     settings = mkOption {
       default = { };
       description = ''
@@ -521,6 +747,18 @@ in
           history.content = "none";
         }
       '';
+      # TOML has no null: the new keys, when unset, stay out of the file.
+      apply =
+        s:
+        let
+          defaults = lib.filterAttrs (_: v: v != null && v != [ ]) s.models_defaults;
+        in
+        removeAttrs s (
+          lib.optional (s.models_dir == [ ]) "models_dir"
+          ++ lib.optional (s.ollama_models == null) "ollama_models"
+          ++ [ "models_defaults" ]
+        )
+        // lib.optionalAttrs (defaults != { }) { models_defaults = defaults; };
       type = types.submodule {
         freeformType = settingsFormat.type;
         options = {
@@ -578,6 +816,67 @@ in
             default = "info";
             example = "info,claracore::child=warn";
             description = "A tracing filter; `CLARACORE_LOG` in `environmentFile` overrides it.";
+          };
+          models_dir = mkOption {
+            type = types.coercedTo types.path lib.singleton (types.listOf types.path);
+            default = [ ];
+            example = [
+              "/var/lib/claracore/models"
+              "/srv/gguf"
+            ];
+            description = ''
+              Folders (absolute paths) whose every `*.gguf` is a model, named
+              after its file stem in lower case; they are watched (inotify),
+              so a file copied in or placed by `claracore pull` is served
+              without a reload. A path or a list. The daemon needs to read
+              them; the unit is opened for that (see `modelsDir`). Set
+              `services.claracore.modelsDir` for the folder that pulls and
+              `models.<name>.source` write to.
+            '';
+          };
+          ollama_models = mkOption {
+            type = types.nullOr types.path;
+            default = null;
+            example = "/var/lib/ollama/models";
+            description = ''
+              An Ollama store served read-only in place, under Ollama's names.
+              Set `services.claracore.ollamaModels` rather than this: it also
+              opens the path in the unit.
+            '';
+          };
+          models_defaults = mkOption {
+            default = { };
+            description = ''
+              What the models of `models_dir` and `ollama_models` get; a
+              `models.<name>` of the same name (or alias) replaces the found
+              model altogether.
+            '';
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                args = mkOption {
+                  type = types.listOf types.str;
+                  default = [ ];
+                  example = [
+                    "-c"
+                    "4096"
+                  ];
+                  description = "Extra llama-server arguments.";
+                };
+                ttl = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "10m";
+                  description = "Idle time before unloading; `null` inherits `scheduler.idle_ttl`.";
+                };
+                group = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "small";
+                  description = "Their group: models in one group replace each other.";
+                };
+              };
+            };
           };
           http = mkOption {
             default = { };
@@ -783,12 +1082,20 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
+  config = mkIf cfg.enable (lib.mkMerge [ {
     assertions =
       lib.mapAttrsToList (name: m: {
-        assertion = (m.model == null) != (m.cmd == null);
-        message = "services.claracore.models.${name}: set exactly one of `model` (a GGUF file) and `cmd` (a full argv).";
+        assertion = (modelFile m == null) != (m.cmd == null);
+        message = "services.claracore.models.${name}: set exactly one of `model` (a GGUF file, or `source` to fetch one) and `cmd` (a full argv).";
       }) cfg.models
+      ++ lib.mapAttrsToList (name: _: {
+        assertion = cfg.modelsDir != null;
+        message = "services.claracore.models.${name}.source needs services.claracore.modelsDir, the folder it is fetched into (e.g. \"/var/lib/claracore/models\").";
+      }) sourced
+      ++ lib.mapAttrsToList (name: m: {
+        assertion = !isSplitPart m.source.file;
+        message = "services.claracore.models.${name}.source.file: ${m.source.file} is one part of a split model, which one sha256 cannot cover; give its `model` and fetch the parts with `claracore pull`.";
+      }) sourced
       ++ map (a: {
         assertion = validListen a;
         message = "services.claracore.settings.listen: ${builtins.toJSON a} is not an address claracore (or ListenStream=) accepts: give `unix:/absolute/path`, `a.b.c.d:port` or `[v6]:port`, with a literal IP address (no host names such as localhost) and a port from 1 to 65535.";
@@ -824,6 +1131,8 @@ in
     warnings = lib.optional (cfg.openFirewall && validTcp != [ ] && lib.all isLoopback validTcp) "services.claracore.openFirewall is set, but every TCP address in settings.listen is a loopback address.";
 
     services.claracore.settings.models = lib.mapAttrs renderModel cfg.models;
+    services.claracore.settings.models_dir = lib.optional (cfg.modelsDir != null) cfg.modelsDir;
+    services.claracore.settings.ollama_models = mkIf (cfg.ollamaModels != null) cfg.ollamaModels;
     services.claracore.settings.auth.keys = lib.mapAttrs (
       _: k: lib.filterAttrs (_: v: v != null) k
     ) cfg.apiKeys;
@@ -843,7 +1152,12 @@ in
     # and systemd chowns only that at each start. (Also puts an existing
     # /run/claracore from before back to root.) Without socket activation
     # the daemon binds the socket itself and owns the directory.
-    systemd.tmpfiles.rules = lib.optional cfg.socketActivation "d /run/claracore 0755 root root -";
+    systemd.tmpfiles.rules =
+      lib.optional cfg.socketActivation "d /run/claracore 0755 root root -"
+      # A models folder outside the state directory, for pulls to write to.
+      ++ lib.optional (
+        cfg.modelsDir != null && !modelsDirInState
+      ) "d ${cfg.modelsDir} 0750 ${cfg.user} ${cfg.group} -";
 
     environment.etc."claracore/config.toml".source = configFile;
     # The CLI (`claracore ps`, `history`, `stats`, `check-config`).
@@ -995,7 +1309,81 @@ in
         # claracore/daemon: the first is $RUNTIME_DIRECTORY, where the models'
         # sockets go).
         (mkIf (!cfg.socketActivation) { RuntimeDirectory = [ "claracore" ]; })
+        # Models folders and the Ollama store, read-only. ProtectSystem=strict
+        # already leaves other paths readable, but naming them says so and
+        # keeps them read-only should that change ("-": a store not there
+        # yet does not fail the start). /home, /root and /run/user are
+        # hidden by ProtectHome=true, which no ReadOnlyPaths= undoes: there
+        # ProtectHome=tmpfs gives an empty home in which only these are
+        # bound (read-only), which ProtectHome=read-only would not (it
+        # shows every home directory).
+        (mkIf (otherModelPaths != [ ]) { ReadOnlyPaths = map (p: "-${p}") otherModelPaths; })
+        (mkIf (homeModelPaths != [ ]) {
+          ProtectHome = lib.mkForce "tmpfs";
+          BindReadOnlyPaths = map (p: "-${p}") homeModelPaths;
+        })
       ];
     };
-  };
+
+  }
+  {
+    # One oneshot per model with a `source`. Nothing of the daemon requires
+    # or waits for them (no Before=: with socket activation the first
+    # client would otherwise wait out a multi-GB download), so a rebuild
+    # that adds or changes a source starts only its fetch unit; the file
+    # appears through the watched folder.
+    systemd.services = lib.mapAttrs' (
+      name: m:
+      lib.nameValuePair "claracore-fetch-${name}" {
+        description = "claracore: fetch model ${name} (${m.source.hf}/${m.source.file})";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        # The retries below may outlast the default start limit.
+        unitConfig.StartLimitIntervalSec = 0;
+        serviceConfig = lib.mkMerge [
+          (lib.getAttrs sharedHardening config.systemd.services.claracore.serviceConfig)
+          {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = fetchScript name m;
+            # No network or full disk yet: try again. 65: the file is not
+            # the declared one, which another try would not change.
+            Restart = "on-failure";
+            RestartSec = "30s";
+            RestartPreventExitStatus = 65;
+            User = cfg.user;
+            Group = cfg.group;
+            PrivateDevices = true;
+            DevicePolicy = "closed";
+            # Its own network (the hub), unlike the daemon.
+            PrivateNetwork = false;
+            RestrictAddressFamilies = [
+              "AF_INET"
+              "AF_INET6"
+              "AF_UNIX"
+            ];
+            Environment = lib.optional (cfg.hfEndpoint != null) "HF_ENDPOINT=${cfg.hfEndpoint}";
+            LoadCredential = lib.optional (cfg.hfTokenFile != null) "hf_token:${cfg.hfTokenFile}";
+          }
+          # The one place it writes.
+          (
+            if modelsDirInState then
+              {
+                StateDirectory = "claracore";
+                StateDirectoryMode = "0750";
+              }
+            else if isUnder homeDirs cfg.modelsDir then
+              {
+                ProtectHome = lib.mkForce "tmpfs";
+                BindPaths = [ cfg.modelsDir ];
+              }
+            else
+              { ReadWritePaths = [ cfg.modelsDir ]; }
+          )
+        ];
+      }
+    ) (lib.filterAttrs (_: _: cfg.modelsDir != null) sourced);
+  }
+  ]);
 }

@@ -133,7 +133,7 @@ for name, pieces in json.load(open(sys.argv[1])).items():
         skip "claracore check-config of the rendered configs: no binary (set CLARACORE_BIN or cargo build)"
     else
         # Scenarios whose settings claracore must reject (the build would fail).
-        rejected=" typo model-and-cmd exposed-no-key bad-listen "
+        rejected=" typo model-and-cmd exposed-no-key bad-listen source-no-dir "
         while IFS= read -r scenario; do
             rc=0
             out="$("$bin" check-config "$tmp/toml/$scenario.toml" 2>&1)" || rc=$?

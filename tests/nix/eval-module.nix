@@ -205,6 +205,57 @@ let
       settings.models."qwen2.5".model = "/models/qwen.gguf";
       models.tiny = tinyModel;
     };
+    # Models folders, the Ollama store, [models_defaults], and a model
+    # fetched from a hub into modelsDir.
+    models-folder.config.services.claracore = {
+      modelsDir = "/var/lib/claracore/models";
+      settings.models_dir = [ "/srv/gguf" ];
+      ollamaModels = "/home/alice/.ollama/models";
+      hfTokenFile = "/run/secrets/hf-token";
+      hfEndpoint = "http://127.0.0.1:8088";
+      settings.models_defaults = {
+        args = [
+          "-c"
+          "4096"
+        ];
+        ttl = "10m";
+      };
+      models.qwen = {
+        source = {
+          hf = "Qwen/Qwen2.5-0.5B-Instruct-GGUF";
+          file = "qwen2.5-0.5b-instruct-q4_k_m.gguf";
+          sha256 = "74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db";
+        };
+        args = [
+          "-c"
+          "8192"
+        ];
+      };
+    };
+    # A models folder of its own (not the state directory) under /srv.
+    models-dir-elsewhere.config.services.claracore = {
+      modelsDir = "/srv/models";
+      models.tiny.source = {
+        hf = "ggml-org/models";
+        file = "tinyllamas/stories260K.gguf";
+        sha256 = "047a5d9ed7bbfd8e5ac0b3b8e5f3bd5bf3bca61b5fbf7e8e5e4c0f3b1c1e9d2a";
+        revision = "0123456789abcdef0123456789abcdef01234567";
+      };
+    };
+    # A source needs modelsDir; a split part is refused.
+    source-no-dir.config.services.claracore.models.qwen.source = {
+      hf = "Qwen/Qwen2.5-0.5B-Instruct-GGUF";
+      file = "qwen2.5-0.5b-instruct-q4_k_m.gguf";
+      sha256 = "74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db";
+    };
+    source-split.config.services.claracore = {
+      modelsDir = "/var/lib/claracore/models";
+      models.big.source = {
+        hf = "u/r";
+        file = "big-q4_k_m-00001-of-00002.gguf";
+        sha256 = "74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db";
+      };
+    };
     # A typo that only `claracore check-config` can catch.
     typo.config.services.claracore.settings.scheduler.max_loadd = 2;
     disabled.config.services.claracore.enable = lib.mkForce false;
@@ -241,6 +292,18 @@ let
         "option `systemd.services.claracore.after."
         "is not of type `string matching the pattern"
       ];
+    };
+    # A source's sha256 is 64 hex digits (not an SRI hash).
+    source-sri-hash = {
+      config.services.claracore = {
+        modelsDir = "/var/lib/claracore/models";
+        models.qwen.source = {
+          hf = "Qwen/Qwen2.5-0.5B-Instruct-GGUF";
+          file = "qwen2.5-0.5b-instruct-q4_k_m.gguf";
+          sha256 = "sha256-dKTajJ/bzRW9H20B1iFBDTHG/ACYb162h4JOe5PXqds=";
+        };
+      };
+      error = [ "services.claracore.models.qwen.source.sha256' is not of type `string matching the pattern [0-9a-f]{64}'" ];
     };
     # stopIfChanged is an option of services only.
     socket-stop-if-changed = {
@@ -291,6 +354,19 @@ let
               reloadIfChanged
               ;
           };
+      fetchUnits = lib.mapAttrs (_: u: {
+        inherit (u)
+          description
+          after
+          before
+          wants
+          wantedBy
+          requiredBy
+          unitConfig
+          serviceConfig
+          ;
+        script = u.serviceConfig.ExecStart.text or null;
+      }) (lib.filterAttrs (n: _: lib.hasPrefix "claracore-fetch-" n) c.systemd.services);
       sockets = lib.mapAttrs (_: s: {
         inherit (s)
           description

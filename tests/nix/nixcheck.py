@@ -49,6 +49,8 @@ MODULE_ONLY = {
     "EnvironmentFile": "services.claracore.environmentFile",
     "LoadCredential": "services.claracore.credentials",
     "ReadWritePaths": "a settings.state_dir outside the StateDirectory",
+    "ReadOnlyPaths": "models folders and the Ollama store outside the state directory",
+    "BindReadOnlyPaths": "models folders and the Ollama store under /home, /root or /run/user",
 }
 # Chosen by services.claracore.acceleration; the unit file allows every GPU.
 GPU_KEYS = {"DeviceAllow", "SupplementaryGroups", "PrivateDevices"}
@@ -401,6 +403,8 @@ def scenario_checks(data: dict) -> None:
         "cuda-not-unfree": ['acceleration = "cuda" needs CUDA, which is unfree'],
         "bad-listen": [f"listen: {json.dumps(a)} is not an address" for a in bad_listen],
         "socket-in-service-dir": ["unix:/run/claracore/daemon/claracore.sock is inside a directory that claracore.service owns"],
+        "source-no-dir": ["models.qwen: set exactly one of", "models.qwen.source needs services.claracore.modelsDir"],
+        "source-split": ["models.big.source.file: big-q4_k_m-00001-of-00002.gguf is one part of a split model"],
     }
     for name, result in sorted(data.items()):
         want = expected_failures.get(name)
@@ -519,8 +523,80 @@ def scenario_checks(data: dict) -> None:
     check(cfg("state-dir")["ReadWritePaths"] == ["/srv/claracore"] and cfg("default")["ReadWritePaths"] == [], "eval state-dir: another state_dir becomes writable", "")
     ff = data["freeform"]["settings"]
     check(ff.get("log_format") == "json" and set(ff["models"]) == {"tiny", "qwen2.5"}, "eval freeform: free-form settings and settings.models merge with models", json.dumps(ff["models"]))
+    models_checks(data)
     dis = data["disabled"]
     check(dis["service"] is None and dis["sockets"] == {} and dis["users"] == {} and dis["configFile"] is None, "eval disabled: enable = false sets nothing", "")
+
+
+def models_checks(data: dict) -> None:
+    """Models folders, the Ollama store, [models_defaults], fetched models."""
+    d = data["default"]
+    check(all(k not in d["settings"] for k in ("models_dir", "ollama_models", "models_defaults")) and d["fetchUnits"] == {},
+          "eval default: no models folder, store or defaults in the file, no fetch unit", json.dumps(sorted(d["settings"])))
+    check(all(k not in d["service"]["serviceConfig"] for k in ("ReadOnlyPaths", "BindReadOnlyPaths")) and d["service"]["serviceConfig"]["ProtectHome"] is True,
+          "eval default: no model paths opened, ProtectHome=true", "")
+
+    mf = data["models-folder"]
+    s, svc = mf["settings"], mf["service"]["serviceConfig"]
+    check(sorted(s["models_dir"]) == ["/srv/gguf", "/var/lib/claracore/models"] and s["ollama_models"] == "/home/alice/.ollama/models"
+          and s["models_defaults"] == {"args": ["-c", "4096"], "ttl": "10m"},
+          "eval models-folder: modelsDir joins settings.models_dir; ollamaModels and models_defaults render (unset group left out)",
+          json.dumps({k: s.get(k) for k in ("models_dir", "ollama_models", "models_defaults")}))
+    check(s["models"]["qwen"] == {"model": "/var/lib/claracore/models/qwen2.5-0.5b-instruct-q4_k_m.gguf", "args": ["-c", "8192"],
+                                  "aliases": ["qwen2.5-0.5b-instruct-q4_k_m"]},
+          "eval models-folder: a sourced model serves modelsDir/FILE, with the folder scan's name as an alias (no `source` key)",
+          json.dumps(s["models"]["qwen"]))
+    check(svc.get("ReadOnlyPaths") == ["-/srv/gguf"] and svc.get("BindReadOnlyPaths") == ["-/home/alice/.ollama/models"] and svc["ProtectHome"] == "tmpfs",
+          "eval models-folder: the daemon reads /srv/gguf (ReadOnlyPaths) and the store in /home (bound read-only, ProtectHome=tmpfs); the state dir needs nothing",
+          json.dumps({k: svc.get(k) for k in ("ReadOnlyPaths", "BindReadOnlyPaths", "ProtectHome", "ReadWritePaths")}))
+    check("ReadWritePaths" not in svc or svc["ReadWritePaths"] == [], "eval models-folder: the daemon gets no write access to the models", json.dumps(svc.get("ReadWritePaths")))
+    check(mf["tmpfiles"] == ["d /run/claracore 0755 root root -"], "eval models-folder: a models folder in the state directory needs no tmpfiles rule", str(mf["tmpfiles"]))
+
+    fu = mf["fetchUnits"].get("claracore-fetch-qwen")
+    if not check(fu is not None and list(mf["fetchUnits"]) == ["claracore-fetch-qwen"], "eval models-folder: one claracore-fetch-NAME unit per sourced model", str(list(mf["fetchUnits"]))):
+        return
+    fc = fu["serviceConfig"]
+    check(fu["wantedBy"] == ["multi-user.target"] and "network-online.target" in fu["after"] and "network-online.target" in fu["wants"],
+          "eval models-folder: the fetch unit starts at boot, after the network is online", json.dumps({k: fu[k] for k in ("wantedBy", "after", "wants")}))
+    daemon = mf["service"]
+    check("claracore.service" not in fu["before"] + fu["requiredBy"] + fu["wantedBy"]
+          and not any(u.startswith("claracore-fetch-") for u in daemon["after"] + daemon["wants"]),
+          "eval models-folder: the daemon neither requires nor waits for the fetch (a rebuild restarts only the fetch unit)", json.dumps(daemon["after"]))
+    check(fc["Type"] == "oneshot" and fc["RemainAfterExit"] is True and fc["Restart"] == "on-failure" and fc["RestartSec"] == "30s"
+          and fc["RestartPreventExitStatus"] == 65 and fu["unitConfig"].get("StartLimitIntervalSec") == 0,
+          "eval models-folder: a oneshot retried every 30 s, except when the file is not the declared one (65)", json.dumps(fc))
+    check(fc["User"] == "claracore" and fc["Group"] == "claracore" and fc["PrivateNetwork"] is False and fc["PrivateDevices"] is True
+          and fc["StateDirectory"] == "claracore" and "ReadWritePaths" not in fc,
+          "eval models-folder: runs as the service user, with network, writing only the state directory", json.dumps(fc))
+    shared = module_settings(svc)
+    mine = module_settings(fc)
+    for key in ("NoNewPrivileges", "ProtectSystem", "ProtectKernelTunables", "SystemCallFilter", "RestrictNamespaces", "MemoryDenyWriteExecute", "UMask", "CapabilityBoundingSet"):
+        check(mine.get(key) == shared.get(key), f"eval models-folder: the fetch unit shares the daemon's {key}", f"{mine.get(key)} != {shared.get(key)}")
+    check(fc["Environment"] == ["HF_ENDPOINT=http://127.0.0.1:8088"] and fc["LoadCredential"] == ["hf_token:/run/secrets/hf-token"],
+          "eval models-folder: hfEndpoint and hfTokenFile reach the fetch unit", json.dumps({k: fc[k] for k in ("Environment", "LoadCredential")}))
+    # lib.escapeShellArg quotes only what needs it (newer nixpkgs): compare unquoted.
+    script = (fu["script"] or "").replace("'", "")
+    check(" pull hf.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf" in script
+          and "--dir /var/lib/claracore/models --revision main" in script
+          and "echo 74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db  /var/lib/claracore/models/qwen2.5-0.5b-instruct-q4_k_m.gguf |" in script
+          and "/bin/sha256sum -c -" in script and "exit 65" in script
+          and "/var/lib/claracore/models/.qwen2.5-0.5b-instruct-q4_k_m.gguf.source" in script,
+          "eval models-folder: the fetch script pulls hf.co/REPO/FILE into modelsDir at the revision, then sha256sum -c", script)
+
+    el = data["models-dir-elsewhere"]
+    efc = el["fetchUnits"]["claracore-fetch-tiny"]["serviceConfig"]
+    check(el["tmpfiles"][-1] == "d /srv/models 0750 claracore claracore -" and efc.get("ReadWritePaths") == ["/srv/models"] and "StateDirectory" not in efc,
+          "eval models-dir-elsewhere: a models folder elsewhere is made by tmpfiles and writable for the fetch unit only",
+          json.dumps({"tmpfiles": el["tmpfiles"], "fetch": efc.get("ReadWritePaths")}))
+    esvc = el["service"]["serviceConfig"]
+    check(esvc.get("ReadOnlyPaths") == ["-/srv/models"] and esvc.get("ReadWritePaths") == [],
+          "eval models-dir-elsewhere: the daemon reads it only", json.dumps({k: esvc.get(k) for k in ("ReadOnlyPaths", "ReadWritePaths")}))
+    escript = (el["fetchUnits"]["claracore-fetch-tiny"]["script"] or "").replace("'", "")
+    check("hf.co/ggml-org/models/tinyllamas/stories260K.gguf" in escript and "--revision 0123456789abcdef0123456789abcdef01234567" in escript
+          and "/srv/models/stories260K.gguf" in escript
+          and el["settings"]["models"]["tiny"] == {"model": "/srv/models/stories260K.gguf", "aliases": ["stories260k"]},
+          "eval models-dir-elsewhere: a file in a repository subfolder lands as modelsDir/BASENAME, served under the model's name",
+          json.dumps(el["settings"]["models"]["tiny"]))
 
 
 # --- toml: settings as files for `claracore check-config` ----------------------

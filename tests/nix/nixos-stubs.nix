@@ -320,6 +320,14 @@ let
         hostPlatform = platform hostSystem;
       };
       claracore = mkPkg "claracore" { meta.mainProgram = "claracore"; };
+      coreutils = mkPkg "coreutils" { meta.mainProgram = "coreutils"; };
+      gnugrep = mkPkg "gnugrep" { meta.mainProgram = "grep"; };
+      writeShellScript =
+        name: text:
+        mkPkg name {
+          seed = text;
+          inherit text;
+        };
       llama-cpp = llamaCpp;
       formats.toml =
         { }:
