@@ -94,11 +94,7 @@ fn relevant(name: Option<&OsStr>, is_dir: bool) -> bool {
     if hidden(name) {
         return false;
     }
-    let name = name.to_string_lossy();
-    is_dir
-        || name
-            .get(name.len().saturating_sub(5)..)
-            .is_some_and(|e| e.eq_ignore_ascii_case(".gguf"))
+    is_dir || crate::sources::is_gguf_name(&name.to_string_lossy())
 }
 
 fn run(

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_gguf_magic, Discovered, Scan, Source};
+use super::{check_gguf_magic, is_gguf_name, Discovered, Scan, Source};
 
 /// What a pulled file was fetched from, kept beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,14 +151,6 @@ fn list(dir: &Path) -> Result<Vec<(PathBuf, Kind)>, String> {
     }
     out.sort();
     Ok(out)
-}
-
-fn is_gguf_name(name: &str) -> bool {
-    // `get`: the last five bytes may cut a multi-byte character.
-    name.len() > 5
-        && name
-            .get(name.len() - 5..)
-            .is_some_and(|ext| ext.eq_ignore_ascii_case(".gguf"))
 }
 
 fn is_mmproj(stem: &str) -> bool {

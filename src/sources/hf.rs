@@ -59,7 +59,7 @@ pub fn parse(text: &str) -> Result<PullRef, RefError> {
         .or_else(|| bare.strip_prefix("huggingface.co/"));
     let Some(rest) = hub else {
         if (text.starts_with("https://") || text.starts_with("http://")) && bare.contains('/') {
-            if !ends_gguf(text) {
+            if !super::is_gguf_name(text) {
                 return Err(RefError::NotGguf(text.to_string()));
             }
             return Ok(PullRef::Url {
@@ -81,7 +81,7 @@ pub fn parse(text: &str) -> Result<PullRef, RefError> {
     check_name(user)?;
     check_name(repo_name)?;
     if let Some(f) = file {
-        if !ends_gguf(f) {
+        if !super::is_gguf_name(f) {
             return Err(RefError::NotGguf(f.to_string()));
         }
         safe_path(f).map_err(|_| RefError::Form(text.to_string()))?;
@@ -104,13 +104,6 @@ fn check_name(part: &str) -> Result<(), RefError> {
         && !part.ends_with(['-', '.']);
     ok.then_some(())
         .ok_or_else(|| RefError::Name(part.to_string()))
-}
-
-fn ends_gguf(path: &str) -> bool {
-    path.len() > 5
-        && path
-            .get(path.len() - 5..)
-            .is_some_and(|e| e.eq_ignore_ascii_case(".gguf"))
 }
 
 /// A repository path that stays inside any folder it is joined to.
@@ -200,7 +193,7 @@ pub fn choose(
 ) -> Result<Chosen, ChooseError> {
     let ggufs: Vec<&TreeEntry> = entries
         .iter()
-        .filter(|e| e.kind == "file" && ends_gguf(&e.path))
+        .filter(|e| e.kind == "file" && super::is_gguf_name(&e.path))
         .collect();
     let (projectors, models): (Vec<&TreeEntry>, Vec<&TreeEntry>) =
         ggufs.into_iter().partition(|e| is_mmproj(&e.path));

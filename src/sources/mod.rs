@@ -138,6 +138,15 @@ pub fn apply(config: &mut Config) -> Vec<Skipped> {
     scan.skipped
 }
 
+/// Whether a file name ends in `.gguf`, in any case; `get` because the last
+/// five bytes may cut a multi-byte character.
+pub fn is_gguf_name(name: &str) -> bool {
+    name.len() > 5
+        && name
+            .get(name.len() - 5..)
+            .is_some_and(|ext| ext.eq_ignore_ascii_case(".gguf"))
+}
+
 /// The four bytes every GGUF file starts with.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
