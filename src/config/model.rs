@@ -67,7 +67,9 @@ impl fmt::Display for ChildAddr {
 }
 
 /// Where a model's definition came from, shown by `list`, `/v1/models`,
-/// `/api/tags` and the dashboard.
+/// `/api/tags` and the dashboard. The server's paths are never serialised:
+/// clients see the kind, and a pulled model's repository, revision and
+/// file, not where files live on the server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ModelSource {
@@ -75,10 +77,14 @@ pub enum ModelSource {
     #[default]
     Config,
     /// A GGUF file found in a models folder.
-    Folder { dir: PathBuf },
+    Folder {
+        #[serde(skip)]
+        dir: PathBuf,
+    },
     /// A file `claracore pull` placed in a models folder, with what it was
     /// pulled from.
     Pulled {
+        #[serde(skip)]
         dir: PathBuf,
         repo: String,
         revision: String,
@@ -86,7 +92,10 @@ pub enum ModelSource {
     },
     /// A model in an Ollama store, served read-only in place.
     #[serde(rename = "ollama")]
-    OllamaStore { manifest: PathBuf },
+    OllamaStore {
+        #[serde(skip)]
+        manifest: PathBuf,
+    },
 }
 
 impl ModelSource {
