@@ -34,8 +34,8 @@ use http::HubClient;
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The revision pulled unless one is named.
 pub const DEFAULT_REVISION: &str = "main";
-/// A tree listing larger than this is refused (the largest GGUF
-/// repositories list a few hundred files in well under 1 MiB).
+/// A tree listing larger than this, all pages together, is refused (the
+/// largest GGUF repositories list a few hundred files in well under 1 MiB).
 const MAX_LISTING: usize = 16 << 20;
 /// Listing pages followed at most.
 const MAX_PAGES: usize = 50;
@@ -195,6 +195,7 @@ async fn list(
         enc(revision)
     );
     let mut entries = Vec::new();
+    let mut budget = MAX_LISTING;
     for _ in 0..MAX_PAGES {
         let uri: Uri = url
             .parse()
@@ -209,11 +210,12 @@ async fn list(
             });
         }
         let next = next_link(resp.headers());
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_LISTING)
+        let body = http_body_util::Limited::new(resp.into_body(), budget)
             .collect()
             .await
             .map_err(|e| PullError::Network(format!("{url}: {e}")))?
             .to_bytes();
+        budget -= body.len();
         let page: Vec<TreeEntry> = serde_json::from_slice(&body)
             .map_err(|e| PullError::Network(format!("{url}: not a tree listing: {e}")))?;
         entries.extend(page);
